@@ -1,0 +1,7 @@
+"""``python -m broadcast`` is ``broadcast-server``."""
+
+import sys
+
+from broadcast.cli import main
+
+sys.exit(main())

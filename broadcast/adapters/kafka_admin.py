@@ -1,0 +1,115 @@
+"""Topic provisioning: create the broadcast topics and their DLTs, verify the ones that exist.
+
+Idempotent: missing topics are created with the configured partitions, replication factor and
+``min.insync.replicas``; existing topics with other settings are reported as mismatches, not ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaError
+
+from broadcast.adapters.kafka_log import client_options
+from broadcast.errors import UnavailableError
+from broadcast.settings import KafkaSettings
+
+TOPIC_ALREADY_EXISTS = 36
+
+
+@dataclass(frozen=True)
+class TopicReport:
+    """What provisioning found or did for one topic; ``problems`` empty means it is as configured."""
+
+    name: str
+    created: bool
+    partitions: int
+    replication_factor: int
+    min_insync_replicas: int | None
+    problems: tuple[str, ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+async def ensure_topics(settings: KafkaSettings, names: Sequence[str], timeout_s: float = 60.0) -> list[TopicReport]:
+    """Create what is missing among ``names`` and report each topic's actual settings."""
+    admin = AIOKafkaAdminClient(**client_options(settings))
+    try:
+        async with asyncio.timeout(timeout_s):
+            await admin.start()
+            try:
+                existing = set(await admin.list_topics())
+                missing = [n for n in names if n not in existing]
+                if missing:
+                    await _create(admin, settings, missing)
+                return await _describe(admin, settings, names, created=set(missing))
+            finally:
+                await admin.close()
+    except (KafkaError, TimeoutError, OSError) as exc:
+        raise UnavailableError(f"topic provisioning failed on {settings.bootstrap_servers}: {exc!r}") from exc
+
+
+async def _create(admin: AIOKafkaAdminClient, settings: KafkaSettings, names: Sequence[str]) -> None:
+    topics = [
+        NewTopic(
+            name=name,
+            num_partitions=settings.partitions,
+            replication_factor=settings.replication_factor,
+            topic_configs={"min.insync.replicas": str(settings.min_insync_replicas)},
+        )
+        for name in names
+    ]
+    response: Any = await admin.create_topics(topics)
+    for topic_error in response.topic_errors:
+        name, code = topic_error[0], topic_error[1]
+        if code not in (0, TOPIC_ALREADY_EXISTS):
+            message = topic_error[2] if len(topic_error) > 2 else ""
+            raise UnavailableError(f"creating topic {name} failed with error code {code}: {message}")
+
+
+async def _describe(
+    admin: AIOKafkaAdminClient, settings: KafkaSettings, names: Sequence[str], created: set[str]
+) -> list[TopicReport]:
+    described: dict[str, Any] = {}
+    for _ in range(20):  # metadata of freshly created topics can lag a moment behind
+        described = {t["topic"]: t for t in await admin.describe_topics(list(names))}
+        if all(described.get(n, {}).get("error_code") == 0 and described[n]["partitions"] for n in names):
+            break
+        await asyncio.sleep(0.5)
+    min_isr = await _min_insync(admin, names)
+    reports = []
+    for name in names:
+        topic = described.get(name, {})
+        partitions = topic.get("partitions") or []
+        rf = min((len(p["replicas"]) for p in partitions), default=0)
+        problems = []
+        if len(partitions) != settings.partitions:
+            problems.append(f"has {len(partitions)} partitions, expected {settings.partitions}")
+        if rf != settings.replication_factor:
+            problems.append(f"has replication factor {rf}, expected {settings.replication_factor}")
+        if min_isr.get(name) != settings.min_insync_replicas:
+            problems.append(
+                f"has min.insync.replicas={min_isr.get(name)}, expected {settings.min_insync_replicas}"
+            )
+        reports.append(TopicReport(name, name in created, len(partitions), rf, min_isr.get(name), tuple(problems)))
+    return reports
+
+
+async def _min_insync(admin: AIOKafkaAdminClient, names: Sequence[str]) -> dict[str, int | None]:
+    resources = [ConfigResource(ConfigResourceType.TOPIC, n, configs=None) for n in names]
+    result: dict[str, int | None] = {}
+    for response in await admin.describe_configs(resources):
+        for resource in response.resources:
+            # (error_code, error_message, resource_type, resource_name, config_entries)
+            name, entries = resource[3], resource[4]
+            for entry in entries:
+                if entry[0] == "min.insync.replicas":
+                    result[name] = int(entry[1]) if entry[1] is not None else None
+    return result

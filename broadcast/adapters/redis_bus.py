@@ -1,0 +1,123 @@
+"""Redis adapters: pub/sub bus between instances and presence with TTL heartbeats.
+
+Presence is one sorted set per user (member = instance id, score = expiry in epoch ms): a crashed
+instance's entry ages out without anyone deleting it, and the key itself expires when all entries do.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError
+
+from broadcast import constants
+from broadcast.errors import UnavailableError
+from broadcast.ports import BusMessage
+from broadcast.settings import RedisSettings
+
+
+def create_client(settings: RedisSettings) -> Redis:
+    """A pooled client; the composition root closes it (``aclose``)."""
+    if settings.url is None:
+        raise UnavailableError("Redis URL is not configured")
+    return Redis.from_url(
+        settings.url.get_secret_value(),
+        socket_timeout=5,
+        socket_connect_timeout=5,
+        health_check_interval=15,
+        retry_on_timeout=True,
+    )
+
+
+class RedisBusSubscription:
+    def __init__(self, pubsub: PubSub, prefix: str) -> None:
+        self._pubsub = pubsub
+        self._prefix = prefix
+
+    async def get(self, timeout_s: float = 1.0) -> BusMessage | None:
+        try:
+            message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout_s)
+        except RedisError as exc:
+            raise UnavailableError(f"redis subscription failed: {exc!r}") from exc
+        if message is None:
+            return None
+        channel = message["channel"].decode()
+        return BusMessage(channel.removeprefix(self._prefix), bytes(message["data"]))
+
+
+class RedisBus:
+    """Redis pub/sub (at-most-once); channel names are prefixed so deployments can share a server."""
+
+    def __init__(self, client: Redis, key_prefix: str) -> None:
+        self._client = client
+        self._prefix = key_prefix
+
+    async def publish(self, channel: str, payload: bytes) -> int:
+        try:
+            return int(await self._client.publish(self._prefix + channel, payload))
+        except RedisError as exc:
+            raise UnavailableError(f"redis publish failed: {exc!r}") from exc
+
+    @asynccontextmanager
+    async def subscribe(self, channels: Sequence[str]) -> AsyncIterator[RedisBusSubscription]:
+        pubsub = self._client.pubsub()
+        try:
+            await pubsub.subscribe(*(self._prefix + c for c in channels))
+        except RedisError as exc:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            raise UnavailableError(f"redis subscribe failed: {exc!r}") from exc
+        try:
+            yield RedisBusSubscription(pubsub, self._prefix)
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+class RedisPresence:
+    def __init__(self, client: Redis, key_prefix: str, ttl_seconds: float) -> None:
+        self._client = client
+        self._prefix = key_prefix
+        self._ttl_ms = int(ttl_seconds * 1000)
+
+    def _key(self, user_id: str) -> str:
+        return self._prefix + constants.REDIS_PRESENCE_KEY.format(user_id=user_id)
+
+    async def heartbeat(self, user_id: str, instance_id: str) -> None:
+        now = int(time.time() * 1000)
+        key = self._key(user_id)
+        try:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.zadd(key, {instance_id: now + self._ttl_ms})
+                pipe.zremrangebyscore(key, "-inf", now)
+                pipe.pexpire(key, self._ttl_ms)
+                await pipe.execute()
+        except RedisError as exc:
+            raise UnavailableError(f"redis presence heartbeat failed: {exc!r}") from exc
+
+    async def leave(self, user_id: str, instance_id: str) -> None:
+        try:
+            await self._client.zrem(self._key(user_id), instance_id)
+        except RedisError as exc:
+            raise UnavailableError(f"redis presence leave failed: {exc!r}") from exc
+
+    async def instances(self, user_id: str) -> frozenset[str]:
+        now = int(time.time() * 1000)
+        try:
+            members = await self._client.zrangebyscore(self._key(user_id), f"({now}", "+inf")
+        except RedisError as exc:
+            raise UnavailableError(f"redis presence lookup failed: {exc!r}") from exc
+        return frozenset(m.decode() if isinstance(m, bytes) else str(m) for m in members)
+
+
+class RedisHealth:
+    def __init__(self, client: Redis) -> None:
+        self._client = client
+
+    async def check(self) -> None:
+        try:
+            await self._client.ping()
+        except RedisError as exc:
+            raise UnavailableError(f"redis unreachable: {type(exc).__name__}") from exc

@@ -1,0 +1,41 @@
+"""The Starlette application: routes, error handlers and the lifespan that opens the components."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+
+from broadcast import health
+from broadcast.components import open_components
+from broadcast.http_problems import EXCEPTION_HANDLERS
+from broadcast.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings) -> Starlette:
+    """An app bound to ``settings``; resources open on lifespan start and close on shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with open_components(settings) as components:
+            app.state.components = components
+            if settings.embedded:
+                log.warning(
+                    "embedded default: single process, SQLite at %s, in-process event log, bus and presence; "
+                    "configure BROADCAST_KAFKA__BOOTSTRAP_SERVERS, BROADCAST_DATABASE__URL and "
+                    "BROADCAST_REDIS__URL to run on Kafka, PostgreSQL and Redis",
+                    settings.database.url.get_secret_value().split("///", 1)[-1],
+                )
+            else:
+                log.info("serving on %s", settings.describe())
+            yield
+
+    return Starlette(
+        routes=[*health.routes],
+        exception_handlers=dict(EXCEPTION_HANDLERS),  # type: ignore[arg-type]
+        lifespan=lifespan,
+    )

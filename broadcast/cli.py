@@ -1,0 +1,137 @@
+"""``broadcast-server``: the one console script (run, migrate, topics, stack)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError as SettingsError
+
+from broadcast import constants
+from broadcast.errors import BroadcastError
+from broadcast.settings import Settings
+
+ROLES = ("api", "relay", "consumers", "dlt", "scheduler")
+
+
+def _roles(value: str) -> frozenset[str]:
+    roles = frozenset(r.strip() for r in value.split(",") if r.strip())
+    unknown = roles - set(ROLES)
+    if unknown or not roles:
+        raise argparse.ArgumentTypeError(f"roles must be a comma-separated subset of {','.join(ROLES)}")
+    return roles
+
+
+def _load_settings(args: argparse.Namespace) -> Settings:
+    settings = Settings()
+    if getattr(args, "host", None):
+        settings.server.host = args.host
+    if getattr(args, "port", None) is not None:
+        settings.server.port = args.port
+    return settings
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from broadcast.app import create_app
+
+    settings = _load_settings(args)
+    logging.getLogger(__name__).info("roles: %s", ",".join(sorted(args.roles)))
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.server.host,
+        port=settings.server.port,
+        log_level=settings.server.log_level,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 1
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from broadcast.adapters import sql_migrate
+    from broadcast.adapters.sql_engine import create_engine
+
+    settings = _load_settings(args)
+
+    async def migrate() -> str | None:
+        engine = create_engine(settings.database)
+        try:
+            return await sql_migrate.upgrade(engine, settings.database)
+        finally:
+            await engine.dispose()
+
+    revision = asyncio.run(migrate())
+    print(f"database ({settings.database.dialect}) is at revision {revision}")
+    return 0
+
+
+def cmd_topics(args: argparse.Namespace) -> int:
+    from broadcast.adapters.kafka_admin import ensure_topics
+
+    settings = _load_settings(args)
+    if settings.kafka.embedded:
+        print("no Kafka configured (embedded default): the in-process log creates topics on use")
+        return 0
+    names = [settings.kafka.topic(t) for t in constants.ALL_TOPICS]
+    reports = asyncio.run(ensure_topics(settings.kafka, names))
+    for r in reports:
+        state = "created" if r.created else "exists"
+        verdict = "ok" if r.ok else "MISMATCH: " + "; ".join(r.problems)
+        print(
+            f"{r.name:45} {state:8} partitions={r.partitions} rf={r.replication_factor} "
+            f"min.insync.replicas={r.min_insync_replicas}  {verdict}"
+        )
+    return 0 if all(r.ok for r in reports) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="broadcast-server",
+        description="Broadcast messaging server. Configure with BROADCAST_* variables; none set = embedded default.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="serve HTTP and run the selected roles")
+    run.add_argument("--host", help="bind address (default from BROADCAST_SERVER__HOST, 127.0.0.1)")
+    run.add_argument("--port", type=int, help="port (default from BROADCAST_SERVER__PORT, 8080)")
+    run.add_argument(
+        "--roles", type=_roles, default=frozenset(ROLES), help=f"comma-separated subset of {','.join(ROLES)} (default: all)"
+    )
+    run.set_defaults(func=cmd_run)
+
+    migrate = sub.add_parser("migrate", help="apply database migrations (Alembic) to the configured database")
+    migrate.set_defaults(func=cmd_migrate)
+
+    topics = sub.add_parser("topics", help="create missing Kafka topics and verify existing ones")
+    topics.set_defaults(func=cmd_topics)
+
+    from devstack.cli import register
+
+    register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except SettingsError as exc:
+        print(f"invalid settings: {exc}", file=sys.stderr)
+        return 2
+    except BroadcastError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""The composition root: the only place resources are created, each inside one ``AsyncExitStack``.
+
+``open_components`` picks the in-memory or the real adapter for every port from the settings, enters
+them in order (database, event log, Redis) and closes them in reverse on the way out.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+
+from broadcast.adapters import sql_migrate
+from broadcast.adapters.kafka_log import KafkaEventLog, KafkaHealth
+from broadcast.adapters.memory_bus import MemoryBus, MemoryPresence
+from broadcast.adapters.memory_log import MemoryEventLog
+from broadcast.adapters.redis_bus import RedisBus, RedisHealth, RedisPresence, create_client
+from broadcast.adapters.sql_engine import SqlHealth, create_engine
+from broadcast.adapters.sql_stores import SqlOutboxStore, SqlUserStore
+from broadcast.ports import Bus, EventLog, Health, OutboxStore, Presence, UserStore
+from broadcast.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Components:
+    """Everything the roles of one process share; built once, passed down explicitly."""
+
+    settings: Settings
+    event_log: EventLog
+    users: UserStore
+    outbox: OutboxStore
+    bus: Bus
+    presence: Presence
+    health: dict[str, Health] = field(default_factory=dict)
+
+
+@asynccontextmanager
+async def open_components(settings: Settings) -> AsyncIterator[Components]:
+    async with AsyncExitStack() as stack:
+        engine = create_engine(settings.database)
+        stack.push_async_callback(engine.dispose)
+        await sql_migrate.ensure_schema(engine, settings.database)
+        health: dict[str, Health] = {"database": SqlHealth(engine)}
+
+        event_log: EventLog
+        if settings.kafka.embedded:
+            event_log = MemoryEventLog(settings.kafka.partitions)
+        else:
+            kafka = await stack.enter_async_context(KafkaEventLog(settings.kafka))
+            health["kafka"] = KafkaHealth(kafka)
+            event_log = kafka
+
+        bus: Bus
+        presence: Presence
+        if settings.redis.embedded:
+            bus, presence = MemoryBus(), MemoryPresence(settings.redis.presence_ttl_seconds)
+        else:
+            client = create_client(settings.redis)
+            stack.push_async_callback(client.aclose)
+            bus = RedisBus(client, settings.redis.key_prefix)
+            presence = RedisPresence(client, settings.redis.key_prefix, settings.redis.presence_ttl_seconds)
+            health["redis"] = RedisHealth(client)
+
+        yield Components(
+            settings=settings,
+            event_log=event_log,
+            users=SqlUserStore(engine),
+            outbox=SqlOutboxStore(engine),
+            bus=bus,
+            presence=presence,
+            health=health,
+        )

@@ -1,0 +1,41 @@
+"""The project's one error root and its shallow tree.
+
+``BroadcastError``
+├── ``ValidationError``     input that breaks a rule (HTTP 400/422)
+├── ``NotFoundError``       a named thing does not exist (404)
+├── ``ConflictError``       the request clashes with current state (409)
+├── ``UnavailableError``    a dependency (database, Kafka, Redis) cannot serve now (503); retryable
+│   └── ``PublishError``    an event could not be made durable on the event log
+└── ``ConfigurationError``  settings or topics that cannot work; the process should not start
+
+Adapters translate driver exceptions into these (``raise ... from exc``); only the HTTP layer turns them
+into responses.
+"""
+
+
+class BroadcastError(Exception):
+    """Root of every error this project raises on purpose."""
+
+
+class ValidationError(BroadcastError):
+    """Input that breaks a rule; the caller must change the request."""
+
+
+class NotFoundError(BroadcastError):
+    """A named entity does not exist."""
+
+
+class ConflictError(BroadcastError):
+    """The request clashes with the current state of an entity."""
+
+
+class UnavailableError(BroadcastError):
+    """A dependency cannot serve right now; the same request may succeed later."""
+
+
+class PublishError(UnavailableError):
+    """An event could not be made durable on the event log (not acknowledged by enough replicas)."""
+
+
+class ConfigurationError(BroadcastError):
+    """Settings, schema or topics that cannot work; raised at start-up."""

@@ -1,0 +1,46 @@
+"""``/health/live`` (the process answers) and ``/health/ready`` (every dependency answers in time)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from broadcast.components import Components
+from broadcast.errors import UnavailableError
+
+CHECK_TIMEOUT_S = 3.0
+
+
+def _json(body: object, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+async def live(request: Request) -> Response:
+    return _json({"status": "up"})
+
+
+async def ready(request: Request) -> Response:
+    components: Components = request.app.state.components
+    names = list(components.health)
+    results = await asyncio.gather(*(_run(components.health[n].check()) for n in names))
+    checks = dict(zip(names, results, strict=True))
+    failing = sorted(n for n, r in checks.items() if r != "ok")
+    body = {"status": "down" if failing else "up", "failing": failing, "checks": checks}
+    return _json(body, 503 if failing else 200)
+
+
+async def _run(check: object) -> str:
+    try:
+        await asyncio.wait_for(check, CHECK_TIMEOUT_S)  # type: ignore[arg-type]
+    except UnavailableError as exc:
+        return str(exc)
+    except TimeoutError:
+        return f"no answer within {CHECK_TIMEOUT_S} s"
+    return "ok"
+
+
+routes = [Route("/health/live", live, methods=["GET"]), Route("/health/ready", ready, methods=["GET"])]

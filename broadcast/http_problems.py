@@ -1,0 +1,67 @@
+"""RFC 9457 problem+json responses: the only place errors become HTTP.
+
+Unknown exceptions become a bare 500 problem with no detail (the stack trace goes to the log, never to
+the client).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from broadcast.errors import (
+    BroadcastError,
+    ConflictError,
+    NotFoundError,
+    UnavailableError,
+    ValidationError,
+)
+
+log = logging.getLogger(__name__)
+MEDIA_TYPE = "application/problem+json"
+
+_STATUS: dict[type[BroadcastError], tuple[int, str]] = {
+    ValidationError: (400, "Invalid request"),
+    NotFoundError: (404, "Not found"),
+    ConflictError: (409, "Conflict"),
+    UnavailableError: (503, "Service unavailable"),
+}
+
+
+def problem(status: int, title: str, detail: str | None = None, **extra: Any) -> Response:
+    body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status}
+    if detail:
+        body["detail"] = detail
+    body.update(extra)
+    headers = {"Retry-After": "5"} if status == 503 else None
+    return Response(orjson.dumps(body), status_code=status, media_type=MEDIA_TYPE, headers=headers)
+
+
+async def on_http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return problem(exc.status_code, exc.detail if isinstance(exc.detail, str) else "Error")
+
+
+async def on_broadcast_error(request: Request, exc: Exception) -> Response:
+    for cls in type(exc).__mro__:
+        if cls in _STATUS:
+            status, title = _STATUS[cls]
+            return problem(status, title, str(exc) if status < 500 else None)
+    return await on_unexpected(request, exc)
+
+
+async def on_unexpected(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return problem(500, "Internal server error")
+
+
+EXCEPTION_HANDLERS = {
+    HTTPException: on_http_exception,
+    BroadcastError: on_broadcast_error,
+    Exception: on_unexpected,
+}

@@ -1,0 +1,1 @@
+"""Alembic migrations; applied by ``broadcast-server migrate`` (and by ``run`` in embedded mode)."""

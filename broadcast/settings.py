@@ -1,0 +1,133 @@
+"""The one settings object, read from ``BROADCAST_*`` environment variables.
+
+Nested sections use ``__`` as delimiter, e.g. ``BROADCAST_KAFKA__BOOTSTRAP_SERVERS``. With nothing
+configured the server runs the *embedded default*: an SQLite file database and the in-process event log,
+bus and presence, in a single process. Settings are built once, in the composition root, and passed down.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from broadcast import constants
+
+DEV_JWT_SECRET = "dev-secret-change-me-dev-secret-change-me"  # noqa: S105 - a documented development value
+
+
+class ServerSettings(BaseModel):
+    """Where the HTTP server listens and how this instance names itself."""
+
+    model_config = {"extra": "forbid"}
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    instance_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class KafkaSettings(BaseModel):
+    """The Kafka cluster; an empty ``bootstrap_servers`` selects the in-process event log."""
+
+    model_config = {"extra": "forbid"}
+
+    bootstrap_servers: str = ""
+    security_protocol: Literal["PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL", "SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    client_id: str = "broadcast-server"
+    topic_prefix: str = ""
+    consumer_group: str = constants.DEFAULT_CONSUMER_GROUP
+    partitions: int = Field(default=constants.TOPIC_PARTITIONS, ge=1)
+    replication_factor: int = Field(default=constants.TOPIC_REPLICATION_FACTOR, ge=1)
+    min_insync_replicas: int = Field(default=constants.TOPIC_MIN_INSYNC_REPLICAS, ge=1)
+    request_timeout_ms: int = Field(default=30_000, ge=1_000)
+
+    @property
+    def embedded(self) -> bool:
+        return not self.bootstrap_servers.strip()
+
+    def topic(self, name: str) -> str:
+        """The concrete topic name for a logical one (tests isolate themselves with a prefix)."""
+        return self.topic_prefix + name
+
+
+class DatabaseSettings(BaseModel):
+    """The database URL (SQLAlchemy async form) and pool sizing."""
+
+    model_config = {"extra": "forbid"}
+
+    url: SecretStr = SecretStr("sqlite+aiosqlite:///./broadcast.db")
+    schema_name: str | None = Field(default=None, pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    pool_size: int = Field(default=10, ge=1)
+    max_overflow: int = Field(default=10, ge=0)
+    echo: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _async_driver(cls, value: SecretStr) -> SecretStr:
+        raw = value.get_secret_value()
+        if raw.startswith(("postgresql://", "postgres://")):
+            raw = "postgresql+asyncpg://" + raw.split("://", 1)[1]
+        elif raw.startswith("sqlite:///"):
+            raw = "sqlite+aiosqlite:///" + raw.split(":///", 1)[1]
+        if not raw.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite://")):
+            raise ValueError("database url must be postgresql+asyncpg:// or sqlite+aiosqlite://")
+        return SecretStr(raw)
+
+    @property
+    def dialect(self) -> Literal["postgresql", "sqlite"]:
+        return "sqlite" if self.url.get_secret_value().startswith("sqlite") else "postgresql"
+
+
+class RedisSettings(BaseModel):
+    """Redis for presence and cross-instance push; no URL selects the in-process versions."""
+
+    model_config = {"extra": "forbid"}
+
+    url: SecretStr | None = None
+    key_prefix: str = "broadcast:"
+    presence_ttl_seconds: int = Field(default=30, ge=2)
+
+    @property
+    def embedded(self) -> bool:
+        return self.url is None or not self.url.get_secret_value().strip()
+
+
+class AuthSettings(BaseModel):
+    """Token verification (the security issue fills this in; the dev secret is refused in production)."""
+
+    model_config = {"extra": "forbid"}
+
+    jwt_secret: SecretStr = SecretStr(DEV_JWT_SECRET)
+
+
+class Settings(BaseSettings):
+    """Everything the server needs to start, built once by the composition root."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BROADCAST_", env_nested_delimiter="__", extra="forbid", case_sensitive=False
+    )
+
+    environment: Literal["development", "production"] = "development"
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+
+    @property
+    def embedded(self) -> bool:
+        """True when every component runs in this process (the single-process default)."""
+        return self.kafka.embedded and self.redis.embedded and self.database.dialect == "sqlite"
+
+    def describe(self) -> str:
+        """One line naming the components in use, without secrets (for the start-up banner)."""
+        kafka = "in-process event log" if self.kafka.embedded else f"Kafka {self.kafka.bootstrap_servers}"
+        redis = "in-process bus/presence" if self.redis.embedded else "Redis"
+        return f"{kafka}; {self.database.dialect} database; {redis}"
