@@ -1,0 +1,75 @@
+"""Adapters under contract: every port's in-memory and real adapter, built per test on unique names."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from pydantic import SecretStr
+from sqlalchemy import text
+
+from broadcast.adapters import sql_migrate
+from broadcast.adapters.kafka_admin import ensure_topics
+from broadcast.adapters.kafka_log import KafkaEventLog
+from broadcast.adapters.memory_bus import MemoryBus, MemoryPresence
+from broadcast.adapters.memory_log import MemoryEventLog
+from broadcast.adapters.memory_stores import MemoryOutboxStore, MemoryUserStore
+from broadcast.adapters.redis_bus import RedisBus, RedisPresence, create_client
+from broadcast.adapters.sql_engine import create_engine
+from broadcast.adapters.sql_stores import SqlOutboxStore, SqlUserStore
+from broadcast.ports import Bus, OutboxStore, Presence, UserStore
+from broadcast.settings import DatabaseSettings, KafkaSettings, RedisSettings
+from devstack.stack import StackInfo
+from tests.contract.support import PARTITIONS, PRESENCE_TTL_S, LogUnderTest
+
+
+@pytest.fixture(params=["memory", "kafka"])
+async def event_log(request: pytest.FixtureRequest, unique_name: str) -> AsyncIterator[LogUnderTest]:
+    topics = [f"{unique_name}-a", f"{unique_name}-b"]
+    if request.param == "memory":
+        yield LogUnderTest(MemoryEventLog(PARTITIONS), topics)
+        return
+    stack: StackInfo = request.getfixturevalue("stack")
+    settings = KafkaSettings(bootstrap_servers=stack.kafka_bootstrap, partitions=PARTITIONS, client_id=unique_name)
+    reports = await ensure_topics(settings, topics)
+    assert all(r.ok for r in reports), reports
+    async with KafkaEventLog(settings) as log:
+        yield LogUnderTest(log, topics)
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
+async def stores(
+    request: pytest.FixtureRequest, unique_name: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[UserStore, OutboxStore]]:
+    if request.param == "memory":
+        yield MemoryUserStore(), MemoryOutboxStore()
+        return
+    if request.param == "sqlite":
+        path = tmp_path_factory.mktemp("db") / "contract.db"
+        settings = DatabaseSettings(url=SecretStr(f"sqlite+aiosqlite:///{path}"))
+    else:
+        stack: StackInfo = request.getfixturevalue("stack")
+        settings = DatabaseSettings(url=SecretStr(stack.postgres_url), schema_name=unique_name)
+    engine = create_engine(settings)
+    try:
+        assert await sql_migrate.upgrade(engine, settings) == sql_migrate.head()
+        yield SqlUserStore(engine), SqlOutboxStore(engine)
+        if settings.schema_name:
+            async with engine.begin() as conn:
+                await conn.execute(text(f'DROP SCHEMA "{settings.schema_name}" CASCADE'))
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def bus_presence(request: pytest.FixtureRequest, unique_name: str) -> AsyncIterator[tuple[Bus, Presence]]:
+    if request.param == "memory":
+        yield MemoryBus(), MemoryPresence(PRESENCE_TTL_S)
+        return
+    stack: StackInfo = request.getfixturevalue("stack")
+    settings = RedisSettings(url=SecretStr(stack.redis_url), key_prefix=f"{unique_name}:")
+    client = create_client(settings)
+    try:
+        yield RedisBus(client, settings.key_prefix), RedisPresence(client, settings.key_prefix, PRESENCE_TTL_S)
+    finally:
+        await client.aclose()
