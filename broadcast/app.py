@@ -36,6 +36,6 @@ def create_app(settings: Settings) -> Starlette:
 
     return Starlette(
         routes=[*health.routes],
-        exception_handlers=dict(EXCEPTION_HANDLERS),  # type: ignore[arg-type]
+        exception_handlers=dict(EXCEPTION_HANDLERS),
         lifespan=lifespan,
     )

@@ -38,6 +38,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from broadcast.app import create_app
+    from broadcast.serve import serve
 
     settings = _load_settings(args)
     logging.getLogger(__name__).info("roles: %s", ",".join(sorted(args.roles)))
@@ -49,9 +50,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         lifespan="on",
         timeout_graceful_shutdown=10,
     )
-    server = uvicorn.Server(config)
-    server.run()
-    return 0 if server.started else 1
+    started = asyncio.run(serve(config))
+    return 0 if started else 1
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

@@ -47,16 +47,16 @@ async def ensure_topics(settings: KafkaSettings, names: Sequence[str], timeout_s
             try:
                 existing = set(await admin.list_topics())
                 missing = [n for n in names if n not in existing]
-                if missing:
-                    await _create(admin, settings, missing)
-                return await _describe(admin, settings, names, created=set(missing))
+                created = await _create(admin, settings, missing) if missing else set()
+                return await _describe(admin, settings, names, created)
             finally:
                 await admin.close()
     except (KafkaError, TimeoutError, OSError) as exc:
         raise UnavailableError(f"topic provisioning failed on {settings.bootstrap_servers}: {exc!r}") from exc
 
 
-async def _create(admin: AIOKafkaAdminClient, settings: KafkaSettings, names: Sequence[str]) -> None:
+async def _create(admin: AIOKafkaAdminClient, settings: KafkaSettings, names: Sequence[str]) -> set[str]:
+    """Create ``names``; returns those this call created (another creator may have won the race)."""
     topics = [
         NewTopic(
             name=name,
@@ -67,11 +67,15 @@ async def _create(admin: AIOKafkaAdminClient, settings: KafkaSettings, names: Se
         for name in names
     ]
     response: Any = await admin.create_topics(topics)
+    created = set()
     for topic_error in response.topic_errors:
         name, code = topic_error[0], topic_error[1]
-        if code not in (0, TOPIC_ALREADY_EXISTS):
+        if code == 0:
+            created.add(name)
+        elif code != TOPIC_ALREADY_EXISTS:
             message = topic_error[2] if len(topic_error) > 2 else ""
             raise UnavailableError(f"creating topic {name} failed with error code {code}: {message}")
+    return created
 
 
 async def _describe(

@@ -6,6 +6,7 @@ instance's entry ages out without anyone deleting it, and the key itself expires
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -67,13 +68,23 @@ class RedisBus:
         pubsub = self._client.pubsub()
         try:
             await pubsub.subscribe(*(self._prefix + c for c in channels))
-        except RedisError as exc:
+            await _confirmed(pubsub, len(channels))
+        except (RedisError, TimeoutError) as exc:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
             raise UnavailableError(f"redis subscribe failed: {exc!r}") from exc
         try:
             yield RedisBusSubscription(pubsub, self._prefix)
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+async def _confirmed(pubsub: PubSub, count: int, timeout_s: float = 5.0) -> None:
+    """Wait for the server to confirm every SUBSCRIBE, so a publish after ``subscribe`` returns is seen."""
+    async with asyncio.timeout(timeout_s):
+        while count:
+            message = await pubsub.get_message(timeout=timeout_s)
+            if message is not None and message["type"] == "subscribe":
+                count -= 1
 
 
 class RedisPresence:

@@ -1,0 +1,49 @@
+"""Serving with uvicorn, shutdown driven by one signal-set event.
+
+SIGTERM or SIGINT sets the event; the server then stops accepting, drains, runs the lifespan shutdown
+(which closes every component in reverse order) and the process exits 0. A second signal forces exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Iterator
+
+import uvicorn
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Signals are ours (see ``serve``), not uvicorn's, which re-raises them after shutdown."""
+        yield
+
+
+async def serve(config: uvicorn.Config) -> bool:
+    """Serve until SIGTERM/SIGINT; returns whether the server had started."""
+    server = _Server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            server.force_exit = True
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+
+    async def watch() -> None:
+        await stop.wait()
+        server.should_exit = True
+
+    watcher = asyncio.create_task(watch())
+    try:
+        await server.serve()
+    finally:
+        watcher.cancel()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    return server.started

@@ -1,0 +1,1 @@
+"""Dead-letter topics: recoverer, DLT store and admin routes; see ARCHITECTURE.md."""

@@ -1,0 +1,1 @@
+"""Server-Sent Events: the per-instance hub, streams and routes; see ARCHITECTURE.md."""

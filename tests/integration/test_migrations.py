@@ -1,0 +1,86 @@
+"""Alembic migrations build exactly the table models on PostgreSQL and SQLite, idempotently."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from pydantic import SecretStr
+from sqlalchemy import Connection, inspect, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from broadcast.adapters import sql_migrate
+from broadcast.adapters.sql_engine import create_engine
+from broadcast.adapters.sql_tables import metadata
+from broadcast.errors import ConfigurationError
+from broadcast.settings import DatabaseSettings
+from devstack.stack import StackInfo
+
+TABLES = {
+    "users",
+    "user_roles",
+    "broadcast_messages",
+    "user_broadcast_messages",
+    "outbox_events",
+    "dlt_messages",
+    "broadcast_statistics",
+}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database(
+    request: pytest.FixtureRequest, unique_name: str, tmp_path: Path
+) -> AsyncIterator[tuple[AsyncEngine, DatabaseSettings]]:
+    if request.param == "sqlite":
+        settings = DatabaseSettings(url=SecretStr(f"sqlite+aiosqlite:///{tmp_path}/m.db"))
+    else:
+        stack: StackInfo = request.getfixturevalue("stack")
+        settings = DatabaseSettings(url=SecretStr(stack.postgres_url), schema_name=unique_name)
+    engine = create_engine(settings)
+    try:
+        yield engine, settings
+        if settings.schema_name:
+            async with engine.begin() as conn:
+                await conn.execute(text(f'DROP SCHEMA IF EXISTS "{settings.schema_name}" CASCADE'))
+    finally:
+        await engine.dispose()
+
+
+async def test_upgrade_creates_the_models_and_is_idempotent(database: tuple[AsyncEngine, DatabaseSettings]) -> None:
+    engine, settings = database
+    assert await sql_migrate.current(engine, settings) is None
+    assert await sql_migrate.upgrade(engine, settings) == sql_migrate.head()
+    assert await sql_migrate.upgrade(engine, settings) == sql_migrate.head()
+
+    def diff(sync: Connection) -> tuple[set[str], list[object]]:
+        ctx = MigrationContext.configure(sync, opts={"compare_type": True})
+        return set(inspect(sync).get_table_names()), compare_metadata(ctx, metadata)
+
+    async with engine.connect() as conn:
+        tables, differences = await conn.run_sync(diff)
+    assert TABLES <= tables
+    assert differences == []
+
+
+async def test_user_rows_are_unique_per_broadcast(database: tuple[AsyncEngine, DatabaseSettings]) -> None:
+    engine, settings = database
+    await sql_migrate.upgrade(engine, settings)
+
+    def unique_sets(sync: Connection) -> list[list[str]]:
+        return [list(u["column_names"]) for u in inspect(sync).get_unique_constraints("user_broadcast_messages")]
+
+    async with engine.connect() as conn:
+        assert ["broadcast_id", "user_id"] in await conn.run_sync(unique_sets)
+
+
+async def test_an_unmigrated_postgres_is_refused_at_start(stack: StackInfo, unique_name: str) -> None:
+    settings = DatabaseSettings(url=SecretStr(stack.postgres_url), schema_name=unique_name)
+    engine = create_engine(settings)
+    try:
+        with pytest.raises(ConfigurationError, match="broadcast-server migrate"):
+            await sql_migrate.ensure_schema(engine, settings)
+    finally:
+        await engine.dispose()
