@@ -102,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--host", help="bind address (default from BROADCAST_SERVER__HOST, 127.0.0.1)")
     run.add_argument("--port", type=int, help="port (default from BROADCAST_SERVER__PORT, 8080)")
     run.add_argument(
-        "--roles", type=_roles, default=frozenset(ROLES), help=f"comma-separated subset of {','.join(ROLES)} (default: all)"
+        "--roles",
+        type=_roles,
+        default=frozenset(ROLES),
+        help=f"comma-separated subset of {','.join(ROLES)} (default: all)",
     )
     run.set_defaults(func=cmd_run)
 

@@ -80,9 +80,7 @@ class EventLog(Protocol):
 
     def publisher(self) -> EventPublisher: ...
 
-    def subscribe(
-        self, topics: Iterable[str], group_id: str
-    ) -> AbstractAsyncContextManager[EventSubscription]: ...
+    def subscribe(self, topics: Iterable[str], group_id: str) -> AbstractAsyncContextManager[EventSubscription]: ...
 
 
 # --------------------------------------------------------------------------- database stores

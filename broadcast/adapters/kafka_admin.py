@@ -99,9 +99,7 @@ async def _describe(
         if rf != settings.replication_factor:
             problems.append(f"has replication factor {rf}, expected {settings.replication_factor}")
         if min_isr.get(name) != settings.min_insync_replicas:
-            problems.append(
-                f"has min.insync.replicas={min_isr.get(name)}, expected {settings.min_insync_replicas}"
-            )
+            problems.append(f"has min.insync.replicas={min_isr.get(name)}, expected {settings.min_insync_replicas}")
         reports.append(TopicReport(name, name in created, len(partitions), rf, min_isr.get(name), tuple(problems)))
     return reports
 

@@ -32,9 +32,7 @@ def client_options(settings: KafkaSettings) -> dict[str, Any]:
     if settings.sasl_mechanism:
         options["sasl_mechanism"] = settings.sasl_mechanism
         options["sasl_plain_username"] = settings.sasl_username
-        options["sasl_plain_password"] = (
-            settings.sasl_password.get_secret_value() if settings.sasl_password else None
-        )
+        options["sasl_plain_password"] = settings.sasl_password.get_secret_value() if settings.sasl_password else None
     return options
 
 
@@ -134,9 +132,7 @@ class KafkaSubscription:
         for tp in sorted(batches, key=lambda t: (t.topic, t.partition)):
             for r in batches[tp]:
                 headers = tuple((k, bytes(v)) for k, v in (r.headers or ()))
-                records.append(
-                    EventRecord(r.topic, r.partition, r.offset, r.key, r.value, headers, r.timestamp)
-                )
+                records.append(EventRecord(r.topic, r.partition, r.offset, r.key, r.value, headers, r.timestamp))
         return records
 
     async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:

@@ -53,9 +53,7 @@ class MemoryEventLog:
             seed = zlib.crc32(key) if key is not None else next(self._round_robin)
             partition = seed % len(partitions)
         log = partitions[partition]
-        record = EventRecord(
-            topic, partition, len(log), key, value, tuple(headers), int(time.time() * 1000)
-        )
+        record = EventRecord(topic, partition, len(log), key, value, tuple(headers), int(time.time() * 1000))
         log.append(record)
         self._changed.set()
         self._changed = asyncio.Event()
@@ -79,9 +77,7 @@ class MemoryEventLog:
         return self._topic(tp.topic)[tp.partition][start : start + limit]
 
     def _all_partitions(self, topics: Iterable[str]) -> list[TopicPartition]:
-        return sorted(
-            TopicPartition(t, p) for t in set(topics) for p in range(len(self._topic(t)))
-        )
+        return sorted(TopicPartition(t, p) for t in set(topics) for p in range(len(self._topic(t))))
 
 
 class _Group:

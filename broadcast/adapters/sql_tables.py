@@ -37,9 +37,7 @@ BigId = BigInteger().with_variant(Integer(), "sqlite")
 
 
 def _ts(name: str, *, nullable: bool = True, default_now: bool = False) -> Column[object]:
-    return Column(
-        name, DateTime(timezone=True), nullable=nullable, server_default=func.now() if default_now else None
-    )
+    return Column(name, DateTime(timezone=True), nullable=nullable, server_default=func.now() if default_now else None)
 
 
 users = Table(

@@ -88,9 +88,7 @@ async def test_every_group_sees_every_record(event_log: LogUnderTest, unique_nam
     assert len(first) == 12
 
 
-async def test_members_of_one_group_share_partitions_without_overlap(
-    event_log: LogUnderTest, unique_name: str
-) -> None:
+async def test_members_of_one_group_share_partitions_without_overlap(event_log: LogUnderTest, unique_name: str) -> None:
     topic, group = event_log.topics[0], f"{unique_name}-g"
     async with event_log.log.subscribe([topic], group) as a, event_log.log.subscribe([topic], group) as b:
         deadline = time.monotonic() + DEADLINE_S

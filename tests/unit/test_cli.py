@@ -9,8 +9,17 @@ from broadcast.cli import build_parser, main
 
 @pytest.mark.parametrize(
     "argv",
-    [[], ["run"], ["migrate"], ["topics"], ["stack"], ["stack", "up"], ["stack", "down"], ["stack", "status"],
-     ["stack", "env"]],
+    [
+        [],
+        ["run"],
+        ["migrate"],
+        ["topics"],
+        ["stack"],
+        ["stack", "up"],
+        ["stack", "down"],
+        ["stack", "status"],
+        ["stack", "env"],
+    ],
 )
 def test_every_command_has_help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:

@@ -24,9 +24,12 @@ async def client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
         raise RuntimeError("secret internals")
 
     app.router.routes.append(Route("/boom", boom))
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://test"
-    ) as http:
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://test"
+        ) as http,
+    ):
         yield http
 
 

@@ -1,0 +1,31 @@
+# Targets named in README.md. `make test` is the one command CI runs (through .ci/run).
+.PHONY: run test lint stack-up stack-down stack-status clean
+
+VENV := .venv
+BIN := $(VENV)/bin
+
+$(BIN)/broadcast-server: pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+run: $(BIN)/broadcast-server  ## the server, embedded default (SQLite, in-process log and bus)
+	$(BIN)/broadcast-server run
+
+test:  ## everything: installs, starts the real stack, ruff, mypy --strict, import-linter, pytest
+	bash scripts/test.sh
+
+lint: $(BIN)/broadcast-server  ## the quality gates without the stack
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy && $(BIN)/lint-imports
+
+stack-up: $(BIN)/broadcast-server
+	$(BIN)/broadcast-server stack up
+
+stack-down: $(BIN)/broadcast-server
+	$(BIN)/broadcast-server stack down
+
+stack-status: $(BIN)/broadcast-server
+	$(BIN)/broadcast-server stack status
+
+clean:
+	rm -rf $(VENV) *.egg-info .mypy_cache .ruff_cache .pytest_cache broadcast.db*
