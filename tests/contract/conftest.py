@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 
 import pytest
 from pydantic import SecretStr
-from sqlalchemy import text
 
 from broadcast.adapters import sql_migrate
 from broadcast.adapters.kafka_admin import ensure_topics
@@ -15,12 +14,12 @@ from broadcast.adapters.memory_bus import MemoryBus, MemoryPresence
 from broadcast.adapters.memory_log import MemoryEventLog
 from broadcast.adapters.memory_stores import MemoryOutboxStore, MemoryUserStore
 from broadcast.adapters.redis_bus import RedisBus, RedisPresence, create_client
-from broadcast.adapters.sql_engine import create_engine
 from broadcast.adapters.sql_stores import SqlOutboxStore, SqlUserStore
 from broadcast.ports import Bus, OutboxStore, Presence, UserStore
-from broadcast.settings import DatabaseSettings, KafkaSettings, RedisSettings
+from broadcast.settings import KafkaSettings, RedisSettings
 from devstack.stack import StackInfo
 from tests.contract.support import PARTITIONS, PRESENCE_TTL_S, LogUnderTest
+from tests.databases import empty_database
 
 
 @pytest.fixture(params=["memory", "kafka"])
@@ -44,21 +43,12 @@ async def stores(
     if request.param == "memory":
         yield MemoryUserStore(), MemoryOutboxStore()
         return
-    if request.param == "sqlite":
-        path = tmp_path_factory.mktemp("db") / "contract.db"
-        settings = DatabaseSettings(url=SecretStr(f"sqlite+aiosqlite:///{path}"))
-    else:
-        stack: StackInfo = request.getfixturevalue("stack")
-        settings = DatabaseSettings(url=SecretStr(stack.postgres_url), schema_name=unique_name)
-    engine = create_engine(settings)
-    try:
+    async with empty_database(request.param, request, unique_name, tmp_path_factory.mktemp("db")) as (
+        engine,
+        settings,
+    ):
         assert await sql_migrate.upgrade(engine, settings) == sql_migrate.head()
         yield SqlUserStore(engine), SqlOutboxStore(engine)
-        if settings.schema_name:
-            async with engine.begin() as conn:
-                await conn.execute(text(f'DROP SCHEMA "{settings.schema_name}" CASCADE'))
-    finally:
-        await engine.dispose()
 
 
 @pytest.fixture(params=["memory", "redis"])

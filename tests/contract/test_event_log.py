@@ -6,7 +6,7 @@ import asyncio
 import time
 
 from broadcast.ports import EventRecord, EventSubscription, TopicPartition
-from tests.contract.support import LogUnderTest
+from tests.contract.support import PARTITIONS, LogUnderTest
 
 DEADLINE_S = 45.0
 
@@ -92,10 +92,14 @@ async def test_members_of_one_group_share_partitions_without_overlap(event_log: 
     topic, group = event_log.topics[0], f"{unique_name}-g"
     async with event_log.log.subscribe([topic], group) as a, event_log.log.subscribe([topic], group) as b:
         deadline = time.monotonic() + DEADLINE_S
-        while not (a.assignment() and b.assignment() and len(a.assignment() | b.assignment()) == 3):
+
+        def settled() -> bool:  # both members hold partitions, none twice, all covered
+            mine, theirs = a.assignment(), b.assignment()
+            return bool(mine and theirs and not mine & theirs and len(mine | theirs) == PARTITIONS)
+
+        while not settled():
             assert time.monotonic() < deadline, "group never settled on a shared assignment"
             await asyncio.gather(a.fetch(timeout_s=0.2), b.fetch(timeout_s=0.2))
-        assert not a.assignment() & b.assignment()
         sent = await publish_numbered(event_log, 30, keys=9)
         got_a: list[EventRecord] = []
         got_b: list[EventRecord] = []

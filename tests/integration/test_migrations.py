@@ -9,7 +9,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from pydantic import SecretStr
-from sqlalchemy import Connection, inspect, text
+from sqlalchemy import Connection, inspect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broadcast.adapters import sql_migrate
@@ -18,6 +18,7 @@ from broadcast.adapters.sql_tables import metadata
 from broadcast.errors import ConfigurationError
 from broadcast.settings import DatabaseSettings
 from devstack.stack import StackInfo
+from tests.databases import empty_database
 
 TABLES = {
     "users",
@@ -34,19 +35,8 @@ TABLES = {
 async def database(
     request: pytest.FixtureRequest, unique_name: str, tmp_path: Path
 ) -> AsyncIterator[tuple[AsyncEngine, DatabaseSettings]]:
-    if request.param == "sqlite":
-        settings = DatabaseSettings(url=SecretStr(f"sqlite+aiosqlite:///{tmp_path}/m.db"))
-    else:
-        stack: StackInfo = request.getfixturevalue("stack")
-        settings = DatabaseSettings(url=SecretStr(stack.postgres_url), schema_name=unique_name)
-    engine = create_engine(settings)
-    try:
-        yield engine, settings
-        if settings.schema_name:
-            async with engine.begin() as conn:
-                await conn.execute(text(f'DROP SCHEMA IF EXISTS "{settings.schema_name}" CASCADE'))
-    finally:
-        await engine.dispose()
+    async with empty_database(request.param, request, unique_name, tmp_path) as database:
+        yield database
 
 
 async def test_upgrade_creates_the_models_and_is_idempotent(database: tuple[AsyncEngine, DatabaseSettings]) -> None:

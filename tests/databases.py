@@ -1,0 +1,36 @@
+"""An empty database of either dialect for one test: an SQLite file, or a PostgreSQL schema of its own."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from broadcast.adapters.sql_engine import create_engine
+from broadcast.settings import DatabaseSettings
+from devstack.stack import StackInfo
+
+
+@asynccontextmanager
+async def empty_database(
+    dialect: str, request: pytest.FixtureRequest, unique_name: str, directory: Path
+) -> AsyncIterator[tuple[AsyncEngine, DatabaseSettings]]:
+    """Yield an engine on a fresh, unmigrated database; PostgreSQL schemas are dropped afterwards."""
+    if dialect == "sqlite":
+        settings = DatabaseSettings(url=SecretStr(f"sqlite+aiosqlite:///{directory}/{unique_name}.db"))
+    else:
+        stack: StackInfo = request.getfixturevalue("stack")
+        settings = DatabaseSettings(url=SecretStr(stack.postgres_url), schema_name=unique_name)
+    engine = create_engine(settings)
+    try:
+        yield engine, settings
+        if settings.schema_name:
+            async with engine.begin() as conn:
+                await conn.execute(text(f'DROP SCHEMA IF EXISTS "{settings.schema_name}" CASCADE'))
+    finally:
+        await engine.dispose()
