@@ -12,16 +12,17 @@ from broadcast import health
 from broadcast.components import open_components
 from broadcast.http_problems import EXCEPTION_HANDLERS
 from broadcast.settings import Settings
+from broadcast.workers import ROLES, running
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings) -> Starlette:
+def create_app(settings: Settings, roles: frozenset[str] = frozenset(ROLES)) -> Starlette:
     """An app bound to ``settings``; resources open on lifespan start and close on shutdown."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with open_components(settings) as components:
+        async with open_components(settings) as components, running(components, roles):
             app.state.components = components
             if settings.embedded:
                 log.warning(

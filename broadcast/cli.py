@@ -13,8 +13,7 @@ from pydantic import ValidationError as SettingsError
 from broadcast import constants
 from broadcast.errors import BroadcastError
 from broadcast.settings import Settings
-
-ROLES = ("api", "relay", "consumers", "dlt", "scheduler")
+from broadcast.workers import ROLES
 
 
 def _roles(value: str) -> frozenset[str]:
@@ -43,7 +42,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _load_settings(args)
     logging.getLogger(__name__).info("roles: %s", ",".join(sorted(args.roles)))
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, args.roles),
         host=settings.server.host,
         port=settings.server.port,
         log_level=settings.server.log_level,

@@ -6,6 +6,7 @@ them in order (database, event log, Redis) and closes them in reverse on the way
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -17,8 +18,10 @@ from broadcast.adapters.memory_bus import MemoryBus, MemoryPresence
 from broadcast.adapters.memory_log import MemoryEventLog
 from broadcast.adapters.redis_bus import RedisBus, RedisHealth, RedisPresence, create_client
 from broadcast.adapters.sql_engine import SqlHealth, create_engine
+from broadcast.adapters.sql_broadcasts import SqlBroadcastStore
 from broadcast.adapters.sql_stores import SqlOutboxStore, SqlUserStore
-from broadcast.ports import Bus, EventLog, Health, OutboxStore, Presence, UserStore
+from broadcast.lifecycle import Lifecycle
+from broadcast.ports import BroadcastStore, Bus, EventLog, Health, OutboxStore, Presence, UserStore
 from broadcast.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,9 @@ class Components:
     outbox: OutboxStore
     bus: Bus
     presence: Presence
+    broadcasts: BroadcastStore
+    lifecycle: Lifecycle
+    outbox_wakeup: asyncio.Event
     health: dict[str, Health] = field(default_factory=dict)
 
 
@@ -64,12 +70,19 @@ async def open_components(settings: Settings) -> AsyncIterator[Components]:
             presence = RedisPresence(client, settings.redis.key_prefix, settings.redis.presence_ttl_seconds)
             health["redis"] = RedisHealth(client)
 
+        users = SqlUserStore(engine)
+        broadcasts = SqlBroadcastStore(engine)
+        wakeup = asyncio.Event()
+        lifecycle = Lifecycle(broadcasts, users, settings.kafka, settings.limits, on_outbox=wakeup.set)
         yield Components(
             settings=settings,
             event_log=event_log,
-            users=SqlUserStore(engine),
+            users=users,
             outbox=SqlOutboxStore(engine),
             bus=bus,
             presence=presence,
+            broadcasts=broadcasts,
+            lifecycle=lifecycle,
+            outbox_wakeup=wakeup,
             health=health,
         )

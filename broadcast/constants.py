@@ -18,6 +18,9 @@ TOPIC_PARTITIONS: Final = 10
 TOPIC_REPLICATION_FACTOR: Final = 3
 TOPIC_MIN_INSYNC_REPLICAS: Final = 2
 
+# The outbox is split into lanes by key hash; one relay at a time owns a lane, which keeps per-key order.
+OUTBOX_LANES: Final = 32
+
 DEFAULT_CONSUMER_GROUP: Final = "broadcast-delivery"
 DEFAULT_DLT_CONSUMER_GROUP: Final = "broadcast-dlt"
 

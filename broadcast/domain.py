@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
 
 
 class TargetType(StrEnum):
@@ -63,20 +66,99 @@ class User:
 
 @dataclass(frozen=True, slots=True)
 class OutboxEvent:
-    """An event waiting in the outbox to be published to ``topic`` under ``key``."""
+    """An event waiting in the outbox to be published to ``topic`` under ``key``, not before ``not_before``."""
 
     topic: str
     key: str
     event_type: EventType
     payload: bytes
     headers: tuple[tuple[str, bytes], ...] = ()
+    broadcast_id: str | None = None
+    not_before: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class ClaimedOutboxEvent:
-    """An outbox row claimed by one relay until ``claimed_until``; ``id`` orders rows of the same key."""
+    """An unpublished outbox row read by the relay that owns its lane; ``id`` orders rows of one key."""
 
     id: int
     event: OutboxEvent
     created_at: datetime
     attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class NewBroadcast:
+    """What an admin asks for; ``target_ids`` are user ids (SELECTED) or role names (ROLE), empty for ALL."""
+
+    content: str
+    target_type: TargetType
+    target_ids: tuple[str, ...] = ()
+    priority: Priority = Priority.NORMAL
+    category: str | None = None
+    scheduled_at: datetime | None = None
+    expires_at: datetime | None = None
+    fire_and_forget: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Broadcast:
+    """A saved broadcast. For ROLE targets ``target_roles`` names the roles; SELECTED recipients are rows."""
+
+    id: str
+    sender_id: str
+    content: str
+    target_type: TargetType
+    target_roles: tuple[str, ...]
+    priority: Priority
+    category: str | None
+    status: BroadcastStatus
+    fire_and_forget: bool
+    targeted_count: int
+    created_at: datetime
+    updated_at: datetime
+    scheduled_at: datetime | None = None
+    expires_at: datetime | None = None
+    correlation_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BroadcastStats:
+    """Counters of one broadcast; rates are fractions of ``targeted`` (0 when nobody is targeted)."""
+
+    broadcast_id: str
+    targeted: int
+    delivered: int
+    read: int
+    failed: int
+
+    @property
+    def pending(self) -> int:
+        return max(self.targeted - self.delivered - self.failed, 0)
+
+    @property
+    def delivery_rate(self) -> float:
+        return self.delivered / self.targeted if self.targeted else 0.0
+
+    @property
+    def read_rate(self) -> float:
+        return self.read / self.targeted if self.targeted else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One user's copy of a SELECTED broadcast."""
+
+    user_id: str
+    delivery_status: DeliveryStatus
+    read_status: ReadStatus
+    delivered_at: datetime | None
+    read_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    """One page of a cursor-paginated listing; ``next_cursor`` is None on the last page."""
+
+    items: tuple[T, ...]
+    next_cursor: str | None

@@ -6,13 +6,23 @@ Each port has an in-memory adapter (embedded default, unit tests) and a real one
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Protocol
 
-from broadcast.domain import ClaimedOutboxEvent, OutboxEvent, User
+from broadcast.domain import (
+    Broadcast,
+    BroadcastStats,
+    BroadcastStatus,
+    ClaimedOutboxEvent,
+    Delivery,
+    OutboxEvent,
+    Page,
+    User,
+)
+from broadcast.errors import PublishError
 
 
 # --------------------------------------------------------------------------- event log (Kafka)
@@ -29,6 +39,14 @@ class RecordPosition:
     topic: str
     partition: int
     offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingRecord:
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +73,10 @@ class EventPublisher(Protocol):
         headers: Sequence[tuple[str, bytes]] = (),
         partition: int | None = None,
     ) -> RecordPosition: ...
+
+    async def publish_many(self, records: Sequence[OutgoingRecord]) -> list[RecordPosition | PublishError]:
+        """Publish in order, pipelined; one result per record, failures as ``PublishError`` values."""
+        ...
 
     async def partitions_for(self, topic: str) -> int: ...
 
@@ -91,27 +113,82 @@ class UserStore(Protocol):
 
     async def get(self, user_id: str) -> User | None: ...
 
-    async def count(self, role: str | None = None) -> int:
-        """All users, or those holding ``role``."""
+    async def count(self, roles: Sequence[str] | None = None) -> int:
+        """All users, or the distinct users holding any of ``roles``."""
         ...
 
 
 class OutboxStore(Protocol):
-    """Events waiting to be published; claims are leases so no lock is held while Kafka is awaited."""
+    """Events waiting to be published, split into lanes by key hash.
+
+    A relay leases whole lanes (``claim_lanes``, ``FOR UPDATE SKIP LOCKED`` on the lane rows, committed at
+    once), reads their due rows in id order and publishes them with no lock held; one owner per lane keeps
+    per-key order while several relays share the work.
+    """
 
     async def append(self, events: Sequence[OutboxEvent]) -> list[int]: ...
 
-    async def claim(self, limit: int, lease: timedelta) -> list[ClaimedOutboxEvent]:
-        """Lease up to ``limit`` unpublished rows that nobody else holds, oldest first."""
+    async def claim_lanes(self, owner: str, max_lanes: int, lease: timedelta) -> list[int]:
+        """Lease up to ``max_lanes`` lanes that have due rows and no live owner (least recently served first)."""
+        ...
+
+    async def release_lanes(self, owner: str, lanes: Sequence[int]) -> None: ...
+
+    async def due(self, lane: int, limit: int) -> list[ClaimedOutboxEvent]:
+        """The oldest unpublished rows of ``lane`` whose ``not_before`` has passed, in id order."""
         ...
 
     async def mark_published(self, ids: Sequence[int]) -> None: ...
 
-    async def release(self, ids: Sequence[int], error: str) -> None:
-        """Give claimed rows back after a failed publish, recording why."""
-        ...
+    async def record_failure(self, ids: Sequence[int], error: str) -> None: ...
+
+    async def purge_published(self, older_than: timedelta) -> int: ...
 
     async def backlog(self) -> int: ...
+
+
+class BroadcastStore(Protocol):
+    """Broadcasts, their recipients' rows and their outbox rows, each change in one transaction."""
+
+    async def create(
+        self,
+        broadcast: Broadcast,
+        recipients: Sequence[str],
+        events: Iterable[OutboxEvent],
+        idempotency_key: str | None,
+        request_hash: str,
+    ) -> tuple[Broadcast, bool]:
+        """Write everything or nothing; an existing ``idempotency_key`` returns that broadcast and False."""
+        ...
+
+    async def get(self, broadcast_id: str) -> Broadcast | None: ...
+
+    async def list_broadcasts(
+        self, status: BroadcastStatus | None, cursor: str | None, limit: int
+    ) -> Page[Broadcast]: ...
+
+    async def transition(
+        self,
+        broadcast_id: str,
+        allowed: frozenset[BroadcastStatus],
+        to: BroadcastStatus,
+        events: Callable[[Broadcast], Sequence[OutboxEvent]],
+        drop_undelivered: bool,
+    ) -> Broadcast:
+        """Move to ``to`` if the status is in ``allowed`` (else ConflictError), writing ``events`` with it."""
+        ...
+
+    async def due(self, status: BroadcastStatus, now: datetime, limit: int) -> list[str]:
+        """SCHEDULED broadcasts whose time has come, or ACTIVE ones past their expiry."""
+        ...
+
+    async def stats(self, broadcast_id: str) -> BroadcastStats | None: ...
+
+    async def deliveries(self, broadcast_id: str, cursor: str | None, limit: int) -> Page[Delivery]: ...
+
+    def leadership(self, name: str) -> AbstractAsyncContextManager[bool]:
+        """True inside the block for exactly one holder across processes (advisory lock)."""
+        ...
 
 
 # --------------------------------------------------------------------------- bus and presence (Redis)
@@ -153,6 +230,7 @@ class Health(Protocol):
 
 TopicPartitionOffsets = Mapping[TopicPartition, int]
 __all__ = [
+    "BroadcastStore",
     "Bus",
     "BusMessage",
     "BusSubscription",
@@ -162,6 +240,7 @@ __all__ = [
     "EventSubscription",
     "Health",
     "OutboxStore",
+    "OutgoingRecord",
     "Presence",
     "RecordPosition",
     "TopicPartition",

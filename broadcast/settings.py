@@ -99,6 +99,35 @@ class RedisSettings(BaseModel):
         return self.url is None or not self.url.get_secret_value().strip()
 
 
+class LimitsSettings(BaseModel):
+    """Input bounds: every request is checked against these before anything is written."""
+
+    model_config = {"extra": "forbid"}
+
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    max_content_chars: int = Field(default=10_000, ge=1)
+    max_category_chars: int = Field(default=100, ge=1)
+    max_json_target_ids: int = Field(default=10_000, ge=1)
+    max_csv_rows: int = Field(default=1_000_000, ge=1)
+    max_csv_bytes: int = Field(default=64 * 1_048_576, ge=1024)
+    max_user_id_chars: int = Field(default=128, ge=1, le=128)
+    max_bulk_users: int = Field(default=10_000, ge=1)
+    max_page_size: int = Field(default=500, ge=1)
+
+
+class RelaySettings(BaseModel):
+    """The outbox relay and the scheduler."""
+
+    model_config = {"extra": "forbid"}
+
+    batch_size: int = Field(default=5_000, ge=1)
+    lanes_per_claim: int = Field(default=8, ge=1)
+    lease_seconds: float = Field(default=30.0, gt=0)
+    idle_poll_seconds: float = Field(default=0.2, gt=0)
+    retention_seconds: float = Field(default=3_600.0, ge=0)
+    scheduler_tick_seconds: float = Field(default=1.0, gt=0)
+
+
 class AuthSettings(BaseModel):
     """Token verification (the security issue fills this in; the dev secret is refused in production)."""
 
@@ -120,6 +149,8 @@ class Settings(BaseSettings):
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    relay: RelaySettings = Field(default_factory=RelaySettings)
 
     @property
     def embedded(self) -> bool:

@@ -17,7 +17,7 @@ from aiokafka.structs import OffsetAndMetadata
 from aiokafka.structs import TopicPartition as KafkaTopicPartition
 
 from broadcast.errors import PublishError, UnavailableError
-from broadcast.ports import EventRecord, RecordPosition, TopicPartition
+from broadcast.ports import EventRecord, OutgoingRecord, RecordPosition, TopicPartition
 from broadcast.settings import KafkaSettings
 
 
@@ -89,6 +89,43 @@ class KafkaEventLog:
         except (KafkaError, TimeoutError) as exc:
             raise PublishError(f"publish to {topic} not acknowledged: {exc!r}") from exc
         return RecordPosition(metadata.topic, metadata.partition, metadata.offset)
+
+    async def publish_many(self, records: Sequence[OutgoingRecord]) -> list[RecordPosition | PublishError]:
+        """Enqueue every record (the producer batches and pipelines them), then await all acknowledgements."""
+        producer = self._require_producer()
+        futures: list[asyncio.Future[Any] | PublishError] = []
+        try:
+            async with asyncio.timeout(self._publish_timeout_s):
+                for r in records:
+                    try:
+                        futures.append(
+                            await producer.send(r.topic, value=r.value, key=r.key, headers=list(r.headers) or None)
+                        )
+                    except KafkaError as exc:
+                        futures.append(PublishError(f"send to {r.topic} refused: {exc!r}"))
+                pending = [f for f in futures if isinstance(f, asyncio.Future)]
+                if pending:
+                    await asyncio.wait(pending)
+        except TimeoutError:
+            pass
+        results: list[RecordPosition | PublishError] = []
+        for r, f in zip(
+            records,
+            futures + [PublishError("not sent before the timeout")] * (len(records) - len(futures)),
+            strict=True,
+        ):
+            if isinstance(f, PublishError):
+                results.append(f)
+            elif not f.done():
+                results.append(
+                    PublishError(f"publish to {r.topic} not acknowledged within {self._publish_timeout_s} s")
+                )
+            elif f.exception() is not None:
+                results.append(PublishError(f"publish to {r.topic} failed: {f.exception()!r}"))
+            else:
+                m = f.result()
+                results.append(RecordPosition(m.topic, m.partition, m.offset))
+        return results
 
     async def partitions_for(self, topic: str) -> int:
         producer = self._require_producer()

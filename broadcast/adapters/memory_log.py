@@ -15,7 +15,8 @@ import zlib
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 
-from broadcast.ports import EventRecord, RecordPosition, TopicPartition
+from broadcast.errors import PublishError
+from broadcast.ports import EventRecord, OutgoingRecord, RecordPosition, TopicPartition
 
 
 class MemoryEventLog:
@@ -58,6 +59,9 @@ class MemoryEventLog:
         self._changed.set()
         self._changed = asyncio.Event()
         return RecordPosition(topic, partition, record.offset)
+
+    async def publish_many(self, records: Sequence[OutgoingRecord]) -> list[RecordPosition | PublishError]:
+        return [await self.publish(r.topic, r.key, r.value, r.headers) for r in records]
 
     # -- consuming
     @asynccontextmanager

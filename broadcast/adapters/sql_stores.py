@@ -6,16 +6,18 @@ PostgreSQL; SQLite serialises writers), so no row lock is held while a relay awa
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from broadcast.adapters.sql_tables import outbox_events, user_roles, users
+from broadcast import constants
+from broadcast.adapters.sql_tables import outbox_events, outbox_lanes, user_roles, users
 from broadcast.domain import ClaimedOutboxEvent, EventType, OutboxEvent, User
 from broadcast.errors import UnavailableError
 
@@ -25,7 +27,7 @@ def utc(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def _translate(exc: Exception) -> UnavailableError:
+def translate(exc: Exception) -> UnavailableError:
     return UnavailableError(f"database error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
 
 
@@ -55,7 +57,7 @@ class SqlUserStore:
                 if roles:
                     await conn.execute(insert(user_roles), roles)
         except (SQLAlchemyError, OSError) as exc:
-            raise _translate(exc) from exc
+            raise translate(exc) from exc
 
     async def get(self, user_id: str) -> User | None:
         try:
@@ -66,23 +68,23 @@ class SqlUserStore:
                 roles = (await conn.execute(select(user_roles.c.role).where(user_roles.c.user_id == user_id))).scalars()
                 return User(row.id, row.display_name, frozenset(roles))
         except (SQLAlchemyError, OSError) as exc:
-            raise _translate(exc) from exc
+            raise translate(exc) from exc
 
-    async def count(self, role: str | None = None) -> int:
+    async def count(self, roles: Sequence[str] | None = None) -> int:
         query = (
             select(func.count()).select_from(users)
-            if role is None
-            else select(func.count()).select_from(user_roles).where(user_roles.c.role == role)
+            if roles is None
+            else select(func.count(func.distinct(user_roles.c.user_id))).where(user_roles.c.role.in_(list(roles)))
         )
         try:
             async with self._engine.connect() as conn:
                 return int((await conn.execute(query)).scalar_one())
         except (SQLAlchemyError, OSError) as exc:
-            raise _translate(exc) from exc
+            raise translate(exc) from exc
 
 
 class SqlOutboxStore:
-    """The transactional outbox table, claimed by leases."""
+    """The transactional outbox, worked lane by lane (see ``ports.OutboxStore``)."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
@@ -92,30 +94,63 @@ class SqlOutboxStore:
             async with self._engine.begin() as conn:
                 return await append_outbox(conn, events)
         except (SQLAlchemyError, OSError) as exc:
-            raise _translate(exc) from exc
+            raise translate(exc) from exc
 
-    async def claim(self, limit: int, lease: timedelta) -> list[ClaimedOutboxEvent]:
+    async def claim_lanes(self, owner: str, max_lanes: int, lease: timedelta) -> list[int]:
         now = datetime.now(UTC)
-        free = (
+        due = outbox_events.c.not_before.is_(None) | (outbox_events.c.not_before <= now)
+        has_work = (
             select(outbox_events.c.id)
-            .where(outbox_events.c.published_at.is_(None))
-            .where((outbox_events.c.claimed_until.is_(None)) | (outbox_events.c.claimed_until < now))
-            .order_by(outbox_events.c.id)
-            .limit(limit)
+            .where(outbox_events.c.lane == outbox_lanes.c.lane, outbox_events.c.published_at.is_(None), due)
+            .exists()
+        )
+        free = (
+            select(outbox_lanes.c.lane)
+            .where(
+                outbox_lanes.c.owner.is_(None) | (outbox_lanes.c.lease_until < now) | (outbox_lanes.c.owner == owner)
+            )
+            .where(has_work)
+            .order_by(outbox_lanes.c.lease_until.asc().nulls_first(), outbox_lanes.c.lane)
+            .limit(max_lanes)
             .with_for_update(skip_locked=True)
         )
         stmt = (
-            update(outbox_events)
-            .where(outbox_events.c.id.in_(free.scalar_subquery()))
-            .values(claimed_until=now + lease, attempts=outbox_events.c.attempts + 1)
-            .returning(*outbox_events.c)
+            update(outbox_lanes)
+            .where(outbox_lanes.c.lane.in_(free.scalar_subquery()))
+            .values(owner=owner, lease_until=now + lease)
+            .returning(outbox_lanes.c.lane)
         )
         try:
             async with self._engine.begin() as conn:
-                rows = (await conn.execute(stmt)).all()
+                return sorted(int(lane) for lane in (await conn.execute(stmt)).scalars())
         except (SQLAlchemyError, OSError) as exc:
-            raise _translate(exc) from exc
-        claimed = [
+            raise translate(exc) from exc
+
+    async def release_lanes(self, owner: str, lanes: Sequence[int]) -> None:
+        if not lanes:
+            return
+        stmt = (
+            update(outbox_lanes)
+            .where(outbox_lanes.c.lane.in_(list(lanes)), outbox_lanes.c.owner == owner)
+            .values(owner=None, lease_until=datetime.now(UTC))
+        )
+        await self._execute(stmt)
+
+    async def due(self, lane: int, limit: int) -> list[ClaimedOutboxEvent]:
+        now = datetime.now(UTC)
+        query = (
+            select(outbox_events)
+            .where(outbox_events.c.lane == lane, outbox_events.c.published_at.is_(None))
+            .where(outbox_events.c.not_before.is_(None) | (outbox_events.c.not_before <= now))
+            .order_by(outbox_events.c.id)
+            .limit(limit)
+        )
+        try:
+            async with self._engine.connect() as conn:
+                rows = (await conn.execute(query)).all()
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc) from exc
+        return [
             ClaimedOutboxEvent(
                 id=r.id,
                 event=OutboxEvent(
@@ -124,19 +159,37 @@ class SqlOutboxStore:
                     EventType(r.event_type),
                     bytes(r.payload),
                     tuple((k, v.encode("latin-1")) for k, v in r.headers),
+                    r.broadcast_id,
+                    utc(r.not_before) if r.not_before else None,
                 ),
                 created_at=utc(r.created_at),
                 attempts=r.attempts,
             )
             for r in rows
         ]
-        return sorted(claimed, key=lambda c: c.id)
 
     async def mark_published(self, ids: Sequence[int]) -> None:
-        await self._update(ids, published_at=datetime.now(UTC), claimed_until=None)
+        if ids:
+            now = datetime.now(UTC)
+            await self._execute(update(outbox_events).where(outbox_events.c.id.in_(list(ids))).values(published_at=now))
 
-    async def release(self, ids: Sequence[int], error: str) -> None:
-        await self._update(ids, claimed_until=None, last_error=error[:2000])
+    async def record_failure(self, ids: Sequence[int], error: str) -> None:
+        if ids:
+            stmt = (
+                update(outbox_events)
+                .where(outbox_events.c.id.in_(list(ids)))
+                .values(attempts=outbox_events.c.attempts + 1, last_error=error[:2000])
+            )
+            await self._execute(stmt)
+
+    async def purge_published(self, older_than: timedelta) -> int:
+        cutoff = datetime.now(UTC) - older_than
+        stmt = delete(outbox_events).where(outbox_events.c.published_at < cutoff)
+        try:
+            async with self._engine.begin() as conn:
+                return int((await conn.execute(stmt)).rowcount)
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc) from exc
 
     async def backlog(self) -> int:
         query = select(func.count()).select_from(outbox_events).where(outbox_events.c.published_at.is_(None))
@@ -144,34 +197,43 @@ class SqlOutboxStore:
             async with self._engine.connect() as conn:
                 return int((await conn.execute(query)).scalar_one())
         except (SQLAlchemyError, OSError) as exc:
-            raise _translate(exc) from exc
+            raise translate(exc) from exc
 
-    async def _update(self, ids: Sequence[int], **values: Any) -> None:
-        if not ids:
-            return
+    async def _execute(self, stmt: Any) -> None:
         try:
             async with self._engine.begin() as conn:
-                await conn.execute(update(outbox_events).where(outbox_events.c.id.in_(list(ids))).values(**values))
-        except (SQLAlchemyError, DBAPIError, OSError) as exc:
-            raise _translate(exc) from exc
+                await conn.execute(stmt)
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc) from exc
+
+
+def lane_of(key: str) -> int:
+    """The outbox lane of a partition key (stable across processes and restarts)."""
+    return zlib.crc32(key.encode()) % constants.OUTBOX_LANES
+
+
+def outbox_row(event: OutboxEvent, now: datetime) -> dict[str, Any]:
+    return {
+        "lane": lane_of(event.key),
+        "topic": event.topic,
+        "partition_key": event.key,
+        "event_type": event.event_type.value,
+        "payload": event.payload,
+        "headers": [[k, v.decode("latin-1")] for k, v in event.headers],
+        "broadcast_id": event.broadcast_id,
+        "not_before": event.not_before,
+        "created_at": now,
+    }
 
 
 async def append_outbox(conn: AsyncConnection, events: Sequence[OutboxEvent]) -> list[int]:
     """Insert outbox rows inside the caller's transaction (the lifecycle service's one write)."""
     if not events:
         return []
-    rows = [
-        {
-            "topic": e.topic,
-            "partition_key": e.key,
-            "event_type": e.event_type.value,
-            "payload": e.payload,
-            "headers": [[k, v.decode("latin-1")] for k, v in e.headers],
-            "created_at": datetime.now(UTC),
-        }
-        for e in events
-    ]
-    result = await conn.execute(insert(outbox_events).returning(outbox_events.c.id), rows)
+    now = datetime.now(UTC)
+    result = await conn.execute(
+        insert(outbox_events).returning(outbox_events.c.id), [outbox_row(e, now) for e in events]
+    )
     return sorted(int(i) for i in result.scalars())
 
 

@@ -16,11 +16,13 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    SmallInteger,
     String,
     Table,
     Text,
     UniqueConstraint,
     func,
+    text,
 )
 
 metadata = MetaData(
@@ -31,6 +33,8 @@ metadata = MetaData(
         "pk": "pk_%(table_name)s",
     }
 )
+
+UNPUBLISHED = text("published_at IS NULL")
 
 # BIGINT ids on PostgreSQL; INTEGER on SQLite so the column is the auto-incrementing rowid.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -71,6 +75,7 @@ broadcast_messages = Table(
     Column("fire_and_forget", Boolean, nullable=False, server_default="0"),
     Column("targeted_count", BigInteger, nullable=False, server_default="0"),
     Column("idempotency_key", String(200), nullable=True, unique=True),
+    Column("request_hash", String(64), nullable=True),
     Column("correlation_id", String(200), nullable=True),
     _ts("scheduled_at"),
     _ts("expires_at"),
@@ -103,17 +108,31 @@ outbox_events = Table(
     "outbox_events",
     metadata,
     Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("lane", SmallInteger, nullable=False),
     Column("topic", String(255), nullable=False),
     Column("partition_key", String(255), nullable=False),
     Column("event_type", String(16), nullable=False),
     Column("payload", LargeBinary, nullable=False),
     Column("headers", JSON, nullable=False),
+    Column("broadcast_id", String(36), nullable=True),
     Column("attempts", Integer, nullable=False, server_default="0"),
     Column("last_error", Text, nullable=True),
-    _ts("claimed_until"),
+    _ts("not_before"),
     _ts("published_at"),
     _ts("created_at", nullable=False, default_now=True),
-    Index(None, "published_at", "id"),
+    Index("ix_outbox_events_unpublished", "lane", "id", postgresql_where=UNPUBLISHED, sqlite_where=UNPUBLISHED),
+    Index(
+        "ix_outbox_events_broadcast_unpublished", "broadcast_id", postgresql_where=UNPUBLISHED, sqlite_where=UNPUBLISHED
+    ),
+    Index(None, "published_at"),
+)
+
+outbox_lanes = Table(
+    "outbox_lanes",
+    metadata,
+    Column("lane", SmallInteger, primary_key=True, autoincrement=False),
+    Column("owner", String(200), nullable=True),
+    _ts("lease_until"),
 )
 
 dlt_messages = Table(

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 from broadcast.domain import EventType, OutboxEvent, User
 from broadcast.ports import OutboxStore, UserStore
@@ -24,9 +25,10 @@ async def test_users_round_trip_with_roles_and_are_counted(stores: tuple[UserSto
     assert await users.get("alice") == User("alice", "Alice", frozenset({"admin", "ops"}))
     assert await users.get("nobody") is None
     assert await users.count() == 3
-    assert await users.count("ops") == 2
-    assert await users.count("admin") == 1
-    assert await users.count("missing-role") == 0
+    assert await users.count(["ops"]) == 2
+    assert await users.count(["admin"]) == 1
+    assert await users.count(["admin", "ops"]) == 2  # distinct users
+    assert await users.count(["missing-role"]) == 0
 
 
 async def test_upserting_a_user_replaces_name_and_roles(stores: tuple[UserStore, OutboxStore]) -> None:
@@ -34,55 +36,77 @@ async def test_upserting_a_user_replaces_name_and_roles(stores: tuple[UserStore,
     await users.upsert([User("alice", "Alice", frozenset({"admin"}))])
     await users.upsert([User("alice", "Alice B.", frozenset({"ops"}))])
     assert await users.get("alice") == User("alice", "Alice B.", frozenset({"ops"}))
-    assert await users.count("admin") == 0
+    assert await users.count(["admin"]) == 0
     assert await users.count() == 1
 
 
-async def test_outbox_claims_oldest_first_and_keeps_bytes(stores: tuple[UserStore, OutboxStore]) -> None:
+async def drain(outbox: OutboxStore, owner: str = "relay-a") -> list[int]:
+    """Everything due, lane by lane, in the order a relay would publish it."""
+    ids: list[int] = []
+    for lane in await outbox.claim_lanes(owner, 100, LEASE):
+        ids += [c.id for c in await outbox.due(lane, 1000)]
+    return ids
+
+
+async def test_outbox_rows_come_back_whole_in_id_order_per_lane(stores: tuple[UserStore, OutboxStore]) -> None:
     _, outbox = stores
-    ids = await outbox.append([event(i) for i in range(5)])
+    ids = await outbox.append([event(i, key="same-key") for i in range(5)])
     assert ids == sorted(ids) and len(set(ids)) == 5
     assert await outbox.backlog() == 5
-    claimed = await outbox.claim(3, LEASE)
-    assert [c.id for c in claimed] == ids[:3]
-    assert claimed[0].event == event(0)
-    assert claimed[0].attempts == 1
-    assert claimed[0].created_at.tzinfo is not None
+    [lane] = await outbox.claim_lanes("relay-a", 100, LEASE)
+    rows = await outbox.due(lane, 3)
+    assert [r.id for r in rows] == ids[:3]
+    assert rows[0].event == event(0, key="same-key")
+    assert rows[0].attempts == 0
+    assert rows[0].created_at.tzinfo is not None
 
 
-async def test_a_leased_row_is_not_claimed_twice_until_released_or_expired(
-    stores: tuple[UserStore, OutboxStore],
-) -> None:
+async def test_a_leased_lane_is_not_handed_to_another_relay(stores: tuple[UserStore, OutboxStore]) -> None:
     _, outbox = stores
-    ids = await outbox.append([event(i) for i in range(4)])
-    first = await outbox.claim(2, LEASE)
-    second = await outbox.claim(10, LEASE)
-    assert [c.id for c in second] == ids[2:]
-    assert await outbox.claim(10, LEASE) == []
-    await outbox.release([first[0].id], "broker down")
-    retried = await outbox.claim(10, LEASE)
-    assert [c.id for c in retried] == [first[0].id]
-    assert retried[0].attempts == 2
-    short = await outbox.append([event(9)])
-    await outbox.claim(10, timedelta(milliseconds=200))
+    await outbox.append([event(i, key=f"k{i}") for i in range(40)])
+    mine = await outbox.claim_lanes("relay-a", 3, LEASE)
+    theirs = await outbox.claim_lanes("relay-b", 100, LEASE)
+    assert len(mine) == 3
+    assert mine and theirs and not set(mine) & set(theirs)
+    assert await outbox.claim_lanes("relay-c", 100, LEASE) == []
+    await outbox.release_lanes("relay-a", mine)
+    assert sorted(await outbox.claim_lanes("relay-c", 100, LEASE)) == sorted(mine)
+
+
+async def test_an_expired_lease_frees_the_lane(stores: tuple[UserStore, OutboxStore]) -> None:
+    _, outbox = stores
+    await outbox.append([event(1)])
+    assert len(await outbox.claim_lanes("relay-a", 10, timedelta(milliseconds=200))) == 1
+    assert await outbox.claim_lanes("relay-b", 10, LEASE) == []
     await asyncio.sleep(0.4)
-    assert [c.id for c in await outbox.claim(10, LEASE)] == short
+    assert len(await outbox.claim_lanes("relay-b", 10, LEASE)) == 1
 
 
-async def test_published_rows_leave_the_backlog(stores: tuple[UserStore, OutboxStore]) -> None:
+async def test_rows_not_yet_due_wait_and_published_rows_leave(stores: tuple[UserStore, OutboxStore]) -> None:
     _, outbox = stores
-    ids = await outbox.append([event(i) for i in range(3)])
-    claimed = await outbox.claim(10, timedelta(milliseconds=100))
-    await outbox.mark_published([c.id for c in claimed[:2]])
+    later = datetime.now(UTC) + timedelta(hours=1)
+    ids = await outbox.append([event(1, key="a"), replace(event(2, key="a"), not_before=later), event(3, key="b")])
+    due = await drain(outbox)
+    assert sorted(due) == [ids[0], ids[2]]
+    await outbox.mark_published(due)
     assert await outbox.backlog() == 1
-    await asyncio.sleep(0.2)
-    assert [c.id for c in await outbox.claim(10, LEASE)] == ids[2:]
+    assert await outbox.claim_lanes("relay-z", 100, LEASE) == []
+    assert await outbox.purge_published(timedelta(0)) == 2
+    assert await outbox.backlog() == 1
 
 
-async def test_concurrent_claimers_never_share_a_row(stores: tuple[UserStore, OutboxStore]) -> None:
+async def test_failures_are_counted(stores: tuple[UserStore, OutboxStore]) -> None:
     _, outbox = stores
-    await outbox.append([event(i, key=f"k{i % 7}") for i in range(200)])
-    batches = await asyncio.gather(*(outbox.claim(25, LEASE) for _ in range(10)))
-    claimed = [c.id for batch in batches for c in batch]
-    assert len(claimed) == 200
-    assert len(set(claimed)) == 200
+    [row_id] = await outbox.append([event(1)])
+    await outbox.record_failure([row_id], "broker down")
+    [lane] = await outbox.claim_lanes("relay-a", 10, LEASE)
+    [row] = await outbox.due(lane, 10)
+    assert row.attempts == 1
+
+
+async def test_concurrent_relays_never_share_a_lane(stores: tuple[UserStore, OutboxStore]) -> None:
+    _, outbox = stores
+    await outbox.append([event(i, key=f"k{i}") for i in range(300)])
+    claims = await asyncio.gather(*(outbox.claim_lanes(f"relay-{n}", 4, LEASE) for n in range(10)))
+    lanes = [lane for claim in claims for lane in claim]
+    assert len(lanes) == len(set(lanes)) > 4

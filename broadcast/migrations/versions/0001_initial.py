@@ -14,6 +14,9 @@ down_revision = None
 branch_labels = None
 depends_on = None
 
+# Frozen here on purpose: changing the number of lanes needs a migration of its own.
+OUTBOX_LANES = 32
+
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
@@ -53,6 +56,7 @@ def upgrade() -> None:
         sa.Column("fire_and_forget", sa.Boolean(), nullable=False, server_default="0"),
         sa.Column("targeted_count", sa.BigInteger(), nullable=False, server_default="0"),
         sa.Column("idempotency_key", sa.String(200), nullable=True),
+        sa.Column("request_hash", sa.String(64), nullable=True),
         sa.Column("correlation_id", sa.String(200), nullable=True),
         _ts("scheduled_at"),
         _ts("expires_at"),
@@ -88,19 +92,44 @@ def upgrade() -> None:
     op.create_table(
         "outbox_events",
         sa.Column("id", BigId, nullable=False, autoincrement=True),
+        sa.Column("lane", sa.SmallInteger(), nullable=False),
         sa.Column("topic", sa.String(255), nullable=False),
         sa.Column("partition_key", sa.String(255), nullable=False),
         sa.Column("event_type", sa.String(16), nullable=False),
         sa.Column("payload", sa.LargeBinary(), nullable=False),
         sa.Column("headers", sa.JSON(), nullable=False),
+        sa.Column("broadcast_id", sa.String(36), nullable=True),
         sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"),
         sa.Column("last_error", sa.Text(), nullable=True),
-        _ts("claimed_until"),
+        _ts("not_before"),
         _ts("published_at"),
         _ts("created_at", nullable=False, default_now=True),
         sa.PrimaryKeyConstraint("id", name="pk_outbox_events"),
     )
-    op.create_index("ix_outbox_events_published_at_id", "outbox_events", ["published_at", "id"])
+    unpublished = sa.text("published_at IS NULL")
+    op.create_index(
+        "ix_outbox_events_unpublished",
+        "outbox_events",
+        ["lane", "id"],
+        postgresql_where=unpublished,
+        sqlite_where=unpublished,
+    )
+    op.create_index(
+        "ix_outbox_events_broadcast_unpublished",
+        "outbox_events",
+        ["broadcast_id"],
+        postgresql_where=unpublished,
+        sqlite_where=unpublished,
+    )
+    op.create_index("ix_outbox_events_published_at", "outbox_events", ["published_at"])
+    lanes = op.create_table(
+        "outbox_lanes",
+        sa.Column("lane", sa.SmallInteger(), nullable=False, autoincrement=False),
+        sa.Column("owner", sa.String(200), nullable=True),
+        _ts("lease_until"),
+        sa.PrimaryKeyConstraint("lane", name="pk_outbox_lanes"),
+    )
+    op.bulk_insert(lanes, [{"lane": lane} for lane in range(OUTBOX_LANES)])
     op.create_table(
         "dlt_messages",
         sa.Column("id", BigId, nullable=False, autoincrement=True),
@@ -151,6 +180,7 @@ def downgrade() -> None:
     for table in (
         "broadcast_statistics",
         "dlt_messages",
+        "outbox_lanes",
         "outbox_events",
         "user_broadcast_messages",
         "broadcast_messages",

@@ -1,0 +1,331 @@
+"""The SQL ``BroadcastStore``: broadcasts, recipients' rows and outbox rows, each change one transaction.
+
+Large SELECTED audiences go in with ``COPY`` on PostgreSQL (asyncpg ``copy_records_to_table``, inside the
+same transaction as the broadcast row) and chunked ``executemany`` on SQLite. The scheduler's leadership
+is a PostgreSQL session advisory lock; SQLite is single-process, so an in-process lock stands in for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import orjson
+from sqlalchemy import Row, and_, case, delete, func, insert, or_, select, text, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from broadcast.adapters.sql_stores import outbox_row, translate, utc
+from broadcast.adapters.sql_tables import (
+    broadcast_messages,
+    broadcast_statistics,
+    outbox_events,
+    user_broadcast_messages,
+)
+from broadcast.domain import (
+    Broadcast,
+    BroadcastStats,
+    BroadcastStatus,
+    Delivery,
+    DeliveryStatus,
+    EventType,
+    OutboxEvent,
+    Page,
+    Priority,
+    ReadStatus,
+    TargetType,
+)
+from broadcast.errors import ConflictError, NotFoundError, ValidationError
+
+CHUNK = 20_000
+T = TypeVar("T")
+
+
+def chunks(items: Iterable[T], size: int = CHUNK) -> Iterator[list[T]]:
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class SqlBroadcastStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._local_leaders: dict[str, asyncio.Lock] = {}
+
+    # ------------------------------------------------------------------ writes
+    async def create(
+        self,
+        broadcast: Broadcast,
+        recipients: Sequence[str],
+        events: Iterable[OutboxEvent],
+        idempotency_key: str | None,
+        request_hash: str,
+    ) -> tuple[Broadcast, bool]:
+        try:
+            async with self._engine.begin() as conn:
+                if idempotency_key is not None:
+                    existing = await self._by_key(conn, idempotency_key, request_hash)
+                    if existing is not None:
+                        return existing, False
+                await conn.execute(insert(broadcast_messages).values(**_row(broadcast, idempotency_key, request_hash)))
+                await conn.execute(
+                    insert(broadcast_statistics).values(
+                        broadcast_id=broadcast.id, targeted=broadcast.targeted_count, updated_at=broadcast.created_at
+                    )
+                )
+                await self._write_recipients(conn, broadcast, recipients)
+                await self._write_outbox(conn, events, broadcast.created_at)
+        except IntegrityError as exc:
+            if idempotency_key is None:
+                raise ConflictError("broadcast clashes with an existing one") from exc
+            async with self._engine.connect() as conn:  # a concurrent request with the same key won
+                existing = await self._by_key(conn, idempotency_key, request_hash)
+            if existing is None:
+                raise ConflictError("broadcast clashes with an existing one") from exc
+            return existing, False
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc) from exc
+        return broadcast, True
+
+    async def _by_key(self, conn: AsyncConnection, key: str, request_hash: str) -> Broadcast | None:
+        row = (
+            await conn.execute(select(broadcast_messages).where(broadcast_messages.c.idempotency_key == key))
+        ).first()
+        if row is None:
+            return None
+        if row.request_hash != request_hash:
+            raise ConflictError("Idempotency-Key was already used for a different request")
+        return _broadcast(row)
+
+    async def _write_recipients(self, conn: AsyncConnection, broadcast: Broadcast, user_ids: Sequence[str]) -> None:
+        now = broadcast.created_at
+        pending, unread = DeliveryStatus.PENDING.value, ReadStatus.UNREAD.value
+        columns = ["broadcast_id", "user_id", "delivery_status", "read_status", "created_at", "updated_at"]
+        for batch in chunks(user_ids):
+            records = [(broadcast.id, u, pending, unread, now, now) for u in batch]
+            if conn.dialect.name == "postgresql":
+                await _copy(conn, user_broadcast_messages.name, columns, records)
+            else:
+                await conn.execute(
+                    insert(user_broadcast_messages), [dict(zip(columns, r, strict=True)) for r in records]
+                )
+
+    async def _write_outbox(self, conn: AsyncConnection, events: Iterable[OutboxEvent], now: datetime) -> None:
+        for batch in chunks(events):
+            rows = [outbox_row(e, now) for e in batch]
+            if conn.dialect.name == "postgresql":
+                columns = list(rows[0])
+                records = [
+                    tuple(orjson.dumps(r[c]).decode() if c == "headers" else r[c] for c in columns) for r in rows
+                ]
+                await _copy(conn, outbox_events.name, columns, records)
+            else:
+                await conn.execute(insert(outbox_events), rows)
+
+    async def transition(
+        self,
+        broadcast_id: str,
+        allowed: frozenset[BroadcastStatus],
+        to: BroadcastStatus,
+        events: Callable[[Broadcast], Sequence[OutboxEvent]],
+        drop_undelivered: bool,
+    ) -> Broadcast:
+        now = datetime.now(UTC)
+        try:
+            async with self._engine.begin() as conn:
+                query = select(broadcast_messages).where(broadcast_messages.c.id == broadcast_id).with_for_update()
+                row = (await conn.execute(query)).first()
+                if row is None:
+                    raise NotFoundError(f"broadcast {broadcast_id} does not exist")
+                current = _broadcast(row)
+                if current.status not in allowed:
+                    raise ConflictError(f"broadcast {broadcast_id} is {current.status.value}, not {to.value}-able")
+                await conn.execute(
+                    update(broadcast_messages)
+                    .where(broadcast_messages.c.id == broadcast_id)
+                    .values(status=to.value, updated_at=now)
+                )
+                if drop_undelivered:
+                    await conn.execute(
+                        delete(outbox_events).where(
+                            outbox_events.c.broadcast_id == broadcast_id,
+                            outbox_events.c.published_at.is_(None),
+                            outbox_events.c.event_type == EventType.CREATED.value,
+                        )
+                    )
+                changed = replace(current, status=to, updated_at=now)
+                await self._write_outbox(conn, events(changed), now)
+                return changed
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc) from exc
+
+    # ------------------------------------------------------------------ reads
+    async def get(self, broadcast_id: str) -> Broadcast | None:
+        row = await self._first(select(broadcast_messages).where(broadcast_messages.c.id == broadcast_id))
+        return None if row is None else _broadcast(row)
+
+    async def list_broadcasts(self, status: BroadcastStatus | None, cursor: str | None, limit: int) -> Page[Broadcast]:
+        b = broadcast_messages.c
+        query = select(broadcast_messages).order_by(b.created_at.desc(), b.id.desc()).limit(limit + 1)
+        if status is not None:
+            query = query.where(b.status == status.value)
+        if cursor is not None:
+            created_at, last_id = _decode_cursor(cursor)
+            query = query.where(or_(b.created_at < created_at, and_(b.created_at == created_at, b.id < last_id)))
+        rows = await self._all(query)
+        items = tuple(_broadcast(r) for r in rows[:limit])
+        next_cursor = _encode_cursor(items[-1]) if len(rows) > limit else None
+        return Page(items, next_cursor)
+
+    async def due(self, status: BroadcastStatus, now: datetime, limit: int) -> list[str]:
+        b = broadcast_messages.c
+        column = b.scheduled_at if status is BroadcastStatus.SCHEDULED else b.expires_at
+        query = select(b.id).where(b.status == status.value, column <= now).order_by(column).limit(limit)
+        return [r.id for r in await self._all(query)]
+
+    async def stats(self, broadcast_id: str) -> BroadcastStats | None:
+        broadcast = await self.get(broadcast_id)
+        if broadcast is None:
+            return None
+        if broadcast.target_type is TargetType.SELECTED:
+            u = user_broadcast_messages.c
+            query = select(
+                func.coalesce(func.sum(case((u.delivery_status == DeliveryStatus.DELIVERED.value, 1), else_=0)), 0),
+                func.coalesce(func.sum(case((u.read_status == ReadStatus.READ.value, 1), else_=0)), 0),
+                func.coalesce(func.sum(case((u.delivery_status == DeliveryStatus.FAILED.value, 1), else_=0)), 0),
+            ).where(u.broadcast_id == broadcast_id)
+        else:
+            s = broadcast_statistics.c
+            query = select(s.delivered, s.read, s.failed).where(s.broadcast_id == broadcast_id)
+        row = await self._first(query)
+        delivered, read, failed = (int(v) for v in row) if row is not None else (0, 0, 0)
+        return BroadcastStats(broadcast_id, broadcast.targeted_count, delivered, read, failed)
+
+    async def deliveries(self, broadcast_id: str, cursor: str | None, limit: int) -> Page[Delivery]:
+        u = user_broadcast_messages.c
+        query = select(user_broadcast_messages).where(u.broadcast_id == broadcast_id).order_by(u.id).limit(limit + 1)
+        if cursor is not None:
+            if not cursor.isdigit() or len(cursor) > 19:
+                raise ValidationError("invalid cursor")
+            query = query.where(u.id > int(cursor))
+        rows = await self._all(query)
+        items = tuple(
+            Delivery(
+                r.user_id,
+                DeliveryStatus(r.delivery_status),
+                ReadStatus(r.read_status),
+                utc(r.delivered_at) if r.delivered_at else None,
+                utc(r.read_at) if r.read_at else None,
+            )
+            for r in rows[:limit]
+        )
+        return Page(items, str(rows[limit - 1].id) if len(rows) > limit else None)
+
+    @asynccontextmanager
+    async def leadership(self, name: str) -> AsyncIterator[bool]:
+        if self._engine.dialect.name != "postgresql":
+            lock = self._local_leaders.setdefault(name, asyncio.Lock())
+            if lock.locked():
+                yield False
+                return
+            async with lock:
+                yield True
+            return
+        try:
+            async with self._engine.connect() as conn:
+                got = bool(
+                    (await conn.execute(text("SELECT pg_try_advisory_lock(hashtext(:n))"), {"n": name})).scalar()
+                )
+                try:
+                    yield got
+                finally:
+                    if got:
+                        await conn.execute(text("SELECT pg_advisory_unlock(hashtext(:n))"), {"n": name})
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc) from exc
+
+    async def _first(self, query: Any) -> Row[Any] | None:
+        try:
+            async with self._engine.connect() as conn:
+                return (await conn.execute(query)).first()
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc) from exc
+
+    async def _all(self, query: Any) -> Sequence[Row[Any]]:
+        try:
+            async with self._engine.connect() as conn:
+                return (await conn.execute(query)).all()
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc) from exc
+
+
+async def _copy(conn: AsyncConnection, table: str, columns: list[str], records: list[tuple[Any, ...]]) -> None:
+    """PostgreSQL ``COPY`` on the transaction's own connection (the table resolves through search_path)."""
+    raw = await conn.get_raw_connection()
+    await raw.driver_connection.copy_records_to_table(table, records=records, columns=columns)  # type: ignore[union-attr]
+
+
+def _row(b: Broadcast, idempotency_key: str | None, request_hash: str) -> dict[str, Any]:
+    return {
+        "id": b.id,
+        "sender_id": b.sender_id,
+        "content": b.content,
+        "target_type": b.target_type.value,
+        "target_roles": list(b.target_roles),
+        "priority": b.priority.value,
+        "category": b.category,
+        "status": b.status.value,
+        "fire_and_forget": b.fire_and_forget,
+        "targeted_count": b.targeted_count,
+        "idempotency_key": idempotency_key,
+        "request_hash": request_hash,
+        "correlation_id": b.correlation_id,
+        "scheduled_at": b.scheduled_at,
+        "expires_at": b.expires_at,
+        "created_at": b.created_at,
+        "updated_at": b.updated_at,
+    }
+
+
+def _broadcast(r: Row[Any]) -> Broadcast:
+    return Broadcast(
+        id=r.id,
+        sender_id=r.sender_id,
+        content=r.content,
+        target_type=TargetType(r.target_type),
+        target_roles=tuple(r.target_roles or ()),
+        priority=Priority(r.priority),
+        category=r.category,
+        status=BroadcastStatus(r.status),
+        fire_and_forget=bool(r.fire_and_forget),
+        targeted_count=int(r.targeted_count),
+        created_at=utc(r.created_at),
+        updated_at=utc(r.updated_at),
+        scheduled_at=utc(r.scheduled_at) if r.scheduled_at else None,
+        expires_at=utc(r.expires_at) if r.expires_at else None,
+        correlation_id=r.correlation_id,
+    )
+
+
+def _encode_cursor(b: Broadcast) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps([b.created_at.isoformat(), b.id])).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, last_id = orjson.loads(raw)
+        return datetime.fromisoformat(created_at).astimezone(UTC), str(last_id)
+    except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError) as exc:
+        raise ValidationError("invalid cursor") from exc

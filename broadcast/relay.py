@@ -1,0 +1,99 @@
+"""The outbox relay: the one write path from the database to Kafka.
+
+Each round it leases a few lanes of the outbox (a short transaction of its own, ``FOR UPDATE SKIP
+LOCKED`` on the lane rows), reads their due rows in id order, publishes them pipelined with the
+idempotent ``acks=all`` producer — holding no transaction or lock while it awaits Kafka — marks the
+acknowledged prefix published and gives the lanes back. One owner per lane keeps per-key order; several
+relays (processes) share the lanes. Rows after a failed one in the same lane wait for the next round, so
+a key's later event never overtakes an earlier one. Published rows are purged after a retention period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import timedelta
+
+from broadcast.domain import ClaimedOutboxEvent
+from broadcast.errors import BroadcastError, PublishError
+from broadcast.loops import pause
+from broadcast.ports import EventPublisher, OutboxStore, OutgoingRecord
+from broadcast.settings import RelaySettings
+
+log = logging.getLogger(__name__)
+PURGE_EVERY_S = 60.0
+ERROR_BACKOFF_S = 1.0
+
+
+class OutboxRelay:
+    """Moves outbox rows to the event log; ``run`` loops until ``stop`` is set."""
+
+    def __init__(
+        self,
+        outbox: OutboxStore,
+        publisher: EventPublisher,
+        settings: RelaySettings,
+        owner: str,
+        wakeup: asyncio.Event | None = None,
+    ) -> None:
+        self._outbox = outbox
+        self._publisher = publisher
+        self._settings = settings
+        self._owner = owner
+        self._wakeup = wakeup or asyncio.Event()
+        self._lease = timedelta(seconds=settings.lease_seconds)
+        self.published = 0
+
+    def wake(self) -> None:
+        """Called after a commit that wrote outbox rows, so the relay need not wait for its poll."""
+        self._wakeup.set()
+
+    async def run_once(self) -> int:
+        """One round: returns how many rows were published (0 when there was nothing due)."""
+        lanes = await self._outbox.claim_lanes(self._owner, self._settings.lanes_per_claim, self._lease)
+        if not lanes:
+            return 0
+        try:
+            counts = await asyncio.gather(*(self._drain_lane(lane) for lane in lanes))
+        finally:
+            await self._outbox.release_lanes(self._owner, lanes)
+        published = sum(counts)
+        self.published += published
+        return published
+
+    async def _drain_lane(self, lane: int) -> int:
+        rows = await self._outbox.due(lane, self._settings.batch_size)
+        if not rows:
+            return 0
+        results = await self._publisher.publish_many(
+            [OutgoingRecord(r.event.topic, r.event.key.encode(), r.event.payload, r.event.headers) for r in rows]
+        )
+        acknowledged: list[ClaimedOutboxEvent] = []
+        for row, result in zip(rows, results, strict=True):
+            if isinstance(result, PublishError):
+                failed = [r.id for r in rows[len(acknowledged) :]]
+                log.warning("lane %d: %d rows not published: %s", lane, len(failed), result)
+                await self._outbox.mark_published([r.id for r in acknowledged])
+                await self._outbox.record_failure(failed[:1], str(result))
+                return len(acknowledged)
+            acknowledged.append(row)
+        await self._outbox.mark_published([r.id for r in acknowledged])
+        return len(acknowledged)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Publish until ``stop`` is set; sleeps on the wake-up event when idle, backs off on errors."""
+        last_purge = time.monotonic()
+        while not stop.is_set():
+            try:
+                published = await self.run_once()
+                if time.monotonic() - last_purge > PURGE_EVERY_S:
+                    last_purge = time.monotonic()
+                    await self._outbox.purge_published(timedelta(seconds=self._settings.retention_seconds))
+            except BroadcastError as exc:
+                log.warning("outbox relay round failed: %s", exc)
+                published = 0
+                await pause(stop, ERROR_BACKOFF_S)
+            if published == 0:
+                self._wakeup.clear()
+                await pause(stop, self._settings.idle_poll_seconds, self._wakeup)
