@@ -88,6 +88,11 @@ async def _describe(
             break
         await asyncio.sleep(0.5)
     min_isr = await _min_insync(admin, names)
+    for _ in range(20):  # so can a new topic's config on the broker that answers
+        if all(min_isr.get(n) is not None for n in names):
+            break
+        await asyncio.sleep(0.5)
+        min_isr = await _min_insync(admin, names)
     reports = []
     for name in names:
         topic = described.get(name, {})
