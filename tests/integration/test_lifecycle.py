@@ -1,0 +1,186 @@
+"""Lifecycle transitions on the real stack: scheduling, expiry, cancel, idempotency, all-or-nothing writes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import func, select
+
+from broadcast import constants, envelope
+from broadcast.adapters.sql_tables import broadcast_messages, outbox_events, user_broadcast_messages
+from broadcast.domain import BroadcastStatus, EventType, NewBroadcast, TargetType
+from broadcast.errors import ConflictError, NotFoundError, ValidationError
+from broadcast.scheduler import Scheduler
+from devstack.stack import StackInfo
+from tests.integration.conftest import Pipeline, read_topic
+
+
+async def count(pipeline: Pipeline, table: object) -> int:
+    async with pipeline.engine.connect() as conn:
+        return int((await conn.execute(select(func.count()).select_from(table))).scalar_one())  # type: ignore[arg-type]
+
+
+async def group_events(pipeline: Pipeline, stack: StackInfo, expected: int) -> list[envelope.MessageDeliveryEvent]:
+    records = await read_topic(stack.kafka_bootstrap, pipeline.topic(constants.GROUP_TOPIC), expected)
+    return [envelope.decode(r.value) for r in sorted(records, key=lambda r: (r.partition, r.offset))]
+
+
+async def test_cancel_and_expire_each_emit_one_group_event(pipeline: Pipeline, stack: StackInfo) -> None:
+    soon = datetime.now(UTC) + timedelta(seconds=1)
+    cancelled, _ = await pipeline.lifecycle.create(NewBroadcast("c", TargetType.ALL), sender_id="admin")
+    expiring, _ = await pipeline.lifecycle.create(
+        NewBroadcast("e", TargetType.SELECTED, ("alice",), expires_at=soon), sender_id="admin"
+    )
+    await pipeline.lifecycle.cancel(cancelled.id)
+    with pytest.raises(ConflictError):
+        await pipeline.lifecycle.cancel(cancelled.id)
+    await asyncio.sleep(1.1)
+    scheduler = Scheduler(pipeline.lifecycle, pipeline.broadcasts, tick_seconds=0.5)
+    assert await scheduler.tick() == (0, 1)
+    assert await scheduler.tick() == (0, 0)
+    await pipeline.publish_all()
+    events = await group_events(pipeline, stack, 2)
+    kinds = sorted((e.broadcast_id, e.event_type) for e in events)
+    assert kinds == sorted([(cancelled.id, EventType.CANCELLED), (expiring.id, EventType.EXPIRED)]), (
+        "the cancelled ALL broadcast's CREATED was never published, so only CANCELLED went out"
+    )
+    assert (await pipeline.lifecycle.get(expiring.id)).status is BroadcastStatus.EXPIRED
+    assert (await pipeline.lifecycle.get(cancelled.id)).status is BroadcastStatus.CANCELLED
+
+
+async def test_a_scheduled_broadcast_activates_within_one_tick_and_publishes_when_due(
+    pipeline: Pipeline, stack: StackInfo
+) -> None:
+    due = datetime.now(UTC) + timedelta(seconds=1.5)
+    scheduled, _ = await pipeline.lifecycle.create(
+        NewBroadcast("later", TargetType.SELECTED, ("alice", "bob"), scheduled_at=due), sender_id="admin"
+    )
+    assert scheduled.status is BroadcastStatus.SCHEDULED
+    assert await pipeline.relay().run_once() == 0, "nothing is due before scheduledAt"
+    stop = asyncio.Event()
+    scheduler = Scheduler(pipeline.lifecycle, pipeline.broadcasts, tick_seconds=0.5)
+    relay = pipeline.relay()
+    tasks = [asyncio.create_task(scheduler.run(stop)), asyncio.create_task(relay.run(stop))]
+    try:
+        while (await pipeline.lifecycle.get(scheduled.id)).status is BroadcastStatus.SCHEDULED:
+            assert datetime.now(UTC) < due + timedelta(seconds=0.5 + 1.0), "not activated within one tick"
+            await asyncio.sleep(0.05)
+        activated_at = datetime.now(UTC)
+        assert activated_at >= due
+        records = await read_topic(stack.kafka_bootstrap, pipeline.topic(constants.SELECTED_TOPIC), 2)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    assert sorted(r.key or b"" for r in records) == [b"alice", b"bob"]
+    assert all(r.timestamp_ms >= due.timestamp() * 1000 for r in records)
+
+
+async def test_cancelling_a_scheduled_broadcast_drops_its_undelivered_events(
+    pipeline: Pipeline, stack: StackInfo
+) -> None:
+    later = datetime.now(UTC) + timedelta(hours=1)
+    b, _ = await pipeline.lifecycle.create(
+        NewBroadcast("never", TargetType.SELECTED, ("alice", "bob"), scheduled_at=later), sender_id="admin"
+    )
+    assert await pipeline.outbox.backlog() == 2
+    await pipeline.lifecycle.cancel(b.id)
+    assert await pipeline.outbox.backlog() == 1
+    await pipeline.publish_all()
+    [event] = await group_events(pipeline, stack, 1)
+    assert (event.broadcast_id, event.event_type) == (b.id, EventType.CANCELLED)
+
+
+async def test_only_one_scheduler_leads_at_a_time(pipeline: Pipeline) -> None:
+    one = Scheduler(pipeline.lifecycle, pipeline.broadcasts, tick_seconds=1)
+    async with pipeline.broadcasts.leadership("broadcast-scheduler") as leader:
+        assert leader
+        assert await one.tick() is None  # another holder (a second connection) is refused
+    assert await one.tick() == (0, 0)
+
+
+async def test_idempotency_key_replays_and_refuses_a_different_request(pipeline: Pipeline) -> None:
+    request = NewBroadcast("once", TargetType.SELECTED, ("alice", "bob"))
+    first, created = await pipeline.lifecycle.create(request, sender_id="admin", idempotency_key="k-1")
+    again, created_again = await pipeline.lifecycle.create(request, sender_id="admin", idempotency_key="k-1")
+    assert created and not created_again and again.id == first.id
+    with pytest.raises(ConflictError):
+        await pipeline.lifecycle.create(
+            NewBroadcast("other", TargetType.SELECTED, ("alice",)), sender_id="admin", idempotency_key="k-1"
+        )
+    results = await asyncio.gather(
+        *(pipeline.lifecycle.create(request, sender_id="admin", idempotency_key="k-2") for _ in range(5))
+    )
+    assert len({b.id for b, _ in results}) == 1 and sum(c for _, c in results) == 1
+    assert await count(pipeline, broadcast_messages) == 2
+    assert await count(pipeline, user_broadcast_messages) == 4
+    assert await pipeline.outbox.backlog() == 4
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        (NewBroadcast("   ", TargetType.ALL), "content must not be empty"),
+        (NewBroadcast("x" * 10_001, TargetType.ALL), "content exceeds"),
+        (NewBroadcast("x", TargetType.ALL, ("alice",)), "must be empty when targetType is ALL"),
+        (NewBroadcast("x", TargetType.SELECTED), "needs at least one targetId"),
+        (NewBroadcast("x", TargetType.SELECTED, ("a",) * 10_001), "upload a CSV"),
+        (NewBroadcast("x", TargetType.ROLE, ("",)), "invalid target id"),
+        (NewBroadcast("x", TargetType.ALL, expires_at=datetime(2020, 1, 1, tzinfo=UTC)), "expiresAt is in the past"),
+        (
+            NewBroadcast(
+                "x",
+                TargetType.ALL,
+                scheduled_at=datetime.now(UTC) + timedelta(hours=2),
+                expires_at=datetime.now(UTC) + timedelta(hours=1),
+            ),
+            "expiresAt must be after scheduledAt",
+        ),
+    ],
+)
+async def test_invalid_requests_write_nothing(pipeline: Pipeline, request_: NewBroadcast, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        await pipeline.lifecycle.create(request_, sender_id="admin")
+    assert await count(pipeline, broadcast_messages) == 0
+    assert await count(pipeline, outbox_events) == 0
+
+
+async def test_a_large_audience_is_written_in_one_transaction_with_copy(pipeline: Pipeline) -> None:
+    recipients = [f"user-{n}" for n in range(50_000)] + ["user-1", "user-2"]
+    started = time.perf_counter()
+    b, _ = await pipeline.lifecycle.create(
+        NewBroadcast("big", TargetType.SELECTED), sender_id="a", recipients=recipients
+    )
+    assert time.perf_counter() - started < 60
+    assert b.targeted_count == 50_000, "duplicates collapse"
+    assert await count(pipeline, user_broadcast_messages) == 50_000
+    assert await pipeline.outbox.backlog() == 50_000
+    stats = await pipeline.lifecycle.stats(b.id)
+    assert (stats.targeted, stats.delivered, stats.pending) == (50_000, 0, 50_000)
+    page = await pipeline.lifecycle.deliveries(b.id, None, 500)
+    assert len(page.items) == 500 and page.next_cursor is not None
+    second = await pipeline.lifecycle.deliveries(b.id, page.next_cursor, 500)
+    assert {d.user_id for d in page.items}.isdisjoint({d.user_id for d in second.items})
+    with pytest.raises(NotFoundError):
+        await pipeline.lifecycle.stats("00000000-0000-0000-0000-000000000000")
+
+
+async def test_listing_pages_through_every_broadcast_once(pipeline: Pipeline) -> None:
+    made = [
+        (await pipeline.lifecycle.create(NewBroadcast(f"b{n}", TargetType.ALL), sender_id="a"))[0].id for n in range(7)
+    ]
+    await pipeline.lifecycle.cancel(made[0])
+    seen, cursor = [], None
+    while True:
+        page = await pipeline.lifecycle.list_broadcasts(None, cursor, 3)
+        seen += [b.id for b in page.items]
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    assert seen == list(reversed(made))
+    cancelled = await pipeline.lifecycle.list_broadcasts(BroadcastStatus.CANCELLED, None, 10)
+    assert [b.id for b in cancelled.items] == [made[0]]
+    with pytest.raises(ValidationError):
+        await pipeline.lifecycle.list_broadcasts(None, "not-a-cursor", 3)
