@@ -17,8 +17,8 @@ from broadcast.adapters.kafka_log import KafkaEventLog, KafkaHealth
 from broadcast.adapters.memory_bus import MemoryBus, MemoryPresence
 from broadcast.adapters.memory_log import MemoryEventLog
 from broadcast.adapters.redis_bus import RedisBus, RedisHealth, RedisPresence, create_client
-from broadcast.adapters.sql_engine import SqlHealth, create_engine
 from broadcast.adapters.sql_broadcasts import SqlBroadcastStore
+from broadcast.adapters.sql_engine import SqlHealth, create_engine
 from broadcast.adapters.sql_stores import SqlOutboxStore, SqlUserStore
 from broadcast.lifecycle import Lifecycle
 from broadcast.ports import BroadcastStore, Bus, EventLog, Health, OutboxStore, Presence, UserStore

@@ -49,7 +49,8 @@ class KafkaEventLog:
             **client_options(self._settings),
             acks="all",
             enable_idempotence=True,
-            linger_ms=2,
+            linger_ms=self._settings.producer_linger_ms,
+            max_batch_size=self._settings.producer_batch_bytes,
         )
         try:
             await asyncio.wait_for(producer.start(), self._publish_timeout_s)

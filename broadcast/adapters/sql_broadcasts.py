@@ -21,7 +21,7 @@ from sqlalchemy import Row, and_, case, delete, func, insert, or_, select, text,
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from broadcast.adapters.sql_stores import outbox_row, translate, utc
+from broadcast.adapters.sql_stores import OUTBOX_COLUMNS, outbox_records, translate, utc
 from broadcast.adapters.sql_tables import (
     broadcast_messages,
     broadcast_statistics,
@@ -122,16 +122,13 @@ class SqlBroadcastStore:
                 )
 
     async def _write_outbox(self, conn: AsyncConnection, events: Iterable[OutboxEvent], now: datetime) -> None:
-        for batch in chunks(events):
-            rows = [outbox_row(e, now) for e in batch]
+        for batch in chunks(outbox_records(events, now)):
             if conn.dialect.name == "postgresql":
-                columns = list(rows[0])
-                records = [
-                    tuple(orjson.dumps(r[c]).decode() if c == "headers" else r[c] for c in columns) for r in rows
-                ]
-                await _copy(conn, outbox_events.name, columns, records)
+                headers_at = OUTBOX_COLUMNS.index("headers")
+                records = [(*r[:headers_at], orjson.dumps(r[headers_at]).decode(), *r[headers_at + 1 :]) for r in batch]
+                await _copy(conn, outbox_events.name, list(OUTBOX_COLUMNS), records)
             else:
-                await conn.execute(insert(outbox_events), rows)
+                await conn.execute(insert(outbox_events), [dict(zip(OUTBOX_COLUMNS, r, strict=True)) for r in batch])
 
     async def transition(
         self,

@@ -7,11 +7,12 @@ PostgreSQL; SQLite serialises writers), so no row lock is held while a relay awa
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+import orjson
+from sqlalchemy import Text, cast, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -138,11 +139,13 @@ class SqlOutboxStore:
 
     async def due(self, lane: int, limit: int) -> list[ClaimedOutboxEvent]:
         now = datetime.now(UTC)
+        o = outbox_events.c
         query = (
-            select(outbox_events)
-            .where(outbox_events.c.lane == lane, outbox_events.c.published_at.is_(None))
-            .where(outbox_events.c.not_before.is_(None) | (outbox_events.c.not_before <= now))
-            .order_by(outbox_events.c.id)
+            select(o.id, o.topic, o.partition_key, o.event_type, o.payload, cast(o.headers, Text).label("headers"))
+            .add_columns(o.broadcast_id, o.not_before, o.created_at, o.attempts)
+            .where(o.lane == lane, o.published_at.is_(None))
+            .where(o.not_before.is_(None) | (o.not_before <= now))
+            .order_by(o.id)
             .limit(limit)
         )
         try:
@@ -150,15 +153,17 @@ class SqlOutboxStore:
                 rows = (await conn.execute(query)).all()
         except (SQLAlchemyError, OSError) as exc:
             raise translate(exc) from exc
+        headers: dict[str, tuple[tuple[str, bytes], ...]] = {}
+        types = {t.value: t for t in EventType}
         return [
             ClaimedOutboxEvent(
                 id=r.id,
                 event=OutboxEvent(
                     r.topic,
                     r.partition_key,
-                    EventType(r.event_type),
+                    types[r.event_type],
                     bytes(r.payload),
-                    tuple((k, v.encode("latin-1")) for k, v in r.headers),
+                    decode_headers(r.headers, headers),
                     r.broadcast_id,
                     utc(r.not_before) if r.not_before else None,
                 ),
@@ -212,18 +217,49 @@ def lane_of(key: str) -> int:
     return zlib.crc32(key.encode()) % constants.OUTBOX_LANES
 
 
-def outbox_row(event: OutboxEvent, now: datetime) -> dict[str, Any]:
-    return {
-        "lane": lane_of(event.key),
-        "topic": event.topic,
-        "partition_key": event.key,
-        "event_type": event.event_type.value,
-        "payload": event.payload,
-        "headers": [[k, v.decode("latin-1")] for k, v in event.headers],
-        "broadcast_id": event.broadcast_id,
-        "not_before": event.not_before,
-        "created_at": now,
-    }
+OUTBOX_COLUMNS = (
+    "lane",
+    "topic",
+    "partition_key",
+    "event_type",
+    "payload",
+    "headers",
+    "broadcast_id",
+    "not_before",
+    "created_at",
+)
+
+
+def outbox_records(events: Iterable[OutboxEvent], now: datetime) -> Iterator[tuple[Any, ...]]:
+    """Outbox rows as tuples in ``OUTBOX_COLUMNS`` order; headers as a JSON list, encoded once per distinct set.
+
+    The per-recipient events of one broadcast share one headers tuple, so the cache keeps this O(1) per row.
+    """
+    encoded: dict[tuple[tuple[str, bytes], ...], list[list[str]]] = {}
+    for e in events:
+        headers = encoded.get(e.headers)
+        if headers is None:
+            headers = encoded[e.headers] = [[k, v.decode("latin-1")] for k, v in e.headers]
+        yield (
+            lane_of(e.key),
+            e.topic,
+            e.key,
+            e.event_type.value,
+            e.payload,
+            headers,
+            e.broadcast_id,
+            e.not_before,
+            now,
+        )
+
+
+def decode_headers(raw: Any, cache: dict[str, tuple[tuple[str, bytes], ...]]) -> tuple[tuple[str, bytes], ...]:
+    """The inverse of the JSON headers column (given as text), memoised per distinct value."""
+    text_value = raw if isinstance(raw, str) else orjson.dumps(raw).decode()
+    headers = cache.get(text_value)
+    if headers is None:
+        headers = cache[text_value] = tuple((k, v.encode("latin-1")) for k, v in orjson.loads(text_value))
+    return headers
 
 
 async def append_outbox(conn: AsyncConnection, events: Sequence[OutboxEvent]) -> list[int]:
@@ -231,9 +267,8 @@ async def append_outbox(conn: AsyncConnection, events: Sequence[OutboxEvent]) ->
     if not events:
         return []
     now = datetime.now(UTC)
-    result = await conn.execute(
-        insert(outbox_events).returning(outbox_events.c.id), [outbox_row(e, now) for e in events]
-    )
+    rows = [dict(zip(OUTBOX_COLUMNS, r, strict=True)) for r in outbox_records(events, now)]
+    result = await conn.execute(insert(outbox_events).returning(outbox_events.c.id), rows)
     return sorted(int(i) for i in result.scalars())
 
 

@@ -35,6 +35,7 @@ metadata = MetaData(
 )
 
 UNPUBLISHED = text("published_at IS NULL")
+PUBLISHED = text("published_at IS NOT NULL")  # inserts (NULL) skip this index; only the purge uses it
 
 # BIGINT ids on PostgreSQL; INTEGER on SQLite so the column is the auto-incrementing rowid.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -98,10 +99,8 @@ user_broadcast_messages = Table(
     _ts("read_at"),
     _ts("created_at", nullable=False, default_now=True),
     _ts("updated_at", nullable=False, default_now=True),
-    UniqueConstraint("broadcast_id", "user_id"),
-    Index(None, "user_id", "delivery_status"),
-    Index(None, "user_id", "id"),
-    Index(None, "broadcast_id", "delivery_status"),
+    UniqueConstraint("broadcast_id", "user_id"),  # also serves per-broadcast lookups (stats, deliveries)
+    Index(None, "user_id", "id"),  # a user's inbox and pending rows, in order
 )
 
 outbox_events = Table(
@@ -124,7 +123,7 @@ outbox_events = Table(
     Index(
         "ix_outbox_events_broadcast_unpublished", "broadcast_id", postgresql_where=UNPUBLISHED, sqlite_where=UNPUBLISHED
     ),
-    Index(None, "published_at"),
+    Index("ix_outbox_events_published", "published_at", postgresql_where=PUBLISHED, sqlite_where=PUBLISHED),
 )
 
 outbox_lanes = Table(

@@ -87,8 +87,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name="pk_user_broadcast_messages"),
         sa.UniqueConstraint("broadcast_id", "user_id", name="uq_user_broadcast_messages_broadcast_id_user_id"),
     )
-    for cols in (["user_id", "delivery_status"], ["user_id", "id"], ["broadcast_id", "delivery_status"]):
-        op.create_index(f"ix_user_broadcast_messages_{'_'.join(cols)}", "user_broadcast_messages", cols)
+    op.create_index("ix_user_broadcast_messages_user_id_id", "user_broadcast_messages", ["user_id", "id"])
     op.create_table(
         "outbox_events",
         sa.Column("id", BigId, nullable=False, autoincrement=True),
@@ -121,7 +120,14 @@ def upgrade() -> None:
         postgresql_where=unpublished,
         sqlite_where=unpublished,
     )
-    op.create_index("ix_outbox_events_published_at", "outbox_events", ["published_at"])
+    published = sa.text("published_at IS NOT NULL")
+    op.create_index(
+        "ix_outbox_events_published",
+        "outbox_events",
+        ["published_at"],
+        postgresql_where=published,
+        sqlite_where=published,
+    )
     lanes = op.create_table(
         "outbox_lanes",
         sa.Column("lane", sa.SmallInteger(), nullable=False, autoincrement=False),

@@ -1,0 +1,130 @@
+"""Bulk SELECTED: a broadcast to N recipients, from request to all rows committed and all events acked.
+
+Measured on the real stack (3 Kafka brokers, acks=all, PostgreSQL), in one run, beside a baseline:
+
+- ``copy``: the lifecycle service as shipped — one transaction, ``COPY`` for the recipients' rows and the
+  outbox rows — then the relay publishing the outbox (pipelined, idempotent producer).
+- ``per-row``: the same rows written with plain per-row ``INSERT``s (``executemany``), the way a first
+  version would, then the same relay.
+
+Usage: ``python -m bench.bulk_selected [N ...] [--repeat R]`` (default 100000, 3 repeats). Prints a table
+of medians and writes ``bench/results/<date>-bulk-selected.json``. Asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import SecretStr
+from sqlalchemy import insert, text
+
+from broadcast import constants
+from broadcast.adapters import sql_migrate
+from broadcast.adapters.kafka_admin import ensure_topics
+from broadcast.adapters.kafka_log import KafkaEventLog
+from broadcast.adapters.sql_broadcasts import SqlBroadcastStore, chunks
+from broadcast.adapters.sql_engine import create_engine
+from broadcast.adapters.sql_stores import OUTBOX_COLUMNS, SqlOutboxStore, SqlUserStore, outbox_records
+from broadcast.adapters.sql_tables import outbox_events, user_broadcast_messages
+from broadcast.domain import Broadcast, NewBroadcast, OutboxEvent, TargetType
+from broadcast.lifecycle import Lifecycle
+from broadcast.relay import OutboxRelay
+from broadcast.settings import DatabaseSettings, KafkaSettings, LimitsSettings, RelaySettings
+from devstack import stack
+
+RESULTS = Path(__file__).parent / "results"
+
+
+class PerRowStore(SqlBroadcastStore):
+    """The baseline: identical transaction, but rows go in with executemany INSERTs instead of COPY."""
+
+    async def _write_recipients(self, conn: Any, broadcast: Broadcast, user_ids: Any) -> None:
+        now = broadcast.created_at
+        for batch in chunks(user_ids):
+            rows = [
+                {
+                    "broadcast_id": broadcast.id,
+                    "user_id": u,
+                    "delivery_status": "PENDING",
+                    "read_status": "UNREAD",
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for u in batch
+            ]
+            await conn.execute(insert(user_broadcast_messages), rows)
+
+    async def _write_outbox(self, conn: Any, events: Iterable[OutboxEvent], now: datetime) -> None:
+        for batch in chunks(outbox_records(events, now)):
+            await conn.execute(insert(outbox_events), [dict(zip(OUTBOX_COLUMNS, r, strict=True)) for r in batch])
+
+
+async def one_run(
+    n: int, make_store: Callable[[Any], SqlBroadcastStore], info: stack.StackInfo, tag: str
+) -> dict[str, float]:
+    schema = f"bench_{tag}_{time.monotonic_ns() % 10**9}"
+    database = DatabaseSettings(url=SecretStr(info.postgres_url), schema_name=schema)
+    kafka = KafkaSettings(bootstrap_servers=info.kafka_bootstrap, topic_prefix=f"{schema}.")
+    engine = create_engine(database)
+    try:
+        await sql_migrate.upgrade(engine, database)
+        await ensure_topics(kafka, [kafka.topic(constants.SELECTED_TOPIC)])
+        lifecycle = Lifecycle(make_store(engine), SqlUserStore(engine), kafka, LimitsSettings())
+        recipients = [f"user-{i:07d}" for i in range(n)]
+        async with KafkaEventLog(kafka) as log:
+            relay = OutboxRelay(SqlOutboxStore(engine), log, RelaySettings(lanes_per_claim=32), owner="bench")
+            outbox = SqlOutboxStore(engine)
+            started = time.perf_counter()
+            await lifecycle.create(NewBroadcast("bench", TargetType.SELECTED), sender_id="bench", recipients=recipients)
+            committed = time.perf_counter()
+            while await outbox.backlog():
+                await relay.run_once()
+            acked = time.perf_counter()
+        return {"commit_s": committed - started, "publish_s": acked - committed, "total_s": acked - started}
+    finally:
+        async with engine.begin() as conn:
+            await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        await engine.dispose()
+
+
+async def main(sizes: list[int], repeat: int) -> None:
+    info = await asyncio.to_thread(stack.up)
+    rows: list[dict[str, Any]] = []
+    for n in sizes:
+        runs: dict[str, list[dict[str, float]]] = {"copy": [], "per-row": []}
+        for _ in range(repeat):  # interleaved so machine noise hits both alike
+            runs["copy"].append(await one_run(n, SqlBroadcastStore, info, "copy"))
+            runs["per-row"].append(await one_run(n, PerRowStore, info, "rows"))
+        for variant, results in runs.items():
+            rows.append(
+                {"n": n, "variant": variant, **{k: statistics.median(r[k] for r in results) for k in results[0]}}
+            )
+    print(f"\nbulk SELECTED, medians of {repeat} runs (3 brokers, acks=all, PostgreSQL)")
+    header = ("recipients", "variant", "commit s", "publish s", "total s", "rows/s", "vs per-row")
+    print("{:>10} {:>8} {:>9} {:>10} {:>8} {:>9} {:>10}".format(*header))
+    for row in rows:
+        base = next(r for r in rows if r["n"] == row["n"] and r["variant"] == "per-row")
+        print(
+            f"{row['n']:>10} {row['variant']:>8} {row['commit_s']:>9.2f} {row['publish_s']:>10.2f} "
+            f"{row['total_s']:>8.2f} {row['n'] / row['total_s']:>9.0f} {base['total_s'] / row['total_s']:>9.2f}x"
+        )
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"{datetime.now(UTC):%Y-%m-%d}-bulk-selected.json"
+    out.write_text(json.dumps({"repeat": repeat, "rows": rows}, indent=2))
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("sizes", nargs="*", type=int, default=[100_000])
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    asyncio.run(main(args.sizes, args.repeat))
