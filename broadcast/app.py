@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 
-from broadcast import health
+from broadcast import admin_api, health
 from broadcast.components import open_components
 from broadcast.http_problems import EXCEPTION_HANDLERS
 from broadcast.settings import Settings
@@ -36,7 +36,7 @@ def create_app(settings: Settings, roles: frozenset[str] = frozenset(ROLES)) -> 
             yield
 
     return Starlette(
-        routes=[*health.routes],
+        routes=[*health.routes, *admin_api.routes],
         exception_handlers=dict(EXCEPTION_HANDLERS),
         lifespan=lifespan,
     )

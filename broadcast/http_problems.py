@@ -33,18 +33,43 @@ _STATUS: dict[type[BroadcastError], tuple[int, str]] = {
 }
 
 
-def problem(status: int, title: str, detail: str | None = None, **extra: Any) -> Response:
+class HttpProblem(Exception):
+    """A refusal decided by the HTTP layer itself (401, 413, 415, or a 400 listing field errors).
+
+    ``extra`` becomes RFC 9457 extension members (e.g. ``errors``); ``headers`` are added to the response.
+    """
+
+    def __init__(
+        self, status: int, title: str, detail: str | None = None, *, headers: dict[str, str] | None = None, **extra: Any
+    ) -> None:
+        super().__init__(detail or title)
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.headers = headers or {}
+        self.extra = extra
+
+
+def problem(
+    status: int, title: str, detail: str | None = None, *, headers: dict[str, str] | None = None, **extra: Any
+) -> Response:
     body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status}
     if detail:
         body["detail"] = detail
     body.update(extra)
-    headers = {"Retry-After": "5"} if status == 503 else None
-    return Response(orjson.dumps(body), status_code=status, media_type=MEDIA_TYPE, headers=headers)
+    all_headers = {"Retry-After": "5"} if status == 503 else {}
+    all_headers.update(headers or {})
+    return Response(orjson.dumps(body), status_code=status, media_type=MEDIA_TYPE, headers=all_headers or None)
 
 
 async def on_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     return problem(exc.status_code, exc.detail if isinstance(exc.detail, str) else "Error")
+
+
+async def on_http_problem(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HttpProblem)
+    return problem(exc.status, exc.title, exc.detail, headers=exc.headers, **exc.extra)
 
 
 async def on_broadcast_error(request: Request, exc: Exception) -> Response:
@@ -62,6 +87,7 @@ async def on_unexpected(request: Request, exc: Exception) -> Response:
 
 EXCEPTION_HANDLERS = {
     HTTPException: on_http_exception,
+    HttpProblem: on_http_problem,
     BroadcastError: on_broadcast_error,
     Exception: on_unexpected,
 }

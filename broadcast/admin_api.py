@@ -1,0 +1,259 @@
+"""Admin HTTP API for broadcasts: create (JSON or CSV upload), list, get, cancel, stats, deliveries.
+
+Every route first asks ``identity.acting_admin`` who is acting, then reads its input through the bounded
+readers of ``http_body`` and calls only the ``Lifecycle`` service. Errors are raised (``broadcast.errors`` or
+``HttpProblem``) and rendered as problem+json by ``http_problems``; nothing is written unless the whole
+request is valid. User management lives in ``admin_users_api`` and is mounted with these routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from contextlib import aclosing
+from typing import Any
+
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from broadcast import admin_users_api, csv_upload
+from broadcast.domain import Broadcast, BroadcastStatus, NewBroadcast, TargetType
+from broadcast.errors import NotFoundError, ValidationError
+from broadcast.http_body import bounded_stream, media_type, read_model, too_large, validated
+from broadcast.http_problems import HttpProblem
+from broadcast.identity import acting_admin
+from broadcast.lifecycle import Lifecycle
+from broadcast.schemas import (
+    ROLE_PATTERN,
+    BroadcastOut,
+    BroadcastPage,
+    CreateBroadcastRequest,
+    CsvBroadcastForm,
+    CsvBroadcastOut,
+    DeliveryOut,
+    DeliveryPage,
+    RecipientsOut,
+    StatsOut,
+    json_response,
+)
+from broadcast.settings import LimitsSettings
+
+PREFIX = "/api/admin/broadcasts"
+DEFAULT_PAGE_SIZE = 50
+MAX_TOKEN_CHARS = 200
+MAX_CURSOR_CHARS = 512
+CSV_FORM_FIELDS = 10
+_ROLE = re.compile(ROLE_PATTERN)
+
+
+def _lifecycle(request: Request) -> Lifecycle:
+    lifecycle: Lifecycle = request.app.state.components.lifecycle
+    return lifecycle
+
+
+def _limits(request: Request) -> LimitsSettings:
+    limits: LimitsSettings = request.app.state.components.settings.limits
+    return limits
+
+
+def _request_tokens(request: Request) -> tuple[str | None, str]:
+    """The Idempotency-Key (if any) and the correlation id (given, or a new one), checked before the body."""
+    key = _token_header(request, "Idempotency-Key")
+    return key, _token_header(request, "X-Correlation-ID") or uuid.uuid4().hex
+
+
+def _token_header(request: Request, name: str) -> str | None:
+    """An Idempotency-Key / X-Correlation-ID value: 1-200 printable ASCII characters, or 400."""
+    value = request.headers.get(name)
+    if value is None:
+        return None
+    if not 1 <= len(value) <= MAX_TOKEN_CHARS or not all(" " <= c <= "~" for c in value):
+        raise ValidationError(f"{name} must be 1-{MAX_TOKEN_CHARS} printable ASCII characters")
+    return value
+
+
+def _broadcast_id(request: Request) -> str:
+    """The ``{id}`` path parameter as a canonical UUID; anything else names no broadcast (404)."""
+    raw: str = request.path_params["id"]
+    try:
+        return str(uuid.UUID(raw))
+    except ValueError:
+        raise NotFoundError(f"broadcast {raw[:64]!r} does not exist") from None
+
+
+def _page_params(request: Request) -> tuple[str | None, int]:
+    cursor = request.query_params.get("cursor") or None
+    if cursor is not None and len(cursor) > MAX_CURSOR_CHARS:
+        raise ValidationError("invalid cursor")
+    raw = request.query_params.get("limit")
+    if raw is None or raw == "":
+        return cursor, DEFAULT_PAGE_SIZE
+    if not raw.isdigit() or len(raw) > 9:
+        raise ValidationError("limit must be a positive integer")
+    return cursor, int(raw)
+
+
+async def _create(
+    request: Request,
+    new: NewBroadcast,
+    sender: str,
+    tokens: tuple[str | None, str],
+    recipients: csv_upload.Recipients | None = None,
+) -> Response:
+    """Create through the lifecycle; 201 + Location, or 200 + ``Idempotent-Replayed`` for a replay."""
+    key, correlation_id = tokens
+    broadcast, created = await _lifecycle(request).create(
+        new,
+        sender_id=sender,
+        recipients=recipients.ids if recipients is not None else None,
+        idempotency_key=key,
+        correlation_id=correlation_id,
+    )
+    headers = {"Location": f"{PREFIX}/{broadcast.id}", "X-Correlation-ID": correlation_id}
+    if not created:
+        headers["Idempotent-Replayed"] = "true"
+    return json_response(_out(broadcast, recipients), 201 if created else 200, headers)
+
+
+def _out(broadcast: Broadcast, recipients: csv_upload.Recipients | None) -> BroadcastOut:
+    out = BroadcastOut.of(broadcast)
+    if recipients is None:
+        return out
+    counts = RecipientsOut(accepted=recipients.accepted, duplicates=recipients.duplicates)
+    return CsvBroadcastOut.model_validate({**out.model_dump(), "recipients": counts})
+
+
+# --------------------------------------------------------------------------- create
+async def create_broadcast(request: Request) -> Response:
+    sender = await acting_admin(request)
+    tokens = _request_tokens(request)
+    body = await read_model(request, CreateBroadcastRequest, _limits(request).max_body_bytes)
+    if body.target_type is TargetType.ROLE:
+        bad = [r for r in body.target_ids if not _ROLE.fullmatch(r)]
+        if bad:
+            raise ValidationError(f"invalid role name {bad[0][:64]!r}: 1-64 characters of A-Z a-z 0-9 _ . : -")
+    return await _create(request, body.to_domain(), sender, tokens)
+
+
+async def upload_broadcast(request: Request) -> Response:
+    """CSV upload: the multipart body is streamed (bounded) to a spooled file, then read line by line."""
+    sender = await acting_admin(request)
+    tokens = _request_tokens(request)
+    limits = _limits(request)
+    if media_type(request) != "multipart/form-data":
+        raise HttpProblem(415, "Unsupported media type", "send multipart/form-data with a `file` part")
+    form = await _read_form(request, limits)
+    try:
+        upload, fields = _split_form(form)
+        new = validated(CsvBroadcastForm, fields).to_domain()
+        if upload.size is not None and upload.size > limits.max_csv_bytes:
+            raise too_large(limits.max_csv_bytes, "CSV file")
+        recipients = await asyncio.to_thread(_parse_csv, upload, limits)
+    finally:
+        await form.close()
+    if not recipients.ids:
+        raise ValidationError("the CSV holds no recipient ids")
+    return await _create(request, new, sender, tokens, recipients)
+
+
+async def _read_form(request: Request, limits: LimitsSettings) -> FormData:
+    # Same parser as ``request.form(max_files=1, ...)``, fed from a byte-counting stream so that an
+    # oversized upload is refused while it arrives instead of being spooled to disk in full.
+    try:
+        async with aclosing(bounded_stream(request, limits.max_csv_bytes + limits.max_body_bytes)) as stream:
+            parser = MultiPartParser(
+                request.headers, stream, max_files=1, max_fields=CSV_FORM_FIELDS, max_part_size=limits.max_body_bytes
+            )
+            return await parser.parse()
+    except MultiPartException as exc:
+        raise HttpProblem(400, "Invalid request", f"malformed multipart body: {exc.message}") from None
+
+
+def _split_form(form: FormData) -> tuple[UploadFile, dict[str, Any]]:
+    upload: UploadFile | None = None
+    fields: dict[str, Any] = {}
+    for name, value in form.multi_items():
+        if name == "file" and isinstance(value, UploadFile):
+            upload = value
+        elif isinstance(value, UploadFile):
+            raise ValidationError(f"unexpected file part {name[:64]!r}; send the CSV as `file`")
+        elif name in fields:
+            raise ValidationError(f"form field {name[:64]!r} appears more than once")
+        elif value != "" or name == "content":  # an empty optional field means "not given"
+            fields[name] = value
+    if upload is None:
+        raise ValidationError("missing the `file` part holding the CSV of recipient ids")
+    return upload, fields
+
+
+def _parse_csv(upload: UploadFile, limits: LimitsSettings) -> csv_upload.Recipients:
+    upload.file.seek(0)
+    try:
+        return csv_upload.parse_recipients(
+            upload.file, max_rows=limits.max_csv_rows, max_id_chars=limits.max_user_id_chars
+        )
+    except csv_upload.CsvTooManyRows as exc:
+        raise HttpProblem(413, "Content too large", str(exc)) from None
+    except csv_upload.CsvRejected as exc:
+        raise HttpProblem(
+            400,
+            "Invalid request",
+            str(exc),
+            errors=[{"line": e.line, "error": e.error} for e in exc.errors],
+            invalidLines=exc.invalid_lines,
+        ) from None
+
+
+# --------------------------------------------------------------------------- queries and cancel
+async def list_broadcasts(request: Request) -> Response:
+    await acting_admin(request)
+    raw_status = request.query_params.get("status") or None
+    status: BroadcastStatus | None = None
+    if raw_status is not None:
+        try:
+            status = BroadcastStatus(raw_status.upper())
+        except ValueError:
+            allowed = ", ".join(s.value for s in BroadcastStatus)
+            raise ValidationError(f"status must be one of {allowed}") from None
+    cursor, limit = _page_params(request)
+    page = await _lifecycle(request).list_broadcasts(status, cursor, limit)
+    return json_response(BroadcastPage(items=[BroadcastOut.of(b) for b in page.items], next_cursor=page.next_cursor))
+
+
+async def get_broadcast(request: Request) -> Response:
+    await acting_admin(request)
+    return json_response(BroadcastOut.of(await _lifecycle(request).get(_broadcast_id(request))))
+
+
+async def cancel_broadcast(request: Request) -> Response:
+    await acting_admin(request)
+    return json_response(BroadcastOut.of(await _lifecycle(request).cancel(_broadcast_id(request))))
+
+
+async def broadcast_stats(request: Request) -> Response:
+    await acting_admin(request)
+    return json_response(StatsOut.of(await _lifecycle(request).stats(_broadcast_id(request))))
+
+
+async def broadcast_deliveries(request: Request) -> Response:
+    await acting_admin(request)
+    broadcast_id = _broadcast_id(request)
+    cursor, limit = _page_params(request)
+    page = await _lifecycle(request).deliveries(broadcast_id, cursor, limit)
+    return json_response(DeliveryPage(items=[DeliveryOut.of(d) for d in page.items], next_cursor=page.next_cursor))
+
+
+routes: list[BaseRoute] = [
+    Route(PREFIX, create_broadcast, methods=["POST"]),
+    Route(PREFIX, list_broadcasts, methods=["GET"]),
+    Route(f"{PREFIX}/csv", upload_broadcast, methods=["POST"]),
+    Route(f"{PREFIX}/{{id}}", get_broadcast, methods=["GET"]),
+    Route(f"{PREFIX}/{{id}}", cancel_broadcast, methods=["DELETE"]),
+    Route(f"{PREFIX}/{{id}}/stats", broadcast_stats, methods=["GET"]),
+    Route(f"{PREFIX}/{{id}}/deliveries", broadcast_deliveries, methods=["GET"]),
+    *admin_users_api.routes,
+]

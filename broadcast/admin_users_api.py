@@ -1,0 +1,92 @@
+"""Admin HTTP API for users and their roles, so that ALL and ROLE audiences can be counted.
+
+``PUT /api/admin/users/{id}`` replaces one user's display name and roles; ``POST /api/admin/users/bulk``
+upserts up to ``limits.max_bulk_users`` at once (a repeated id: the last entry wins); ``GET`` reads one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from broadcast.domain import User
+from broadcast.errors import NotFoundError, ValidationError
+from broadcast.http_body import read_json, validated
+from broadcast.http_problems import HttpProblem
+from broadcast.identity import acting_admin
+from broadcast.ports import UserStore
+from broadcast.schemas import ImportOut, UserBody, UserImport, UserOut, json_response
+from broadcast.settings import LimitsSettings
+
+PREFIX = "/api/admin/users"
+# Rows per store call: keeps one INSERT well under PostgreSQL's 32,767 bind parameters.
+UPSERT_CHUNK = 1_000
+
+
+def _users(request: Request) -> UserStore:
+    users: UserStore = request.app.state.components.users
+    return users
+
+
+def _limits(request: Request) -> LimitsSettings:
+    limits: LimitsSettings = request.app.state.components.settings.limits
+    return limits
+
+
+def _user_id(raw: str, limits: LimitsSettings) -> str:
+    if not 1 <= len(raw) <= limits.max_user_id_chars or not raw.isprintable() or raw != raw.strip():
+        raise ValidationError(
+            f"user id must be 1-{limits.max_user_id_chars} printable characters without surrounding spaces"
+        )
+    return raw
+
+
+async def put_user(request: Request) -> Response:
+    await acting_admin(request)
+    limits = _limits(request)
+    user_id = _user_id(request.path_params["id"], limits)
+    body = validated(UserBody, await read_json(request, limits.max_body_bytes))
+    user = body.to_domain(user_id)
+    await _users(request).upsert([user])
+    return json_response(UserOut.of(user))
+
+
+async def import_users(request: Request) -> Response:
+    await acting_admin(request)
+    limits = _limits(request)
+    data: Any = await read_json(request, limits.max_body_bytes)
+    if isinstance(data, list) and len(data) > limits.max_bulk_users:
+        raise HttpProblem(413, "Content too large", f"at most {limits.max_bulk_users} users per bulk import")
+    entries = validated(list[UserImport], data)
+    by_id: dict[str, User] = {}
+    for index, entry in enumerate(entries):
+        try:
+            user_id = _user_id(entry.id, limits)
+        except ValidationError as exc:
+            raise ValidationError(f"[{index}].id: {exc}") from None
+        by_id.pop(user_id, None)  # the last entry of a repeated id wins, in its own position
+        by_id[user_id] = entry.to_domain(user_id)
+    users = list(by_id.values())
+    store = _users(request)
+    for start in range(0, len(users), UPSERT_CHUNK):
+        await store.upsert(users[start : start + UPSERT_CHUNK])
+    return json_response(ImportOut(imported=len(users)))
+
+
+async def get_user(request: Request) -> Response:
+    await acting_admin(request)
+    user_id: str = request.path_params["id"]
+    user = await _users(request).get(user_id) if len(user_id) <= _limits(request).max_user_id_chars else None
+    if user is None:
+        raise NotFoundError(f"user {user_id[:64]!r} does not exist")
+    return json_response(UserOut.of(user))
+
+
+routes: list[BaseRoute] = [
+    Route(f"{PREFIX}/bulk", import_users, methods=["POST"]),
+    Route(f"{PREFIX}/{{id}}", put_user, methods=["PUT"]),
+    Route(f"{PREFIX}/{{id}}", get_user, methods=["GET"]),
+]

@@ -1,0 +1,153 @@
+"""Recipient lists uploaded as CSV: one user id per line, read line by line from a (spooled) binary file.
+
+Format: the user id is the first column; an optional header row (first non-blank line) whose first cell is
+``userId``, ``user_id`` or ``id`` (any case) is skipped; blank lines are skipped; ``\\n`` or ``\\r\\n`` end a
+line (a ``\\r`` inside an id is refused as non-printable); UTF-8, a leading BOM tolerated. Cells are stripped
+of surrounding spaces; trailing empty cells (``alice,``) are fine, a second non-empty cell is not. Repeated
+ids collapse (first occurrence keeps its place) and are counted.
+
+All or nothing: any invalid line rejects the upload (``CsvRejected`` with the first ``MAX_REPORTED_ERRORS``
+line errors and the total), so a half-valid list is never broadcast. Memory stays bounded by the distinct
+ids plus one line of at most ``MAX_LINE_CHARS``; this is blocking file I/O, so callers run it in a thread.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from dataclasses import dataclass
+from typing import IO
+
+from broadcast.errors import ValidationError
+
+HEADER_NAMES = frozenset({"userid", "user_id", "id"})
+MAX_REPORTED_ERRORS = 100
+MAX_LINE_CHARS = 4096
+_READ_LIMIT = MAX_LINE_CHARS + 2  # room for a "\r\n" terminator
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, kept by "surrogateescape"
+
+
+@dataclass(frozen=True, slots=True)
+class LineError:
+    """Why one line (1-based, counting every line of the file) was refused."""
+
+    line: int
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class Recipients:
+    """The distinct ids of a valid upload in file order, and how many repeated rows collapsed into them."""
+
+    ids: tuple[str, ...]
+    duplicates: int
+
+    @property
+    def accepted(self) -> int:
+        return len(self.ids)
+
+
+class CsvRejected(ValidationError):
+    """At least one line is invalid; nothing of the upload may be used."""
+
+    def __init__(self, errors: list[LineError], invalid_lines: int) -> None:
+        first = errors[0] if errors else None
+        where = f" (first: line {first.line}: {first.error})" if first else ""
+        super().__init__(f"{invalid_lines} invalid line(s) in the CSV upload{where}")
+        self.errors = errors
+        self.invalid_lines = invalid_lines
+
+
+class CsvTooManyRows(ValidationError):
+    """The upload holds more recipient rows than allowed (reading stopped at the first row over)."""
+
+    def __init__(self, max_rows: int) -> None:
+        super().__init__(f"the CSV holds more than {max_rows} recipient rows")
+        self.max_rows = max_rows
+
+
+def _next_line(text: io.TextIOWrapper) -> tuple[str | None, bool]:
+    """The next line without its terminator (None at the end), and whether it was too long to keep."""
+    line = text.readline(_READ_LIMIT)
+    if not line:
+        return None, False
+    if line.endswith("\n") or len(line) < _READ_LIMIT:
+        content = line.removesuffix("\n").removesuffix("\r")
+        return content, len(content) > MAX_LINE_CHARS
+    while line and not line.endswith("\n"):  # skip the rest of an overlong line without holding it
+        line = text.readline(_READ_LIMIT)
+    return "", True
+
+
+def _cells(line: str) -> tuple[str | None, list[str]]:
+    """A line's cells, stripped; the ``csv`` module only when quoting makes a plain split wrong."""
+    if '"' not in line:
+        return None, [cell.strip() for cell in line.split(",")]
+    try:
+        return None, [cell.strip() for cell in next(csv.reader([line], strict=True))]
+    except csv.Error as exc:
+        return f"malformed CSV: {exc}", []
+
+
+def _check(cells: list[str], max_id_chars: int) -> str | None:
+    """The error of a data row, or None when its first cell is a valid user id."""
+    if sum(1 for cell in cells if cell) > 1:
+        return "more than one column: only the user id is expected"
+    user_id = cells[0] if cells else ""
+    if not user_id:
+        return "empty user id"
+    if len(user_id) > max_id_chars:
+        return f"user id longer than {max_id_chars} characters"
+    if not user_id.isprintable():
+        return "user id contains non-printable characters"
+    return None
+
+
+def parse_recipients(source: IO[bytes], *, max_rows: int, max_id_chars: int) -> Recipients:
+    """Read and validate every line of ``source``; raises ``CsvRejected`` or ``CsvTooManyRows``."""
+    text = io.TextIOWrapper(source, encoding="utf-8-sig", errors="surrogateescape", newline="\n")
+    try:
+        return _parse(text, max_rows, max_id_chars)
+    finally:
+        text.detach()  # the caller owns (and closes) the binary file
+
+
+def _parse(text: io.TextIOWrapper, max_rows: int, max_id_chars: int) -> Recipients:
+    seen: dict[str, None] = {}
+    errors: list[LineError] = []
+    invalid = rows = number = 0
+    first_content_line = True
+    while True:
+        line, overlong = _next_line(text)
+        if line is None:
+            break
+        number += 1
+        if overlong:
+            error: str | None = f"line longer than {MAX_LINE_CHARS} characters"
+            cells: list[str] = []
+        elif not line.strip():
+            continue
+        elif _UNDECODABLE.search(line):
+            error, cells = "not valid UTF-8", []
+        else:
+            error, cells = _cells(line)
+        if first_content_line:
+            first_content_line = False
+            if error is None and cells and cells[0].lower() in HEADER_NAMES:
+                continue
+        rows += 1
+        if rows > max_rows:
+            raise CsvTooManyRows(max_rows)
+        error = error or _check(cells, max_id_chars)
+        if error is not None:
+            invalid += 1
+            if len(errors) < MAX_REPORTED_ERRORS:
+                errors.append(LineError(number, error))
+            continue
+        if cells[0] in seen:
+            continue
+        seen[cells[0]] = None
+    if invalid:
+        raise CsvRejected(errors, invalid)
+    return Recipients(tuple(seen), rows - len(seen))

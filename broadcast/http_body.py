@@ -1,0 +1,109 @@
+"""Bounded request bodies: the one way admin routes read JSON, and the byte counter the CSV upload uses.
+
+A body is refused with 413 *before* it is buffered: first by its ``Content-Length``, then by counting the
+bytes of ``request.stream()`` as they arrive (a chunked upload has no length to trust). JSON must come as
+``application/json`` (or ``application/*+json``, 415 otherwise) and parse (400 otherwise); pydantic errors
+become a 400 problem listing ``[{field, message}]`` without echoing the input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Hashable
+from functools import lru_cache
+from typing import Any, TypeVar, cast
+
+import orjson
+import pydantic
+from starlette.requests import Request
+
+from broadcast.http_problems import HttpProblem
+
+M = TypeVar("M")
+MAX_REPORTED_ERRORS = 100
+_MAX_MESSAGE_CHARS = 200
+
+
+def too_large(limit: int, what: str = "request body") -> HttpProblem:
+    return HttpProblem(413, "Content too large", f"the {what} exceeds {limit} bytes")
+
+
+def declared_length(request: Request, limit: int) -> None:
+    """Refuse (413) a request whose ``Content-Length`` already says it is over ``limit``; 400 if unreadable."""
+    raw = request.headers.get("content-length")
+    if raw is None:
+        return
+    if not raw.isdigit():
+        raise HttpProblem(400, "Invalid request", "Content-Length is not a number")
+    if int(raw) > limit:
+        raise too_large(limit)
+
+
+async def bounded_stream(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
+    """The request body chunk by chunk, raising 413 as soon as more than ``limit`` bytes arrived."""
+    declared_length(request, limit)
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise too_large(limit)
+        yield chunk
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, never more than ``limit`` bytes of it held in memory."""
+    chunks = [chunk async for chunk in bounded_stream(request, limit)]
+    return b"".join(chunks)
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def _is_json(media: str) -> bool:
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """Parse a JSON body of at most ``limit`` bytes: 415 for another media type, 400 if it is not JSON."""
+    media = media_type(request)
+    if not _is_json(media):
+        raise HttpProblem(415, "Unsupported media type", "send the body as application/json")
+    body = await read_body(request, limit)
+    if not body.strip():
+        raise HttpProblem(400, "Invalid request", "the request body is empty; a JSON document is required")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise HttpProblem(400, "Invalid request", f"the body is not valid JSON: {exc.msg}") from None
+
+
+def field_errors(exc: pydantic.ValidationError) -> list[dict[str, str]]:
+    """``[{field, message}]`` for a pydantic error, first ``MAX_REPORTED_ERRORS`` only, input never echoed."""
+    out: list[dict[str, str]] = []
+    for error in exc.errors(include_url=False, include_input=False, include_context=False):
+        field = ".".join(str(part) for part in error["loc"]) or "(body)"
+        out.append({"field": field[:_MAX_MESSAGE_CHARS], "message": error["msg"][:_MAX_MESSAGE_CHARS]})
+        if len(out) == MAX_REPORTED_ERRORS:
+            break
+    return out
+
+
+@lru_cache(maxsize=64)
+def _adapter(model: Any) -> pydantic.TypeAdapter[Any]:
+    return pydantic.TypeAdapter(model)
+
+
+def validated(model: type[M], data: Any) -> M:
+    """``data`` validated as ``model`` (a pydantic model or type), or a 400 problem listing the field errors."""
+    try:
+        result: M = _adapter(cast(Hashable, model)).validate_python(data)
+        return result
+    except pydantic.ValidationError as exc:
+        raise HttpProblem(
+            400, "Invalid request", "the request does not match the expected schema", errors=field_errors(exc)
+        ) from None
+
+
+async def read_model(request: Request, model: type[M], limit: int) -> M:
+    """Read a bounded JSON body and validate it as ``model``."""
+    return validated(model, await read_json(request, limit))

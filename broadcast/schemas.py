@@ -1,0 +1,235 @@
+"""HTTP request and response models of the admin API: camelCase on the wire, unknown fields refused.
+
+These are distinct from the domain values (``broadcast.domain``): requests convert to them with
+``to_domain`` and responses are built from them with ``of``. Bounds that depend on settings (content length,
+id counts) are checked by the lifecycle service; the bounds here are the fixed ones of the wire format.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+import orjson
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic.alias_generators import to_camel
+from starlette.responses import Response
+
+from broadcast.domain import (
+    Broadcast,
+    BroadcastStats,
+    BroadcastStatus,
+    Delivery,
+    DeliveryStatus,
+    NewBroadcast,
+    Priority,
+    ReadStatus,
+    TargetType,
+    User,
+)
+
+ROLE_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+RoleName = Annotated[str, StringConstraints(pattern=ROLE_PATTERN)]
+MAX_ROLES_PER_USER = 100
+MAX_DISPLAY_NAME_CHARS = 200
+
+
+class CamelModel(BaseModel):
+    """Base of every wire model: camelCase on the wire, unknown fields refused; built in code by field name."""
+
+    model_config = ConfigDict(alias_generator=to_camel, validate_by_alias=True, validate_by_name=True, extra="forbid")
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json", by_alias=True))
+
+
+class RequestModel(CamelModel):
+    """Base of request bodies: only the camelCase names are accepted (``target_type`` is an unknown field)."""
+
+    model_config = ConfigDict(validate_by_name=False)
+
+
+# --------------------------------------------------------------------------- broadcasts in
+class BroadcastFields(RequestModel):
+    """What the JSON and the CSV forms of a create request share."""
+
+    content: str
+    priority: Priority = Priority.NORMAL
+    category: str | None = None
+    scheduled_at: AwareDatetime | None = None
+    expires_at: AwareDatetime | None = None
+    fire_and_forget: bool = False
+
+
+class CreateBroadcastRequest(BroadcastFields):
+    """``POST /api/admin/broadcasts``; ``targetIds`` are user ids (SELECTED), role names (ROLE), empty for ALL."""
+
+    target_type: TargetType
+    target_ids: list[str] = Field(default_factory=list)
+
+    def to_domain(self) -> NewBroadcast:
+        return _new_broadcast(self, self.target_type, tuple(self.target_ids))
+
+
+class CsvBroadcastForm(BroadcastFields):
+    """The form fields beside the ``file`` part of ``POST /api/admin/broadcasts/csv`` (target is SELECTED)."""
+
+    def to_domain(self) -> NewBroadcast:
+        return _new_broadcast(self, TargetType.SELECTED, ())
+
+
+def _new_broadcast(fields: BroadcastFields, target_type: TargetType, ids: tuple[str, ...]) -> NewBroadcast:
+    return NewBroadcast(
+        content=fields.content,
+        target_type=target_type,
+        target_ids=ids,
+        priority=fields.priority,
+        category=fields.category,
+        scheduled_at=fields.scheduled_at,
+        expires_at=fields.expires_at,
+        fire_and_forget=fields.fire_and_forget,
+    )
+
+
+# --------------------------------------------------------------------------- broadcasts out
+class BroadcastOut(CamelModel):
+    """A saved broadcast as the admin API shows it."""
+
+    id: str
+    sender_id: str
+    content: str
+    target_type: TargetType
+    target_roles: list[str]
+    priority: Priority
+    category: str | None
+    status: BroadcastStatus
+    fire_and_forget: bool
+    targeted_count: int
+    created_at: datetime
+    updated_at: datetime
+    scheduled_at: datetime | None
+    expires_at: datetime | None
+    correlation_id: str | None
+
+    @classmethod
+    def of(cls, b: Broadcast) -> BroadcastOut:
+        return cls(
+            id=b.id,
+            sender_id=b.sender_id,
+            content=b.content,
+            target_type=b.target_type,
+            target_roles=list(b.target_roles),
+            priority=b.priority,
+            category=b.category,
+            status=b.status,
+            fire_and_forget=b.fire_and_forget,
+            targeted_count=b.targeted_count,
+            created_at=b.created_at,
+            updated_at=b.updated_at,
+            scheduled_at=b.scheduled_at,
+            expires_at=b.expires_at,
+            correlation_id=b.correlation_id,
+        )
+
+
+class RecipientsOut(CamelModel):
+    """How a CSV upload's rows were counted: distinct ids accepted, repeated rows collapsed."""
+
+    accepted: int
+    duplicates: int
+
+
+class CsvBroadcastOut(BroadcastOut):
+    recipients: RecipientsOut
+
+
+class BroadcastPage(CamelModel):
+    items: list[BroadcastOut]
+    next_cursor: str | None
+
+
+class StatsOut(CamelModel):
+    broadcast_id: str
+    targeted: int
+    delivered: int
+    read: int
+    failed: int
+    pending: int
+    delivery_rate: float
+    read_rate: float
+
+    @classmethod
+    def of(cls, s: BroadcastStats) -> StatsOut:
+        return cls(
+            broadcast_id=s.broadcast_id,
+            targeted=s.targeted,
+            delivered=s.delivered,
+            read=s.read,
+            failed=s.failed,
+            pending=s.pending,
+            delivery_rate=s.delivery_rate,
+            read_rate=s.read_rate,
+        )
+
+
+class DeliveryOut(CamelModel):
+    user_id: str
+    delivery_status: DeliveryStatus
+    read_status: ReadStatus
+    delivered_at: datetime | None
+    read_at: datetime | None
+
+    @classmethod
+    def of(cls, d: Delivery) -> DeliveryOut:
+        return cls(
+            user_id=d.user_id,
+            delivery_status=d.delivery_status,
+            read_status=d.read_status,
+            delivered_at=d.delivered_at,
+            read_at=d.read_at,
+        )
+
+
+class DeliveryPage(CamelModel):
+    items: list[DeliveryOut]
+    next_cursor: str | None
+
+
+# --------------------------------------------------------------------------- users
+Roles = Annotated[list[RoleName], Field(max_length=MAX_ROLES_PER_USER)]
+DisplayName = Annotated[str, StringConstraints(max_length=MAX_DISPLAY_NAME_CHARS)]
+
+
+class UserBody(RequestModel):
+    """``PUT /api/admin/users/{id}``: the user's display name and the full set of roles (replaced)."""
+
+    display_name: DisplayName | None = None
+    roles: Roles = Field(default_factory=list)
+
+    def to_domain(self, user_id: str) -> User:
+        return User(id=user_id, display_name=self.display_name or "", roles=frozenset(self.roles))
+
+
+class UserImport(UserBody):
+    """One entry of ``POST /api/admin/users/bulk``; the id is checked by the route against the settings."""
+
+    id: str
+
+
+class UserOut(CamelModel):
+    id: str
+    display_name: str
+    roles: list[str]
+
+    @classmethod
+    def of(cls, u: User) -> UserOut:
+        return cls(id=u.id, display_name=u.display_name, roles=sorted(u.roles))
+
+
+class ImportOut(CamelModel):
+    imported: int
+
+
+def json_response(model: CamelModel, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """``model`` serialized once (camelCase, ISO-8601 datetimes) as ``application/json``."""
+    return Response(model.to_json(), status_code=status, media_type="application/json", headers=headers)
