@@ -15,7 +15,6 @@ import logging
 import time
 from datetime import timedelta
 
-from broadcast.domain import ClaimedOutboxEvent
 from broadcast.errors import BroadcastError, PublishError
 from broadcast.loops import pause
 from broadcast.ports import EventPublisher, OutboxStore, OutgoingRecord
@@ -55,30 +54,34 @@ class OutboxRelay:
         if not lanes:
             return 0
         try:
-            counts = await asyncio.gather(*(self._drain_lane(lane) for lane in lanes))
+            published = await self._publish_lanes(lanes)
         finally:
             await self._outbox.release_lanes(self._owner, lanes)
-        published = sum(counts)
         self.published += published
         return published
 
-    async def _drain_lane(self, lane: int) -> int:
-        rows = await self._outbox.due(lane, self._settings.batch_size)
+    async def _publish_lanes(self, lanes: list[int]) -> int:
+        """Publish the due rows of ``lanes`` in one pipelined call (few, full batches per partition)."""
+        batches = [await self._outbox.due(lane, self._settings.batch_size) for lane in lanes]
+        rows = [row for batch in batches for row in batch]
         if not rows:
             return 0
-        results = await self._publisher.publish_many(
-            [OutgoingRecord(r.event.topic, r.event.key.encode(), r.event.payload, r.event.headers) for r in rows]
+        results = iter(
+            await self._publisher.publish_many(
+                [OutgoingRecord(r.event.topic, r.event.key.encode(), r.event.payload, r.event.headers) for r in rows]
+            )
         )
-        acknowledged: list[ClaimedOutboxEvent] = []
-        for row, result in zip(rows, results, strict=True):
-            if isinstance(result, PublishError):
-                failed = [r.id for r in rows[len(acknowledged) :]]
-                log.warning("lane %d: %d rows not published: %s", lane, len(failed), result)
-                await self._outbox.mark_published([r.id for r in acknowledged])
-                await self._outbox.record_failure(failed[:1], str(result))
-                return len(acknowledged)
-            acknowledged.append(row)
-        await self._outbox.mark_published([r.id for r in acknowledged])
+        acknowledged: list[int] = []
+        for lane, batch in zip(lanes, batches, strict=True):
+            outcomes = [next(results) for _ in batch]
+            failed_at = next((i for i, o in enumerate(outcomes) if isinstance(o, PublishError)), len(batch))
+            acknowledged += [r.id for r in batch[:failed_at]]  # a key's later rows never overtake a failed one
+            if failed_at < len(batch):
+                log.warning(
+                    "lane %d: %d rows wait for the next round: %s", lane, len(batch) - failed_at, outcomes[failed_at]
+                )
+                await self._outbox.record_failure([batch[failed_at].id], str(outcomes[failed_at]))
+        await self._outbox.mark_published(acknowledged)
         return len(acknowledged)
 
     async def run(self, stop: asyncio.Event) -> None:

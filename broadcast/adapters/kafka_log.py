@@ -13,6 +13,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from aiokafka.partitioner import murmur2
 from aiokafka.structs import OffsetAndMetadata
 from aiokafka.structs import TopicPartition as KafkaTopicPartition
 
@@ -92,40 +93,58 @@ class KafkaEventLog:
         return RecordPosition(metadata.topic, metadata.partition, metadata.offset)
 
     async def publish_many(self, records: Sequence[OutgoingRecord]) -> list[RecordPosition | PublishError]:
-        """Enqueue every record (the producer batches and pipelines them), then await all acknowledgements."""
+        """Publish in order, as whole record batches per partition, then await every acknowledgement.
+
+        Records are grouped by the partition Kafka's default partitioner picks for their key (murmur2, as
+        the Java client does), keeping their order within a partition, and appended to batch builders
+        submitted with ``send_batch``: a few microseconds per record instead of a ``send`` call each.
+        """
         producer = self._require_producer()
-        futures: list[asyncio.Future[Any] | PublishError] = []
+        results: list[RecordPosition | PublishError] = [PublishError("not sent before the timeout")] * len(records)
+        sent: list[tuple[asyncio.Future[Any], str, int, list[tuple[int, int]]]] = []
         try:
             async with asyncio.timeout(self._publish_timeout_s):
-                for r in records:
-                    try:
-                        futures.append(
-                            await producer.send(r.topic, value=r.value, key=r.key, headers=list(r.headers) or None)
-                        )
-                    except KafkaError as exc:
-                        futures.append(PublishError(f"send to {r.topic} refused: {exc!r}"))
-                pending = [f for f in futures if isinstance(f, asyncio.Future)]
-                if pending:
-                    await asyncio.wait(pending)
+                groups: dict[tuple[str, int], list[int]] = {}
+                counts: dict[str, int] = {}
+                for index, r in enumerate(records):
+                    if r.topic not in counts:
+                        counts[r.topic] = len(await producer.partitions_for(r.topic))
+                    partition = _partition(r.key, counts[r.topic], index)
+                    groups.setdefault((r.topic, partition), []).append(index)
+                for (topic, partition), indexes in groups.items():
+                    batch, members = producer.create_batch(), list[tuple[int, int]]()
+                    for index in indexes:
+                        r = records[index]
+                        meta = batch.append(key=r.key, value=r.value, timestamp=None, headers=list(r.headers))
+                        if meta is None:  # full: submit it and start the next one
+                            sent.append(
+                                (
+                                    await producer.send_batch(batch, topic, partition=partition),
+                                    topic,
+                                    partition,
+                                    members,
+                                )
+                            )
+                            batch, members = producer.create_batch(), list[tuple[int, int]]()
+                            meta = batch.append(key=r.key, value=r.value, timestamp=None, headers=list(r.headers))
+                        members.append((index, meta.offset))
+                    sent.append(
+                        (await producer.send_batch(batch, topic, partition=partition), topic, partition, members)
+                    )
+                await asyncio.wait([future for future, *_ in sent])
         except TimeoutError:
             pass
-        results: list[RecordPosition | PublishError] = []
-        for r, f in zip(
-            records,
-            futures + [PublishError("not sent before the timeout")] * (len(records) - len(futures)),
-            strict=True,
-        ):
-            if isinstance(f, PublishError):
-                results.append(f)
-            elif not f.done():
-                results.append(
-                    PublishError(f"publish to {r.topic} not acknowledged within {self._publish_timeout_s} s")
+        except KafkaError as exc:
+            failure = PublishError(f"publish refused: {exc!r}")
+            results = [failure] * len(records)
+        for future, topic, partition, members in sent:
+            outcome = _outcome(future, topic, self._publish_timeout_s)
+            for index, relative in members:
+                results[index] = (
+                    outcome
+                    if isinstance(outcome, PublishError)
+                    else RecordPosition(topic, partition, outcome + relative)
                 )
-            elif f.exception() is not None:
-                results.append(PublishError(f"publish to {r.topic} failed: {f.exception()!r}"))
-            else:
-                m = f.result()
-                results.append(RecordPosition(m.topic, m.partition, m.offset))
         return results
 
     async def partitions_for(self, topic: str) -> int:
@@ -156,6 +175,24 @@ class KafkaEventLog:
             yield KafkaSubscription(consumer)
         finally:
             await consumer.stop()
+
+
+def _partition(key: bytes | None, partitions: int, index: int) -> int:
+    """Kafka's default partitioner: murmur2 of the key (keyless records spread round-robin)."""
+    if key is None:
+        return index % partitions
+    return int(murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+def _outcome(future: asyncio.Future[Any], topic: str, timeout_s: float) -> int | PublishError:
+    """The base offset of an acknowledged batch, or why it was not acknowledged."""
+    if not future.done():
+        return PublishError(f"publish to {topic} not acknowledged within {timeout_s} s")
+    if future.cancelled():
+        return PublishError(f"publish to {topic} cancelled")
+    if (exc := future.exception()) is not None:
+        return PublishError(f"publish to {topic} failed: {exc!r}")
+    return int(future.result().offset)
 
 
 class KafkaSubscription:

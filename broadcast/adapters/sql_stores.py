@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import Text, cast, delete, func, insert, select, update
+from sqlalchemy import BigInteger, Text, any_, bindparam, cast, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -176,13 +176,19 @@ class SqlOutboxStore:
     async def mark_published(self, ids: Sequence[int]) -> None:
         if ids:
             now = datetime.now(UTC)
-            await self._execute(update(outbox_events).where(outbox_events.c.id.in_(list(ids))).values(published_at=now))
+            await self._execute(update(outbox_events).where(self._ids_match(ids)).values(published_at=now))
+
+    def _ids_match(self, ids: Sequence[int]) -> Any:
+        """``id IN (...)``; on PostgreSQL one array parameter (``= ANY``) instead of a bind per id."""
+        if self._engine.dialect.name == "postgresql":
+            return outbox_events.c.id == any_(bindparam("ids", list(ids), type_=postgresql.ARRAY(BigInteger)))
+        return outbox_events.c.id.in_(list(ids))
 
     async def record_failure(self, ids: Sequence[int], error: str) -> None:
         if ids:
             stmt = (
                 update(outbox_events)
-                .where(outbox_events.c.id.in_(list(ids)))
+                .where(self._ids_match(ids))
                 .values(attempts=outbox_events.c.attempts + 1, last_error=error[:2000])
             )
             await self._execute(stmt)
