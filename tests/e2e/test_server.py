@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -14,7 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from broadcast import constants, envelope
 from devstack.stack import StackInfo
+from tests.topics import read_topic
 
 START_TIMEOUT_S = 60.0
 
@@ -119,4 +122,16 @@ def test_stack_env_serves_on_kafka_postgres_and_redis(
     ready = httpx.get(server.base + "/health/ready", timeout=10)
     assert ready.status_code == 200, ready.text
     assert ready.json()["checks"] == {"database": "ok", "kafka": "ok", "redis": "ok"}
+
+    created = httpx.post(
+        server.base + "/api/admin/broadcasts",
+        json={"content": "hello from e2e", "targetType": "SELECTED", "targetIds": ["alice", "bob"]},
+        headers={"X-Dev-User": "admin", "X-Correlation-ID": "e2e-1"},
+        timeout=10,
+    )
+    assert created.status_code == 201, created.text
+    broadcast_id = created.json()["id"]
+    records = asyncio.run(read_topic(stack.kafka_bootstrap, f"{unique_name}.{constants.SELECTED_TOPIC}", 2))
+    assert sorted(r.key or b"" for r in records) == [b"alice", b"bob"], "the server's own relay published them"
+    assert {envelope.decode(r.value).broadcast_id for r in records} == {broadcast_id}
     assert server.stop() == 0

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaConsumer
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -20,7 +19,6 @@ from broadcast.adapters.kafka_log import KafkaEventLog
 from broadcast.adapters.sql_broadcasts import SqlBroadcastStore
 from broadcast.adapters.sql_stores import SqlOutboxStore, SqlUserStore
 from broadcast.lifecycle import Lifecycle
-from broadcast.ports import EventRecord
 from broadcast.relay import OutboxRelay
 from broadcast.settings import DatabaseSettings, KafkaSettings, LimitsSettings, RelaySettings, Settings
 from devstack.stack import StackInfo
@@ -79,29 +77,3 @@ async def pipeline(
         lifecycle = Lifecycle(broadcasts, users, kafka, LimitsSettings())
         async with KafkaEventLog(kafka) as log:
             yield Pipeline(settings, engine, users, broadcasts, SqlOutboxStore(engine), lifecycle, log)
-
-
-async def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 60.0) -> list[EventRecord]:
-    """Read a topic from the beginning with a plain consumer (no group) until ``expected`` records came."""
-    consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest", enable_auto_commit=False
-    )
-    await consumer.start()
-    try:
-        records: list[EventRecord] = []
-        deadline = time.monotonic() + timeout_s
-        while len(records) < expected and time.monotonic() < deadline:
-            for batch in (await consumer.getmany(timeout_ms=500, max_records=10_000)).values():
-                records += [
-                    EventRecord(r.topic, r.partition, r.offset, r.key, r.value, tuple(r.headers or ()), r.timestamp)
-                    for r in batch
-                ]
-        # a short extra read catches records beyond the expected count (duplicates)
-        for batch in (await consumer.getmany(timeout_ms=300, max_records=10_000)).values():
-            records += [
-                EventRecord(r.topic, r.partition, r.offset, r.key, r.value, tuple(r.headers or ()), r.timestamp)
-                for r in batch
-            ]
-        return records
-    finally:
-        await consumer.stop()

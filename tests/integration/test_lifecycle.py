@@ -15,7 +15,8 @@ from broadcast.domain import BroadcastStatus, EventType, NewBroadcast, TargetTyp
 from broadcast.errors import ConflictError, NotFoundError, ValidationError
 from broadcast.scheduler import Scheduler
 from devstack.stack import StackInfo
-from tests.integration.conftest import Pipeline, read_topic
+from tests.integration.conftest import Pipeline
+from tests.topics import read_topic
 
 
 async def count(pipeline: Pipeline, table: object) -> int:

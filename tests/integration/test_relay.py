@@ -20,7 +20,8 @@ from broadcast.adapters.sql_stores import append_outbox
 from broadcast.adapters.sql_tables import user_broadcast_messages
 from broadcast.domain import BroadcastStatus, EventType, NewBroadcast, OutboxEvent, TargetType, User
 from devstack.stack import StackInfo
-from tests.integration.conftest import Pipeline, read_topic
+from tests.integration.conftest import Pipeline
+from tests.topics import read_topic
 
 
 def java_partition(key: bytes, partitions: int = 10) -> int:
