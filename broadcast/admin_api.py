@@ -24,9 +24,9 @@ from broadcast import admin_users_api, csv_upload
 from broadcast.domain import Broadcast, BroadcastStatus, NewBroadcast, TargetType
 from broadcast.errors import NotFoundError, ValidationError
 from broadcast.http_body import bounded_stream, media_type, read_model, too_large, validated
+from broadcast.http_context import components
 from broadcast.http_problems import HttpProblem
 from broadcast.identity import acting_admin
-from broadcast.lifecycle import Lifecycle
 from broadcast.schemas import (
     ROLE_PATTERN,
     BroadcastOut,
@@ -48,16 +48,6 @@ MAX_TOKEN_CHARS = 200
 MAX_CURSOR_CHARS = 512
 CSV_FORM_FIELDS = 10
 _ROLE = re.compile(ROLE_PATTERN)
-
-
-def _lifecycle(request: Request) -> Lifecycle:
-    lifecycle: Lifecycle = request.app.state.components.lifecycle
-    return lifecycle
-
-
-def _limits(request: Request) -> LimitsSettings:
-    limits: LimitsSettings = request.app.state.components.settings.limits
-    return limits
 
 
 def _request_tokens(request: Request) -> tuple[str | None, str]:
@@ -106,7 +96,7 @@ async def _create(
 ) -> Response:
     """Create through the lifecycle; 201 + Location, or 200 + ``Idempotent-Replayed`` for a replay."""
     key, correlation_id = tokens
-    broadcast, created = await _lifecycle(request).create(
+    broadcast, created = await components(request).lifecycle.create(
         new,
         sender_id=sender,
         recipients=recipients.ids if recipients is not None else None,
@@ -131,7 +121,7 @@ def _out(broadcast: Broadcast, recipients: csv_upload.Recipients | None) -> Broa
 async def create_broadcast(request: Request) -> Response:
     sender = await acting_admin(request)
     tokens = _request_tokens(request)
-    body = await read_model(request, CreateBroadcastRequest, _limits(request).max_body_bytes)
+    body = await read_model(request, CreateBroadcastRequest, components(request).settings.limits.max_body_bytes)
     if body.target_type is TargetType.ROLE:
         bad = [r for r in body.target_ids if not _ROLE.fullmatch(r)]
         if bad:
@@ -143,7 +133,7 @@ async def upload_broadcast(request: Request) -> Response:
     """CSV upload: the multipart body is streamed (bounded) to a spooled file, then read line by line."""
     sender = await acting_admin(request)
     tokens = _request_tokens(request)
-    limits = _limits(request)
+    limits = components(request).settings.limits
     if media_type(request) != "multipart/form-data":
         raise HttpProblem(415, "Unsupported media type", "send multipart/form-data with a `file` part")
     form = await _read_form(request, limits)
@@ -220,30 +210,30 @@ async def list_broadcasts(request: Request) -> Response:
             allowed = ", ".join(s.value for s in BroadcastStatus)
             raise ValidationError(f"status must be one of {allowed}") from None
     cursor, limit = _page_params(request)
-    page = await _lifecycle(request).list_broadcasts(status, cursor, limit)
+    page = await components(request).lifecycle.list_broadcasts(status, cursor, limit)
     return json_response(BroadcastPage(items=[BroadcastOut.of(b) for b in page.items], next_cursor=page.next_cursor))
 
 
 async def get_broadcast(request: Request) -> Response:
     await acting_admin(request)
-    return json_response(BroadcastOut.of(await _lifecycle(request).get(_broadcast_id(request))))
+    return json_response(BroadcastOut.of(await components(request).lifecycle.get(_broadcast_id(request))))
 
 
 async def cancel_broadcast(request: Request) -> Response:
     await acting_admin(request)
-    return json_response(BroadcastOut.of(await _lifecycle(request).cancel(_broadcast_id(request))))
+    return json_response(BroadcastOut.of(await components(request).lifecycle.cancel(_broadcast_id(request))))
 
 
 async def broadcast_stats(request: Request) -> Response:
     await acting_admin(request)
-    return json_response(StatsOut.of(await _lifecycle(request).stats(_broadcast_id(request))))
+    return json_response(StatsOut.of(await components(request).lifecycle.stats(_broadcast_id(request))))
 
 
 async def broadcast_deliveries(request: Request) -> Response:
     await acting_admin(request)
     broadcast_id = _broadcast_id(request)
     cursor, limit = _page_params(request)
-    page = await _lifecycle(request).deliveries(broadcast_id, cursor, limit)
+    page = await components(request).lifecycle.deliveries(broadcast_id, cursor, limit)
     return json_response(DeliveryPage(items=[DeliveryOut.of(d) for d in page.items], next_cursor=page.next_cursor))
 
 

@@ -15,25 +15,15 @@ from starlette.routing import BaseRoute, Route
 from broadcast.domain import User
 from broadcast.errors import NotFoundError, ValidationError
 from broadcast.http_body import read_json, validated
+from broadcast.http_context import components
 from broadcast.http_problems import HttpProblem
 from broadcast.identity import acting_admin
-from broadcast.ports import UserStore
 from broadcast.schemas import ImportOut, UserBody, UserImport, UserOut, json_response
 from broadcast.settings import LimitsSettings
 
 PREFIX = "/api/admin/users"
 # Rows per store call: keeps one INSERT well under PostgreSQL's 32,767 bind parameters.
 UPSERT_CHUNK = 1_000
-
-
-def _users(request: Request) -> UserStore:
-    users: UserStore = request.app.state.components.users
-    return users
-
-
-def _limits(request: Request) -> LimitsSettings:
-    limits: LimitsSettings = request.app.state.components.settings.limits
-    return limits
 
 
 def _user_id(raw: str, limits: LimitsSettings) -> str:
@@ -46,17 +36,17 @@ def _user_id(raw: str, limits: LimitsSettings) -> str:
 
 async def put_user(request: Request) -> Response:
     await acting_admin(request)
-    limits = _limits(request)
+    limits = components(request).settings.limits
     user_id = _user_id(request.path_params["id"], limits)
     body = validated(UserBody, await read_json(request, limits.max_body_bytes))
     user = body.to_domain(user_id)
-    await _users(request).upsert([user])
+    await components(request).users.upsert([user])
     return json_response(UserOut.of(user))
 
 
 async def import_users(request: Request) -> Response:
     await acting_admin(request)
-    limits = _limits(request)
+    limits = components(request).settings.limits
     data: Any = await read_json(request, limits.max_body_bytes)
     if isinstance(data, list) and len(data) > limits.max_bulk_users:
         raise HttpProblem(413, "Content too large", f"at most {limits.max_bulk_users} users per bulk import")
@@ -70,7 +60,7 @@ async def import_users(request: Request) -> Response:
         by_id.pop(user_id, None)  # the last entry of a repeated id wins, in its own position
         by_id[user_id] = entry.to_domain(user_id)
     users = list(by_id.values())
-    store = _users(request)
+    store = components(request).users
     for start in range(0, len(users), UPSERT_CHUNK):
         await store.upsert(users[start : start + UPSERT_CHUNK])
     return json_response(ImportOut(imported=len(users)))
@@ -79,7 +69,11 @@ async def import_users(request: Request) -> Response:
 async def get_user(request: Request) -> Response:
     await acting_admin(request)
     user_id: str = request.path_params["id"]
-    user = await _users(request).get(user_id) if len(user_id) <= _limits(request).max_user_id_chars else None
+    user = (
+        await components(request).users.get(user_id)
+        if len(user_id) <= components(request).settings.limits.max_user_id_chars
+        else None
+    )
     if user is None:
         raise NotFoundError(f"user {user_id[:64]!r} does not exist")
     return json_response(UserOut.of(user))
