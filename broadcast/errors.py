@@ -5,7 +5,8 @@
 ├── ``NotFoundError``       a named thing does not exist (404)
 ├── ``ConflictError``       the request clashes with current state (409)
 ├── ``UnavailableError``    a dependency (database, Kafka, Redis) cannot serve now (503); retryable
-│   └── ``PublishError``    an event could not be made durable on the event log
+│   ├── ``PublishError``    an event could not be made durable on the event log
+│   └── ``CommitFailedError`` a consumer offset commit did not happen (rebalance, partition not assigned)
 └── ``ConfigurationError``  settings or topics that cannot work; the process should not start
 
 Adapters translate driver exceptions into these (``raise ... from exc``); only the HTTP layer turns them
@@ -39,3 +40,11 @@ class PublishError(UnavailableError):
 
 class ConfigurationError(BroadcastError):
     """Settings, schema or topics that cannot work; raised at start-up."""
+
+
+class CommitFailedError(UnavailableError):
+    """A consumer offset commit did not happen (the group rebalanced, or the partition is not assigned).
+
+    Nothing is lost: the uncommitted records are delivered again, to this member or another, so a
+    listener container logs it and carries on (processing is idempotent).
+    """

@@ -6,7 +6,7 @@ Each port has an in-memory adapter (embedded default, unit tests) and a real one
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -87,7 +87,11 @@ class EventSubscription(Protocol):
     async def fetch(self, max_records: int = 500, timeout_s: float = 1.0) -> list[EventRecord]: ...
 
     async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
-        """Commit, per partition, the offset of the *next* record to read."""
+        """Commit, per partition, the offset of the *next* record to read.
+
+        Raises ``CommitFailedError`` when the commit did not happen (the group rebalanced, or a partition
+        is not assigned to this member): the records are then delivered again, to this member or another.
+        """
         ...
 
     async def committed(self, partition: TopicPartition) -> int | None: ...
@@ -97,12 +101,32 @@ class EventSubscription(Protocol):
     def seek(self, partition: TopicPartition, offset: int) -> None: ...
 
 
+RebalanceCallback = Callable[[frozenset[TopicPartition]], Awaitable[None]]
+"""Told the partitions a member gives up (``on_revoked``) or receives (``on_assigned``) in a rebalance."""
+
+
 class EventLog(Protocol):
     """A partitioned, replicated log with consumer groups (Kafka, or the in-process version)."""
 
     def publisher(self) -> EventPublisher: ...
 
-    def subscribe(self, topics: Iterable[str], group_id: str) -> AbstractAsyncContextManager[EventSubscription]: ...
+    def subscribe(
+        self,
+        topics: Iterable[str],
+        group_id: str,
+        *,
+        on_revoked: RebalanceCallback | None = None,
+        on_assigned: RebalanceCallback | None = None,
+    ) -> AbstractAsyncContextManager[EventSubscription]:
+        """Join ``group_id``; the member leaves the group when the block exits.
+
+        Rebalances are eager, as with Kafka's default assignors: ``on_revoked`` is awaited with the
+        member's whole previous assignment (empty on the first join) *before* partitions move, while its
+        commits still count — the place to commit processed offsets — and ``on_assigned`` with the new
+        assignment afterwards. Positions of assigned partitions restart at the committed offsets.
+        Callbacks run in whatever task drives the rebalance; their exceptions are logged, not raised.
+        """
+        ...
 
 
 # --------------------------------------------------------------------------- database stores
@@ -242,6 +266,7 @@ __all__ = [
     "OutboxStore",
     "OutgoingRecord",
     "Presence",
+    "RebalanceCallback",
     "RecordPosition",
     "TopicPartition",
     "TopicPartitionOffsets",

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
 import uuid
+from collections.abc import Iterator
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
 from devstack.stack import StackInfo, up
+
+_STACK_USED = False
 
 
 @pytest.fixture(scope="session")
@@ -15,6 +21,8 @@ def stack() -> StackInfo:
 
     It is deliberately not stopped at the end of the session: the next session reuses it.
     """
+    global _STACK_USED
+    _STACK_USED = True
     return up()
 
 
@@ -22,3 +30,27 @@ def stack() -> StackInfo:
 def unique_name() -> str:
     """A fresh short name for a topic, consumer group or schema, unique per test."""
     return "t" + uuid.uuid4().hex[:10]
+
+
+TEST_TOPIC = re.compile(r"^(t[0-9a-f]{10}|bench_\w+|prof_\w+)([.-].*)?$")
+
+
+async def delete_test_topics(bootstrap: str) -> int:
+    """Delete the topics tests and benchmarks created (unique-name prefixes), so the cluster stays small."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=60_000)
+    await admin.start()
+    try:
+        names = [t for t in await admin.list_topics() if TEST_TOPIC.match(t)]
+        for start in range(0, len(names), 50):
+            await admin.delete_topics(names[start : start + 50])
+        return len(names)
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tidy_topics() -> Iterator[None]:
+    """After a session that used the stack, delete its test topics (the stack itself keeps running)."""
+    yield
+    if _STACK_USED:
+        asyncio.run(delete_test_topics(up().kafka_bootstrap))
