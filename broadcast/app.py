@@ -13,6 +13,8 @@ from broadcast.components import open_components
 from broadcast.http_problems import EXCEPTION_HANDLERS
 from broadcast.settings import Settings
 from broadcast.workers import ROLES, running
+from sse import routes as sse_routes
+from sse.frames import RETRY_MS, EventName, frame
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +37,17 @@ def create_app(settings: Settings, roles: frozenset[str] = frozenset(ROLES)) -> 
                 log.info("serving on %s", settings.describe())
             yield
 
-    return Starlette(
-        routes=[*health.routes, *admin_api.routes],
+    app = Starlette(
+        routes=[*health.routes, *admin_api.routes, *sse_routes.routes],
         exception_handlers=dict(EXCEPTION_HANDLERS),
         lifespan=lifespan,
     )
+
+    def begin_shutdown() -> None:
+        """Called on SIGTERM before the server stops: tell every stream, then end them."""
+        components = getattr(app.state, "components", None)
+        if components is not None:
+            components.hub.shutdown(frame(EventName.SERVER_SHUTDOWN, {"reconnectInMs": RETRY_MS}))
+
+    app.state.begin_shutdown = begin_shutdown
+    return app

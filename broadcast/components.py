@@ -19,10 +19,13 @@ from broadcast.adapters.memory_log import MemoryEventLog
 from broadcast.adapters.redis_bus import RedisBus, RedisHealth, RedisPresence, create_client
 from broadcast.adapters.sql_broadcasts import SqlBroadcastStore
 from broadcast.adapters.sql_engine import SqlHealth, create_engine
+from broadcast.adapters.sql_inbox import SqlInboxStore
 from broadcast.adapters.sql_stores import SqlOutboxStore, SqlUserStore
 from broadcast.lifecycle import Lifecycle
-from broadcast.ports import BroadcastStore, Bus, EventLog, Health, OutboxStore, Presence, UserStore
+from broadcast.ports import BroadcastStore, Bus, EventLog, Health, InboxStore, OutboxStore, Presence, UserStore
 from broadcast.settings import Settings
+from sse.fanout import DeliveredMarker
+from sse.hub import Hub
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,10 @@ class Components:
     broadcasts: BroadcastStore
     lifecycle: Lifecycle
     outbox_wakeup: asyncio.Event
+    inbox: InboxStore
+    hub: Hub
+    marker: DeliveredMarker
+    reconcile_now: asyncio.Event
     health: dict[str, Health] = field(default_factory=dict)
 
 
@@ -73,6 +80,7 @@ async def open_components(settings: Settings) -> AsyncIterator[Components]:
         users = SqlUserStore(engine)
         broadcasts = SqlBroadcastStore(engine)
         wakeup = asyncio.Event()
+        inbox = SqlInboxStore(engine)
         lifecycle = Lifecycle(broadcasts, users, settings.kafka, settings.limits, on_outbox=wakeup.set)
         yield Components(
             settings=settings,
@@ -84,5 +92,9 @@ async def open_components(settings: Settings) -> AsyncIterator[Components]:
             broadcasts=broadcasts,
             lifecycle=lifecycle,
             outbox_wakeup=wakeup,
+            inbox=inbox,
+            hub=Hub(settings.sse.queue_size, settings.sse.max_connections_per_user),
+            marker=DeliveredMarker(inbox, settings.sse.delivered_flush_seconds),
+            reconcile_now=asyncio.Event(),
             health=health,
         )

@@ -38,3 +38,8 @@ REDIS_GROUP_CHANNEL: Final = "group"
 def dlt_topic(topic: str) -> str:
     """The dead-letter topic for ``topic`` (Spring's ``<topic>-dlt`` naming)."""
     return topic + DLT_SUFFIX
+
+
+def instance_channel(instance_id: str) -> str:
+    """The bus channel one instance listens on for its users' messages."""
+    return REDIS_INSTANCE_CHANNEL.format(instance_id=instance_id)

@@ -162,3 +162,12 @@ class Page(Generic[T]):
 
     items: tuple[T, ...]
     next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class InboxItem:
+    """A message as a user sees it: the broadcast, the user's row (SELECTED, or once read) and read state."""
+
+    broadcast: Broadcast
+    row_id: int | None
+    read: bool

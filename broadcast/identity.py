@@ -15,9 +15,24 @@ DEV_USER_HEADER = "X-Dev-User"
 MAX_USER_CHARS = 128
 
 
+DEV_USER_QUERY = "devUser"
+
+
 async def acting_admin(request: Request) -> str:
     """The acting admin's user id, or a 401 problem (``WWW-Authenticate: Bearer``) when nobody is signed in."""
+    return _dev_user(request.headers.get(DEV_USER_HEADER))
+
+
+async def acting_user(request: Request) -> str:
+    """The signed-in user (any role). ``EventSource`` cannot send headers, so in development only the
+    ``devUser`` query parameter is accepted too; production never takes a user id from the URL."""
     user = request.headers.get(DEV_USER_HEADER)
+    if user is None and request.app.state.components.settings.environment == "development":
+        user = request.query_params.get(DEV_USER_QUERY)
+    return _dev_user(user)
+
+
+def _dev_user(user: str | None) -> str:
     if user is None or not 1 <= len(user) <= MAX_USER_CHARS or not user.isprintable() or not user.strip():
         raise HttpProblem(
             401,

@@ -18,6 +18,7 @@ from broadcast.domain import (
     BroadcastStatus,
     ClaimedOutboxEvent,
     Delivery,
+    InboxItem,
     OutboxEvent,
     Page,
     User,
@@ -215,6 +216,28 @@ class BroadcastStore(Protocol):
         ...
 
 
+class InboxStore(Protocol):
+    """What each user has, has missed and has read (see ``adapters/sql_inbox.py``)."""
+
+    async def row_for(self, broadcast_id: str, user_id: str) -> int: ...
+
+    async def pending(self, user_id: str, limit: int) -> list[InboxItem]: ...
+
+    async def selected_after(
+        self, user_id: str, row_id: int, since: datetime | None, limit: int
+    ) -> list[InboxItem]: ...
+
+    async def row_created_at(self, user_id: str, row_id: int) -> datetime | None: ...
+
+    async def group(self, user_id: str, roles: frozenset[str], since: datetime | None) -> list[InboxItem]: ...
+
+    async def inbox(self, user_id: str, roles: frozenset[str]) -> list[InboxItem]: ...
+
+    async def mark_read(self, user_id: str, broadcast_ids: Sequence[str]) -> list[str]: ...
+
+    async def mark_delivered(self, pairs: Sequence[tuple[str, str]]) -> int: ...
+
+
 # --------------------------------------------------------------------------- bus and presence (Redis)
 @dataclass(frozen=True, slots=True)
 class BusMessage:
@@ -263,6 +286,7 @@ __all__ = [
     "EventRecord",
     "EventSubscription",
     "Health",
+    "InboxStore",
     "OutboxStore",
     "OutgoingRecord",
     "Presence",

@@ -30,6 +30,10 @@ async def serve(config: uvicorn.Config) -> bool:
     def on_signal() -> None:
         if stop.is_set():
             server.force_exit = True
+        else:
+            hook = getattr(getattr(config.app, "state", None), "begin_shutdown", None)
+            if callable(hook):
+                hook()  # e.g. SERVER_SHUTDOWN to every open stream, which then ends
         stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):

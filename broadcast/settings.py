@@ -133,6 +133,20 @@ class RelaySettings(BaseModel):
     scheduler_tick_seconds: float = Field(default=1.0, gt=0)
 
 
+class SseSettings(BaseModel):
+    """Server-Sent Events: per-connection bounds, heartbeats, catch-up and reconciliation."""
+
+    model_config = {"extra": "forbid"}
+
+    queue_size: int = Field(default=256, ge=1)
+    max_connections_per_user: int = Field(default=5, ge=1)
+    send_timeout_seconds: float = Field(default=10.0, gt=0)
+    heartbeat_seconds: float = Field(default=15.0, gt=0)
+    replay_limit: int = Field(default=1_000, ge=1)
+    reconcile_seconds: float = Field(default=5.0, gt=0)
+    delivered_flush_seconds: float = Field(default=0.2, gt=0)
+
+
 class AuthSettings(BaseModel):
     """Token verification (the security issue fills this in; the dev secret is refused in production)."""
 
@@ -156,6 +170,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     relay: RelaySettings = Field(default_factory=RelaySettings)
+    sse: SseSettings = Field(default_factory=SseSettings)
 
     @property
     def embedded(self) -> bool:

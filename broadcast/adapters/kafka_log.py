@@ -1,7 +1,8 @@
 """The Kafka event log (aiokafka): an idempotent ``acks=all`` producer and explicit-commit consumers.
 
 Every await on the producer is bounded by a timeout (with idempotence on, aiokafka never expires a send
-while brokers are down), and failures surface as ``PublishError``. Consumers never auto-commit.
+while brokers are down), and failures surface as ``PublishError``. Consumers never auto-commit; their
+rebalance callbacks and commit failures (``CommitFailedError``) reach callers in the port's vocabulary.
 """
 
 from __future__ import annotations
@@ -11,14 +12,14 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 from aiokafka.structs import OffsetAndMetadata
 from aiokafka.structs import TopicPartition as KafkaTopicPartition
 
-from broadcast.errors import PublishError, UnavailableError
-from broadcast.ports import EventRecord, OutgoingRecord, RecordPosition, TopicPartition
+from broadcast.errors import CommitFailedError, PublishError, UnavailableError
+from broadcast.ports import EventRecord, OutgoingRecord, RebalanceCallback, RecordPosition, TopicPartition
 from broadcast.settings import KafkaSettings
 
 
@@ -157,15 +158,22 @@ class KafkaEventLog:
         return len(partitions)
 
     @asynccontextmanager
-    async def subscribe(self, topics: Iterable[str], group_id: str) -> AsyncIterator[KafkaSubscription]:
+    async def subscribe(
+        self,
+        topics: Iterable[str],
+        group_id: str,
+        *,
+        on_revoked: RebalanceCallback | None = None,
+        on_assigned: RebalanceCallback | None = None,
+    ) -> AsyncIterator[KafkaSubscription]:
         consumer = AIOKafkaConsumer(
-            *topics,
             **client_options(self._settings),
             group_id=group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             isolation_level="read_committed",
         )
+        consumer.subscribe(list(topics), listener=_RebalanceListener(on_revoked, on_assigned))
         try:
             await consumer.start()
         except KafkaError as exc:
@@ -195,6 +203,30 @@ def _outcome(future: asyncio.Future[Any], topic: str, timeout_s: float) -> int |
     return int(future.result().offset)
 
 
+class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
+    """Hands aiokafka's rebalance callbacks to the port's, in the port's vocabulary.
+
+    aiokafka awaits ``on_partitions_revoked`` in its coordination task before it rejoins the group, while
+    the old generation's commits still succeed; it logs (and swallows) a callback's exception.
+    """
+
+    def __init__(self, on_revoked: RebalanceCallback | None, on_assigned: RebalanceCallback | None) -> None:
+        self._on_revoked = on_revoked
+        self._on_assigned = on_assigned
+
+    async def on_partitions_revoked(self, revoked: Iterable[KafkaTopicPartition]) -> None:
+        if self._on_revoked is not None:
+            await self._on_revoked(_ours(revoked))
+
+    async def on_partitions_assigned(self, assigned: Iterable[KafkaTopicPartition]) -> None:
+        if self._on_assigned is not None:
+            await self._on_assigned(_ours(assigned))
+
+
+def _ours(partitions: Iterable[KafkaTopicPartition]) -> frozenset[TopicPartition]:
+    return frozenset(TopicPartition(tp.topic, tp.partition) for tp in partitions)
+
+
 class KafkaSubscription:
     """One aiokafka consumer in a group, behind the ``EventSubscription`` port."""
 
@@ -202,7 +234,10 @@ class KafkaSubscription:
         self._consumer = consumer
 
     async def fetch(self, max_records: int = 500, timeout_s: float = 1.0) -> list[EventRecord]:
-        batches = await self._consumer.getmany(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        try:
+            batches = await self._consumer.getmany(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        except KafkaError as exc:
+            raise UnavailableError(f"fetch failed: {exc!r}") from exc
         records: list[EventRecord] = []
         for tp in sorted(batches, key=lambda t: (t.topic, t.partition)):
             for r in batches[tp]:
@@ -211,9 +246,21 @@ class KafkaSubscription:
         return records
 
     async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
-        await self._consumer.commit(
-            {KafkaTopicPartition(tp.topic, tp.partition): OffsetAndMetadata(o, "") for tp, o in offsets.items()}
-        )
+        """Commit explicit offsets; a rebalance or an unassigned partition raises ``CommitFailedError``.
+
+        aiokafka raises its ``CommitFailedError`` when the group rebalanced under the commit and
+        ``IllegalStateError`` for a partition not (or no longer) assigned; any other Kafka error that is
+        not retried inside aiokafka means the commit did not happen either. Retriable errors (coordinator
+        moving) are retried by aiokafka until they clear: callers bound the await with a timeout.
+        """
+        if not offsets:
+            return
+        try:
+            await self._consumer.commit(
+                {KafkaTopicPartition(tp.topic, tp.partition): OffsetAndMetadata(o, "") for tp, o in offsets.items()}
+            )
+        except KafkaError as exc:  # CommitFailedError and IllegalStateError are KafkaErrors
+            raise CommitFailedError(f"commit of {dict(offsets)} failed: {exc!r}") from exc
 
     async def committed(self, partition: TopicPartition) -> int | None:
         offset = await self._consumer.committed(KafkaTopicPartition(partition.topic, partition.partition))

@@ -2,21 +2,28 @@
 
 It mirrors the parts of Kafka the listener code relies on: topics with a fixed number of partitions,
 key-hashed partitioning (same key, same partition, so per-key order holds), consumer groups whose members
-share partitions, explicit committed offsets, and seek. Records live in memory only: the embedded default
-loses unconsumed records on restart, which the outbox covers because it republishes unpublished rows.
+share partitions, explicit committed offsets, and seek. Rebalances are eager, as aiokafka's: every member's
+``on_revoked`` is awaited with its whole assignment (commits still count then), partitions move, positions
+restart at the committed offsets, then every ``on_assigned`` is awaited; fetches return nothing meanwhile.
+A commit for a partition the member does not hold raises ``CommitFailedError``, as Kafka's does. Records
+live in memory only: the embedded default loses unconsumed records on restart, which the outbox covers
+because it republishes unpublished rows.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 import zlib
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 
-from broadcast.errors import PublishError
-from broadcast.ports import EventRecord, OutgoingRecord, RecordPosition, TopicPartition
+from broadcast.errors import CommitFailedError, PublishError
+from broadcast.ports import EventRecord, OutgoingRecord, RebalanceCallback, RecordPosition, TopicPartition
+
+log = logging.getLogger(__name__)
 
 
 class MemoryEventLog:
@@ -56,8 +63,7 @@ class MemoryEventLog:
         log = partitions[partition]
         record = EventRecord(topic, partition, len(log), key, value, tuple(headers), int(time.time() * 1000))
         log.append(record)
-        self._changed.set()
-        self._changed = asyncio.Event()
+        self._wake()
         return RecordPosition(topic, partition, record.offset)
 
     async def publish_many(self, records: Sequence[OutgoingRecord]) -> list[RecordPosition | PublishError]:
@@ -65,17 +71,32 @@ class MemoryEventLog:
 
     # -- consuming
     @asynccontextmanager
-    async def subscribe(self, topics: Iterable[str], group_id: str) -> AsyncIterator[MemorySubscription]:
+    async def subscribe(
+        self,
+        topics: Iterable[str],
+        group_id: str,
+        *,
+        on_revoked: RebalanceCallback | None = None,
+        on_assigned: RebalanceCallback | None = None,
+    ) -> AsyncIterator[MemorySubscription]:
         names = tuple(topics)
         for name in names:
             self._topic(name)
-        group = self._groups.setdefault(group_id, _Group())
-        member = MemorySubscription(self, group, names)
-        group.join(member)
+        group = self._groups.setdefault(group_id, _Group(self))
+        member = MemorySubscription(self, group, names, on_revoked, on_assigned)
+        group.members.append(member)
         try:
+            await group.rebalance()
             yield member
         finally:
-            group.leave(member)
+            # as aiokafka's close: the leaver's callbacks are not called; the others' are
+            group.members.remove(member)
+            member.positions = {}
+            await group.rebalance()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     def _records(self, tp: TopicPartition, start: int, limit: int) -> list[EventRecord]:
         return self._topic(tp.topic)[tp.partition][start : start + limit]
@@ -85,36 +106,59 @@ class MemoryEventLog:
 
 
 class _Group:
-    """Members and committed offsets of one consumer group; assignment is round-robin, eager."""
+    """Members and committed offsets of one consumer group; assignment is round-robin, eager, serialised."""
 
-    def __init__(self) -> None:
+    def __init__(self, log: MemoryEventLog) -> None:
+        self.log = log
         self.members: list[MemorySubscription] = []
         self.committed: dict[TopicPartition, int] = {}
+        self.rebalancing = False
+        self._lock = asyncio.Lock()
 
-    def join(self, member: MemorySubscription) -> None:
-        self.members.append(member)
-        self._rebalance()
+    async def rebalance(self) -> None:
+        async with self._lock:
+            self.rebalancing = True
+            try:
+                members = list(self.members)
+                for member in members:
+                    await _call(member.on_revoked, member.assignment(), "on_revoked")
+                tps = self.log._all_partitions(t for m in self.members for t in m.topics)
+                for index, member in enumerate(self.members):
+                    mine = [tp for i, tp in enumerate(tps) if i % len(self.members) == index]
+                    member.positions = {tp: self.committed.get(tp, 0) for tp in mine if tp.topic in member.topics}
+                members = list(self.members)
+            finally:
+                self.rebalancing = False
+                self.log._wake()
+            for member in members:
+                await _call(member.on_assigned, member.assignment(), "on_assigned")
 
-    def leave(self, member: MemorySubscription) -> None:
-        self.members.remove(member)
-        self._rebalance()
 
-    def _rebalance(self) -> None:
-        if not self.members:
-            return
-        log = self.members[0].log
-        tps = log._all_partitions(t for m in self.members for t in m.topics)
-        for index, member in enumerate(self.members):
-            mine = [tp for i, tp in enumerate(tps) if i % len(self.members) == index]
-            member.positions = {tp: self.committed.get(tp, 0) for tp in mine if tp.topic in member.topics}
+async def _call(callback: RebalanceCallback | None, partitions: frozenset[TopicPartition], name: str) -> None:
+    """Run a rebalance callback; like aiokafka, log its failure and go on with the rebalance."""
+    if callback is None:
+        return
+    try:
+        await callback(partitions)
+    except Exception:
+        log.exception("rebalance callback %s failed", name)
 
 
 class MemorySubscription:
     """One group member; reads from its assigned partitions, commits explicitly."""
 
-    def __init__(self, log: MemoryEventLog, group: _Group, topics: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        log: MemoryEventLog,
+        group: _Group,
+        topics: tuple[str, ...],
+        on_revoked: RebalanceCallback | None,
+        on_assigned: RebalanceCallback | None,
+    ) -> None:
         self.log = log
         self.topics = topics
+        self.on_revoked = on_revoked
+        self.on_assigned = on_assigned
         self._group = group
         self.positions: dict[TopicPartition, int] = {}
 
@@ -123,7 +167,7 @@ class MemorySubscription:
         while True:
             changed = self.log._changed
             batch: list[EventRecord] = []
-            for tp, position in list(self.positions.items()):
+            for tp, position in [] if self._group.rebalancing else list(self.positions.items()):
                 records = self.log._records(tp, position, max_records - len(batch))
                 if records:
                     batch.extend(records)
@@ -139,6 +183,8 @@ class MemorySubscription:
                 return []
 
     async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+        if foreign := set(offsets) - set(self.positions):
+            raise CommitFailedError(f"partitions {sorted(foreign)} are not assigned to this member")
         self._group.committed.update(offsets)
 
     async def committed(self, partition: TopicPartition) -> int | None:

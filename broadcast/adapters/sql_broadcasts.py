@@ -106,7 +106,7 @@ class SqlBroadcastStore:
             return None
         if row.request_hash != request_hash:
             raise ConflictError("Idempotency-Key was already used for a different request")
-        return _broadcast(row)
+        return broadcast_from_row(row)
 
     async def _write_recipients(self, conn: AsyncConnection, broadcast: Broadcast, user_ids: Sequence[str]) -> None:
         now = broadcast.created_at
@@ -145,7 +145,7 @@ class SqlBroadcastStore:
                 row = (await conn.execute(query)).first()
                 if row is None:
                     raise NotFoundError(f"broadcast {broadcast_id} does not exist")
-                current = _broadcast(row)
+                current = broadcast_from_row(row)
                 if current.status not in allowed:
                     raise ConflictError(f"broadcast {broadcast_id} is {current.status.value}, not {to.value}-able")
                 await conn.execute(
@@ -170,7 +170,7 @@ class SqlBroadcastStore:
     # ------------------------------------------------------------------ reads
     async def get(self, broadcast_id: str) -> Broadcast | None:
         row = await self._first(select(broadcast_messages).where(broadcast_messages.c.id == broadcast_id))
-        return None if row is None else _broadcast(row)
+        return None if row is None else broadcast_from_row(row)
 
     async def list_broadcasts(self, status: BroadcastStatus | None, cursor: str | None, limit: int) -> Page[Broadcast]:
         b = broadcast_messages.c
@@ -181,7 +181,7 @@ class SqlBroadcastStore:
             created_at, last_id = _decode_cursor(cursor)
             query = query.where(or_(b.created_at < created_at, and_(b.created_at == created_at, b.id < last_id)))
         rows = await self._all(query)
-        items = tuple(_broadcast(r) for r in rows[:limit])
+        items = tuple(broadcast_from_row(r) for r in rows[:limit])
         next_cursor = _encode_cursor(items[-1]) if len(rows) > limit else None
         return Page(items, next_cursor)
 
@@ -295,7 +295,7 @@ def _row(b: Broadcast, idempotency_key: str | None, request_hash: str) -> dict[s
     }
 
 
-def _broadcast(r: Row[Any]) -> Broadcast:
+def broadcast_from_row(r: Row[Any]) -> Broadcast:
     return Broadcast(
         id=r.id,
         sender_id=r.sender_id,

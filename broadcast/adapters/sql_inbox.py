@@ -1,0 +1,197 @@
+"""The SQL ``InboxStore``: what each user has, has missed and has read.
+
+SELECTED messages are the user's ``user_broadcast_messages`` rows (fan-out on write). ALL/ROLE messages
+are the ACTIVE group broadcasts matching the user's roles (fan-out on read); a row for them is written
+only when the user reads one. A message is visible while its broadcast is ACTIVE and not past expiry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from broadcast.adapters.sql_broadcasts import broadcast_from_row
+from broadcast.adapters.sql_stores import translate
+from broadcast.adapters.sql_tables import broadcast_messages, user_broadcast_messages
+from broadcast.domain import Broadcast, BroadcastStatus, DeliveryStatus, InboxItem, ReadStatus, TargetType
+
+GROUP_TYPES = (TargetType.ALL.value, TargetType.ROLE.value)
+GROUP_SCAN_LIMIT = 1_000
+
+b = broadcast_messages.c
+u = user_broadcast_messages.c
+
+
+def _visible(now: datetime) -> Any:
+    return and_(b.status == BroadcastStatus.ACTIVE.value, or_(b.expires_at.is_(None), b.expires_at > now))
+
+
+def matches(broadcast: Broadcast, roles: frozenset[str]) -> bool:
+    """Whether a group broadcast targets a user holding ``roles``."""
+    return broadcast.target_type is TargetType.ALL or bool(roles.intersection(broadcast.target_roles))
+
+
+class SqlInboxStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def _rows(self, query: Any) -> Sequence[Any]:
+        try:
+            async with self._engine.connect() as conn:
+                return (await conn.execute(query)).all()
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc) from exc
+
+    def _selected(self, user_id: str, now: datetime) -> Any:
+        return (
+            select(broadcast_messages, u.id.label("row_id"), u.read_status)
+            .join(user_broadcast_messages, u.broadcast_id == b.id)
+            .where(u.user_id == user_id, _visible(now))
+        )
+
+    @staticmethod
+    def _items(rows: Sequence[Any]) -> list[InboxItem]:
+        return [InboxItem(broadcast_from_row(r), r.row_id, r.read_status == ReadStatus.READ.value) for r in rows]
+
+    async def row_for(self, broadcast_id: str, user_id: str) -> int:
+        """The user's row for a broadcast, created PENDING if missing (idempotent)."""
+        now = datetime.now(UTC)
+        values = {
+            "broadcast_id": broadcast_id,
+            "user_id": user_id,
+            "delivery_status": DeliveryStatus.PENDING.value,
+            "read_status": ReadStatus.UNREAD.value,
+            "created_at": now,
+            "updated_at": now,
+        }
+        try:
+            async with self._engine.begin() as conn:
+                insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+                await conn.execute(insert(user_broadcast_messages).values(values).on_conflict_do_nothing())
+                query = select(u.id).where(u.broadcast_id == broadcast_id, u.user_id == user_id)
+                return int((await conn.execute(query)).scalar_one())
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc) from exc
+
+    async def pending(self, user_id: str, limit: int) -> list[InboxItem]:
+        now = datetime.now(UTC)
+        query = self._selected(user_id, now).where(u.delivery_status == DeliveryStatus.PENDING.value)
+        return self._items(await self._rows(query.order_by(u.id).limit(limit)))
+
+    async def selected_after(self, user_id: str, row_id: int, since: datetime | None, limit: int) -> list[InboxItem]:
+        """Rows after ``row_id`` (or created after ``since``), and every PENDING row, in row order."""
+        now = datetime.now(UTC)
+        newer = u.id > row_id if since is None else u.created_at > since
+        query = self._selected(user_id, now).where(or_(newer, u.delivery_status == DeliveryStatus.PENDING.value))
+        return self._items(await self._rows(query.order_by(u.id).limit(limit)))
+
+    async def row_created_at(self, user_id: str, row_id: int) -> datetime | None:
+        """When the user's row ``row_id`` was written (None if it is not this user's)."""
+        rows = await self._rows(select(u.created_at).where(u.id == row_id, u.user_id == user_id))
+        return (
+            rows[0].created_at.replace(tzinfo=UTC)
+            if rows and rows[0].created_at.tzinfo is None
+            else (rows[0].created_at if rows else None)
+        )
+
+    async def max_row_id(self, user_id: str) -> int:
+        rows = await self._rows(select(func.max(u.id)).where(u.user_id == user_id))
+        return int(rows[0][0] or 0)
+
+    async def group(self, user_id: str, roles: frozenset[str], since: datetime | None) -> list[InboxItem]:
+        """Visible ALL/ROLE broadcasts for the user, oldest first: created after ``since``, or unread ones."""
+        now = datetime.now(UTC)
+        query = select(broadcast_messages).where(_visible(now), b.target_type.in_(GROUP_TYPES))
+        if since is not None:
+            query = query.where(b.created_at > since)
+        candidates = [
+            broadcast_from_row(r) for r in await self._rows(query.order_by(b.created_at).limit(GROUP_SCAN_LIMIT))
+        ]
+        mine = [c for c in candidates if matches(c, roles)]
+        read = await self._read_ids(user_id, [c.id for c in mine])
+        return [InboxItem(c, None, c.id in read) for c in mine if since is not None or c.id not in read]
+
+    async def _read_ids(self, user_id: str, broadcast_ids: Sequence[str]) -> set[str]:
+        if not broadcast_ids:
+            return set()
+        query = select(u.broadcast_id).where(
+            u.user_id == user_id, u.broadcast_id.in_(list(broadcast_ids)), u.read_status == ReadStatus.READ.value
+        )
+        return {r.broadcast_id for r in await self._rows(query)}
+
+    async def inbox(self, user_id: str, roles: frozenset[str]) -> list[InboxItem]:
+        """Everything visible to the user, newest first (SELECTED rows and matching group broadcasts)."""
+        now = datetime.now(UTC)
+        selected = self._items(await self._rows(self._selected(user_id, now).order_by(u.id.desc()).limit(500)))
+        query = select(broadcast_messages).where(_visible(now), b.target_type.in_(GROUP_TYPES))
+        group = [broadcast_from_row(r) for r in await self._rows(query.order_by(b.created_at.desc()).limit(500))]
+        mine = [g for g in group if matches(g, roles)]
+        read = await self._read_ids(user_id, [g.id for g in mine])
+        items = selected + [InboxItem(g, None, g.id in read) for g in mine]
+        return sorted(items, key=lambda i: (i.broadcast.created_at, i.broadcast.id), reverse=True)
+
+    async def mark_read(self, user_id: str, broadcast_ids: Sequence[str]) -> list[str]:
+        """Mark read (creating the row for group broadcasts); returns the ids that were not read before."""
+        now = datetime.now(UTC)
+        newly: list[str] = []
+        try:
+            async with self._engine.begin() as conn:
+                visible = (
+                    await conn.execute(select(b.id).where(b.id.in_(list(broadcast_ids)), _visible(now)))
+                ).scalars()
+                for broadcast_id in visible:
+                    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+                    await conn.execute(
+                        insert(user_broadcast_messages)
+                        .values(
+                            broadcast_id=broadcast_id,
+                            user_id=user_id,
+                            delivery_status=DeliveryStatus.DELIVERED.value,
+                            read_status=ReadStatus.UNREAD.value,
+                            delivered_at=now,
+                            created_at=now,
+                            updated_at=now,
+                        )
+                        .on_conflict_do_nothing()
+                    )
+                    result = await conn.execute(
+                        update(user_broadcast_messages)
+                        .where(
+                            u.broadcast_id == broadcast_id, u.user_id == user_id, u.read_status != ReadStatus.READ.value
+                        )
+                        .values(read_status=ReadStatus.READ.value, read_at=now, updated_at=now)
+                    )
+                    if result.rowcount:
+                        newly.append(broadcast_id)
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc) from exc
+        return newly
+
+    async def mark_delivered(self, pairs: Sequence[tuple[str, str]]) -> int:
+        """PENDING → DELIVERED for (broadcast id, user id) pairs written to a live stream."""
+        if not pairs:
+            return 0
+        now = datetime.now(UTC)
+        done = 0
+        try:
+            async with self._engine.begin() as conn:
+                for broadcast_id, user_id in pairs:
+                    result = await conn.execute(
+                        update(user_broadcast_messages)
+                        .where(
+                            u.broadcast_id == broadcast_id,
+                            u.user_id == user_id,
+                            u.delivery_status == DeliveryStatus.PENDING.value,
+                        )
+                        .values(delivery_status=DeliveryStatus.DELIVERED.value, delivered_at=now, updated_at=now)
+                    )
+                    done += result.rowcount
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc) from exc
+        return done

@@ -1,0 +1,278 @@
+"""The listener container: runs a ``Listener``'s group members, calls its handler, commits explicit offsets.
+
+Spring Kafka's ``ConcurrentMessageListenerContainer``, small: ``concurrency`` members, each one
+``EventLog.subscribe`` subscription driven by its own task, all in one task group. Invariants:
+
+- An offset is committed only once every record before it in the partition was handled, or given up by
+  the error handler (``SKIP``). ``RECORD`` mode coalesces to one commit per fetched batch;
+  ``MANUAL_IMMEDIATE`` commits when the handler awaits ``ack.acknowledge()``.
+- A failing record is retried by seeking back to it (``ErrorOutcome.RETRY``): nothing after it in its
+  partition is handled first, so per-key order holds.
+- Rebalance: ``on_revoked`` waits (at most ``finish_timeout_s``) for the record in hand, commits the
+  processed offsets and forgets the revoked partitions; the rest of a batch fetched before a rebalance is
+  dropped (its records come again from the committed offsets, to whichever member owns them now).
+- A commit that fails (``CommitFailedError``, or no answer within ``commit_timeout_s``) is logged and
+  the container carries on: the records are delivered again, which is safe because processing is
+  idempotent. Delivery is at-least-once.
+- Stop (the ``stop`` event, or leaving the ``async with``): each member finishes the record in hand, commits,
+  and closes its subscription. A handler still running after ``finish_timeout_s`` is cancelled and its
+  record not committed, so shutdown never waits on a handler for longer than that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+
+from broadcast.errors import UnavailableError
+from broadcast.loops import pause
+from broadcast.ports import EventLog, EventRecord, EventSubscription, TopicPartition
+from consumers.errors import ErrorHandler, ErrorOutcome, LoggingErrorHandler
+from consumers.listener import AckMode, Listener
+
+log = logging.getLogger(__name__)
+ERROR_BACKOFF_S = 1.0
+
+
+class ListenerContainer:
+    """Runs one listener: ``await run(stop)``, or ``async with ListenerContainer(...):`` (stops on exit)."""
+
+    def __init__(
+        self,
+        event_log: EventLog,
+        listener: Listener,
+        error_handler: ErrorHandler | None = None,
+        *,
+        commit_timeout_s: float = 10.0,
+        finish_timeout_s: float = 10.0,
+    ) -> None:
+        self.event_log = event_log
+        self.listener = listener
+        self.error_handler: ErrorHandler = error_handler or LoggingErrorHandler()
+        self.commit_timeout_s = commit_timeout_s
+        self.finish_timeout_s = finish_timeout_s
+        self._members: list[_Member] = []
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # -- observation (tests, metrics, health)
+    def assignments(self) -> list[frozenset[TopicPartition]]:
+        """Each running member's current partitions."""
+        return [m.assignment() for m in self._members]
+
+    @property
+    def handled(self) -> int:
+        """Records whose handler returned normally (retried deliveries count each time)."""
+        return sum(m.handled for m in self._members)
+
+    @property
+    def commit_failures(self) -> int:
+        return sum(m.commit_failures for m in self._members)
+
+    # -- running
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run the members until ``stop`` is set; returns once every subscription is closed."""
+        self._members = [_Member(self, index) for index in range(self.listener.concurrency)]
+        try:
+            async with asyncio.TaskGroup() as group:
+                for member in self._members:
+                    group.create_task(member.run(stop), name=f"listener-{self.listener.name}-{member.index}")
+        except BaseExceptionGroup as failures:  # one failing member stops the others; surface its error
+            if len(failures.exceptions) == 1:
+                raise failures.exceptions[0] from None
+            raise
+
+    async def __aenter__(self) -> ListenerContainer:
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(self.run(self._stop), name=f"listener-{self.listener.name}")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        if self._task is not None:
+            task, self._task = self._task, None
+            await task
+
+
+class _Acknowledgment:
+    """The ``Acknowledgment`` of one record: commits the offset after it, now."""
+
+    __slots__ = ("_member", "_offset", "_partition")
+
+    def __init__(self, member: _Member, partition: TopicPartition, offset: int) -> None:
+        self._member, self._partition, self._offset = member, partition, offset
+
+    async def acknowledge(self) -> None:
+        await self._member.commit({self._partition: self._offset + 1})
+
+
+class _Member:
+    """One group member: its subscription, its handled-but-uncommitted offsets, its rebalance callbacks.
+
+    ``_pending[tp]`` is the offset after the last handled record of ``tp`` not yet committed; it only
+    moves over handled (or skipped) records, in order. ``_generation`` changes at every rebalance callback,
+    so a batch fetched under an older assignment is abandoned.
+    """
+
+    def __init__(self, container: ListenerContainer, index: int) -> None:
+        self.container = container
+        self.listener = container.listener
+        self.index = index
+        self.handled = 0
+        self.commit_failures = 0
+        self._sub: EventSubscription | None = None
+        self._pending: dict[TopicPartition, int] = {}
+        self._failures: dict[TopicPartition, tuple[int, int]] = {}  # partition -> (offset, attempts)
+        self._generation = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def assignment(self) -> frozenset[TopicPartition]:
+        return self._sub.assignment() if self._sub is not None else frozenset()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        listener = self.listener
+        async with self.container.event_log.subscribe(
+            listener.topics, listener.group_id, on_revoked=self._on_revoked, on_assigned=self._on_assigned
+        ) as sub:
+            self._sub = sub
+            try:
+                await self._consume_until_stopped(stop)
+            finally:
+                await self._commit_pending()
+                self._sub = None
+
+    async def _consume_until_stopped(self, stop: asyncio.Event) -> None:
+        """Consume until ``stop``; then give the record in hand ``finish_timeout_s`` before cancelling it."""
+        work = asyncio.create_task(self._consume(stop))
+        stopped = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                await asyncio.wait({work}, timeout=self.container.finish_timeout_s)
+                if not work.done():
+                    log.warning(
+                        "listener %s: a handler did not finish within %.1f s of stop; cancelled, not committed",
+                        self.listener.name,
+                        self.container.finish_timeout_s,
+                    )
+        finally:
+            stopped.cancel()
+            work.cancel()
+            await asyncio.wait({work})
+        if not work.cancelled() and (failure := work.exception()) is not None:
+            raise failure
+
+    async def _consume(self, stop: asyncio.Event) -> None:
+        assert self._sub is not None
+        while not stop.is_set():
+            try:
+                records = await self._sub.fetch(self.listener.max_poll_records, self.listener.poll_timeout_s)
+            except UnavailableError as exc:
+                log.warning("listener %s: fetch failed, retrying: %s", self.listener.name, exc)
+                await pause(stop, ERROR_BACKOFF_S)
+                continue
+            if records:
+                await self._process(records, stop)
+                await self._commit_pending()
+
+    async def _process(self, records: list[EventRecord], stop: asyncio.Event) -> None:
+        generation = self._generation
+        rewound: set[TopicPartition] = set()
+        for record in records:
+            if stop.is_set() or generation != self._generation:
+                return
+            tp = TopicPartition(record.topic, record.partition)
+            if tp not in rewound and not await self._handle(record, tp, generation):
+                rewound.add(tp)
+
+    async def _handle(self, record: EventRecord, tp: TopicPartition, generation: int) -> bool:
+        """Handle one record; False when it is to be retried (the partition was sought back to it)."""
+        manual = self.listener.ack_mode is AckMode.MANUAL_IMMEDIATE
+        self._idle.clear()
+        try:
+            try:
+                if self.listener.acknowledging_handler is not None:
+                    await self.listener.acknowledging_handler(record, _Acknowledgment(self, tp, record.offset))
+                elif self.listener.handler is not None:
+                    await self.listener.handler(record)
+            except Exception as exc:
+                if await self._recover(record, tp, exc) is ErrorOutcome.RETRY:
+                    self._rewind(tp, record.offset, generation)
+                    return False
+                if manual:  # recovered: commit past it, as Spring does after a recoverer
+                    await self.commit({tp: record.offset + 1})
+            else:
+                self.handled += 1
+            if not manual:
+                self._pending[tp] = record.offset + 1
+            self._failures.pop(tp, None)
+            return True
+        finally:
+            self._idle.set()
+
+    async def _recover(self, record: EventRecord, tp: TopicPartition, exc: Exception) -> ErrorOutcome:
+        offset, attempts = self._failures.get(tp, (record.offset, 0))
+        attempt = attempts + 1 if offset == record.offset else 1
+        self._failures[tp] = (record.offset, attempt)
+        try:
+            return await self.container.error_handler.handle(record, exc, attempt)
+        except Exception:
+            log.exception("listener %s: the error handler failed; retrying the record", self.listener.name)
+            await asyncio.sleep(ERROR_BACKOFF_S)
+            return ErrorOutcome.RETRY
+
+    def _rewind(self, tp: TopicPartition, offset: int, generation: int) -> None:
+        """Seek back to a record to retry; after a rebalance the position already restarts at the commit."""
+        if self._sub is not None and generation == self._generation and tp in self._sub.assignment():
+            self._sub.seek(tp, offset)
+
+    async def commit(self, offsets: Mapping[TopicPartition, int]) -> bool:
+        """Commit explicit offsets; a failure is logged and reported as False, never raised."""
+        if not offsets or self._sub is None:
+            return True
+        try:
+            async with asyncio.timeout(self.container.commit_timeout_s):
+                await self._sub.commit(offsets)
+        except (UnavailableError, TimeoutError) as exc:  # CommitFailedError is an UnavailableError
+            self.commit_failures += 1
+            log.warning(
+                "listener %s: commit of %s failed; those records will be delivered again: %r",
+                self.listener.name,
+                dict(offsets),
+                exc,
+            )
+            return False
+        return True
+
+    async def _commit_pending(self, only: frozenset[TopicPartition] | None = None) -> None:
+        offsets = {tp: o for tp, o in self._pending.items() if only is None or tp in only}
+        if await self.commit(offsets):
+            for tp, offset in offsets.items():
+                if self._pending.get(tp) == offset:
+                    del self._pending[tp]
+
+    # -- rebalance callbacks (run in the task that drives the rebalance)
+    async def _on_revoked(self, partitions: frozenset[TopicPartition]) -> None:
+        self._generation += 1
+        if not self._idle.is_set():
+            try:
+                async with asyncio.timeout(self.container.finish_timeout_s):
+                    await self._idle.wait()
+            except TimeoutError:
+                log.warning("listener %s: record still in hand at revocation; not committed", self.listener.name)
+        await self._commit_pending(partitions)
+        for tp in partitions:
+            self._pending.pop(tp, None)
+            self._failures.pop(tp, None)
+        if partitions:
+            log.info("listener %s member %d: revoked %s", self.listener.name, self.index, sorted(partitions))
+
+    async def _on_assigned(self, partitions: frozenset[TopicPartition]) -> None:
+        self._generation += 1
+        for tp in set(self._pending) - partitions:
+            del self._pending[tp]
+        for tp in set(self._failures) - partitions:
+            del self._failures[tp]
+        log.info("listener %s member %d: assigned %s", self.listener.name, self.index, sorted(partitions))

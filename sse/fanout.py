@@ -1,0 +1,144 @@
+"""The loops that keep an instance's streams fed: bus listener, reconciliation, presence, delivery marks.
+
+- ``BusListener``: subscribes to this instance's channel and the group channel, hands each message's
+  pre-encoded frame to the hub; resubscribes on its own after a Redis outage (and asks for a
+  reconciliation, since pub/sub dropped whatever was sent meanwhile).
+- ``Reconciler``: every few seconds, sends connected users their PENDING rows the live path missed.
+- ``PresenceKeeper``: heartbeats presence for every locally connected user (entries expire otherwise).
+- ``DeliveredMarker``: batches "written to a live stream" marks into PENDING → DELIVERED updates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import orjson
+
+from broadcast import constants
+from broadcast.errors import BroadcastError
+from broadcast.loops import pause
+from broadcast.ports import Bus, BusMessage, InboxStore, Presence
+from sse.hub import Connection, Hub, Outgoing
+from sse.messages import item_frame
+
+log = logging.getLogger(__name__)
+RECONCILE_BATCH = 200
+
+
+def _group_matches(target_type: str, roles: frozenset[str]) -> Any:
+    def matches(connection: Connection) -> bool:
+        return target_type == "ALL" or bool(connection.roles & roles)
+
+    return matches
+
+
+class BusListener:
+    def __init__(self, bus: Bus, hub: Hub, instance_id: str, reconcile_now: asyncio.Event) -> None:
+        self._bus = bus
+        self._hub = hub
+        self._channels = [constants.instance_channel(instance_id), constants.REDIS_GROUP_CHANNEL]
+        self._reconcile_now = reconcile_now
+        self.subscribed = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                async with self._bus.subscribe(self._channels) as subscription:
+                    self.subscribed.set()
+                    self._reconcile_now.set()
+                    while not stop.is_set():
+                        message = await subscription.get(timeout_s=1.0)
+                        if message is not None:
+                            self.dispatch(message)
+            except BroadcastError as exc:
+                self.subscribed.clear()
+                log.warning("bus subscription lost, resubscribing: %s", exc)
+                await pause(stop, 1.0)
+
+    def dispatch(self, message: BusMessage) -> int:
+        try:
+            payload = orjson.loads(message.payload)
+            data = payload["frame"].encode()
+            if payload["kind"] == "user":
+                delivers = tuple(payload["delivers"]) if payload.get("delivers") else None
+                item = Outgoing(data, delivers, payload.get("broadcast"))
+                return self._hub.to_user(payload["user"], item)
+            if payload["kind"] == "group":
+                matches = _group_matches(payload["targetType"], frozenset(payload["roles"]))
+                return self._hub.to_matching(matches, Outgoing(data, None, payload["broadcast"]))
+            return self._hub.to_matching(lambda c: True, Outgoing(data))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            log.error("malformed bus message on %s dropped: %r", message.channel, exc)
+            return 0
+
+
+class Reconciler:
+    def __init__(self, inbox: InboxStore, hub: Hub, interval_s: float, now: asyncio.Event) -> None:
+        self._inbox = inbox
+        self._hub = hub
+        self._interval_s = interval_s
+        self._now = now
+        self.pushed = 0
+
+    async def run_once(self) -> int:
+        pushed = 0
+        for user_id in self._hub.users():
+            for item in await self._inbox.pending(user_id, RECONCILE_BATCH):
+                outgoing = Outgoing(item_frame(item), (item.broadcast.id, user_id), item.broadcast.id)
+                if self._hub.to_user(user_id, outgoing):
+                    pushed += 1
+        self.pushed += pushed
+        return pushed
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self._now.clear()
+            try:
+                await self.run_once()
+            except BroadcastError as exc:
+                log.warning("reconciliation failed: %s", exc)
+            await pause(stop, self._interval_s, self._now)
+
+
+class PresenceKeeper:
+    def __init__(self, presence: Presence, hub: Hub, instance_id: str, interval_s: float) -> None:
+        self._presence = presence
+        self._hub = hub
+        self._instance_id = instance_id
+        self._interval_s = interval_s
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                for user_id in self._hub.users():
+                    await self._presence.heartbeat(user_id, self._instance_id)
+            except BroadcastError as exc:
+                log.warning("presence heartbeat failed: %s", exc)
+            await pause(stop, self._interval_s)
+
+
+class DeliveredMarker:
+    def __init__(self, inbox: InboxStore, interval_s: float) -> None:
+        self._inbox = inbox
+        self._interval_s = interval_s
+        self._pending: set[tuple[str, str]] = set()
+        self.marked = 0
+
+    def add(self, pair: tuple[str, str]) -> None:
+        self._pending.add(pair)
+
+    async def flush(self) -> None:
+        batch, self._pending = list(self._pending), set()
+        try:
+            self.marked += await self._inbox.mark_delivered(batch)
+        except BroadcastError as exc:
+            log.warning("could not mark %d deliveries, retrying: %s", len(batch), exc)
+            self._pending.update(batch)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await pause(stop, self._interval_s)
+            await self.flush()
+        await self.flush()

@@ -1,0 +1,64 @@
+"""SSE wire format: frames encoded once, as bytes, and the resume cursor carried in event ids.
+
+Event ids of MESSAGE events name a position a reconnecting client can resume from:
+``s<row id>`` for a SELECTED message (the user's ``user_broadcast_messages`` row) and ``g<µs>`` for an
+ALL/ROLE message (its broadcast's creation time in microseconds since the epoch) — the same bytes for
+every connection that receives it. Other events carry no id, so they do not move the browser's
+``Last-Event-ID``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import orjson
+
+RETRY_MS = 3_000
+RETRY = f"retry: {RETRY_MS}\n\n".encode()
+HEARTBEAT = b": heartbeat\n\n"
+
+
+class EventName:
+    CONNECTED = "CONNECTED"
+    MESSAGE = "MESSAGE"
+    READ_RECEIPT = "READ_RECEIPT"
+    MESSAGE_REMOVED = "MESSAGE_REMOVED"
+    RESYNC = "RESYNC"
+    SERVER_SHUTDOWN = "SERVER_SHUTDOWN"
+    CONNECTION_LIMIT_REACHED = "CONNECTION_LIMIT_REACHED"
+
+
+def frame(event: str, data: object, event_id: str | None = None) -> bytes:
+    """One complete SSE event; ``data`` is JSON-encoded on one line (orjson never emits newlines)."""
+    head = f"event: {event}\n" + (f"id: {event_id}\n" if event_id else "")
+    return head.encode() + b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+def micros(moment: datetime) -> int:
+    return int(moment.timestamp() * 1_000_000)
+
+
+def from_micros(value: int) -> datetime:
+    return datetime.fromtimestamp(value / 1_000_000, tz=UTC)
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where a client left off: a SELECTED row id, or a group broadcast's creation time."""
+
+    row_id: int | None = None
+    group_micros: int | None = None
+
+    def format(self) -> str:
+        return f"s{self.row_id}" if self.row_id is not None else f"g{self.group_micros}"
+
+
+def parse_cursor(raw: str | None) -> Cursor | None:
+    """The cursor in a ``Last-Event-ID``; None when absent; ValueError when it is not one of ours."""
+    if raw is None or raw == "":
+        return None
+    if len(raw) > 40 or raw[:1] not in ("s", "g") or not raw[1:].isdigit():
+        raise ValueError(f"not a resumable event id: {raw[:40]!r}")
+    value = int(raw[1:])
+    return Cursor(row_id=value) if raw[0] == "s" else Cursor(group_micros=value)

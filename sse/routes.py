@@ -1,0 +1,161 @@
+"""User-facing routes: the SSE stream and the inbox API. The user is always the signed-in identity."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import orjson
+from sse_starlette import EventSourceResponse
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from broadcast import constants, envelope
+from broadcast.domain import EventType, OutboxEvent
+from broadcast.errors import BroadcastError, ConflictError, ValidationError
+from broadcast.http_context import components
+from broadcast.identity import acting_user
+from sse.frames import EventName, frame
+from sse.hub import Connection
+from sse.messages import from_broadcast
+from sse.stream import StreamContext, catch_up, events
+
+log = logging.getLogger(__name__)
+LIMIT_RETRY = b"retry: 60000\n\n"
+MAX_READ_IDS = 500
+HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def connect(request: Request) -> Response:
+    user_id = await acting_user(request)
+    c = components(request)
+    settings = c.settings.sse
+    user = await c.users.get(user_id)
+    roles = user.roles if user else frozenset()
+    raw_cursor = request.headers.get("last-event-id") or request.query_params.get("lastEventId")
+    try:
+        connection = c.hub.open(user_id, roles)
+    except ConflictError:
+        return EventSourceResponse(_limit_reached(settings.max_connections_per_user), headers=HEADERS)
+    try:
+        await c.presence.heartbeat(user_id, c.settings.server.instance_id)
+    except BroadcastError as exc:  # live pushes wait for Redis; reconciliation still delivers
+        log.warning("presence heartbeat for %s failed: %s", user_id, exc)
+    try:
+        backlog, resync = await catch_up(c.inbox, user_id, roles, raw_cursor, settings.replay_limit)
+    except BaseException:
+        await _close(request, connection)
+        raise
+    ctx = StreamContext(c.hub, c.inbox, c.presence, settings, c.settings.server.instance_id, c.marker.add)
+
+    async def stream() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in events(ctx, connection, backlog, resync):
+                yield chunk
+        finally:
+            await _close(request, connection)
+
+    return EventSourceResponse(
+        stream(), ping=settings.heartbeat_seconds, send_timeout=settings.send_timeout_seconds, headers=HEADERS
+    )
+
+
+async def _limit_reached(limit: int) -> AsyncIterator[bytes]:
+    yield LIMIT_RETRY
+    yield frame(EventName.CONNECTION_LIMIT_REACHED, {"limit": limit})
+
+
+async def _close(request: Request, connection: Connection) -> None:
+    c = components(request)
+    if c.hub.close(connection):
+        with contextlib.suppress(BroadcastError):
+            await c.presence.leave(connection.user_id, c.settings.server.instance_id)
+
+
+def _json(body: object, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+async def inbox(request: Request) -> Response:
+    user_id = await acting_user(request)
+    c = components(request)
+    user = await c.users.get(user_id)
+    items = await c.inbox.inbox(user_id, user.roles if user else frozenset())
+    limit = _limit(request.query_params.get("limit", "50"))
+    cursor = request.query_params.get("cursor")
+    if cursor is not None:
+        ids = [i.broadcast.id for i in items]
+        if cursor not in ids:
+            raise ValidationError("invalid cursor")
+        items = items[ids.index(cursor) + 1 :]
+    page = items[:limit]
+    return _json(
+        {
+            "items": [from_broadcast(i.broadcast, i.read) for i in page],
+            "nextCursor": page[-1].broadcast.id if len(items) > limit else None,
+            "unreadCount": sum(1 for i in items if not i.read) if cursor is None else None,
+        }
+    )
+
+
+async def unread(request: Request) -> Response:
+    user_id = await acting_user(request)
+    c = components(request)
+    user = await c.users.get(user_id)
+    items = [i for i in await c.inbox.inbox(user_id, user.roles if user else frozenset()) if not i.read]
+    return _json({"count": len(items), "items": [from_broadcast(i.broadcast) for i in items]})
+
+
+async def mark_read(request: Request) -> Response:
+    """Idempotent; each newly read message emits one READ event that syncs the user's other tabs."""
+    user_id = await acting_user(request)
+    c = components(request)
+    try:
+        body = orjson.loads(await request.body())
+        ids = body["broadcastIds"]
+        if not isinstance(ids, list) or not ids or len(ids) > MAX_READ_IDS or not all(isinstance(i, str) for i in ids):
+            raise ValueError
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValidationError(f'body must be {{"broadcastIds": [1..{MAX_READ_IDS} ids]}}') from exc
+    newly = await c.inbox.mark_read(user_id, [i for i in ids if len(i) <= 64])
+    topic = c.settings.kafka.topic(constants.SELECTED_TOPIC)
+    now = datetime.now(UTC)
+    events_ = [
+        OutboxEvent(
+            topic,
+            user_id,
+            EventType.READ,
+            envelope.encode(
+                envelope.MessageDeliveryEvent(
+                    event_id=envelope.event_id(b, EventType.READ, user_id),
+                    event_type=EventType.READ,
+                    broadcast_id=b,
+                    user_id=user_id,
+                    occurred_at=now,
+                )
+            ),
+            broadcast_id=b,
+        )
+        for b in newly
+    ]
+    if events_:
+        await c.outbox.append(events_)
+        c.outbox_wakeup.set()
+    return _json({"read": newly})
+
+
+def _limit(raw: str) -> int:
+    if not raw.isdigit() or not 1 <= int(raw) <= 500:
+        raise ValidationError("limit must be between 1 and 500")
+    return int(raw)
+
+
+routes = [
+    Route("/api/user/sse/connect", connect, methods=["GET"]),
+    Route("/api/user/messages", inbox, methods=["GET"]),
+    Route("/api/user/messages/unread", unread, methods=["GET"]),
+    Route("/api/user/messages/read", mark_read, methods=["POST"]),
+]
