@@ -122,10 +122,14 @@ class _Group:
                 members = list(self.members)
                 for member in members:
                     await _call(member.on_revoked, member.assignment(), "on_revoked")
-                tps = self.log._all_partitions(t for m in self.members for t in m.topics)
-                for index, member in enumerate(self.members):
-                    mine = [tp for i, tp in enumerate(tps) if i % len(self.members) == index]
-                    member.positions = {tp: self.committed.get(tp, 0) for tp in mine if tp.topic in member.topics}
+                # Round-robin per topic among the members subscribed to it (as Kafka's assignors do), so
+                # members of one group with different subscriptions still cover every partition.
+                assigned: dict[int, list[TopicPartition]] = {id(m): [] for m in self.members}
+                for tp in self.log._all_partitions(t for m in self.members for t in m.topics):
+                    takers = [m for m in self.members if tp.topic in m.topics]
+                    assigned[id(takers[tp.partition % len(takers)])].append(tp)
+                for member in self.members:
+                    member.positions = {tp: self.committed.get(tp, 0) for tp in assigned[id(member)]}
                 members = list(self.members)
             finally:
                 self.rebalancing = False

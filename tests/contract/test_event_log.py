@@ -122,3 +122,17 @@ async def test_seek_rereads_from_an_offset(event_log: LogUnderTest, unique_name:
         sub.seek(TopicPartition(topic, records[0].partition), records[2].offset)
         again = await drain(sub, 3)
     assert [r.value for r in again] == [b"m2", b"m3", b"m4"]
+
+
+async def test_members_with_different_topics_in_one_group_each_get_all_their_partitions(
+    event_log: LogUnderTest, unique_name: str
+) -> None:
+    first, second = event_log.topics
+    group = f"{unique_name}-g"
+    async with event_log.log.subscribe([first], group) as a, event_log.log.subscribe([second], group) as b:
+        deadline = time.monotonic() + DEADLINE_S
+        while not (len(a.assignment()) == PARTITIONS and len(b.assignment()) == PARTITIONS):
+            assert time.monotonic() < deadline, f"assignments {a.assignment()} / {b.assignment()}"
+            await asyncio.gather(a.fetch(timeout_s=0.2), b.fetch(timeout_s=0.2))
+        assert {tp.topic for tp in a.assignment()} == {first}
+        assert {tp.topic for tp in b.assignment()} == {second}
