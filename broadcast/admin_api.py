@@ -82,7 +82,7 @@ def _page_params(request: Request) -> tuple[str | None, int]:
     raw = request.query_params.get("limit")
     if raw is None or raw == "":
         return cursor, DEFAULT_PAGE_SIZE
-    if not raw.isdigit() or len(raw) > 9:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
         raise ValidationError("limit must be a positive integer")
     return cursor, int(raw)
 

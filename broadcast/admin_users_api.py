@@ -69,11 +69,9 @@ async def import_users(request: Request) -> Response:
 async def get_user(request: Request) -> Response:
     await acting_admin(request)
     user_id: str = request.path_params["id"]
-    user = (
-        await components(request).users.get(user_id)
-        if len(user_id) <= components(request).settings.limits.max_user_id_chars
-        else None
-    )
+    limits = components(request).settings.limits
+    valid = 1 <= len(user_id) <= limits.max_user_id_chars and user_id.isprintable()
+    user = await components(request).users.get(user_id) if valid else None
     if user is None:
         raise NotFoundError(f"user {user_id[:64]!r} does not exist")
     return json_response(UserOut.of(user))

@@ -32,7 +32,7 @@ def declared_length(request: Request, limit: int) -> None:
     raw = request.headers.get("content-length")
     if raw is None:
         return
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()):
         raise HttpProblem(400, "Invalid request", "Content-Length is not a number")
     if int(raw) > limit:
         raise too_large(limit)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import orjson
@@ -77,6 +78,7 @@ class Lifecycle:
         A ``scheduledAt`` in the past means now; an ``expiresAt`` not in the future is rejected.
         """
         now = self._clock()
+        request = _in_utc(request)
         content = request.content.strip()
         ids = self._audience(request, recipients)
         self._validate(request, content, now)
@@ -197,6 +199,8 @@ class Lifecycle:
     def _validate(self, request: NewBroadcast, content: str, now: datetime) -> None:
         if not content:
             raise ValidationError("content must not be empty")
+        if "\x00" in content or (request.category and "\x00" in request.category):
+            raise ValidationError("content and category must not contain NUL characters")
         if len(content) > self._limits.max_content_chars:
             raise ValidationError(f"content exceeds {self._limits.max_content_chars} characters")
         if request.category is not None and len(request.category) > self._limits.max_category_chars:
@@ -264,6 +268,19 @@ class Lifecycle:
             broadcast.id,
             broadcast.scheduled_at if event_type is EventType.CREATED else None,
         )
+
+
+def _in_utc(request: NewBroadcast) -> NewBroadcast:
+    """Times in UTC: SQLite keeps no offset, so a +05:00 time would otherwise fire five hours off."""
+    return replace(
+        request,
+        scheduled_at=request.scheduled_at.astimezone(UTC)
+        if request.scheduled_at and request.scheduled_at.tzinfo
+        else request.scheduled_at,
+        expires_at=request.expires_at.astimezone(UTC)
+        if request.expires_at and request.expires_at.tzinfo
+        else request.expires_at,
+    )
 
 
 def _request_hash(request: NewBroadcast, content: str, ids: Sequence[str], sender_id: str) -> str:

@@ -88,6 +88,7 @@ class OutboxRelay:
         """Publish until ``stop`` is set; sleeps on the wake-up event when idle, backs off on errors."""
         last_purge = time.monotonic()
         while not stop.is_set():
+            self._wakeup.clear()  # before the round: a commit during it wakes the next one at once
             try:
                 published = await self.run_once()
                 if time.monotonic() - last_purge > PURGE_EVERY_S:
@@ -98,5 +99,4 @@ class OutboxRelay:
                 published = 0
                 await pause(stop, ERROR_BACKOFF_S)
             if published == 0:
-                self._wakeup.clear()
                 await pause(stop, self._settings.idle_poll_seconds, self._wakeup)

@@ -197,7 +197,7 @@ class DeliveryPage(CamelModel):
 
 # --------------------------------------------------------------------------- users
 Roles = Annotated[list[RoleName], Field(max_length=MAX_ROLES_PER_USER)]
-DisplayName = Annotated[str, StringConstraints(max_length=MAX_DISPLAY_NAME_CHARS)]
+DisplayName = Annotated[str, StringConstraints(max_length=MAX_DISPLAY_NAME_CHARS, pattern=r"^[^\x00]*$")]
 
 
 class UserBody(RequestModel):

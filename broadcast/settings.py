@@ -127,7 +127,7 @@ class RelaySettings(BaseModel):
 
     batch_size: int = Field(default=5_000, ge=1)
     lanes_per_claim: int = Field(default=8, ge=1)
-    lease_seconds: float = Field(default=30.0, gt=0)
+    lease_seconds: float = Field(default=90.0, gt=0)  # > 2x the producer's 30 s publish timeout
     idle_poll_seconds: float = Field(default=0.2, gt=0)
     retention_seconds: float = Field(default=3_600.0, ge=0)
     scheduler_tick_seconds: float = Field(default=1.0, gt=0)

@@ -1,6 +1,8 @@
-"""The background roles of a process (relay, scheduler; consumers and DLT come with their issues).
+"""The background roles of a process: outbox relay, scheduler, delivery consumers, the SSE feeding loops.
 
-All loops run in one task group and stop together when the shutdown event is set.
+All loops share one stop event; on shutdown each gets ``STOP_TIMEOUT_S`` to finish, then is cancelled,
+so a wedged dependency (e.g. Kafka unreachable) can never hang the process. A loop that crashes is
+logged at once (readiness reporting comes with the observability issue).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from sse.fanout import BusListener, PresenceKeeper, Reconciler
 
 log = logging.getLogger(__name__)
 ROLES = ("api", "relay", "consumers", "dlt", "scheduler")
+STOP_TIMEOUT_S = 15.0
 
 
 class Loop(Protocol):
@@ -33,30 +36,49 @@ async def running(components: Components, roles: frozenset[str]) -> AsyncIterato
     """Start the background loops of ``roles`` for the duration of the block."""
     settings = components.settings
     stop = asyncio.Event()
-    async with asyncio.TaskGroup() as group:
-        if "relay" in roles:
-            relay = OutboxRelay(
+    tasks: list[asyncio.Task[None]] = []
+
+    def start(name: str, loop: Loop) -> None:
+        task = asyncio.create_task(loop.run(stop), name=name)
+        task.add_done_callback(_report_crash)
+        tasks.append(task)
+
+    if "relay" in roles:
+        start(
+            "outbox-relay",
+            OutboxRelay(
                 components.outbox,
                 components.event_log.publisher(),
                 settings.relay,
                 owner=settings.server.instance_id,
                 wakeup=components.outbox_wakeup,
-            )
-            group.create_task(relay.run(stop), name="outbox-relay")
-        if "scheduler" in roles:
-            scheduler = Scheduler(components.lifecycle, components.broadcasts, settings.relay.scheduler_tick_seconds)
-            group.create_task(scheduler.run(stop), name="scheduler")
-        if "api" in roles:
-            for loop in _stream_loops(components):
-                group.create_task(loop.run(stop), name=type(loop).__name__)
-        if "consumers" in roles:
-            for container in _delivery_containers(components):
-                group.create_task(container.run(stop), name=container.listener.name)
-        log.info("running roles: %s", ",".join(sorted(roles)))
-        try:
-            yield
-        finally:
-            stop.set()
+            ),
+        )
+    if "scheduler" in roles:
+        start(
+            "scheduler", Scheduler(components.lifecycle, components.broadcasts, settings.relay.scheduler_tick_seconds)
+        )
+    if "api" in roles:
+        for loop in _stream_loops(components):
+            start(type(loop).__name__, loop)
+    if "consumers" in roles:
+        for container in _delivery_containers(components):
+            start(container.listener.name, container)
+    log.info("running roles: %s", ",".join(sorted(roles)))
+    try:
+        yield
+    finally:
+        stop.set()
+        _, late = await asyncio.wait(tasks, timeout=STOP_TIMEOUT_S) if tasks else (set(), set())
+        for task in late:
+            log.warning("background loop %s did not stop within %s s; cancelling it", task.get_name(), STOP_TIMEOUT_S)
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+
+
+def _report_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("background loop %s crashed", task.get_name(), exc_info=exc)
 
 
 def _stream_loops(c: Components) -> list[Loop]:

@@ -58,7 +58,8 @@ def parse_cursor(raw: str | None) -> Cursor | None:
     """The cursor in a ``Last-Event-ID``; None when absent; ValueError when it is not one of ours."""
     if raw is None or raw == "":
         return None
-    if len(raw) > 40 or raw[:1] not in ("s", "g") or not raw[1:].isdigit():
+    digits = raw[1:]
+    if len(raw) > 20 or raw[:1] not in ("s", "g") or not (digits.isascii() and digits.isdigit()):
         raise ValueError(f"not a resumable event id: {raw[:40]!r}")
     value = int(raw[1:])
     return Cursor(row_id=value) if raw[0] == "s" else Cursor(group_micros=value)

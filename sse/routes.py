@@ -148,7 +148,7 @@ async def mark_read(request: Request) -> Response:
 
 
 def _limit(raw: str) -> int:
-    if not raw.isdigit() or not 1 <= int(raw) <= 500:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw[:4]) <= 500 or len(raw) > 3:
         raise ValidationError("limit must be between 1 and 500")
     return int(raw)
 

@@ -16,6 +16,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import asyncpg
 import orjson
 from sqlalchemy import Row, and_, case, delete, func, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -148,11 +149,16 @@ class SqlBroadcastStore:
                 current = broadcast_from_row(row)
                 if current.status not in allowed:
                     raise ConflictError(f"broadcast {broadcast_id} is {current.status.value}, not {to.value}-able")
-                await conn.execute(
+                changed_rows = await conn.execute(
                     update(broadcast_messages)
-                    .where(broadcast_messages.c.id == broadcast_id)
+                    .where(
+                        broadcast_messages.c.id == broadcast_id,
+                        broadcast_messages.c.status.in_([s.value for s in allowed]),
+                    )
                     .values(status=to.value, updated_at=now)
                 )
+                if changed_rows.rowcount != 1:  # SQLite has no FOR UPDATE: another writer got there first
+                    raise ConflictError(f"broadcast {broadcast_id} changed concurrently; not {to.value}-able")
                 if drop_undelivered:
                     await conn.execute(
                         delete(outbox_events).where(
@@ -213,7 +219,7 @@ class SqlBroadcastStore:
         u = user_broadcast_messages.c
         query = select(user_broadcast_messages).where(u.broadcast_id == broadcast_id).order_by(u.id).limit(limit + 1)
         if cursor is not None:
-            if not cursor.isdigit() or len(cursor) > 19:
+            if not (cursor.isascii() and cursor.isdigit()) or len(cursor) > 18:
                 raise ValidationError("invalid cursor")
             query = query.where(u.id > int(cursor))
         rows = await self._all(query)
@@ -270,7 +276,10 @@ class SqlBroadcastStore:
 async def _copy(conn: AsyncConnection, table: str, columns: list[str], records: list[tuple[Any, ...]]) -> None:
     """PostgreSQL ``COPY`` on the transaction's own connection (the table resolves through search_path)."""
     raw = await conn.get_raw_connection()
-    await raw.driver_connection.copy_records_to_table(table, records=records, columns=columns)  # type: ignore[union-attr]
+    try:
+        await raw.driver_connection.copy_records_to_table(table, records=records, columns=columns)  # type: ignore[union-attr]
+    except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:  # raw driver errors, not SQLAlchemy's
+        raise translate(exc) from exc
 
 
 def _row(b: Broadcast, idempotency_key: str | None, request_hash: str) -> dict[str, Any]:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
+from broadcast.errors import CommitFailedError
 from broadcast.ports import EventRecord, EventSubscription, TopicPartition
 from tests.contract.support import PARTITIONS, LogUnderTest
 
@@ -136,3 +139,99 @@ async def test_members_with_different_topics_in_one_group_each_get_all_their_par
             await asyncio.gather(a.fetch(timeout_s=0.2), b.fetch(timeout_s=0.2))
         assert {tp.topic for tp in a.assignment()} == {first}
         assert {tp.topic for tp in b.assignment()} == {second}
+
+
+class Rebalances:
+    """Records a member's rebalance callbacks; optionally commits what it read when partitions are revoked."""
+
+    def __init__(self, commit_on_revoke: bool = False) -> None:
+        self.events: list[tuple[str, frozenset[TopicPartition]]] = []
+        self.read: dict[TopicPartition, int] = {}  # next offset after the records this member fetched
+        self.sub: EventSubscription | None = None
+        self._commit_on_revoke = commit_on_revoke
+
+    async def on_revoked(self, partitions: frozenset[TopicPartition]) -> None:
+        self.events.append(("revoked", partitions))
+        if self._commit_on_revoke and self.sub is not None:
+            await self.sub.commit({tp: o for tp, o in self.read.items() if tp in partitions})
+
+    async def on_assigned(self, partitions: frozenset[TopicPartition]) -> None:
+        self.events.append(("assigned", partitions))
+
+    def note(self, records: list[EventRecord]) -> list[EventRecord]:
+        for r in records:
+            self.read[TopicPartition(r.topic, r.partition)] = r.offset + 1
+        return records
+
+
+async def settle(a: EventSubscription, b: EventSubscription, rebalances: list[Rebalances]) -> list[EventRecord]:
+    """Fetch on both members until they hold disjoint, non-empty assignments covering every partition."""
+    got: list[EventRecord] = []
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        mine, theirs = a.assignment(), b.assignment()
+        if mine and theirs and not mine & theirs and len(mine | theirs) == PARTITIONS:
+            return got
+        assert time.monotonic() < deadline, "group never settled on a shared assignment"
+        ra, rb = await asyncio.gather(a.fetch(timeout_s=0.2), b.fetch(timeout_s=0.2))
+        got += rebalances[0].note(ra) + rebalances[1].note(rb)
+
+
+async def test_a_second_member_joining_revokes_the_first_members_assignment_then_assigns_anew(
+    event_log: LogUnderTest, unique_name: str
+) -> None:
+    topic, group = event_log.topics[0], f"{unique_name}-g"
+    everything = frozenset(TopicPartition(topic, p) for p in range(PARTITIONS))
+    first, second = Rebalances(), Rebalances()
+    async with event_log.log.subscribe([topic], group, on_revoked=first.on_revoked, on_assigned=first.on_assigned) as a:
+        deadline = time.monotonic() + DEADLINE_S
+        while a.assignment() != everything:
+            assert time.monotonic() < deadline, "the only member never got every partition"
+            await a.fetch(timeout_s=0.2)
+        assert first.events == [("revoked", frozenset()), ("assigned", everything)]
+        async with event_log.log.subscribe(
+            [topic], group, on_revoked=second.on_revoked, on_assigned=second.on_assigned
+        ) as b:
+            await settle(a, b, [first, second])
+            assert first.events[2] == ("revoked", everything)  # eager: the whole old assignment
+            assert first.events[-1] == ("assigned", a.assignment())
+            assert second.events[0] == ("revoked", frozenset())
+            assert second.events[-1] == ("assigned", b.assignment())
+
+
+async def test_offsets_committed_in_on_revoked_are_where_the_new_owner_starts(
+    event_log: LogUnderTest, unique_name: str
+) -> None:
+    topic, group = event_log.topics[0], f"{unique_name}-g"
+    sent = await publish_numbered(event_log, 30, keys=9)
+    first, second = Rebalances(commit_on_revoke=True), Rebalances(commit_on_revoke=True)
+    async with event_log.log.subscribe([topic], group, on_revoked=first.on_revoked, on_assigned=first.on_assigned) as a:
+        first.sub = a
+        read = first.note(await drain(a, 30))
+        async with event_log.log.subscribe(
+            [topic], group, on_revoked=second.on_revoked, on_assigned=second.on_assigned
+        ) as b:
+            second.sub = b
+            again = await settle(a, b, [first, second])
+            more = await publish_numbered(event_log, 9, keys=9)
+            deadline = time.monotonic() + DEADLINE_S
+            while len(again) < 9:
+                assert time.monotonic() < deadline, f"{len(again)} of 9 new records"
+                ra, rb = await asyncio.gather(a.fetch(timeout_s=0.3), b.fetch(timeout_s=0.3))
+                again += ra + rb
+    assert sorted(r.value or b"" for r in read) == sorted(v for _, v in sent)
+    # nothing read before the rebalance came again: the revoked partitions' commits counted
+    assert sorted(r.value or b"" for r in again) == sorted(v for _, v in more)
+
+
+async def test_committing_a_partition_the_member_does_not_hold_raises_commit_failed(
+    event_log: LogUnderTest, unique_name: str
+) -> None:
+    topic = event_log.topics[0]
+    async with event_log.log.subscribe([topic], f"{unique_name}-g") as sub:
+        deadline = time.monotonic() + DEADLINE_S
+        while len(sub.assignment()) < PARTITIONS:
+            assert time.monotonic() < deadline, "the member never got its partitions"
+            await sub.fetch(timeout_s=0.2)
+        with pytest.raises(CommitFailedError):
+            await sub.commit({TopicPartition(event_log.topics[1], 0): 1})

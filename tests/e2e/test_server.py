@@ -3,85 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
 from broadcast import constants, envelope
 from devstack.stack import StackInfo
+from tests.servers import Server, clean_env, cli
 from tests.topics import read_topic
-
-START_TIMEOUT_S = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BROADCAST_")}
-    env.update(extra)
-    return env
-
-
-def cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "broadcast", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=120
-    )
-
-
-class Server:
-    def __init__(self, env: dict[str, str], cwd: Path) -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log = cwd / "server.log"
-        self._out = self.log.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "broadcast", "run", "--port", str(self.port)],
-            env=env,
-            cwd=cwd,
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-        )
-
-    def wait_live(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"server exited early:\n{self.log.read_text()}"
-            try:
-                if httpx.get(self.base + "/health/live", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.2)
-        raise AssertionError(f"server not live within {START_TIMEOUT_S} s:\n{self.log.read_text()}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=20)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self._out.close()
-
-
-@pytest.fixture
-def server_factory(tmp_path: Path) -> Iterator[list[Server]]:
-    servers: list[Server] = []
-    yield servers
-    for s in servers:
-        s.stop()
 
 
 def test_embedded_default_serves_health_and_stops_cleanly(server_factory: list[Server], tmp_path: Path) -> None:

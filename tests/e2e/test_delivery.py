@@ -1,0 +1,175 @@
+"""Delivery end to end: real uvicorn processes on the real stack, real SSE clients."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from devstack.stack import StackInfo
+from tests.servers import Server, clean_env, cli
+from tests.sse_client import SseClient
+
+ADMIN = {"X-Dev-User": "admin"}
+
+
+@pytest.fixture
+def env(stack: StackInfo, unique_name: str, tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A migrated schema and provisioned topics of this test's own, and fast loops."""
+    variables = clean_env(
+        **stack.env(),
+        BROADCAST_DATABASE__SCHEMA_NAME=unique_name,
+        BROADCAST_KAFKA__TOPIC_PREFIX=f"{unique_name}.",
+        BROADCAST_KAFKA__CONSUMER_GROUP=f"{unique_name}-delivery",
+        BROADCAST_REDIS__KEY_PREFIX=f"{unique_name}:",
+        BROADCAST_SSE__RECONCILE_SECONDS="1",
+        BROADCAST_SSE__MAX_CONNECTIONS_PER_USER="3",
+        BROADCAST_RELAY__IDLE_POLL_SECONDS="0.05",
+    )
+    for command in ("migrate", "topics"):
+        done = cli(command, env=variables, cwd=tmp_path)
+        assert done.returncode == 0, done.stdout + done.stderr
+    yield variables
+
+
+@pytest.fixture
+def server(env: dict[str, str], tmp_path: Path, server_factory: list[Server]) -> Server:
+    started = Server(env, tmp_path)
+    server_factory.append(started)
+    started.wait_live()
+    return started
+
+
+async def post(base: str, body: dict[str, Any]) -> dict[str, Any]:
+    async with httpx.AsyncClient(timeout=20) as http:
+        response = await http.post(base + "/api/admin/broadcasts", json=body, headers=ADMIN)
+    assert response.status_code == 201, response.text
+    result: dict[str, Any] = response.json()
+    return result
+
+
+async def test_online_and_offline_users_get_a_selected_message_once(server: Server) -> None:
+    async with SseClient(server.base, "alice") as alice, SseClient(server.base, "carol") as carol:
+        sent = await post(server.base, {"content": "hello", "targetType": "SELECTED", "targetIds": ["alice", "bob"]})
+        [got] = await alice.wait_for(lambda e: e.event == "MESSAGE")
+        assert got.data["broadcastId"] == sent["id"] and got.data["content"] == "hello"
+        async with SseClient(server.base, "bob") as bob:
+            await bob.wait_for(lambda e: e.event == "MESSAGE")
+            await asyncio.sleep(1.5)  # a reconciliation round must not repeat it
+            assert [m.data["broadcastId"] for m in bob.messages] == [sent["id"]]
+        assert len(alice.messages) == 1
+        assert carol.messages == []
+    async with httpx.AsyncClient() as http:
+        for _ in range(40):
+            stats = (await http.get(f"{server.base}/api/admin/broadcasts/{sent['id']}/stats", headers=ADMIN)).json()
+            if stats["delivered"] == 2:
+                break
+            await asyncio.sleep(0.25)
+    assert (stats["targeted"], stats["delivered"], stats["pending"]) == (2, 2, 0)
+
+
+async def test_all_and_role_broadcasts_reach_exactly_the_matching_users(server: Server) -> None:
+    async with httpx.AsyncClient() as http:
+        for user, roles in (("alice", ["ops"]), ("bob", []), ("carol", ["ops"])):
+            r = await http.put(f"{server.base}/api/admin/users/{user}", json={"roles": roles}, headers=ADMIN)
+            assert r.status_code == 200, r.text
+    async with SseClient(server.base, "alice") as alice, SseClient(server.base, "bob") as bob:
+        ops = await post(server.base, {"content": "ops only", "targetType": "ROLE", "targetIds": ["ops"]})
+        everyone = await post(server.base, {"content": "everyone", "targetType": "ALL"})
+        await alice.wait_for(lambda e: e.event == "MESSAGE", count=2)
+        await bob.wait_for(lambda e: e.event == "MESSAGE")
+        await asyncio.sleep(1.0)
+        assert {m.data["broadcastId"] for m in alice.messages} == {ops["id"], everyone["id"]}
+        assert [m.data["broadcastId"] for m in bob.messages] == [everyone["id"]]
+    async with SseClient(server.base, "carol") as carol:  # offline until now: gets both on connect
+        await carol.wait_for(lambda e: e.event == "MESSAGE", count=2)
+        assert {m.data["broadcastId"] for m in carol.messages} == {ops["id"], everyone["id"]}
+
+
+async def test_resume_with_last_event_id_replays_everything_missed_in_order_once(server: Server) -> None:
+    async with SseClient(server.base, "alice") as alice:
+        await post(server.base, {"content": "before", "targetType": "SELECTED", "targetIds": ["alice"]})
+        await alice.wait_for(lambda e: e.event == "MESSAGE")
+        cursor = alice.last_event_id
+    assert cursor is not None
+    missed = [
+        (await post(server.base, {"content": f"m{n}", "targetType": "SELECTED", "targetIds": ["alice"]}))["id"]
+        for n in range(50)
+    ]
+    async with SseClient(server.base, "alice", last_event_id=cursor) as again:
+        await again.wait_for(lambda e: e.event == "MESSAGE", count=50)
+        await asyncio.sleep(1.5)  # nothing more may arrive (no duplicates from live path or reconciliation)
+        assert [m.data["broadcastId"] for m in again.messages] == missed
+        assert not [e for e in again.events if e.event == "RESYNC"]
+
+
+async def test_read_in_one_tab_syncs_the_other_and_cancel_removes_the_message(server: Server) -> None:
+    async with SseClient(server.base, "alice") as tab1, SseClient(server.base, "alice") as tab2:
+        sent = await post(server.base, {"content": "read me", "targetType": "SELECTED", "targetIds": ["alice"]})
+        await tab1.wait_for(lambda e: e.event == "MESSAGE")
+        await tab2.wait_for(lambda e: e.event == "MESSAGE")
+        async with httpx.AsyncClient() as http:
+            read = await http.post(
+                server.base + "/api/user/messages/read",
+                json={"broadcastIds": [sent["id"]]},
+                headers={"X-Dev-User": "alice"},
+            )
+            assert read.json() == {"read": [sent["id"]]}
+            again = await http.post(
+                server.base + "/api/user/messages/read",
+                json={"broadcastIds": [sent["id"]]},
+                headers={"X-Dev-User": "alice"},
+            )
+            assert again.json() == {"read": []}, "marking read twice is idempotent"
+            await tab2.wait_for(lambda e: e.event == "READ_RECEIPT" and e.data["broadcastId"] == sent["id"])
+            unread = (await http.get(server.base + "/api/user/messages/unread", headers={"X-Dev-User": "alice"})).json()
+            assert unread["count"] == 0
+            cancelled = await http.delete(f"{server.base}/api/admin/broadcasts/{sent['id']}", headers=ADMIN)
+            assert cancelled.status_code == 200
+        for tab in (tab1, tab2):
+            [removed] = await tab.wait_for(lambda e: e.event == "MESSAGE_REMOVED")
+            assert removed.data == {"broadcastId": sent["id"], "reason": "CANCELLED"}
+    async with httpx.AsyncClient() as http:
+        inbox = (await http.get(server.base + "/api/user/messages", headers={"X-Dev-User": "alice"})).json()
+    assert inbox["items"] == []
+
+
+async def test_bad_resume_ids_and_too_many_connections_have_clear_outcomes(server: Server) -> None:
+    await post(server.base, {"content": "x", "targetType": "SELECTED", "targetIds": ["alice"]})
+    for garbage in ("banana", "s999999999", "g99999999999999999", "s-1"):
+        async with SseClient(server.base, "alice", last_event_id=garbage) as client:
+            await client.wait_for(lambda e: e.event == "RESYNC")
+            await client.wait_for(lambda e: e.event == "MESSAGE")
+    async with (
+        SseClient(server.base, "dave"),
+        SseClient(server.base, "dave"),
+        SseClient(server.base, "dave"),
+        SseClient(server.base, "dave") as fourth,
+    ):
+        [limit] = await fourth.wait_for(lambda e: e.event == "CONNECTION_LIMIT_REACHED")
+        assert limit.data == {"limit": 3}
+    async with httpx.AsyncClient() as http:
+        anonymous = await http.get(server.base + "/api/user/sse/connect")
+    assert anonymous.status_code == 401
+    assert anonymous.headers["content-type"] == "application/problem+json"
+
+
+async def test_a_user_on_one_instance_gets_what_another_instance_consumed(
+    env: dict[str, str], tmp_path: Path, server_factory: list[Server]
+) -> None:
+    edge = Server(env, tmp_path, roles="api", name="edge")
+    worker = Server(env, tmp_path, roles="api,relay,consumers,scheduler", name="worker")
+    server_factory += [edge, worker]
+    edge.wait_live()
+    worker.wait_live()
+    async with SseClient(edge.base, "alice") as alice:
+        await asyncio.sleep(0.5)
+        sent = await post(worker.base, {"content": "across", "targetType": "SELECTED", "targetIds": ["alice"]})
+        everyone = await post(worker.base, {"content": "all", "targetType": "ALL"})
+        await alice.wait_for(lambda e: e.event == "MESSAGE", count=2)
+        assert {m.data["broadcastId"] for m in alice.messages} == {sent["id"], everyone["id"]}
+    assert "delivery-selected" not in edge.log.read_text(), "the edge instance runs no consumers"

@@ -1,0 +1,52 @@
+"""The lifecycle on SQLite (the embedded default): concurrent transitions and non-UTC offsets."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from broadcast.adapters import sql_migrate
+from broadcast.adapters.sql_broadcasts import SqlBroadcastStore
+from broadcast.adapters.sql_stores import SqlUserStore
+from broadcast.domain import BroadcastStatus, NewBroadcast, TargetType
+from broadcast.errors import ConflictError
+from broadcast.lifecycle import Lifecycle
+from broadcast.settings import KafkaSettings, LimitsSettings
+from tests.databases import empty_database
+
+
+@pytest.fixture
+async def lifecycle(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Lifecycle]:
+    async with empty_database("sqlite", request, "lifecycle", tmp_path) as (engine, settings):
+        await sql_migrate.upgrade(engine, settings)
+        yield Lifecycle(SqlBroadcastStore(engine), SqlUserStore(engine), KafkaSettings(), LimitsSettings())
+
+
+async def test_a_cancel_racing_an_activation_has_exactly_one_winner(lifecycle: Lifecycle) -> None:
+    later = datetime.now(UTC) + timedelta(hours=1)
+    for _ in range(5):
+        b, _ = await lifecycle.create(
+            NewBroadcast("x", TargetType.SELECTED, ("alice",), scheduled_at=later), sender_id="admin"
+        )
+        results = await asyncio.gather(lifecycle.cancel(b.id), lifecycle.activate(b.id), return_exceptions=True)
+        winners = [r for r in results if not isinstance(r, BaseException)]
+        assert len(winners) == 1, results
+        assert all(isinstance(r, ConflictError) for r in results if isinstance(r, BaseException))
+        assert (await lifecycle.get(b.id)).status is winners[0].status
+
+
+async def test_times_with_an_offset_are_kept_as_the_same_instant(lifecycle: Lifecycle) -> None:
+    plus_five = timezone(timedelta(hours=5))
+    at = (datetime.now(UTC) + timedelta(minutes=30)).astimezone(plus_five)
+    b, _ = await lifecycle.create(NewBroadcast("x", TargetType.ALL, scheduled_at=at), sender_id="admin")
+    stored = await lifecycle.get(b.id)
+    assert stored.status is BroadcastStatus.SCHEDULED
+    assert stored.scheduled_at == at
+    activate, _ = await lifecycle.due(datetime.now(UTC) + timedelta(minutes=29))
+    assert activate == []
+    activate, _ = await lifecycle.due(datetime.now(UTC) + timedelta(minutes=31))
+    assert activate == [b.id]

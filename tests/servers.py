@@ -1,0 +1,83 @@
+"""Real server processes for end-to-end tests: ``python -m broadcast run`` on a free 127.0.0.1 port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+START_TIMEOUT_S = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROADCAST_")}
+    env.update(extra)
+    return env
+
+
+def cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "broadcast", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+class Server:
+    """One ``broadcast-server run`` process; ``roles`` as for ``--roles`` (default: all)."""
+
+    def __init__(self, env: dict[str, str], cwd: Path, roles: str | None = None, name: str = "server") -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = cwd / f"{name}.log"
+        self._out = self.log.open("a")
+        role_args = ["--roles", roles] if roles else []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "broadcast", "run", "--port", str(self.port), *role_args],
+            env=env,
+            cwd=cwd,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_live(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"server exited early:\n{self.log.read_text()}"
+            try:
+                if httpx.get(self.base + "/health/live", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        raise AssertionError(f"server not live within {START_TIMEOUT_S} s:\n{self.log.read_text()}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=20)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self._out.close()
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[list[Server]]:
+    """Servers a test starts; each is stopped (SIGTERM, then SIGKILL) at teardown."""
+    servers: list[Server] = []
+    yield servers
+    for s in servers:
+        s.stop()

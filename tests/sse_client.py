@@ -1,0 +1,101 @@
+"""A real SSE client for tests: reads a stream over HTTP, parses frames, remembers the last event id."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import orjson
+
+
+@dataclass
+class SseEvent:
+    event: str
+    data: Any
+    id: str | None
+
+
+@dataclass
+class SseClient:
+    """Connects as ``user`` (dev identity) and collects events until closed."""
+
+    base: str
+    user: str
+    last_event_id: str | None = None
+    events: list[SseEvent] = field(default_factory=list)
+    status: int | None = None
+    _task: asyncio.Task[None] | None = None
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def __aenter__(self) -> SseClient:
+        self._task = asyncio.create_task(self._read())
+        await self.wait_for(lambda e: e.event in ("CONNECTED", "CONNECTION_LIMIT_REACHED"), timeout_s=20)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
+                await self._task
+            self._task = None
+
+    @property
+    def messages(self) -> list[SseEvent]:
+        return [e for e in self.events if e.event == "MESSAGE"]
+
+    async def _read(self) -> None:
+        headers = {"X-Dev-User": self.user, "Accept": "text/event-stream"}
+        if self.last_event_id:
+            headers["Last-Event-ID"] = self.last_event_id
+        timeout = httpx.Timeout(10.0, read=None)
+        async with (
+            httpx.AsyncClient(timeout=timeout) as client,
+            client.stream("GET", self.base + "/api/user/sse/connect", headers=headers) as response,
+        ):
+            self.status = response.status_code
+            event: str = "message"
+            event_id: str | None = None
+            data: list[str] = []
+            async for line in response.aiter_lines():
+                if line == "":
+                    if data:
+                        self._add(SseEvent(event, orjson.loads("\n".join(data)), event_id))
+                    event, event_id, data = "message", None, []
+                elif line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    data.append(line[5:].strip())
+                elif line.startswith("id:"):
+                    event_id = line[3:].strip()
+
+    def _add(self, event: SseEvent) -> None:
+        self.events.append(event)
+        if event.id:
+            self.last_event_id = event.id
+        self._changed.set()
+
+    async def wait_for(
+        self, predicate: Callable[[SseEvent], bool], timeout_s: float = 20.0, count: int = 1
+    ) -> list[SseEvent]:
+        """Wait until ``count`` events satisfy ``predicate``; fail after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = [e for e in self.events if predicate(e)]
+            if len(found) >= count:
+                return found
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(
+                    f"{self.user}: {len(found)}/{count} events within {timeout_s} s; got {self.events}"
+                )
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.5))
