@@ -139,11 +139,16 @@ async def test_read_in_one_tab_syncs_the_other_and_cancel_removes_the_message(se
 
 
 async def test_bad_resume_ids_and_too_many_connections_have_clear_outcomes(server: Server) -> None:
-    await post(server.base, {"content": "x", "targetType": "SELECTED", "targetIds": ["alice"]})
-    for garbage in ("banana", "s999999999", "g99999999999999999", "s-1"):
+    sent = await post(server.base, {"content": "x", "targetType": "SELECTED", "targetIds": ["alice"]})
+    for n, garbage in enumerate(("banana", "s999999999", "g99999999999999999", "s-1", "s1" + "0" * 30)):
         async with SseClient(server.base, "alice", last_event_id=garbage) as client:
             await client.wait_for(lambda e: e.event == "RESYNC")
-            await client.wait_for(lambda e: e.event == "MESSAGE")
+            if n == 0:  # still pending: sent after the RESYNC; later streams rely on the refetched inbox
+                [message] = await client.wait_for(lambda e: e.event == "MESSAGE")
+                assert message.data["broadcastId"] == sent["id"]
+    async with httpx.AsyncClient() as http:
+        inbox = (await http.get(server.base + "/api/user/messages", headers={"X-Dev-User": "alice"})).json()
+    assert [m["broadcastId"] for m in inbox["items"]] == [sent["id"]]
     async with (
         SseClient(server.base, "dave"),
         SseClient(server.base, "dave"),
