@@ -52,7 +52,8 @@ class ListenerContainer:
         self.error_handler: ErrorHandler = error_handler or LoggingErrorHandler()
         self.commit_timeout_s = commit_timeout_s
         self.finish_timeout_s = finish_timeout_s
-        self._members: list[_Member] = []
+        self._members = [_Member(self, index) for index in range(listener.concurrency)]
+        self._running = False
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -72,8 +73,10 @@ class ListenerContainer:
 
     # -- running
     async def run(self, stop: asyncio.Event) -> None:
-        """Run the members until ``stop`` is set; returns once every subscription is closed."""
-        self._members = [_Member(self, index) for index in range(self.listener.concurrency)]
+        """Run the members until ``stop`` is set; returns once every subscription is closed. One run at a time."""
+        if self._running:
+            raise RuntimeError(f"listener container {self.listener.name!r} is already running")
+        self._running = True
         try:
             async with asyncio.TaskGroup() as group:
                 for member in self._members:
@@ -82,6 +85,8 @@ class ListenerContainer:
             if len(failures.exceptions) == 1:
                 raise failures.exceptions[0] from None
             raise
+        finally:
+            self._running = False
 
     async def __aenter__(self) -> ListenerContainer:
         self._stop = asyncio.Event()
@@ -247,6 +252,15 @@ class _Member:
         return True
 
     async def _commit_pending(self, only: frozenset[TopicPartition] | None = None) -> None:
+        """Commit handled offsets; a partition this member no longer holds is forgotten, not committed.
+
+        One foreign partition would make the whole commit fail; its records go to the new owner anyway.
+        """
+        if self._sub is None or not self._pending:
+            return
+        held = self._sub.assignment()
+        for tp in set(self._pending) - held:
+            del self._pending[tp]
         offsets = {tp: o for tp, o in self._pending.items() if only is None or tp in only}
         if await self.commit(offsets):
             for tp, offset in offsets.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -178,3 +179,15 @@ async def test_a_user_on_one_instance_gets_what_another_instance_consumed(
         await alice.wait_for(lambda e: e.event == "MESSAGE", count=2)
         assert {m.data["broadcastId"] for m in alice.messages} == {sent["id"], everyone["id"]}
     assert "delivery-selected" not in edge.log.read_text(), "the edge instance runs no consumers"
+
+
+async def test_shutdown_tells_open_streams_and_exits_promptly(server: Server) -> None:
+    async with SseClient(server.base, "alice") as alice, SseClient(server.base, "bob") as bob:
+        started = asyncio.get_running_loop().time()
+        server.proc.send_signal(signal.SIGTERM)
+        for client in (alice, bob):
+            [farewell] = await client.wait_for(lambda e: e.event == "SERVER_SHUTDOWN", timeout_s=10)
+            assert farewell.data == {"reconnectInMs": 3000}
+        code = await asyncio.to_thread(server.proc.wait, 30)
+        assert code == 0
+        assert asyncio.get_running_loop().time() - started < 15, "open streams must not hold the shutdown"

@@ -120,10 +120,12 @@ async def test_every_record_is_handled_at_least_once_across_a_restart_and_commit
 async def test_a_second_container_joining_mid_stream_takes_over_partitions_and_loses_nothing(topic: Topic) -> None:
     counts: Counter[bytes] = Counter()
 
-    def count(record: EventRecord) -> None:
-        counts[record.value or b""] += 1
+    async def count(record: EventRecord) -> None:
+        if record.value != WARMUP:
+            counts[record.value or b""] += 1
+            await asyncio.sleep(0.02)  # slow enough that the rebalance lands in the middle of a fetched batch
 
-    listener = spec(topic, count, max_poll_records=20)
+    listener = Listener("it", (topic.name,), topic.group, handler=count, poll_timeout_s=0.2)
     async with asyncio.timeout(3 * DEADLINE_S):
         async with ListenerContainer(topic.log, listener) as one:
             sent = await topic.publish(150)
@@ -139,9 +141,9 @@ async def test_a_second_container_joining_mid_stream_takes_over_partitions_and_l
     duplicates = sum(counts.values()) - len(counts)
     assert sorted(counts) == sorted(sent), "a record was lost"
     assert len(before) == PARTITIONS and after and theirs and not after & theirs and len(after | theirs) == PARTITIONS
-    # on_revoked committed what the first container had handled; only a record in hand at the rebalance
-    # (or fetched in its window) may come twice
-    assert duplicates <= listener.max_poll_records, f"{duplicates} records handled twice"
+    # on_revoked committed what the first container had handled of its batch (without that, the rest of the
+    # batch handled so far comes again: dozens); only records fetched while the group was rebalancing may
+    assert duplicates <= 5, f"{duplicates} records handled twice"
     assert committed == {p: topic.ends.get(p) for p in range(PARTITIONS)}
 
 
