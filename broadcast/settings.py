@@ -47,6 +47,9 @@ class KafkaSettings(BaseModel):
     replication_factor: int = Field(default=constants.TOPIC_REPLICATION_FACTOR, ge=1)
     min_insync_replicas: int = Field(default=constants.TOPIC_MIN_INSYNC_REPLICAS, ge=1)
     request_timeout_ms: int = Field(default=30_000, ge=1_000)
+    # How long one publish (or one relay round's pipelined publish) may wait for acknowledgements; the
+    # relay's lane lease must outlast it (RelaySettings.lease_seconds, default 3x).
+    publish_timeout_seconds: float = Field(default=10.0, gt=0)
     # With idempotence aiokafka queues one batch per partition at a time, so batch size bounds throughput:
     # measured on the 3-broker stack, 100k records: 16 KiB (aiokafka's default) ~3.8k/s, 256 KiB ~22k/s,
     # 1 MB ~51k/s. 1 MB stays under the brokers' default message.max.bytes (1048588).
@@ -127,7 +130,9 @@ class RelaySettings(BaseModel):
 
     batch_size: int = Field(default=5_000, ge=1)
     lanes_per_claim: int = Field(default=8, ge=1)
-    lease_seconds: float = Field(default=90.0, gt=0)  # > 2x the producer's 30 s publish timeout
+    # > 2x KafkaSettings.publish_timeout_seconds (a round can publish that long); also how long a crashed
+    # relay's lanes wait before another relay takes them over.
+    lease_seconds: float = Field(default=30.0, gt=0)
     idle_poll_seconds: float = Field(default=0.2, gt=0)
     retention_seconds: float = Field(default=3_600.0, ge=0)
     scheduler_tick_seconds: float = Field(default=1.0, gt=0)

@@ -41,9 +41,9 @@ def client_options(settings: KafkaSettings) -> dict[str, Any]:
 class KafkaEventLog:
     """Owns one idempotent producer; hands out consumer-group subscriptions. An async context manager."""
 
-    def __init__(self, settings: KafkaSettings, publish_timeout_s: float = 30.0) -> None:
+    def __init__(self, settings: KafkaSettings) -> None:
         self._settings = settings
-        self._publish_timeout_s = publish_timeout_s
+        self._publish_timeout_s = settings.publish_timeout_seconds
         self._producer: AIOKafkaProducer | None = None
 
     async def __aenter__(self) -> KafkaEventLog:

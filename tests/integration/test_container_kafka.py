@@ -50,7 +50,7 @@ async def topic(stack: StackInfo, unique_name: str) -> AsyncIterator[Topic]:
     settings = KafkaSettings(bootstrap_servers=stack.kafka_bootstrap, partitions=PARTITIONS, client_id=unique_name)
     reports = await ensure_topics(settings, [unique_name])
     assert all(r.ok for r in reports), reports
-    async with KafkaEventLog(settings, publish_timeout_s=10) as log:
+    async with KafkaEventLog(settings) as log:
         under = Topic(log, unique_name, f"{unique_name}-g")
         await warm_up(under)
         yield under
