@@ -30,8 +30,9 @@ from broadcast import constants
 from broadcast.adapters import sql_migrate
 from broadcast.adapters.kafka_admin import ensure_topics
 from broadcast.adapters.kafka_log import KafkaEventLog
-from broadcast.adapters.sql_broadcasts import SqlBroadcastStore, chunks
+from broadcast.adapters.sql_broadcasts import SqlBroadcastStore
 from broadcast.adapters.sql_engine import create_engine
+from broadcast.adapters.sql_rows import chunks
 from broadcast.adapters.sql_stores import OUTBOX_COLUMNS, SqlOutboxStore, SqlUserStore, outbox_records
 from broadcast.adapters.sql_tables import outbox_events, user_broadcast_messages
 from broadcast.domain import Broadcast, NewBroadcast, OutboxEvent, TargetType

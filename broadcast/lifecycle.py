@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 
 import orjson
 
-from broadcast import constants, envelope
 from broadcast.domain import (
     Broadcast,
     BroadcastStats,
@@ -26,11 +25,11 @@ from broadcast.domain import (
     Delivery,
     EventType,
     NewBroadcast,
-    OutboxEvent,
     Page,
     TargetType,
 )
 from broadcast.errors import NotFoundError, ValidationError
+from broadcast.event_shapes import EventShapes
 from broadcast.ports import BroadcastStore, UserStore
 from broadcast.settings import KafkaSettings, LimitsSettings
 
@@ -56,8 +55,7 @@ class Lifecycle:
     ) -> None:
         self._store = store
         self._users = users
-        self._selected_topic = kafka.topic(constants.SELECTED_TOPIC)
-        self._group_topic = kafka.topic(constants.GROUP_TOPIC)
+        self.events = EventShapes(kafka, clock)
         self._limits = limits
         self._clock = clock
         self._on_outbox = on_outbox
@@ -106,7 +104,11 @@ class Lifecycle:
         )
         selected = request.target_type is TargetType.SELECTED
         rows = ids if selected and not request.fire_and_forget else ()
-        events = self._created_events(broadcast, ids) if selected else [self._group_event(broadcast, EventType.CREATED)]
+        events = (
+            self.events.created_for_users(broadcast, ids)
+            if selected
+            else [self.events.group(broadcast, EventType.CREATED)]
+        )
         saved, created = await self._store.create(
             broadcast, rows, events, idempotency_key, _request_hash(request, content, ids, sender_id)
         )
@@ -168,7 +170,7 @@ class Lifecycle:
         self, broadcast_id: str, allowed: frozenset[BroadcastStatus], to: BroadcastStatus, event: EventType
     ) -> Broadcast:
         broadcast = await self._store.transition(
-            broadcast_id, allowed, to, lambda b: [self._group_event(b, event)], drop_undelivered=True
+            broadcast_id, allowed, to, lambda b: [self.events.group(b, event)], drop_undelivered=True
         )
         self._on_outbox()
         return broadcast
@@ -218,56 +220,6 @@ class Lifecycle:
         if target_type is TargetType.SELECTED:
             return len(ids)
         return await self._users.count(None if target_type is TargetType.ALL else ids)
-
-    def _headers(self, broadcast: Broadcast, event_type: EventType) -> tuple[tuple[str, bytes], ...]:
-        headers = [
-            (constants.HEADER_EVENT_TYPE, event_type.value.encode()),
-            (constants.HEADER_SCHEMA_VERSION, str(envelope.SCHEMA_VERSION).encode()),
-        ]
-        if broadcast.correlation_id:
-            headers.append((constants.HEADER_CORRELATION_ID, broadcast.correlation_id.encode()))
-        return tuple(headers)
-
-    def _created_events(self, broadcast: Broadcast, user_ids: Sequence[str]) -> Iterator[OutboxEvent]:
-        template = envelope.MessageDeliveryEvent(
-            event_id=envelope.event_id(broadcast.id, EventType.CREATED),
-            event_type=EventType.CREATED,
-            broadcast_id=broadcast.id,
-            occurred_at=broadcast.created_at,
-            correlation_id=broadcast.correlation_id,
-            broadcast=envelope.snapshot(broadcast),
-        )
-        encoder = envelope.PerUserEncoder(template)
-        headers = self._headers(broadcast, EventType.CREATED)
-        for user_id in user_ids:
-            yield OutboxEvent(
-                self._selected_topic,
-                user_id,
-                EventType.CREATED,
-                encoder.encode(user_id),
-                headers,
-                broadcast.id,
-                broadcast.scheduled_at,
-            )
-
-    def _group_event(self, broadcast: Broadcast, event_type: EventType) -> OutboxEvent:
-        event = envelope.MessageDeliveryEvent(
-            event_id=envelope.event_id(broadcast.id, event_type),
-            event_type=event_type,
-            broadcast_id=broadcast.id,
-            occurred_at=self._clock() if event_type is not EventType.CREATED else broadcast.created_at,
-            correlation_id=broadcast.correlation_id,
-            broadcast=envelope.snapshot(broadcast),
-        )
-        return OutboxEvent(
-            self._group_topic,
-            broadcast.id,
-            event_type,
-            envelope.encode(event),
-            self._headers(broadcast, event_type),
-            broadcast.id,
-            broadcast.scheduled_at if event_type is EventType.CREATED else None,
-        )
 
 
 def _in_utc(request: NewBroadcast) -> NewBroadcast:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 
 import orjson
 from sse_starlette import EventSourceResponse
@@ -13,8 +12,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from broadcast import constants, envelope
-from broadcast.domain import EventType, OutboxEvent
 from broadcast.errors import BroadcastError, ConflictError, ValidationError
 from broadcast.http_context import components
 from broadcast.identity import acting_user
@@ -121,26 +118,7 @@ async def mark_read(request: Request) -> Response:
     except (ValueError, KeyError, TypeError) as exc:
         raise ValidationError(f'body must be {{"broadcastIds": [1..{MAX_READ_IDS} ids]}}') from exc
     newly = await c.inbox.mark_read(user_id, [i for i in ids if len(i) <= 64])
-    topic = c.settings.kafka.topic(constants.SELECTED_TOPIC)
-    now = datetime.now(UTC)
-    events_ = [
-        OutboxEvent(
-            topic,
-            user_id,
-            EventType.READ,
-            envelope.encode(
-                envelope.MessageDeliveryEvent(
-                    event_id=envelope.event_id(b, EventType.READ, user_id),
-                    event_type=EventType.READ,
-                    broadcast_id=b,
-                    user_id=user_id,
-                    occurred_at=now,
-                )
-            ),
-            broadcast_id=b,
-        )
-        for b in newly
-    ]
+    events_ = [c.lifecycle.events.read(b, user_id) for b in newly]
     if events_:
         await c.outbox.append(events_)
         c.outbox_wakeup.set()

@@ -8,20 +8,25 @@ is a PostgreSQL session advisory lock; SQLite is single-process, so an in-proces
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
-import asyncpg
 import orjson
 from sqlalchemy import Row, and_, case, delete, func, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from broadcast.adapters.sql_rows import (
+    broadcast_from_row,
+    broadcast_row,
+    chunks,
+    copy_records,
+    decode_cursor,
+    encode_cursor,
+)
 from broadcast.adapters.sql_stores import OUTBOX_COLUMNS, outbox_records, translate, utc
 from broadcast.adapters.sql_tables import (
     broadcast_messages,
@@ -38,25 +43,10 @@ from broadcast.domain import (
     EventType,
     OutboxEvent,
     Page,
-    Priority,
     ReadStatus,
     TargetType,
 )
 from broadcast.errors import ConflictError, NotFoundError, ValidationError
-
-CHUNK = 20_000
-T = TypeVar("T")
-
-
-def chunks(items: Iterable[T], size: int = CHUNK) -> Iterator[list[T]]:
-    batch: list[T] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 class SqlBroadcastStore:
@@ -79,7 +69,9 @@ class SqlBroadcastStore:
                     existing = await self._by_key(conn, idempotency_key, request_hash)
                     if existing is not None:
                         return existing, False
-                await conn.execute(insert(broadcast_messages).values(**_row(broadcast, idempotency_key, request_hash)))
+                await conn.execute(
+                    insert(broadcast_messages).values(**broadcast_row(broadcast, idempotency_key, request_hash))
+                )
                 await conn.execute(
                     insert(broadcast_statistics).values(
                         broadcast_id=broadcast.id, targeted=broadcast.targeted_count, updated_at=broadcast.created_at
@@ -116,7 +108,7 @@ class SqlBroadcastStore:
         for batch in chunks(user_ids):
             records = [(broadcast.id, u, pending, unread, now, now) for u in batch]
             if conn.dialect.name == "postgresql":
-                await _copy(conn, user_broadcast_messages.name, columns, records)
+                await copy_records(conn, user_broadcast_messages.name, columns, records)
             else:
                 await conn.execute(
                     insert(user_broadcast_messages), [dict(zip(columns, r, strict=True)) for r in records]
@@ -127,7 +119,7 @@ class SqlBroadcastStore:
             if conn.dialect.name == "postgresql":
                 headers_at = OUTBOX_COLUMNS.index("headers")
                 records = [(*r[:headers_at], orjson.dumps(r[headers_at]).decode(), *r[headers_at + 1 :]) for r in batch]
-                await _copy(conn, outbox_events.name, list(OUTBOX_COLUMNS), records)
+                await copy_records(conn, outbox_events.name, list(OUTBOX_COLUMNS), records)
             else:
                 await conn.execute(insert(outbox_events), [dict(zip(OUTBOX_COLUMNS, r, strict=True)) for r in batch])
 
@@ -184,11 +176,11 @@ class SqlBroadcastStore:
         if status is not None:
             query = query.where(b.status == status.value)
         if cursor is not None:
-            created_at, last_id = _decode_cursor(cursor)
+            created_at, last_id = decode_cursor(cursor)
             query = query.where(or_(b.created_at < created_at, and_(b.created_at == created_at, b.id < last_id)))
         rows = await self._all(query)
         items = tuple(broadcast_from_row(r) for r in rows[:limit])
-        next_cursor = _encode_cursor(items[-1]) if len(rows) > limit else None
+        next_cursor = encode_cursor(items[-1]) if len(rows) > limit else None
         return Page(items, next_cursor)
 
     async def due(self, status: BroadcastStatus, now: datetime, limit: int) -> list[str]:
@@ -271,67 +263,3 @@ class SqlBroadcastStore:
                 return (await conn.execute(query)).all()
         except (SQLAlchemyError, OSError) as exc:
             raise translate(exc) from exc
-
-
-async def _copy(conn: AsyncConnection, table: str, columns: list[str], records: list[tuple[Any, ...]]) -> None:
-    """PostgreSQL ``COPY`` on the transaction's own connection (the table resolves through search_path)."""
-    raw = await conn.get_raw_connection()
-    try:
-        await raw.driver_connection.copy_records_to_table(table, records=records, columns=columns)  # type: ignore[union-attr]
-    except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:  # raw driver errors, not SQLAlchemy's
-        raise translate(exc) from exc
-
-
-def _row(b: Broadcast, idempotency_key: str | None, request_hash: str) -> dict[str, Any]:
-    return {
-        "id": b.id,
-        "sender_id": b.sender_id,
-        "content": b.content,
-        "target_type": b.target_type.value,
-        "target_roles": list(b.target_roles),
-        "priority": b.priority.value,
-        "category": b.category,
-        "status": b.status.value,
-        "fire_and_forget": b.fire_and_forget,
-        "targeted_count": b.targeted_count,
-        "idempotency_key": idempotency_key,
-        "request_hash": request_hash,
-        "correlation_id": b.correlation_id,
-        "scheduled_at": b.scheduled_at,
-        "expires_at": b.expires_at,
-        "created_at": b.created_at,
-        "updated_at": b.updated_at,
-    }
-
-
-def broadcast_from_row(r: Row[Any]) -> Broadcast:
-    return Broadcast(
-        id=r.id,
-        sender_id=r.sender_id,
-        content=r.content,
-        target_type=TargetType(r.target_type),
-        target_roles=tuple(r.target_roles or ()),
-        priority=Priority(r.priority),
-        category=r.category,
-        status=BroadcastStatus(r.status),
-        fire_and_forget=bool(r.fire_and_forget),
-        targeted_count=int(r.targeted_count),
-        created_at=utc(r.created_at),
-        updated_at=utc(r.updated_at),
-        scheduled_at=utc(r.scheduled_at) if r.scheduled_at else None,
-        expires_at=utc(r.expires_at) if r.expires_at else None,
-        correlation_id=r.correlation_id,
-    )
-
-
-def _encode_cursor(b: Broadcast) -> str:
-    return base64.urlsafe_b64encode(orjson.dumps([b.created_at.isoformat(), b.id])).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created_at, last_id = orjson.loads(raw)
-        return datetime.fromisoformat(created_at).astimezone(UTC), str(last_id)
-    except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError) as exc:
-        raise ValidationError("invalid cursor") from exc

@@ -16,7 +16,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from broadcast.adapters.sql_broadcasts import broadcast_from_row
+from broadcast.adapters.sql_rows import broadcast_from_row
 from broadcast.adapters.sql_stores import translate
 from broadcast.adapters.sql_tables import broadcast_messages, user_broadcast_messages
 from broadcast.domain import Broadcast, BroadcastStatus, DeliveryStatus, InboxItem, ReadStatus, TargetType

@@ -1,0 +1,96 @@
+"""Row mapping for the broadcast tables: domain ↔ row, list cursors, chunking and PostgreSQL COPY."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import asyncpg
+import orjson
+from sqlalchemy import Row
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from broadcast.adapters.sql_stores import translate, utc
+from broadcast.domain import Broadcast, BroadcastStatus, Priority, TargetType
+from broadcast.errors import ValidationError
+
+CHUNK = 20_000
+T = TypeVar("T")
+
+
+def chunks(items: Iterable[T], size: int = CHUNK) -> Iterator[list[T]]:
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+async def copy_records(conn: AsyncConnection, table: str, columns: list[str], records: list[tuple[Any, ...]]) -> None:
+    """PostgreSQL ``COPY`` on the transaction's own connection (the table resolves through search_path)."""
+    raw = await conn.get_raw_connection()
+    try:
+        await raw.driver_connection.copy_records_to_table(table, records=records, columns=columns)  # type: ignore[union-attr]
+    except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:  # raw driver errors, not SQLAlchemy's
+        raise translate(exc) from exc
+
+
+def broadcast_row(b: Broadcast, idempotency_key: str | None, request_hash: str) -> dict[str, Any]:
+    return {
+        "id": b.id,
+        "sender_id": b.sender_id,
+        "content": b.content,
+        "target_type": b.target_type.value,
+        "target_roles": list(b.target_roles),
+        "priority": b.priority.value,
+        "category": b.category,
+        "status": b.status.value,
+        "fire_and_forget": b.fire_and_forget,
+        "targeted_count": b.targeted_count,
+        "idempotency_key": idempotency_key,
+        "request_hash": request_hash,
+        "correlation_id": b.correlation_id,
+        "scheduled_at": b.scheduled_at,
+        "expires_at": b.expires_at,
+        "created_at": b.created_at,
+        "updated_at": b.updated_at,
+    }
+
+
+def broadcast_from_row(r: Row[Any]) -> Broadcast:
+    return Broadcast(
+        id=r.id,
+        sender_id=r.sender_id,
+        content=r.content,
+        target_type=TargetType(r.target_type),
+        target_roles=tuple(r.target_roles or ()),
+        priority=Priority(r.priority),
+        category=r.category,
+        status=BroadcastStatus(r.status),
+        fire_and_forget=bool(r.fire_and_forget),
+        targeted_count=int(r.targeted_count),
+        created_at=utc(r.created_at),
+        updated_at=utc(r.updated_at),
+        scheduled_at=utc(r.scheduled_at) if r.scheduled_at else None,
+        expires_at=utc(r.expires_at) if r.expires_at else None,
+        correlation_id=r.correlation_id,
+    )
+
+
+def encode_cursor(b: Broadcast) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps([b.created_at.isoformat(), b.id])).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, last_id = orjson.loads(raw)
+        return datetime.fromisoformat(created_at).astimezone(UTC), str(last_id)
+    except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError) as exc:
+        raise ValidationError("invalid cursor") from exc
