@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 from pathlib import Path
 
@@ -69,7 +70,15 @@ def ready() -> bool:
 
 
 def stop() -> None:
-    """SIGTERM the recorded Redis pid (SIGKILL after 10 s)."""
+    """SIGTERM the recorded Redis pid (SIGKILL after 10 s); returns once it has exited (port released)."""
     running = pid()
     if running is not None:
+        proc.signal_pid(running, signal.SIGCONT)  # a paused (SIGSTOPped) Redis cannot act on SIGTERM
         proc.terminate([running], grace=10.0)
+
+
+def send_signal(sig: int) -> None:
+    """Send ``sig`` to the recorded Redis pid (e.g. SIGSTOP/SIGCONT to pause it); no-op if not running."""
+    running = pid()
+    if running is not None:
+        proc.signal_pid(running, sig)

@@ -1,4 +1,4 @@
-"""The public API of the local stack: ``up``, ``down``, ``status``, ``info`` and the Kafka fault hooks.
+"""The public API of the local stack: ``up``, ``down``, ``status``, ``info`` and the Kafka and Redis fault hooks.
 
 Synchronous on purpose (a pytest session fixture and the CLI call it). ``up`` is idempotent: it installs
 what is missing, starts what is not running, reuses what is healthy and waits until all three parts —
@@ -23,8 +23,14 @@ __all__ = [
     "info",
     "kafka_node_pid",
     "kill_kafka_node",
+    "pause_redis",
+    "redis_pid",
+    "restart_redis",
+    "resume_redis",
     "start_kafka_node",
+    "start_redis",
     "status",
+    "stop_redis",
     "up",
 ]
 
@@ -169,3 +175,39 @@ def start_kafka_node(node: int, wait: bool = True, timeout: float = kafka.READY_
 def _check_node(node: int) -> None:
     if node not in paths.KAFKA_NODES:
         raise ValueError(f"Kafka node must be one of {paths.KAFKA_NODES}, not {node!r}")
+
+
+def redis_pid() -> int | None:
+    """The pid of the stack's Redis if it is running, else None."""
+    return redis.pid()
+
+
+def stop_redis() -> None:
+    """Stop Redis (SIGTERM, SIGKILL after 10 s; a paused one is resumed first); returns once it has exited.
+
+    Redis runs without persistence, so its data (presence, subscriptions) is gone. A stopped Redis is a no-op.
+    """
+    with proc.locked(paths.state_dir()):
+        redis.stop()
+
+
+def start_redis() -> None:
+    """Start Redis again on its fixed port (no-op if running); returns once it answers PING."""
+    with proc.locked(paths.state_dir()):
+        redis.start()
+
+
+def restart_redis() -> None:
+    """``stop_redis`` then ``start_redis``: an empty Redis on the same port. Blocking, like the Kafka hooks."""
+    stop_redis()
+    start_redis()
+
+
+def pause_redis() -> None:
+    """SIGSTOP Redis: its port still accepts connections but nothing answers (a hung server)."""
+    redis.send_signal(signal.SIGSTOP)
+
+
+def resume_redis() -> None:
+    """SIGCONT a paused Redis (no-op if it runs normally or is not running)."""
+    redis.send_signal(signal.SIGCONT)

@@ -1,7 +1,8 @@
 """One SSE stream: open, catch up (pending, missed, unread group messages), then follow the live queue.
 
 Catch-up after ``Last-Event-ID`` replays, in creation order, the user's SELECTED rows after the cursor
-plus every still-PENDING row, and the matching ALL/ROLE broadcasts created after the cursor's moment.
+plus every still-PENDING row, and the matching ALL/ROLE broadcasts created after the cursor's moment
+(less ``GROUP_OVERLAP``: group broadcasts arrive out of creation order, so a few are sent again).
 When the cursor cannot be proven complete — not one of ours, another user's row, beyond anything stored,
 or more to replay than ``replay_limit`` — the stream says ``RESYNC`` first (the client refetches its
 inbox) and then sends what is pending. A MESSAGE counts as delivered once it was handed to the socket.
@@ -23,6 +24,12 @@ from sse.messages import item_frame
 
 log = logging.getLogger(__name__)
 FUTURE_SLACK = timedelta(minutes=1)
+# ALL/ROLE broadcasts reach a stream in consumption order, not creation order: they are keyed by broadcast
+# id, so spread over partitions (and consumers), and a transaction may commit after a later one was
+# streamed. A group cursor is therefore no watermark: a client may hold g<t> and still miss an older
+# broadcast that was on its way. A resume also replays the group broadcasts of the GROUP_OVERLAP before
+# the cursor; the client drops the ones it has by their SSE id (the same bytes each time).
+GROUP_OVERLAP = timedelta(seconds=30)
 
 
 @dataclass
@@ -49,7 +56,7 @@ async def catch_up(
     if since is None:
         return await _fresh(inbox, user_id, roles, limit), True
     selected = await inbox.selected_after(user_id, cursor.row_id or 0, None if cursor.row_id else since, limit + 1)
-    group = await inbox.group(user_id, roles, since)
+    group = await inbox.group(user_id, roles, since - GROUP_OVERLAP)
     items = _in_order(selected + group)
     if len(items) > limit:
         return await _fresh(inbox, user_id, roles, limit), True
