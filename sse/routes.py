@@ -8,9 +8,11 @@ from collections.abc import AsyncIterator
 
 import orjson
 from sse_starlette import EventSourceResponse
+from sse_starlette.sse import SendTimeoutError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from broadcast.errors import BroadcastError, ConflictError, ValidationError
 from broadcast.http_context import components
@@ -26,6 +28,16 @@ MAX_READ_IDS = 500
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+class _Stream(EventSourceResponse):
+    """sse-starlette's response, with a client that stopped reading logged as one warning, not a 500 trace."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except SendTimeoutError:
+            log.warning("dropped a stream whose client stopped reading (send timeout %s s)", self.send_timeout)
+
+
 async def connect(request: Request) -> Response:
     user_id = await acting_user(request)
     c = components(request)
@@ -36,7 +48,7 @@ async def connect(request: Request) -> Response:
     try:
         connection = c.hub.open(user_id, roles)
     except ConflictError:
-        return EventSourceResponse(_limit_reached(settings.max_connections_per_user), headers=HEADERS)
+        return _Stream(_limit_reached(settings.max_connections_per_user), headers=HEADERS)
     try:
         await c.presence.heartbeat(user_id, c.settings.server.instance_id)
     except BroadcastError as exc:  # live pushes wait for Redis; reconciliation still delivers
@@ -55,7 +67,7 @@ async def connect(request: Request) -> Response:
         finally:
             await _close(request, connection)
 
-    return EventSourceResponse(
+    return _Stream(
         stream(), ping=settings.heartbeat_seconds, send_timeout=settings.send_timeout_seconds, headers=HEADERS
     )
 
