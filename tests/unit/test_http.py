@@ -8,7 +8,6 @@ from pathlib import Path
 import httpx
 import pytest
 from pydantic import SecretStr
-from starlette.applications import Starlette
 from starlette.routing import Route
 
 from broadcast.app import create_app
@@ -53,7 +52,3 @@ async def test_unexpected_errors_hide_their_details(client: httpx.AsyncClient) -
     assert response.status_code == 500
     assert response.headers["content-type"] == "application/problem+json"
     assert "secret internals" not in response.text and "Traceback" not in response.text
-
-
-def test_app_type() -> None:
-    assert isinstance(create_app(Settings()), Starlette)
