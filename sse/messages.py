@@ -2,42 +2,55 @@
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import datetime
+from typing import Any, Protocol
 
-from broadcast.domain import Broadcast, InboxItem
+from broadcast.domain import Broadcast, InboxItem, Priority, TargetType
 from broadcast.envelope import MessageDeliveryEvent
 from sse.frames import Cursor, EventName, frame, micros
 
 
-def from_broadcast(broadcast: Broadcast, read: bool = False) -> dict[str, Any]:
+class _Shown(Protocol):
+    """What a MESSAGE shows of a broadcast: a stored ``Broadcast`` and an envelope snapshot both have it."""
+
+    @property
+    def sender_id(self) -> str: ...
+    @property
+    def content(self) -> str: ...
+    @property
+    def target_type(self) -> TargetType: ...
+    @property
+    def priority(self) -> Priority: ...
+    @property
+    def category(self) -> str | None: ...
+    @property
+    def created_at(self) -> datetime: ...
+    @property
+    def expires_at(self) -> datetime | None: ...
+
+
+def _payload(broadcast_id: str, shown: _Shown, read: bool) -> dict[str, Any]:
     return {
-        "broadcastId": broadcast.id,
-        "content": broadcast.content,
-        "priority": broadcast.priority.value,
-        "category": broadcast.category,
-        "senderId": broadcast.sender_id,
-        "targetType": broadcast.target_type.value,
-        "createdAt": broadcast.created_at.isoformat(),
-        "expiresAt": broadcast.expires_at.isoformat() if broadcast.expires_at else None,
+        "broadcastId": broadcast_id,
+        "content": shown.content,
+        "priority": shown.priority.value,
+        "category": shown.category,
+        "senderId": shown.sender_id,
+        "targetType": shown.target_type.value,
+        "createdAt": shown.created_at.isoformat(),
+        "expiresAt": shown.expires_at.isoformat() if shown.expires_at else None,
         "read": read,
     }
+
+
+def from_broadcast(broadcast: Broadcast, read: bool = False) -> dict[str, Any]:
+    return _payload(broadcast.id, broadcast, read)
 
 
 def from_event(event: MessageDeliveryEvent) -> dict[str, Any]:
     snapshot = event.broadcast
     assert snapshot is not None, "CREATED events carry the broadcast"
-    return {
-        "broadcastId": event.broadcast_id,
-        "content": snapshot.content,
-        "priority": snapshot.priority.value,
-        "category": snapshot.category,
-        "senderId": snapshot.sender_id,
-        "targetType": snapshot.target_type.value,
-        "createdAt": snapshot.created_at.isoformat(),
-        "expiresAt": snapshot.expires_at.isoformat() if snapshot.expires_at else None,
-        "read": False,
-        "correlationId": event.correlation_id,
-    }
+    return {**_payload(event.broadcast_id, snapshot, False), "correlationId": event.correlation_id}
 
 
 def cursor_of(item: InboxItem) -> Cursor:

@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from devstack.stack import StackInfo
+
 START_TIMEOUT_S = 60.0
 
 
@@ -33,6 +35,25 @@ def cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProce
     return subprocess.run(
         [sys.executable, "-m", "broadcast", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=120
     )
+
+
+def isolated_env(info: StackInfo, unique_name: str, cwd: Path, **overrides: str) -> dict[str, str]:
+    """Variables for servers on the real stack with a schema, topics, consumer group and Redis prefix of
+    their own (migrated and provisioned here), and fast loops; ``overrides`` add or replace variables."""
+    variables = clean_env(
+        **info.env(),
+        BROADCAST_DATABASE__SCHEMA_NAME=unique_name,
+        BROADCAST_KAFKA__TOPIC_PREFIX=f"{unique_name}.",
+        BROADCAST_KAFKA__CONSUMER_GROUP=f"{unique_name}-delivery",
+        BROADCAST_REDIS__KEY_PREFIX=f"{unique_name}:",
+        BROADCAST_SSE__RECONCILE_SECONDS="1",
+        BROADCAST_RELAY__IDLE_POLL_SECONDS="0.05",
+        **overrides,
+    )
+    for command in ("migrate", "topics"):
+        done = cli(command, env=variables, cwd=cwd)
+        assert done.returncode == 0, done.stdout + done.stderr
+    return variables
 
 
 class Server:

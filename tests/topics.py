@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from aiokafka import AIOKafkaConsumer
+from aiokafka.partitioner import murmur2
 
 from broadcast.ports import EventRecord
 
@@ -33,3 +34,9 @@ async def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float
         return records
     finally:
         await consumer.stop()
+
+
+def default_partition(key: bytes, partitions: int = 10) -> int:
+    """The partition Kafka's default partitioner (Java and aiokafka alike) picks for ``key``: an oracle
+    independent of the adapter's own grouping in ``publish_many``."""
+    return int(murmur2(key) & 0x7FFFFFFF) % partitions

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from devstack.stack import StackInfo
-from tests.servers import Server, clean_env, cli
+from tests.servers import Server, isolated_env
 from tests.sse_client import SseClient
 
 ADMIN = {"X-Dev-User": "admin"}
@@ -21,20 +21,7 @@ ADMIN = {"X-Dev-User": "admin"}
 @pytest.fixture
 def env(stack: StackInfo, unique_name: str, tmp_path: Path) -> Iterator[dict[str, str]]:
     """A migrated schema and provisioned topics of this test's own, and fast loops."""
-    variables = clean_env(
-        **stack.env(),
-        BROADCAST_DATABASE__SCHEMA_NAME=unique_name,
-        BROADCAST_KAFKA__TOPIC_PREFIX=f"{unique_name}.",
-        BROADCAST_KAFKA__CONSUMER_GROUP=f"{unique_name}-delivery",
-        BROADCAST_REDIS__KEY_PREFIX=f"{unique_name}:",
-        BROADCAST_SSE__RECONCILE_SECONDS="1",
-        BROADCAST_SSE__MAX_CONNECTIONS_PER_USER="3",
-        BROADCAST_RELAY__IDLE_POLL_SECONDS="0.05",
-    )
-    for command in ("migrate", "topics"):
-        done = cli(command, env=variables, cwd=tmp_path)
-        assert done.returncode == 0, done.stdout + done.stderr
-    yield variables
+    yield isolated_env(stack, unique_name, tmp_path, BROADCAST_SSE__MAX_CONNECTIONS_PER_USER="3")
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from devstack.stack import StackInfo, status, up
-from tests.servers import clean_env, cli, server_factory
+from tests.servers import isolated_env, server_factory
 
 __all__ = ["env", "healthy_stack", "server_factory"]
 
@@ -21,21 +21,13 @@ def env(stack: StackInfo, unique_name: str, tmp_path: Path) -> Iterator[dict[str
     A crashed relay's lanes come back after the lease; a short one (publish timeout below it) keeps the
     recovery after a SIGKILL within the test's time budget.
     """
-    variables = clean_env(
-        **stack.env(),
-        BROADCAST_DATABASE__SCHEMA_NAME=unique_name,
-        BROADCAST_KAFKA__TOPIC_PREFIX=f"{unique_name}.",
-        BROADCAST_KAFKA__CONSUMER_GROUP=f"{unique_name}-delivery",
-        BROADCAST_REDIS__KEY_PREFIX=f"{unique_name}:",
-        BROADCAST_SSE__RECONCILE_SECONDS="1",
-        BROADCAST_RELAY__IDLE_POLL_SECONDS="0.05",
+    yield isolated_env(
+        stack,
+        unique_name,
+        tmp_path,
         BROADCAST_RELAY__LEASE_SECONDS="6",
         BROADCAST_KAFKA__PUBLISH_TIMEOUT_SECONDS="2.5",
     )
-    for command in ("migrate", "topics"):
-        done = cli(command, env=variables, cwd=tmp_path)
-        assert done.returncode == 0, done.stdout + done.stderr
-    yield variables
 
 
 @pytest.fixture(autouse=True)

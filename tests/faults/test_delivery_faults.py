@@ -20,7 +20,6 @@ from typing import Any
 import httpx
 import orjson
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.partitioner import murmur2
 
 from broadcast import constants, envelope
 from devstack.stack import (
@@ -35,7 +34,7 @@ from devstack.stack import (
 )
 from tests.servers import Server
 from tests.sse_client import SseClient
-from tests.topics import read_topic
+from tests.topics import default_partition, read_topic
 
 ADMIN = {"X-Dev-User": "admin"}
 PARTITIONS = 10
@@ -119,11 +118,6 @@ def check_once(client: SseClient, acknowledged: list[str], in_order: bool = True
     return raw
 
 
-def partition_of(key: str) -> int:
-    """Kafka's default partitioner (murmur2), as the producer picks the partition of a user's records."""
-    return int(murmur2(key.encode()) & 0x7FFFFFFF) % PARTITIONS
-
-
 def last_assignment(log: Path, listener: str) -> set[int] | None:
     """The partitions the last "assigned" line of ``listener`` in a server log names (None: none yet)."""
     lines = [line for line in log.read_text().splitlines() if f"listener {listener} member 0: assigned" in line]
@@ -149,7 +143,7 @@ async def test_a_consumer_instance_killed_mid_stream_loses_and_repeats_nothing(
         return bool(a and b and not a & b and len(a | b) == PARTITIONS)
 
     await wait_until(split, 40, "the two workers sharing the selected topic")
-    alice_partition = partition_of("alice")
+    alice_partition = default_partition(b"alice", PARTITIONS)
     [victim] = [w for w in workers if alice_partition in (last_assignment(w.log, "delivery-selected") or ())]
     [survivor] = [w for w in workers if w is not victim]
     async with SseClient(edge.base, "alice") as alice:
@@ -200,7 +194,7 @@ async def test_a_broker_killed_during_delivery_loses_and_repeats_nothing(
 ) -> None:
     server = start(env, tmp_path, server_factory)
     topic = env["BROADCAST_KAFKA__TOPIC_PREFIX"] + constants.SELECTED_TOPIC
-    node = await partition_leader(stack.kafka_bootstrap, topic, partition_of("alice"))
+    node = await partition_leader(stack.kafka_bootstrap, topic, default_partition(b"alice", PARTITIONS))
     async with SseClient(server.base, "alice") as alice:
         sender = Sender(server.base, to_user("alice"), 200, 0.04)
         sending = asyncio.create_task(sender.run())

@@ -12,7 +12,6 @@ from collections import Counter
 from pathlib import Path
 
 import orjson
-from aiokafka.partitioner import murmur2
 from sqlalchemy import func, select
 
 from broadcast import constants, envelope
@@ -21,12 +20,7 @@ from broadcast.adapters.sql_tables import user_broadcast_messages
 from broadcast.domain import BroadcastStatus, EventType, NewBroadcast, OutboxEvent, TargetType, User
 from devstack.stack import StackInfo
 from tests.integration.conftest import Pipeline
-from tests.topics import read_topic
-
-
-def java_partition(key: bytes, partitions: int = 10) -> int:
-    """The partition Kafka's default partitioner (Java and aiokafka alike) picks for ``key``."""
-    return int(murmur2(key) & 0x7FFFFFFF) % partitions
+from tests.topics import default_partition, read_topic
 
 
 async def test_created_events_land_on_the_right_topics_keys_and_partitions(
@@ -44,7 +38,7 @@ async def test_created_events_land_on_the_right_topics_keys_and_partitions(
     records = await read_topic(stack.kafka_bootstrap, pipeline.topic(constants.SELECTED_TOPIC), 3)
     assert sorted(r.key or b"" for r in records) == [b"alice", b"bob", b"dave"]
     for r in records:
-        assert r.partition == java_partition(r.key or b"")
+        assert r.partition == default_partition(r.key or b"")
         event = envelope.decode(r.value)
         assert (event.event_type, event.broadcast_id) == (EventType.CREATED, selected.id)
         assert event.user_id is not None and event.user_id.encode() == r.key
@@ -56,7 +50,7 @@ async def test_created_events_land_on_the_right_topics_keys_and_partitions(
     group = await read_topic(stack.kafka_bootstrap, pipeline.topic(constants.GROUP_TOPIC), 2)
     assert sorted(r.key or b"" for r in group) == sorted([to_all.id.encode(), to_ops.id.encode()])
     for r in group:
-        assert r.partition == java_partition(r.key or b"")
+        assert r.partition == default_partition(r.key or b"")
         event = envelope.decode(r.value)
         assert event.user_id is None and event.broadcast is not None
     ops_event = envelope.decode(next(r.value for r in group if r.key == to_ops.id.encode()))
