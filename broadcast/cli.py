@@ -37,7 +37,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from broadcast.app import create_app
-    from broadcast.serve import serve
+    from broadcast.serve import run
 
     settings = _load_settings(args)
     logging.getLogger(__name__).info("roles: %s", ",".join(sorted(args.roles)))
@@ -49,7 +49,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         lifespan="on",
         timeout_graceful_shutdown=10,
     )
-    started = asyncio.run(serve(config))
+    started = run(config)
     return 0 if started else 1
 
 

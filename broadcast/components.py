@@ -82,6 +82,9 @@ async def open_components(settings: Settings) -> AsyncIterator[Components]:
         wakeup = asyncio.Event()
         inbox = SqlInboxStore(engine)
         lifecycle = Lifecycle(broadcasts, users, settings.kafka, settings.limits, on_outbox=wakeup.set)
+        hub = Hub(settings.sse.queue_size, settings.sse.max_connections_per_user, settings.sse.send_timeout_seconds)
+        marker = DeliveredMarker(inbox, settings.sse.delivered_flush_seconds)
+        hub.delivered = marker.add
         yield Components(
             settings=settings,
             event_log=event_log,
@@ -93,8 +96,8 @@ async def open_components(settings: Settings) -> AsyncIterator[Components]:
             lifecycle=lifecycle,
             outbox_wakeup=wakeup,
             inbox=inbox,
-            hub=Hub(settings.sse.queue_size, settings.sse.max_connections_per_user),
-            marker=DeliveredMarker(inbox, settings.sse.delivered_flush_seconds),
+            hub=hub,
+            marker=marker,
             reconcile_now=asyncio.Event(),
             health=health,
         )

@@ -43,3 +43,8 @@ def dlt_topic(topic: str) -> str:
 def instance_channel(instance_id: str) -> str:
     """The bus channel one instance listens on for its users' messages."""
     return REDIS_INSTANCE_CHANNEL.format(instance_id=instance_id)
+
+
+# The server's own ASGI ``send`` (before any middleware wraps it), kept in the scope so a stream can abort
+# the socket of a client that stopped reading (see ``broadcast/serve.py`` and ``sse/stream.py``).
+RAW_SEND_SCOPE_KEY: Final = "broadcast.raw_send"

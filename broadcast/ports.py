@@ -223,6 +223,10 @@ class InboxStore(Protocol):
 
     async def pending(self, user_id: str, limit: int) -> list[InboxItem]: ...
 
+    async def pending_for(self, user_ids: Sequence[str], limit: int) -> list[tuple[str, InboxItem]]:
+        """PENDING rows of any of ``user_ids`` (user id, item), oldest first — one query for many users."""
+        ...
+
     async def selected_after(
         self, user_id: str, row_id: int, since: datetime | None, limit: int
     ) -> list[InboxItem]: ...
@@ -263,6 +267,10 @@ class Presence(Protocol):
     """Which instances hold live connections of a user; entries expire unless heartbeated."""
 
     async def heartbeat(self, user_id: str, instance_id: str) -> None: ...
+
+    async def heartbeat_many(self, user_ids: Sequence[str], instance_id: str) -> None:
+        """``heartbeat`` for many users in one round trip (an instance refreshing all its users)."""
+        ...
 
     async def leave(self, user_id: str, instance_id: str) -> None: ...
 

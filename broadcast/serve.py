@@ -10,8 +10,29 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Iterator
+from typing import cast
 
 import uvicorn
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from broadcast import constants
+
+
+def run(config: uvicorn.Config) -> bool:
+    """Serve on uvicorn's preferred loop (uvloop when installed); returns whether the server had started."""
+    with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
+        return runner.run(serve(config))
+
+
+def _keeping_raw_send(app: ASGIApp) -> ASGIApp:
+    """Put the server's own ``send`` in the scope, so a stream can reach its socket (see ``sse/stream.py``)."""
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope[constants.RAW_SEND_SCOPE_KEY] = send
+        await app(scope, receive, send)
+
+    return wrapped
 
 
 class _Server(uvicorn.Server):
@@ -23,6 +44,8 @@ class _Server(uvicorn.Server):
 
 async def serve(config: uvicorn.Config) -> bool:
     """Serve until SIGTERM/SIGINT; returns whether the server had started."""
+    app = config.app
+    config.app = _keeping_raw_send(cast(ASGIApp, app))
     server = _Server(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -31,7 +54,7 @@ async def serve(config: uvicorn.Config) -> bool:
         if stop.is_set():
             server.force_exit = True
         else:
-            hook = getattr(getattr(config.app, "state", None), "begin_shutdown", None)
+            hook = getattr(getattr(app, "state", None), "begin_shutdown", None)
             if callable(hook):
                 hook()  # e.g. SERVER_SHUTDOWN to every open stream, which then ends
         stop.set()

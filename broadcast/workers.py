@@ -20,7 +20,7 @@ from broadcast.scheduler import Scheduler
 from consumers.container import ListenerContainer
 from consumers.delivery import DeliveryHandlers
 from consumers.listener import Listener
-from sse.fanout import BusListener, PresenceKeeper, Reconciler
+from sse.fanout import BusListener, Heartbeat, PresenceKeeper, Reconciler
 
 log = logging.getLogger(__name__)
 ROLES = ("api", "relay", "consumers", "dlt", "scheduler")
@@ -88,6 +88,7 @@ def _stream_loops(c: Components) -> list[Loop]:
         BusListener(c.bus, c.hub, me, c.reconcile_now),
         Reconciler(c.inbox, c.hub, settings.sse.reconcile_seconds, c.reconcile_now),
         PresenceKeeper(c.presence, c.hub, me, settings.redis.presence_ttl_seconds / 3),
+        Heartbeat(c.hub, settings.sse.heartbeat_seconds),
         c.marker,
     ]
 

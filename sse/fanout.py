@@ -4,6 +4,7 @@
   pre-encoded frame to the hub; resubscribes on its own after a Redis outage (and asks for a
   reconciliation, since pub/sub dropped whatever was sent meanwhile).
 - ``Reconciler``: every few seconds, sends connected users their PENDING rows the live path missed.
+- ``Heartbeat``: a comment frame on every stream every ~15 s.
 - ``PresenceKeeper``: heartbeats presence for every locally connected user (entries expire otherwise).
 - ``DeliveredMarker``: batches "written to a live stream" marks into PENDING → DELIVERED updates.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from collections.abc import Callable
 
 import orjson
 
@@ -20,6 +21,7 @@ from broadcast import constants
 from broadcast.errors import BroadcastError
 from broadcast.loops import pause
 from broadcast.ports import Bus, BusMessage, InboxStore, Presence
+from sse.frames import HEARTBEAT
 from sse.hub import Connection, Hub, Outgoing
 from sse.messages import item_frame
 
@@ -27,11 +29,11 @@ log = logging.getLogger(__name__)
 RECONCILE_BATCH = 200
 
 
-def _group_matches(target_type: str, roles: frozenset[str]) -> Any:
-    def matches(connection: Connection) -> bool:
-        return target_type == "ALL" or bool(connection.roles & roles)
-
-    return matches
+def _group_matches(target_type: str, roles: frozenset[str]) -> Callable[[Connection], bool] | None:
+    """None (everyone) for ALL; for ROLE, connections holding one of ``roles``."""
+    if target_type == "ALL":
+        return None
+    return lambda connection: bool(connection.roles & roles)
 
 
 class BusListener:
@@ -68,7 +70,7 @@ class BusListener:
             if payload["kind"] == "group":
                 matches = _group_matches(payload["targetType"], frozenset(payload["roles"]))
                 return self._hub.to_matching(matches, Outgoing(data, None, payload["broadcast"]))
-            return self._hub.to_matching(lambda c: True, Outgoing(data))
+            return self._hub.to_matching(None, Outgoing(data))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             log.error("malformed bus message on %s dropped: %r", message.channel, exc)
             return 0
@@ -83,12 +85,12 @@ class Reconciler:
         self.pushed = 0
 
     async def run_once(self) -> int:
+        """One query (per few hundred users) for the PENDING rows of everyone connected here."""
         pushed = 0
-        for user_id in self._hub.users():
-            for item in await self._inbox.pending(user_id, RECONCILE_BATCH):
-                outgoing = Outgoing(item_frame(item), (item.broadcast.id, user_id), item.broadcast.id)
-                if self._hub.to_user(user_id, outgoing):
-                    pushed += 1
+        for user_id, item in await self._inbox.pending_for(self._hub.users(), RECONCILE_BATCH):
+            outgoing = Outgoing(item_frame(item), (item.broadcast.id, user_id), item.broadcast.id)
+            if self._hub.to_user(user_id, outgoing):
+                pushed += 1
         self.pushed += pushed
         return pushed
 
@@ -112,11 +114,24 @@ class PresenceKeeper:
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
-                for user_id in self._hub.users():
-                    await self._presence.heartbeat(user_id, self._instance_id)
+                await self._presence.heartbeat_many(self._hub.users(), self._instance_id)
             except BroadcastError as exc:
                 log.warning("presence heartbeat failed: %s", exc)
             await pause(stop, self._interval_s)
+
+
+class Heartbeat:
+    """A comment frame on every stream every few seconds, so proxies and browsers keep it open."""
+
+    def __init__(self, hub: Hub, interval_s: float) -> None:
+        self._hub = hub
+        self._interval_s = interval_s
+
+    async def run(self, stop: asyncio.Event) -> None:
+        beat = Outgoing(HEARTBEAT)
+        while not stop.is_set():
+            await pause(stop, self._interval_s)
+            self._hub.to_matching(None, beat)
 
 
 class DeliveredMarker:

@@ -1,88 +1,256 @@
-"""The per-instance SSE hub: which local connections each user has, and a bounded queue per connection.
+"""The per-instance SSE hub: which local connections each user has, and how bytes reach their sockets.
 
-Fan-out puts the *same* pre-encoded bytes into each matching connection's queue (``put_nowait``): no
-per-connection encoding, no awaiting a slow socket. A connection whose queue is full is closed — its
-client reconnects with ``Last-Event-ID`` and resumes — so memory per connection stays bounded.
+Fan-out hands the *same* pre-encoded bytes to each matching connection, and the connection writes them
+at once from the fan-out loop: the ASGI ``send`` coroutine is stepped in place (it completes without
+suspending unless the socket's buffer is full), so a delivery costs no task switch and no queue. Only
+when a socket is not writable do later events wait, coalesced, in a bounded backlog; a connection whose
+backlog overflows, or whose blocked write outlasts the send timeout, is dropped (its socket aborted) —
+its client reconnects with ``Last-Event-ID`` and resumes — so memory per connection stays bounded.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from broadcast.errors import ConflictError
 
 log = logging.getLogger(__name__)
-CLOSE = b""  # the sentinel a stream stops on
+SEEN_LIMIT = 2_048  # broadcast ids remembered per connection to skip repeats (catch-up, live, reconciliation)
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Delivered = Callable[[tuple[str, str]], None]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Outgoing:
-    """Bytes for one connection, and the (broadcast id, user id) they deliver, if they are a MESSAGE."""
+    """Bytes for connections, and the (broadcast id, user id) they deliver if they are a SELECTED MESSAGE."""
 
     data: bytes
     delivers: tuple[str, str] | None = None
     broadcast_id: str | None = None
 
 
-@dataclass(eq=False)
-class Connection:
-    id: int
-    user_id: str
-    roles: frozenset[str]
-    queue: asyncio.Queue[Outgoing]
-    closed: bool = False
-    sent_broadcasts: set[str] = field(default_factory=set)
+def _ignore(_: tuple[str, str]) -> None:
+    return None
 
+
+async def _awaiting(awaitable: Awaitable[None]) -> None:
+    await awaitable
+
+
+class Connection:
+    """One open stream. ``offer`` writes now, or queues behind a blocked write, or drops the connection."""
+
+    __slots__ = (
+        "_abort",
+        "_backlog",
+        "_delivered",
+        "_ended",
+        "_finishing",
+        "_inflight",
+        "_inflight_delivers",
+        "_limit",
+        "_on_drop",
+        "_send",
+        "_send_timeout",
+        "_timer",
+        "_waiting",
+        "closed",
+        "dropped",
+        "id",
+        "roles",
+        "seen",
+        "user_id",
+    )
+
+    def __init__(
+        self,
+        connection_id: int,
+        user_id: str,
+        roles: frozenset[str],
+        limit: int,
+        send_timeout: float,
+        delivered: Delivered = _ignore,
+        on_drop: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.id = connection_id
+        self.user_id = user_id
+        self.roles = roles
+        self.closed = False
+        self.dropped = False
+        self.seen: dict[str, None] = {}
+        self._limit = limit
+        self._send_timeout = send_timeout
+        self._delivered = delivered
+        self._on_drop = on_drop
+        self._send: Send | None = None
+        self._abort: Callable[[], None] | None = None
+        self._backlog: list[Outgoing] = []
+        self._finishing = False
+        self._ended = False
+        self._inflight: Coroutine[Any, Any, None] | None = None
+        self._inflight_delivers: list[tuple[str, str]] = []
+        self._waiting: asyncio.Future[Any] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    # ------------------------------------------------------------------ what the hub and the stream call
     def offer(self, item: Outgoing) -> bool:
-        """Queue ``item``; False (and the connection closes) when the client is too slow to keep up."""
+        """Write or queue ``item``; False (and the connection is dropped) when the client cannot keep up."""
         if self.closed:
             return False
-        if item.broadcast_id is not None:
-            if item.broadcast_id in self.sent_broadcasts:
-                return True  # already sent on this connection (catch-up, live path and reconciliation overlap)
-            self.sent_broadcasts.add(item.broadcast_id)
-        try:
-            self.queue.put_nowait(item)
-        except asyncio.QueueFull:
-            log.warning("dropping slow connection %d of %s (queue full)", self.id, self.user_id)
-            self.close()
-            return False
+        if item.broadcast_id is not None and not self._first_time(item.broadcast_id):
+            return True  # already on this connection (catch-up, live path and reconciliation overlap)
+        if self._send is None or self._inflight is not None:
+            if len(self._backlog) >= self._limit:
+                self.drop("backlog full")
+                return False
+            self._backlog.append(item)
+            return True
+        self._write([item])
         return True
 
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            while not self.queue.empty():  # make room for the sentinel
-                self.queue.get_nowait()
-            self.queue.put_nowait(Outgoing(CLOSE))
+    def start(self, send: Send, abort: Callable[[], None] | None, head: bytes, items: Iterable[Outgoing]) -> None:
+        """The response has started: write ``head``, the catch-up ``items`` not seen yet, then the backlog."""
+        self._send, self._abort = send, abort
+        fresh = [i for i in items if i.broadcast_id is None or self._first_time(i.broadcast_id)]
+        queued, self._backlog = self._backlog, []
+        self._write([Outgoing(head), *fresh, *queued], final=self._finishing)
+
+    def finish(self, farewell: bytes = b"") -> None:
+        """End the stream gracefully after what is queued (and ``farewell``)."""
+        if self.closed:
+            return
+        self.closed = self._finishing = True
+        if farewell:
+            self._backlog.append(Outgoing(farewell))
+        if self._send is not None and self._inflight is None:
+            queued, self._backlog = self._backlog, []
+            self._write(queued, final=True)
+
+    def drop(self, reason: str) -> None:
+        """Abort a client that cannot keep up: its socket is closed at once, unsent bytes discarded."""
+        if self.dropped:
+            return
+        log.warning("dropping slow connection %d of %s (%s)", self.id, self.user_id, reason)
+        self.closed = self.dropped = True
+        self._backlog.clear()
+        self._discard_inflight()
+        self._on_drop()
+        if self._abort is not None:
+            self._abort()
+
+    def release(self) -> None:
+        """The stream ended (client gone): forget anything in flight."""
+        self.closed = True
+        self._backlog.clear()
+        self._discard_inflight()
+
+    # ------------------------------------------------------------------ stepping the send coroutine in place
+    def _first_time(self, broadcast_id: str) -> bool:
+        if broadcast_id in self.seen:
+            return False
+        self.seen[broadcast_id] = None
+        if len(self.seen) > SEEN_LIMIT:
+            del self.seen[next(iter(self.seen))]
+        return True
+
+    def _write(self, items: list[Outgoing], final: bool = False) -> None:
+        assert self._send is not None
+        body = items[0].data if len(items) == 1 else b"".join(i.data for i in items)
+        self._ended = final
+        self._inflight_delivers = [i.delivers for i in items if i.delivers is not None]
+        sending = self._send({"type": "http.response.body", "body": body, "more_body": not final})
+        self._inflight = sending if isinstance(sending, Coroutine) else _awaiting(sending)
+        self._step()
+
+    def _step(self, _: object = None) -> None:
+        coro = self._inflight
+        if coro is None:
+            return
+        self._waiting = None
+        try:
+            yielded = coro.send(None)
+        except StopIteration:
+            self._written()
+            return
+        except Exception as exc:  # the transport refused the write: the client is gone
+            self._inflight = None
+            log.info("write to connection %d of %s failed: %r", self.id, self.user_id, exc)
+            self.drop("write failed")
+            return
+        loop = asyncio.get_running_loop()
+        if isinstance(yielded, asyncio.Future):  # e.g. waiting for the socket to drain
+            yielded._asyncio_future_blocking = False
+            yielded.add_done_callback(self._step)
+            self._waiting = yielded
+        else:  # a bare yield: try again on the next loop iteration
+            loop.call_soon(self._step)
+        if self._timer is None:
+            self._timer = loop.call_later(self._send_timeout, self.drop, f"send timeout {self._send_timeout} s")
+
+    def _written(self) -> None:
+        self._inflight = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for pair in self._inflight_delivers:
+            self._delivered(pair)
+        self._inflight_delivers = []
+        if self._backlog:
+            queued, self._backlog = self._backlog, []
+            self._write(queued, final=self._finishing)
+        elif self._finishing and not self._ended:
+            self._write([], final=True)
+
+    def _discard_inflight(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._waiting is not None:
+            self._waiting.remove_done_callback(self._step)
+            self._waiting = None
+        if self._inflight is not None:
+            self._inflight.close()
+            self._inflight = None
 
 
 class Hub:
     """All SSE connections of this process."""
 
-    def __init__(self, queue_size: int, max_per_user: int) -> None:
+    def __init__(self, queue_size: int, max_per_user: int, send_timeout: float = 10.0) -> None:
         self._queue_size = queue_size
         self._max_per_user = max_per_user
+        self._send_timeout = send_timeout
         self._by_user: dict[str, set[Connection]] = {}
         self._ids = itertools.count(1)
+        self.delivered: Delivered = _ignore
         self.dropped = 0
 
     def open(self, user_id: str, roles: frozenset[str]) -> Connection:
         connections = self._by_user.setdefault(user_id, set())
         if len(connections) >= self._max_per_user:
+            if not connections:
+                del self._by_user[user_id]
             raise ConflictError(f"user already has {self._max_per_user} open streams")
-        connection = Connection(next(self._ids), user_id, roles, asyncio.Queue(self._queue_size))
+        connection = Connection(
+            next(self._ids), user_id, roles, self._queue_size, self._send_timeout, self._mark, self._count_drop
+        )
         connections.add(connection)
         return connection
 
+    def _mark(self, pair: tuple[str, str]) -> None:
+        self.delivered(pair)
+
+    def _count_drop(self) -> None:
+        self.dropped += 1
+
     def close(self, connection: Connection) -> bool:
         """Forget ``connection``; True when it was the user's last one here."""
-        connection.close()
+        connection.release()
         connections = self._by_user.get(connection.user_id, set())
         connections.discard(connection)
         if not connections:
@@ -93,6 +261,9 @@ class Hub:
     def users(self) -> list[str]:
         return list(self._by_user)
 
+    def __len__(self) -> int:
+        return sum(len(cs) for cs in self._by_user.values())
+
     def connections(self, user_id: str | None = None) -> Iterable[Connection]:
         if user_id is not None:
             return tuple(self._by_user.get(user_id, ()))
@@ -100,29 +271,23 @@ class Hub:
 
     def to_user(self, user_id: str, item: Outgoing) -> int:
         """Offer ``item`` to every connection of ``user_id``; returns how many accepted it."""
-        return self._offer(self._by_user.get(user_id, ()), item)
+        connections = self._by_user.get(user_id)
+        return self._offer(tuple(connections), item) if connections else 0
 
-    def to_matching(self, matches: Callable[[Connection], bool], item: Outgoing) -> int:
-        return self._offer((c for cs in self._by_user.values() for c in cs if matches(c)), item)
+    def to_matching(self, matches: Callable[[Connection], bool] | None, item: Outgoing) -> int:
+        """Offer ``item`` to every connection (``matches`` None) or to those ``matches`` accepts."""
+        everyone = self.connections()
+        return self._offer(everyone if matches is None else [c for c in everyone if matches(c)], item)
 
-    def _offer(self, connections: Iterable[Connection], item: Outgoing) -> int:
+    @staticmethod
+    def _offer(connections: Iterable[Connection], item: Outgoing) -> int:
         accepted = 0
-        for connection in tuple(connections):
+        for connection in connections:
             if connection.offer(item):
                 accepted += 1
-            else:
-                self.dropped += 1
         return accepted
 
     def shutdown(self, farewell: bytes) -> None:
         """Send ``farewell`` to every connection and end its stream."""
         for connection in self.connections():
-            if not connection.closed:
-                with contextlib.suppress(asyncio.QueueFull):
-                    connection.queue.put_nowait(Outgoing(farewell))
-                connection.closed = True
-                try:
-                    connection.queue.put_nowait(Outgoing(CLOSE))
-                except asyncio.QueueFull:
-                    connection.queue.get_nowait()
-                    connection.queue.put_nowait(Outgoing(CLOSE))
+            connection.finish(farewell)

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
 
 import orjson
-from sse_starlette import EventSourceResponse
-from sse_starlette.sse import SendTimeoutError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
 from broadcast.errors import BroadcastError, ConflictError, ValidationError
 from broadcast.http_context import components
@@ -20,22 +16,11 @@ from broadcast.identity import acting_user
 from sse.frames import EventName, frame
 from sse.hub import Connection
 from sse.messages import from_broadcast
-from sse.stream import StreamContext, catch_up, events
+from sse.stream import HEADERS, SseStream, catch_up, head, outgoing
 
 log = logging.getLogger(__name__)
 LIMIT_RETRY = b"retry: 60000\n\n"
 MAX_READ_IDS = 500
-HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-class _Stream(EventSourceResponse):
-    """sse-starlette's response, with a client that stopped reading logged as one warning, not a 500 trace."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        except SendTimeoutError:
-            log.warning("dropped a stream whose client stopped reading (send timeout %s s)", self.send_timeout)
 
 
 async def connect(request: Request) -> Response:
@@ -48,7 +33,8 @@ async def connect(request: Request) -> Response:
     try:
         connection = c.hub.open(user_id, roles)
     except ConflictError:
-        return _Stream(_limit_reached(settings.max_connections_per_user), headers=HEADERS)
+        limit = frame(EventName.CONNECTION_LIMIT_REACHED, {"limit": settings.max_connections_per_user})
+        return Response(LIMIT_RETRY + limit, media_type=SseStream.media_type, headers=HEADERS)
     try:
         await c.presence.heartbeat(user_id, c.settings.server.instance_id)
     except BroadcastError as exc:  # live pushes wait for Redis; reconciliation still delivers
@@ -58,23 +44,9 @@ async def connect(request: Request) -> Response:
     except BaseException:
         await _close(request, connection)
         raise
-    ctx = StreamContext(c.hub, c.inbox, c.presence, settings, c.settings.server.instance_id, c.marker.add)
-
-    async def stream() -> AsyncIterator[bytes]:
-        try:
-            async for chunk in events(ctx, connection, backlog, resync):
-                yield chunk
-        finally:
-            await _close(request, connection)
-
-    return _Stream(
-        stream(), ping=settings.heartbeat_seconds, send_timeout=settings.send_timeout_seconds, headers=HEADERS
-    )
-
-
-async def _limit_reached(limit: int) -> AsyncIterator[bytes]:
-    yield LIMIT_RETRY
-    yield frame(EventName.CONNECTION_LIMIT_REACHED, {"limit": limit})
+    start = head(connection, c.settings.server.instance_id, resync)
+    items = [outgoing(item, user_id) for item in backlog]
+    return SseStream(connection, start, items, lambda: _close(request, connection))
 
 
 async def _close(request: Request, connection: Connection) -> None:

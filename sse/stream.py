@@ -10,19 +10,27 @@ inbox) and then sends what is pending. A MESSAGE counts as delivered once it was
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+import socket
+import struct
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from broadcast import constants
 from broadcast.domain import InboxItem
-from broadcast.ports import InboxStore, Presence
-from broadcast.settings import SseSettings
+from broadcast.ports import InboxStore
 from sse.frames import HEARTBEAT, RETRY, Cursor, EventName, frame, from_micros, parse_cursor
-from sse.hub import CLOSE, Connection, Hub
+from sse.hub import Connection, Outgoing
 from sse.messages import item_frame
 
 log = logging.getLogger(__name__)
+LINGER_RESET = struct.pack("ii", 1, 0)
+HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 FUTURE_SLACK = timedelta(minutes=1)
 # ALL/ROLE broadcasts reach a stream in consumption order, not creation order: they are keyed by broadcast
 # id, so spread over partitions (and consumers), and a transaction may commit after a later one was
@@ -30,16 +38,6 @@ FUTURE_SLACK = timedelta(minutes=1)
 # broadcast that was on its way. A resume also replays the group broadcasts of the GROUP_OVERLAP before
 # the cursor; the client drops the ones it has by their SSE id (the same bytes each time).
 GROUP_OVERLAP = timedelta(seconds=30)
-
-
-@dataclass
-class StreamContext:
-    hub: Hub
-    inbox: InboxStore
-    presence: Presence
-    settings: SseSettings
-    instance_id: str
-    mark_delivered: Callable[[tuple[str, str]], None]
 
 
 async def catch_up(
@@ -82,30 +80,72 @@ def _in_order(items: list[InboxItem]) -> list[InboxItem]:
     return sorted(unique.values(), key=lambda i: (i.broadcast.created_at, i.row_id or 0))
 
 
-async def events(
-    ctx: StreamContext, connection: Connection, backlog: list[InboxItem], resync: bool
-) -> AsyncIterator[bytes]:
-    """The bytes of one stream; the caller closes the connection (and presence) when it ends."""
-    yield RETRY
-    yield frame(
-        EventName.CONNECTED, {"connectionId": connection.id, "userId": connection.user_id, "instance": ctx.instance_id}
-    )
+def outgoing(item: InboxItem, user_id: str) -> Outgoing:
+    """A catch-up item as bytes for the hub (SELECTED rows count as delivered once written)."""
+    selected = item.row_id is not None and item.broadcast.target_type.value == "SELECTED"
+    return Outgoing(item_frame(item), (item.broadcast.id, user_id) if selected else None, item.broadcast.id)
+
+
+def head(connection: Connection, instance_id: str, resync: bool) -> bytes:
+    """What every stream starts with: the retry hint, CONNECTED, and RESYNC when resume was impossible."""
+    hello = {"connectionId": connection.id, "userId": connection.user_id, "instance": instance_id}
+    parts = [RETRY, frame(EventName.CONNECTED, hello)]
     if resync:
-        yield frame(EventName.RESYNC, {"reason": "cannot resume from the given Last-Event-ID; refetch the inbox"})
-    for item in backlog:
-        if item.broadcast.id in connection.sent_broadcasts:
-            continue  # the live path queued it meanwhile
-        connection.sent_broadcasts.add(item.broadcast.id)
-        yield item_frame(item)
-        if item.row_id is not None and item.broadcast.target_type.value == "SELECTED":
-            ctx.mark_delivered((item.broadcast.id, connection.user_id))
-    while True:
-        outgoing = await connection.queue.get()
-        if outgoing.data == CLOSE:
-            return
-        yield outgoing.data
-        if outgoing.delivers is not None:
-            ctx.mark_delivered(outgoing.delivers)
+        parts.append(
+            frame(EventName.RESYNC, {"reason": "cannot resume from the given Last-Event-ID; refetch the inbox"})
+        )
+    return b"".join(parts)
 
 
-__all__ = ["HEARTBEAT", "StreamContext", "catch_up", "events"]
+def abort_of(scope: Scope) -> Callable[[], None] | None:
+    """The server's way to drop a socket at once (uvicorn's transport), when the server exposes it.
+
+    A plain close would leave the kernel holding the unsent bytes of a client that stopped reading (the
+    socket lingers in FIN_WAIT with megabytes queued); SO_LINGER 0 makes the close a reset that frees them.
+    """
+    cycle = getattr(scope.get(constants.RAW_SEND_SCOPE_KEY), "__self__", None)
+    transport: asyncio.Transport | None = getattr(cycle, "transport", None)  # uvloop's is not a subclass
+    if transport is None or not callable(getattr(transport, "abort", None)):
+        return None
+
+    def abort() -> None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        transport.abort()
+
+    return abort
+
+
+class SseStream(Response):
+    """One stream as an ASGI response: the hub writes to it; this task only waits for the client to go.
+
+    No generator and no queue per connection: after the head and catch-up, bytes are written by whoever
+    fans out (see ``sse/hub.py``). The stream ends when the client disconnects, when the hub finishes it
+    (shutdown) or when it is dropped (socket aborted) — all three surface here as ``http.disconnect``.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self, connection: Connection, start: bytes, items: list[Outgoing], on_end: Callable[[], Awaitable[None]]
+    ) -> None:
+        super().__init__(headers=HEADERS, media_type=self.media_type)
+        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]  # open-ended: chunked
+        self._connection, self._head, self._items, self._on_end = connection, start, items, on_end
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            if self._connection.dropped:  # fell behind during catch-up: reconnect and resume
+                await send({"type": "http.response.body", "body": RETRY, "more_body": False})
+                return
+            self._connection.start(send, abort_of(scope), self._head, self._items)
+            while (await receive())["type"] != "http.disconnect":
+                pass
+        finally:
+            await self._on_end()
+
+
+__all__ = ["HEARTBEAT", "SseStream", "abort_of", "catch_up", "head", "outgoing"]

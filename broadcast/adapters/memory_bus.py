@@ -61,6 +61,10 @@ class MemoryPresence:
     async def heartbeat(self, user_id: str, instance_id: str) -> None:
         self._entries.setdefault(user_id, {})[instance_id] = time.monotonic() + self._ttl
 
+    async def heartbeat_many(self, user_ids: Sequence[str], instance_id: str) -> None:
+        for user_id in user_ids:
+            await self.heartbeat(user_id, instance_id)
+
     async def leave(self, user_id: str, instance_id: str) -> None:
         instances = self._entries.get(user_id, {})
         instances.pop(instance_id, None)

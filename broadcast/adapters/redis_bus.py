@@ -20,6 +20,8 @@ from broadcast.errors import UnavailableError
 from broadcast.ports import BusMessage
 from broadcast.settings import RedisSettings
 
+HEARTBEAT_CHUNK = 1_000
+
 
 def create_client(settings: RedisSettings) -> Redis:
     """A pooled client; the composition root closes it (``aclose``)."""
@@ -97,16 +99,22 @@ class RedisPresence:
         return self._prefix + constants.REDIS_PRESENCE_KEY.format(user_id=user_id)
 
     async def heartbeat(self, user_id: str, instance_id: str) -> None:
-        now = int(time.time() * 1000)
-        key = self._key(user_id)
-        try:
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.zadd(key, {instance_id: now + self._ttl_ms})
-                pipe.zremrangebyscore(key, "-inf", now)
-                pipe.pexpire(key, self._ttl_ms)
-                await pipe.execute()
-        except RedisError as exc:
-            raise UnavailableError(f"redis presence heartbeat failed: {exc!r}") from exc
+        await self.heartbeat_many([user_id], instance_id)
+
+    async def heartbeat_many(self, user_ids: Sequence[str], instance_id: str) -> None:
+        """One pipelined round trip per ``HEARTBEAT_CHUNK`` users (not a transaction: each key stands alone)."""
+        for start in range(0, len(user_ids), HEARTBEAT_CHUNK):
+            now = int(time.time() * 1000)
+            try:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for user_id in user_ids[start : start + HEARTBEAT_CHUNK]:
+                        key = self._key(user_id)
+                        pipe.zadd(key, {instance_id: now + self._ttl_ms})
+                        pipe.zremrangebyscore(key, "-inf", now)
+                        pipe.pexpire(key, self._ttl_ms)
+                    await pipe.execute()
+            except RedisError as exc:
+                raise UnavailableError(f"redis presence heartbeat failed: {exc!r}") from exc
 
     async def leave(self, user_id: str, instance_id: str) -> None:
         try:

@@ -23,6 +23,7 @@ from broadcast.domain import Broadcast, BroadcastStatus, DeliveryStatus, InboxIt
 
 GROUP_TYPES = (TargetType.ALL.value, TargetType.ROLE.value)
 GROUP_SCAN_LIMIT = 1_000
+USERS_PER_QUERY = 500
 
 b = broadcast_messages.c
 u = user_broadcast_messages.c
@@ -83,6 +84,24 @@ class SqlInboxStore:
         now = datetime.now(UTC)
         query = self._selected(user_id, now).where(u.delivery_status == DeliveryStatus.PENDING.value)
         return self._items(await self._rows(query.order_by(u.id).limit(limit)))
+
+    async def pending_for(self, user_ids: Sequence[str], limit: int) -> list[tuple[str, InboxItem]]:
+        found: list[tuple[str, InboxItem]] = []
+        now = datetime.now(UTC)
+        for start in range(0, len(user_ids), USERS_PER_QUERY):
+            chunk = list(user_ids[start : start + USERS_PER_QUERY])
+            query = (
+                select(broadcast_messages, u.id.label("row_id"), u.read_status, u.user_id.label("row_user"))
+                .join(user_broadcast_messages, u.broadcast_id == b.id)
+                .where(u.user_id.in_(chunk), u.delivery_status == DeliveryStatus.PENDING.value, _visible(now))
+                .order_by(u.id)
+                .limit(limit - len(found))
+            )
+            rows = await self._rows(query)
+            found.extend(zip((r.row_user for r in rows), self._items(rows), strict=True))
+            if len(found) >= limit:
+                break
+        return found
 
     async def selected_after(self, user_id: str, row_id: int, since: datetime | None, limit: int) -> list[InboxItem]:
         """Rows after ``row_id`` (or created after ``since``), and every PENDING row, in row order."""

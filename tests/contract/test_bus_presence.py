@@ -41,8 +41,7 @@ async def test_presence_tracks_instances_until_they_leave(bus_presence: tuple[Bu
     _, presence = bus_presence
     assert await presence.instances("alice") == frozenset()
     await presence.heartbeat("alice", "i1")
-    await presence.heartbeat("alice", "i2")
-    await presence.heartbeat("bob", "i2")
+    await presence.heartbeat_many(["alice", "bob"], "i2")
     assert await presence.instances("alice") == {"i1", "i2"}
     await presence.leave("alice", "i1")
     assert await presence.instances("alice") == {"i2"}

@@ -346,6 +346,17 @@ class FrozenClient:
 FROZEN = 8
 
 
+def server_sockets(server_port: int, client_ports: list[int]) -> list[int]:
+    """Which of ``client_ports`` still have a server-side TCP socket (any state) on ``server_port``."""
+    held = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, remote = line.split()[1:3]
+            if int(local.rsplit(":", 1)[1], 16) == server_port:
+                held.add(int(remote.rsplit(":", 1)[1], 16))
+    return sorted(held.intersection(client_ports))
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -376,6 +387,8 @@ async def test_a_frozen_client_is_dropped_and_resumes_without_a_gap(
         sent_s = time.monotonic() - started
         await received_all(bob, sender.acknowledged, 30)
         rss_after = rss_kib(server.proc.pid)
+        held = server_sockets(server.port, [c.sock.getsockname()[1] for c in frozen])
+        assert held == [], f"the server still holds dropped sockets (client ports {held}): it must abort them"
         ended = [await asyncio.to_thread(c.drain, 15) for c in frozen]  # SIGCONT: the client reads again
         for client in frozen:
             client.sock.close()

@@ -1,28 +1,94 @@
-"""The SSE hub: bounded queues, slow clients dropped, per-user caps, one encoding for every connection."""
+"""The SSE hub: writes from the fan-out loop, bounded backlogs, slow clients dropped, per-user caps."""
 
 from __future__ import annotations
+
+import asyncio
+from typing import Any
 
 import pytest
 
 from broadcast.errors import ConflictError
 from sse.frames import Cursor, parse_cursor
-from sse.hub import CLOSE, Hub, Outgoing
+from sse.hub import Connection, Hub, Outgoing
 
 
-def test_a_slow_connection_is_closed_when_its_queue_is_full_and_others_keep_receiving() -> None:
+class Socket:
+    """A fake ASGI ``send``: records body chunks; while ``paused`` a write waits, like a full socket buffer."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+        self.ended = False
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.aborted = False
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await self.writable.wait()
+        self.bodies.append(message["body"])
+        self.ended = self.ended or not message["more_body"]
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def started(hub: Hub, user: str, roles: frozenset[str] = frozenset()) -> tuple[Connection, Socket]:
+    connection, socket = hub.open(user, roles), Socket()
+    connection.start(socket.send, socket.abort, b"head", [])
+    return connection, socket
+
+
+async def test_bytes_are_written_during_the_offer_and_the_same_object_reaches_every_connection() -> None:
+    hub = Hub(queue_size=4, max_per_user=5)
+    (_, alice), (_, bob) = started(hub, "alice"), started(hub, "bob")
+    item = Outgoing(b"event: MESSAGE\ndata: {}\n\n")
+    assert hub.to_matching(None, item) == 2
+    assert alice.bodies[-1] is item.data and bob.bodies[-1] is item.data, "written at once, not queued"
+
+
+async def test_a_blocked_socket_queues_coalesces_and_marks_delivered_only_once_written() -> None:
+    hub = Hub(queue_size=4, max_per_user=5)
+    marked: list[tuple[str, str]] = []
+    hub.delivered = marked.append
+    connection, socket = started(hub, "alice")
+    socket.writable.clear()
+    hub.to_user("alice", Outgoing(b"1", ("b1", "alice"), "b1"))
+    hub.to_user("alice", Outgoing(b"2", ("b2", "alice"), "b2"))
+    hub.to_user("alice", Outgoing(b"3", ("b3", "alice"), "b3"))
+    assert socket.bodies == [b"head"] and marked == []
+    socket.writable.set()
+    await asyncio.sleep(0.01)
+    assert socket.bodies == [b"head", b"1", b"23"], "what queued behind a blocked write goes out in one chunk"
+    assert marked == [("b1", "alice"), ("b2", "alice"), ("b3", "alice")]
+    assert not connection.closed
+
+
+async def test_a_connection_whose_backlog_overflows_is_dropped_and_others_keep_receiving() -> None:
     hub = Hub(queue_size=3, max_per_user=5)
-    slow, fast = hub.open("alice", frozenset()), hub.open("bob", frozenset())
-    frame = Outgoing(b"event: MESSAGE\ndata: {}\n\n")
-    for _ in range(3):
-        assert hub.to_matching(lambda c: True, frame) == 2
-        fast.queue.get_nowait()
-    assert hub.to_matching(lambda c: True, frame) == 1
-    assert slow.closed and hub.dropped == 1
-    assert slow.queue.qsize() == 1 and slow.queue.get_nowait().data == CLOSE, "only the close sentinel is kept"
-    assert fast.queue.get_nowait() is frame, "the same bytes object goes to every connection"
+    (slow, slow_socket), (fast, fast_socket) = started(hub, "alice"), started(hub, "bob")
+    slow_socket.writable.clear()
+    frame = Outgoing(b"x")
+    for _ in range(4):  # one in flight + 3 queued
+        assert hub.to_matching(None, frame) == 2
+    assert hub.to_matching(None, frame) == 1
+    assert slow.dropped and slow_socket.aborted and hub.dropped == 1
+    assert len(fast_socket.bodies) == 6 and not fast.closed
+    slow_socket.writable.set()
+    await asyncio.sleep(0.01)
+    assert slow_socket.bodies == [b"head"], "nothing more is written to a dropped connection"
 
 
-def test_connections_per_user_are_capped_and_freed_on_close() -> None:
+async def test_a_write_blocked_longer_than_the_send_timeout_drops_the_connection() -> None:
+    hub = Hub(queue_size=100, max_per_user=5, send_timeout=0.05)
+    connection, socket = started(hub, "alice")
+    socket.writable.clear()
+    hub.to_user("alice", Outgoing(b"1"))
+    await asyncio.sleep(0.02)
+    assert not connection.dropped
+    await asyncio.sleep(0.08)
+    assert connection.dropped and socket.aborted
+
+
+async def test_connections_per_user_are_capped_and_freed_on_close() -> None:
     hub = Hub(queue_size=4, max_per_user=2)
     first = hub.open("alice", frozenset())
     hub.open("alice", frozenset())
@@ -33,22 +99,37 @@ def test_connections_per_user_are_capped_and_freed_on_close() -> None:
     assert hub.users() == ["alice"]
 
 
-def test_a_broadcast_is_queued_once_per_connection() -> None:
+async def test_a_broadcast_is_written_once_per_connection() -> None:
     hub = Hub(queue_size=4, max_per_user=2)
-    connection = hub.open("alice", frozenset())
+    _, socket = started(hub, "alice")
     item = Outgoing(b"x", ("b1", "alice"), "b1")
     assert hub.to_user("alice", item) == 1
-    assert hub.to_user("alice", item) == 1  # accepted, but not queued twice
-    assert connection.queue.qsize() == 1
+    assert hub.to_user("alice", item) == 1  # accepted, but not written twice
+    assert socket.bodies == [b"head", b"x"]
 
 
-def test_shutdown_sends_the_farewell_then_closes() -> None:
-    hub = Hub(queue_size=1, max_per_user=2)
-    connection = hub.open("alice", frozenset())
-    hub.to_user("alice", Outgoing(b"busy"))
+async def test_live_items_during_catch_up_follow_it_and_catch_up_skips_what_went_live() -> None:
+    hub = Hub(queue_size=4, max_per_user=2)
+    connection, socket = hub.open("alice", frozenset()), Socket()
+    hub.to_user("alice", Outgoing(b"live-b2", None, "b2"))
+    hub.to_user("alice", Outgoing(b"live-b3", None, "b3"))
+    backlog = [Outgoing(b"old-b1", None, "b1"), Outgoing(b"old-b2", None, "b2")]
+    connection.start(socket.send, socket.abort, b"head|", backlog)
+    assert socket.bodies == [b"head|old-b1live-b2live-b3"]
+
+
+async def test_shutdown_sends_the_farewell_after_what_is_queued_then_ends_the_response() -> None:
+    hub = Hub(queue_size=4, max_per_user=2)
+    (_, idle), (_, busy) = started(hub, "alice"), started(hub, "bob")
+    busy.writable.clear()
+    hub.to_user("bob", Outgoing(b"1"))
+    hub.to_user("bob", Outgoing(b"2"))
     hub.shutdown(b"bye")
-    assert connection.closed
-    assert connection.queue.get_nowait().data == CLOSE  # queue was full: the sentinel still gets in
+    assert idle.bodies == [b"head", b"bye"] and idle.ended
+    assert hub.to_user("alice", Outgoing(b"late")) == 0
+    busy.writable.set()
+    await asyncio.sleep(0.01)
+    assert busy.bodies[-2:] == [b"1", b"2bye"] and busy.ended
 
 
 @pytest.mark.parametrize(
