@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from broadcast.adapters.sql_rows import broadcast_from_row
 from broadcast.adapters.sql_stores import translate
 from broadcast.adapters.sql_tables import broadcast_messages, user_broadcast_messages
+from broadcast.coalesce import FreshRead
 from broadcast.domain import Broadcast, BroadcastStatus, DeliveryStatus, InboxItem, ReadStatus, TargetType
 
 GROUP_TYPES = (TargetType.ALL.value, TargetType.ROLE.value)
@@ -41,6 +42,11 @@ def matches(broadcast: Broadcast, roles: frozenset[str]) -> bool:
 class SqlInboxStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+        self._active_group = FreshRead(self._read_active_group)  # many connects at once: one query
+
+    async def _read_active_group(self) -> list[Broadcast]:
+        query = select(broadcast_messages).where(_visible(datetime.now(UTC)), b.target_type.in_(GROUP_TYPES))
+        return [broadcast_from_row(r) for r in await self._rows(query.order_by(b.created_at).limit(GROUP_SCAN_LIMIT))]
 
     async def _rows(self, query: Any) -> Sequence[Any]:
         try:
@@ -125,13 +131,14 @@ class SqlInboxStore:
 
     async def group(self, user_id: str, roles: frozenset[str], since: datetime | None) -> list[InboxItem]:
         """Visible ALL/ROLE broadcasts for the user, oldest first: created after ``since``, or unread ones."""
-        now = datetime.now(UTC)
-        query = select(broadcast_messages).where(_visible(now), b.target_type.in_(GROUP_TYPES))
-        if since is not None:
-            query = query.where(b.created_at > since)
-        candidates = [
-            broadcast_from_row(r) for r in await self._rows(query.order_by(b.created_at).limit(GROUP_SCAN_LIMIT))
-        ]
+        if since is None:
+            candidates = await self._active_group.get()
+        else:
+            query = select(broadcast_messages).where(
+                _visible(datetime.now(UTC)), b.target_type.in_(GROUP_TYPES), b.created_at > since
+            )
+            rows = await self._rows(query.order_by(b.created_at).limit(GROUP_SCAN_LIMIT))
+            candidates = [broadcast_from_row(r) for r in rows]
         mine = [c for c in candidates if matches(c, roles)]
         read = await self._read_ids(user_id, [c.id for c in mine])
         return [InboxItem(c, None, c.id in read) for c in mine if since is not None or c.id not in read]

@@ -62,12 +62,16 @@ class SqlUserStore:
 
     async def get(self, user_id: str) -> User | None:
         try:
+            query = (
+                select(users.c.id, users.c.display_name, user_roles.c.role)
+                .outerjoin(user_roles, user_roles.c.user_id == users.c.id)
+                .where(users.c.id == user_id)
+            )
             async with self._engine.connect() as conn:
-                row = (await conn.execute(select(users).where(users.c.id == user_id))).first()
-                if row is None:
-                    return None
-                roles = (await conn.execute(select(user_roles.c.role).where(user_roles.c.user_id == user_id))).scalars()
-                return User(row.id, row.display_name, frozenset(roles))
+                rows = (await conn.execute(query)).all()
+            if not rows:
+                return None
+            return User(rows[0].id, rows[0].display_name, frozenset(r.role for r in rows if r.role is not None))
         except (SQLAlchemyError, OSError) as exc:
             raise translate(exc) from exc
 
