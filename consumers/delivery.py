@@ -70,6 +70,7 @@ class DeliveryHandlers:
                 "roles": list(snapshot.target_roles),
                 "frame": data.decode(),
                 "broadcast": event.broadcast_id,
+                "counts": not snapshot.fire_and_forget,  # written to a stream = a delivery, for the stats
             }
         elif event.event_type in (EventType.CANCELLED, EventType.EXPIRED):
             reason = event.event_type.value

@@ -64,12 +64,13 @@ class BusListener:
             payload = orjson.loads(message.payload)
             data = payload["frame"].encode()
             if payload["kind"] == "user":
-                delivers = tuple(payload["delivers"]) if payload.get("delivers") else None
-                item = Outgoing(data, delivers, payload.get("broadcast"))
+                item = Outgoing(data, payload.get("broadcast"), counts=bool(payload.get("delivers")))
                 return self._hub.to_user(payload["user"], item)
             if payload["kind"] == "group":
                 matches = _group_matches(payload["targetType"], frozenset(payload["roles"]))
-                return self._hub.to_matching(matches, Outgoing(data, None, payload["broadcast"]))
+                return self._hub.to_matching(
+                    matches, Outgoing(data, payload["broadcast"], counts=payload.get("counts", True))
+                )
             return self._hub.to_matching(None, Outgoing(data))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             log.error("malformed bus message on %s dropped: %r", message.channel, exc)
@@ -88,7 +89,7 @@ class Reconciler:
         """One query (per few hundred users) for the PENDING rows of everyone connected here."""
         pushed = 0
         for user_id, item in await self._inbox.pending_for(self._hub.users(), RECONCILE_BATCH):
-            outgoing = Outgoing(item_frame(item), (item.broadcast.id, user_id), item.broadcast.id)
+            outgoing = Outgoing(item_frame(item), item.broadcast.id, counts=True)
             if self._hub.to_user(user_id, outgoing):
                 pushed += 1
         self.pushed += pushed

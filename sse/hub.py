@@ -27,11 +27,11 @@ Delivered = Callable[[tuple[str, str]], None]
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
-    """Bytes for connections, and the (broadcast id, user id) they deliver if they are a SELECTED MESSAGE."""
+    """Bytes for connections; a MESSAGE names its broadcast, and ``counts`` when writing it is a delivery."""
 
     data: bytes
-    delivers: tuple[str, str] | None = None
     broadcast_id: str | None = None
+    counts: bool = False
 
 
 def _ignore(_: tuple[str, str]) -> None:
@@ -162,7 +162,7 @@ class Connection:
         assert self._send is not None
         body = items[0].data if len(items) == 1 else b"".join(i.data for i in items)
         self._ended = final
-        self._inflight_delivers = [i.delivers for i in items if i.delivers is not None]
+        self._inflight_delivers = [(i.broadcast_id, self.user_id) for i in items if i.counts and i.broadcast_id]
         sending = self._send({"type": "http.response.body", "body": body, "more_body": not final})
         self._inflight = sending if isinstance(sending, Coroutine) else _awaiting(sending)
         self._step()

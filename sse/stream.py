@@ -81,9 +81,8 @@ def _in_order(items: list[InboxItem]) -> list[InboxItem]:
 
 
 def outgoing(item: InboxItem, user_id: str) -> Outgoing:
-    """A catch-up item as bytes for the hub (SELECTED rows count as delivered once written)."""
-    selected = item.row_id is not None and item.broadcast.target_type.value == "SELECTED"
-    return Outgoing(item_frame(item), (item.broadcast.id, user_id) if selected else None, item.broadcast.id)
+    """A catch-up item as bytes for the hub; writing it counts as a delivery."""
+    return Outgoing(item_frame(item), item.broadcast.id, counts=True)
 
 
 def head(connection: Connection, instance_id: str, resync: bool) -> bytes:

@@ -44,7 +44,6 @@ from broadcast.domain import (
     OutboxEvent,
     Page,
     ReadStatus,
-    TargetType,
 )
 from broadcast.errors import ConflictError, NotFoundError, ValidationError
 
@@ -193,16 +192,14 @@ class SqlBroadcastStore:
         broadcast = await self.get(broadcast_id)
         if broadcast is None:
             return None
-        if broadcast.target_type is TargetType.SELECTED:
-            u = user_broadcast_messages.c
-            query = select(
-                func.coalesce(func.sum(case((u.delivery_status == DeliveryStatus.DELIVERED.value, 1), else_=0)), 0),
-                func.coalesce(func.sum(case((u.read_status == ReadStatus.READ.value, 1), else_=0)), 0),
-                func.coalesce(func.sum(case((u.delivery_status == DeliveryStatus.FAILED.value, 1), else_=0)), 0),
-            ).where(u.broadcast_id == broadcast_id)
-        else:
-            s = broadcast_statistics.c
-            query = select(s.delivered, s.read, s.failed).where(s.broadcast_id == broadcast_id)
+        # SELECTED rows are written at creation; ALL/ROLE rows when a user's stream got the message or the
+        # user read it — so both count the same way (a read implies a delivery).
+        u = user_broadcast_messages.c
+        query = select(
+            func.coalesce(func.sum(case((u.delivery_status == DeliveryStatus.DELIVERED.value, 1), else_=0)), 0),
+            func.coalesce(func.sum(case((u.read_status == ReadStatus.READ.value, 1), else_=0)), 0),
+            func.coalesce(func.sum(case((u.delivery_status == DeliveryStatus.FAILED.value, 1), else_=0)), 0),
+        ).where(u.broadcast_id == broadcast_id)
         row = await self._first(query)
         delivered, read, failed = (int(v) for v in row) if row is not None else (0, 0, 0)
         return BroadcastStats(broadcast_id, broadcast.targeted_count, delivered, read, failed)

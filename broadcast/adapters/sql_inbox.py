@@ -25,6 +25,7 @@ from broadcast.domain import Broadcast, BroadcastStatus, DeliveryStatus, InboxIt
 GROUP_TYPES = (TargetType.ALL.value, TargetType.ROLE.value)
 GROUP_SCAN_LIMIT = 1_000
 USERS_PER_QUERY = 500
+MARK_CHUNK = 500  # rows per upsert: 7 parameters each, under SQLite's and asyncpg's parameter limits
 
 b = broadcast_messages.c
 u = user_broadcast_messages.c
@@ -59,7 +60,7 @@ class SqlInboxStore:
         return (
             select(broadcast_messages, u.id.label("row_id"), u.read_status)
             .join(user_broadcast_messages, u.broadcast_id == b.id)
-            .where(u.user_id == user_id, _visible(now))
+            .where(u.user_id == user_id, b.target_type == TargetType.SELECTED.value, _visible(now))
         )
 
     @staticmethod
@@ -99,7 +100,12 @@ class SqlInboxStore:
             query = (
                 select(broadcast_messages, u.id.label("row_id"), u.read_status, u.user_id.label("row_user"))
                 .join(user_broadcast_messages, u.broadcast_id == b.id)
-                .where(u.user_id.in_(chunk), u.delivery_status == DeliveryStatus.PENDING.value, _visible(now))
+                .where(
+                    u.user_id.in_(chunk),
+                    u.delivery_status == DeliveryStatus.PENDING.value,
+                    b.target_type == TargetType.SELECTED.value,
+                    _visible(now),
+                )
                 .order_by(u.id)
                 .limit(limit - len(found))
             )
@@ -200,22 +206,40 @@ class SqlInboxStore:
         return newly
 
     async def mark_delivered(self, pairs: Sequence[tuple[str, str]]) -> int:
-        """PENDING → DELIVERED for (broadcast id, user id) pairs written to a live stream."""
+        """(broadcast id, user id) pairs written to a live stream: a SELECTED row goes PENDING → DELIVERED, a
+        group broadcast gets its DELIVERED row (what the stats count); repeats change nothing. One upsert
+        statement per ``MARK_CHUNK`` pairs; returns how many rows changed."""
         if not pairs:
             return 0
         now = datetime.now(UTC)
         done = 0
+        rows = [
+            {
+                "broadcast_id": broadcast_id,
+                "user_id": user_id,
+                "delivery_status": DeliveryStatus.DELIVERED.value,
+                "read_status": ReadStatus.UNREAD.value,
+                "delivered_at": now,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for broadcast_id, user_id in dict.fromkeys(pairs)
+        ]
         try:
             async with self._engine.begin() as conn:
-                for broadcast_id, user_id in pairs:
+                insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+                for start in range(0, len(rows), MARK_CHUNK):
+                    statement = insert(user_broadcast_messages).values(rows[start : start + MARK_CHUNK])
                     result = await conn.execute(
-                        update(user_broadcast_messages)
-                        .where(
-                            u.broadcast_id == broadcast_id,
-                            u.user_id == user_id,
-                            u.delivery_status == DeliveryStatus.PENDING.value,
+                        statement.on_conflict_do_update(
+                            index_elements=[u.broadcast_id, u.user_id],
+                            set_={
+                                "delivery_status": DeliveryStatus.DELIVERED.value,
+                                "delivered_at": now,
+                                "updated_at": now,
+                            },
+                            where=u.delivery_status == DeliveryStatus.PENDING.value,
                         )
-                        .values(delivery_status=DeliveryStatus.DELIVERED.value, delivered_at=now, updated_at=now)
                     )
                     done += result.rowcount
         except (SQLAlchemyError, OSError) as exc:

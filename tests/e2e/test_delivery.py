@@ -76,6 +76,13 @@ async def test_all_and_role_broadcasts_reach_exactly_the_matching_users(server: 
     async with SseClient(server.base, "carol") as carol:  # offline until now: gets both on connect
         await carol.wait_for(lambda e: e.event == "MESSAGE", count=2)
         assert {m.data["broadcastId"] for m in carol.messages} == {ops["id"], everyone["id"]}
+        await asyncio.sleep(1.0)  # delivery marks are flushed in batches
+    async with httpx.AsyncClient() as http:
+        for broadcast, delivered in ((everyone, 3), (ops, 2)):  # what the streams got, live or on connect
+            stats = (
+                await http.get(f"{server.base}/api/admin/broadcasts/{broadcast['id']}/stats", headers=ADMIN)
+            ).json()
+            assert (stats["targeted"], stats["delivered"], stats["read"]) == (delivered, delivered, 0), stats
 
 
 async def test_resume_with_last_event_id_replays_everything_missed_in_order_once(server: Server) -> None:

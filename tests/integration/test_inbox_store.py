@@ -50,3 +50,26 @@ async def test_pending_rows_of_many_users_come_in_one_sweep_oldest_first(
     assert len(await inbox.pending_for(["alice", "bob", "carol"], 1)) == 1
     assert len(await inbox.pending_for(["alice", "bob", "carol"], 100)) == 2
     assert await inbox.pending_for([], 100) == []
+
+
+async def test_deliveries_and_reads_count_for_selected_and_group_broadcasts_alike(
+    stores: tuple[Lifecycle, SqlInboxStore],
+) -> None:
+    lifecycle, inbox = stores
+    everyone, _ = await lifecycle.create(NewBroadcast("to all", TargetType.ALL), sender_id="admin")
+    chosen, _ = await lifecycle.create(NewBroadcast("to two", TargetType.SELECTED, ("alice", "bob")), sender_id="admin")
+
+    pairs = [(everyone.id, "alice"), (everyone.id, "bob"), (everyone.id, "alice"), (chosen.id, "alice")]
+    assert await inbox.mark_delivered(pairs) == 3, "a repeat in the batch counts once"
+    assert await inbox.mark_delivered(pairs) == 0, "marking again changes nothing"
+    assert sorted(await inbox.mark_read("alice", [everyone.id, chosen.id])) == sorted([everyone.id, chosen.id])
+    assert await inbox.mark_read("carol", [everyone.id]) == [everyone.id], "read without a recorded delivery"
+
+    group = await lifecycle.stats(everyone.id)
+    assert (group.delivered, group.read) == (3, 2), "alice and bob got it; carol read it, so she got it too"
+    selected = await lifecycle.stats(chosen.id)
+    assert (selected.delivered, selected.read) == (1, 1)
+
+    shown = [i.broadcast.id for i in await inbox.inbox("alice", frozenset())]
+    assert sorted(shown) == sorted([everyone.id, chosen.id]), "a read or delivered ALL broadcast is listed once"
+    assert [item.broadcast.id for item in await inbox.pending("bob", 10)] == [chosen.id], "group rows never pend"

@@ -51,9 +51,9 @@ async def test_a_blocked_socket_queues_coalesces_and_marks_delivered_only_once_w
     hub.delivered = marked.append
     connection, socket = started(hub, "alice")
     socket.writable.clear()
-    hub.to_user("alice", Outgoing(b"1", ("b1", "alice"), "b1"))
-    hub.to_user("alice", Outgoing(b"2", ("b2", "alice"), "b2"))
-    hub.to_user("alice", Outgoing(b"3", ("b3", "alice"), "b3"))
+    hub.to_user("alice", Outgoing(b"1", "b1", counts=True))
+    hub.to_user("alice", Outgoing(b"2", "b2", counts=True))
+    hub.to_user("alice", Outgoing(b"3", "b3", counts=True))
     assert socket.bodies == [b"head"] and marked == []
     socket.writable.set()
     await asyncio.sleep(0.01)
@@ -102,7 +102,7 @@ async def test_connections_per_user_are_capped_and_freed_on_close() -> None:
 async def test_a_broadcast_is_written_once_per_connection() -> None:
     hub = Hub(queue_size=4, max_per_user=2)
     _, socket = started(hub, "alice")
-    item = Outgoing(b"x", ("b1", "alice"), "b1")
+    item = Outgoing(b"x", "b1", counts=True)
     assert hub.to_user("alice", item) == 1
     assert hub.to_user("alice", item) == 1  # accepted, but not written twice
     assert socket.bodies == [b"head", b"x"]
@@ -111,9 +111,9 @@ async def test_a_broadcast_is_written_once_per_connection() -> None:
 async def test_live_items_during_catch_up_follow_it_and_catch_up_skips_what_went_live() -> None:
     hub = Hub(queue_size=4, max_per_user=2)
     connection, socket = hub.open("alice", frozenset()), Socket()
-    hub.to_user("alice", Outgoing(b"live-b2", None, "b2"))
-    hub.to_user("alice", Outgoing(b"live-b3", None, "b3"))
-    backlog = [Outgoing(b"old-b1", None, "b1"), Outgoing(b"old-b2", None, "b2")]
+    hub.to_user("alice", Outgoing(b"live-b2", "b2"))
+    hub.to_user("alice", Outgoing(b"live-b3", "b3"))
+    backlog = [Outgoing(b"old-b1", "b1"), Outgoing(b"old-b2", "b2")]
     connection.start(socket.send, socket.abort, b"head|", backlog)
     assert socket.bodies == [b"head|old-b1live-b2live-b3"]
 
