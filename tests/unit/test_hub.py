@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from broadcast.errors import ConflictError
-from sse.frames import Cursor, parse_cursor
+from sse.fanout import Heartbeat
+from sse.frames import HEARTBEAT, Cursor, parse_cursor
 from sse.hub import Connection, Hub, Outgoing
 
 
@@ -149,3 +150,15 @@ def test_cursors_parse(raw: str | None, expected: Cursor | None) -> None:
 def test_foreign_cursors_are_refused(raw: str) -> None:
     with pytest.raises(ValueError, match="not a resumable event id"):
         parse_cursor(raw)
+
+
+async def test_every_open_stream_gets_a_heartbeat_each_interval() -> None:
+    hub = Hub(queue_size=4, max_per_user=2)
+    (_, alice), (_, bob) = started(hub, "alice"), started(hub, "bob")
+    stop = asyncio.Event()
+    beating = asyncio.create_task(Heartbeat(hub, 0.02).run(stop))
+    await asyncio.sleep(0.07)
+    stop.set()
+    await beating
+    for socket in (alice, bob):
+        assert 2 <= socket.bodies.count(HEARTBEAT) <= 4, socket.bodies
