@@ -13,8 +13,8 @@ Variants: ``ours`` is the real app in embedded mode (``python -m broadcast run -
 api,relay,consumers,scheduler``, no Kafka/Redis: SQLite, in-process log and bus), POST
 ``/api/admin/broadcasts`` — its latency includes the outbox relay and consumer hop. ``baseline`` is
 ``bench/baseline_sse.py`` under ``uvicorn.run`` (uvloop), POST ``/publish``; ``baseline-asyncio`` is the
-same on the stdlib loop, which is what ``python -m broadcast run`` uses. ``ours-quiet`` (diagnostic, not
-default) is ours with the reconciler's per-user sweep made hourly.
+same on the stdlib loop (diagnostic: ours runs on uvloop too). ``ours-quiet`` (diagnostic, not
+default) is ours with the reconciliation sweep made hourly.
 
 Usage: ``python -m bench.sse_fanout [N ...] [--repeat R] [--variants a,b] [--smoke]`` (default 10000 20000,
 R=1). N is capped by the per-process fd hard limit. Prints medians and ratios against ``baseline``,

@@ -26,7 +26,7 @@ from sse.hub import Connection, Hub, Outgoing
 from sse.messages import item_frame
 
 log = logging.getLogger(__name__)
-RECONCILE_BATCH = 200
+RECONCILE_BATCH = 5_000  # rows per sweep, oldest first, across every user connected here
 
 
 def _group_matches(target_type: str, roles: frozenset[str]) -> Callable[[Connection], bool] | None:
