@@ -31,8 +31,7 @@ class FreshRead(Generic[T]):
         if previous is not None:
             await asyncio.wait([previous])
         await asyncio.sleep(0)  # let callers arriving in the same loop iteration join
-        if self._forming is result:
-            self._forming = None  # from here on, newcomers form the next read
+        self._forming = None  # from here on, newcomers form the next read
         try:
             value = await self._read()
         except Exception as exc:

@@ -82,9 +82,9 @@ async def open_components(settings: Settings) -> AsyncIterator[Components]:
         wakeup = asyncio.Event()
         inbox = SqlInboxStore(engine)
         lifecycle = Lifecycle(broadcasts, users, settings.kafka, settings.limits, on_outbox=wakeup.set)
-        hub = Hub(settings.sse.queue_size, settings.sse.max_connections_per_user, settings.sse.send_timeout_seconds)
         marker = DeliveredMarker(inbox, settings.sse.delivered_flush_seconds)
-        hub.delivered = marker.add
+        sse = settings.sse
+        hub = Hub(sse.queue_size, sse.max_connections_per_user, sse.send_timeout_seconds, marker.add)
         yield Components(
             settings=settings,
             event_log=event_log,

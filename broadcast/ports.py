@@ -281,26 +281,3 @@ class Health(Protocol):
     """Anything readiness asks: raises ``UnavailableError`` (with a reason) when it cannot serve."""
 
     async def check(self) -> None: ...
-
-
-TopicPartitionOffsets = Mapping[TopicPartition, int]
-__all__ = [
-    "BroadcastStore",
-    "Bus",
-    "BusMessage",
-    "BusSubscription",
-    "EventLog",
-    "EventPublisher",
-    "EventRecord",
-    "EventSubscription",
-    "Health",
-    "InboxStore",
-    "OutboxStore",
-    "OutgoingRecord",
-    "Presence",
-    "RebalanceCallback",
-    "RecordPosition",
-    "TopicPartition",
-    "TopicPartitionOffsets",
-    "UserStore",
-]

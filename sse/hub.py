@@ -221,13 +221,15 @@ class Connection:
 class Hub:
     """All SSE connections of this process."""
 
-    def __init__(self, queue_size: int, max_per_user: int, send_timeout: float = 10.0) -> None:
+    def __init__(
+        self, queue_size: int, max_per_user: int, send_timeout: float = 10.0, delivered: Delivered = _ignore
+    ) -> None:
         self._queue_size = queue_size
         self._max_per_user = max_per_user
         self._send_timeout = send_timeout
+        self._delivered = delivered  # told of each (broadcast id, user id) MESSAGE written to a stream
         self._by_user: dict[str, set[Connection]] = {}
         self._ids = itertools.count(1)
-        self.delivered: Delivered = _ignore
         self.dropped = 0
 
     def open(self, user_id: str, roles: frozenset[str]) -> Connection:
@@ -237,13 +239,10 @@ class Hub:
                 del self._by_user[user_id]
             raise ConflictError(f"user already has {self._max_per_user} open streams")
         connection = Connection(
-            next(self._ids), user_id, roles, self._queue_size, self._send_timeout, self._mark, self._count_drop
+            next(self._ids), user_id, roles, self._queue_size, self._send_timeout, self._delivered, self._count_drop
         )
         connections.add(connection)
         return connection
-
-    def _mark(self, pair: tuple[str, str]) -> None:
-        self.delivered(pair)
 
     def _count_drop(self) -> None:
         self.dropped += 1
@@ -260,9 +259,6 @@ class Hub:
 
     def users(self) -> list[str]:
         return list(self._by_user)
-
-    def __len__(self) -> int:
-        return sum(len(cs) for cs in self._by_user.values())
 
     def connections(self, user_id: str | None = None) -> Iterable[Connection]:
         if user_id is not None:

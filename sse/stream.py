@@ -24,7 +24,7 @@ from starlette.types import Receive, Scope, Send
 from broadcast import constants
 from broadcast.domain import InboxItem
 from broadcast.ports import InboxStore
-from sse.frames import HEARTBEAT, RETRY, Cursor, EventName, frame, from_micros, parse_cursor
+from sse.frames import RETRY, Cursor, EventName, frame, from_micros, parse_cursor
 from sse.hub import Connection, Outgoing
 from sse.messages import item_frame
 
@@ -147,4 +147,4 @@ class SseStream(Response):
             await self._on_end()
 
 
-__all__ = ["HEARTBEAT", "SseStream", "abort_of", "catch_up", "head", "outgoing"]
+__all__ = ["SseStream", "abort_of", "catch_up", "head", "outgoing"]

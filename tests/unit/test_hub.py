@@ -47,9 +47,8 @@ async def test_bytes_are_written_during_the_offer_and_the_same_object_reaches_ev
 
 
 async def test_a_blocked_socket_queues_coalesces_and_marks_delivered_only_once_written() -> None:
-    hub = Hub(queue_size=4, max_per_user=5)
     marked: list[tuple[str, str]] = []
-    hub.delivered = marked.append
+    hub = Hub(queue_size=4, max_per_user=5, delivered=marked.append)
     connection, socket = started(hub, "alice")
     socket.writable.clear()
     hub.to_user("alice", Outgoing(b"1", "b1", counts=True))
