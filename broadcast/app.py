@@ -13,6 +13,7 @@ from broadcast.components import open_components
 from broadcast.http_problems import EXCEPTION_HANDLERS
 from broadcast.settings import Settings
 from broadcast.workers import ROLES, running
+from dlt import api as dlt_api
 from sse import routes as sse_routes
 from sse.frames import RETRY_MS, EventName, frame
 
@@ -38,7 +39,7 @@ def create_app(settings: Settings, roles: frozenset[str] = frozenset(ROLES)) -> 
             yield
 
     app = Starlette(
-        routes=[*health.routes, *admin_api.routes, *sse_routes.routes],
+        routes=[*health.routes, *admin_api.routes, *dlt_api.routes, *sse_routes.routes],
         exception_handlers=dict(EXCEPTION_HANDLERS),
         lifespan=lifespan,
     )

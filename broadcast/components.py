@@ -18,12 +18,15 @@ from broadcast.adapters.memory_bus import MemoryBus, MemoryPresence
 from broadcast.adapters.memory_log import MemoryEventLog
 from broadcast.adapters.redis_bus import RedisBus, RedisHealth, RedisPresence, create_client
 from broadcast.adapters.sql_broadcasts import SqlBroadcastStore
+from broadcast.adapters.sql_dlt import SqlDeadLetterStore, SqlDrillStore
 from broadcast.adapters.sql_engine import SqlHealth, create_engine
 from broadcast.adapters.sql_inbox import SqlInboxStore
 from broadcast.adapters.sql_stores import SqlOutboxStore, SqlUserStore
 from broadcast.lifecycle import Lifecycle
 from broadcast.ports import BroadcastStore, Bus, EventLog, Health, InboxStore, OutboxStore, Presence, UserStore
 from broadcast.settings import Settings
+from dlt.model import DeadLetterStore, DrillStore
+from dlt.service import DeadLetterService
 from sse.fanout import DeliveredMarker
 from sse.hub import Hub
 
@@ -47,6 +50,9 @@ class Components:
     hub: Hub
     marker: DeliveredMarker
     reconcile_now: asyncio.Event
+    dead_letter_store: DeadLetterStore
+    dead_letters: DeadLetterService
+    drills: DrillStore
     health: dict[str, Health] = field(default_factory=dict)
 
 
@@ -85,6 +91,8 @@ async def open_components(settings: Settings) -> AsyncIterator[Components]:
         marker = DeliveredMarker(inbox, settings.sse.delivered_flush_seconds)
         sse = settings.sse
         hub = Hub(sse.queue_size, sse.max_connections_per_user, sse.send_timeout_seconds, marker.add)
+        dead_letter_store = SqlDeadLetterStore(engine)
+        dead_letters = DeadLetterService(dead_letter_store, event_log.publisher(), settings.kafka, wakeup.set)
         yield Components(
             settings=settings,
             event_log=event_log,
@@ -99,5 +107,8 @@ async def open_components(settings: Settings) -> AsyncIterator[Components]:
             hub=hub,
             marker=marker,
             reconcile_now=asyncio.Event(),
+            dead_letter_store=dead_letter_store,
+            dead_letters=dead_letters,
+            drills=SqlDrillStore(engine),
             health=health,
         )

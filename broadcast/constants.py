@@ -22,12 +22,30 @@ TOPIC_MIN_INSYNC_REPLICAS: Final = 2
 OUTBOX_LANES: Final = 32
 
 DEFAULT_CONSUMER_GROUP: Final = "broadcast-delivery"
-DEFAULT_DLT_CONSUMER_GROUP: Final = "broadcast-dlt"
+DLT_GROUP_SUFFIX: Final = "-dlt"  # the DLT consumer's group: the delivery group's name + this
 
 # Kafka record headers (Spring's names where Spring defines one).
 HEADER_EVENT_TYPE: Final = "event_type"
 HEADER_SCHEMA_VERSION: Final = "schema_version"
 HEADER_CORRELATION_ID: Final = "correlation_id"
+# Set on a record an admin re-drove from the dead-letter store (value: the dead letter's id); the fault
+# drill never fails such a record.
+HEADER_REDRIVEN_FROM: Final = "broadcast_redriven_from"
+
+# Spring Kafka's DeadLetterPublishingRecoverer headers (KafkaHeaders.DLT_*), so Java tooling reads our DLTs.
+# partition is a 4-byte big-endian int, offset and timestamp 8-byte big-endian longs, the rest UTF-8.
+DLT_HEADER_PREFIX: Final = "kafka_dlt-"
+DLT_EXCEPTION_HEADER_PREFIX: Final = "kafka_dlt-exception-"
+DLT_EXCEPTION_FQCN: Final = "kafka_dlt-exception-fqcn"
+DLT_EXCEPTION_CAUSE_FQCN: Final = "kafka_dlt-exception-cause-fqcn"
+DLT_EXCEPTION_MESSAGE: Final = "kafka_dlt-exception-message"
+DLT_EXCEPTION_STACKTRACE: Final = "kafka_dlt-exception-stacktrace"
+DLT_ORIGINAL_TOPIC: Final = "kafka_dlt-original-topic"
+DLT_ORIGINAL_PARTITION: Final = "kafka_dlt-original-partition"
+DLT_ORIGINAL_OFFSET: Final = "kafka_dlt-original-offset"
+DLT_ORIGINAL_TIMESTAMP: Final = "kafka_dlt-original-timestamp"
+DLT_ORIGINAL_TIMESTAMP_TYPE: Final = "kafka_dlt-original-timestamp-type"
+DLT_ORIGINAL_CONSUMER_GROUP: Final = "kafka_dlt-original-consumer-group"
 
 # Redis keys and channels; every key is prefixed by the configured RedisSettings.key_prefix.
 REDIS_PRESENCE_KEY: Final = "presence:{user_id}"

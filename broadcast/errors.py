@@ -2,6 +2,7 @@
 
 ``BroadcastError``
 ├── ``ValidationError``     input that breaks a rule (HTTP 400/422)
+│   └── ``RejectedByDatabaseError`` data the database refuses (constraint, value too long): never retried
 ├── ``NotFoundError``       a named thing does not exist (404)
 ├── ``ConflictError``       the request clashes with current state (409)
 ├── ``UnavailableError``    a dependency (database, Kafka, Redis) cannot serve now (503); retryable
@@ -20,6 +21,10 @@ class BroadcastError(Exception):
 
 class ValidationError(BroadcastError):
     """Input that breaks a rule; the caller must change the request."""
+
+
+class RejectedByDatabaseError(ValidationError):
+    """The database refused the data itself (a constraint or a value out of range); retrying cannot help."""
 
 
 class NotFoundError(BroadcastError):

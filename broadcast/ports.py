@@ -48,6 +48,7 @@ class OutgoingRecord:
     key: bytes | None
     value: bytes | None
     headers: tuple[tuple[str, bytes], ...] = ()
+    partition: int | None = None  # None: the default partitioner picks it from the key
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +62,7 @@ class EventRecord:
     value: bytes | None
     headers: tuple[tuple[str, bytes], ...]
     timestamp_ms: int
+    log_append_time: bool = False  # the timestamp is the broker's append time, not the producer's
 
 
 class EventPublisher(Protocol):
@@ -100,6 +102,12 @@ class EventSubscription(Protocol):
     def assignment(self) -> frozenset[TopicPartition]: ...
 
     def seek(self, partition: TopicPartition, offset: int) -> None: ...
+
+    def pause(self, partitions: Iterable[TopicPartition]) -> None:
+        """Stop fetching ``partitions`` (the member stays in the group); a rebalance resumes them."""
+        ...
+
+    def resume(self, partitions: Iterable[TopicPartition]) -> None: ...
 
 
 RebalanceCallback = Callable[[frozenset[TopicPartition]], Awaitable[None]]

@@ -55,10 +55,18 @@ class KafkaSettings(BaseModel):
     # 1 MB ~51k/s. 1 MB stays under the brokers' default message.max.bytes (1048588).
     producer_batch_bytes: int = Field(default=1_000_000, ge=16_384, le=1_000_000)
     producer_linger_ms: int = Field(default=5, ge=0, le=1_000)
+    # A member that does not fetch for this long is put out of its group; the error handler's backoffs
+    # pause the failing partition instead of sleeping, so they may exceed it.
+    max_poll_interval_ms: int = Field(default=300_000, ge=1_000)
 
     @property
     def embedded(self) -> bool:
         return not self.bootstrap_servers.strip()
+
+    @property
+    def dlt_consumer_group(self) -> str:
+        """The DLT consumer's group (its own: it must not share partitions with the delivery listeners)."""
+        return self.consumer_group + constants.DLT_GROUP_SUFFIX
 
     def topic(self, name: str) -> str:
         """The concrete topic name for a logical one (tests isolate themselves with a prefix)."""
@@ -152,6 +160,42 @@ class SseSettings(BaseModel):
     delivered_flush_seconds: float = Field(default=0.2, gt=0)
 
 
+class RetrySettings(BaseModel):
+    """One listener's error handling: ``max_attempts`` deliveries with exponential backoff, then the DLT."""
+
+    model_config = {"extra": "forbid"}
+
+    max_attempts: int = Field(default=3, ge=1)
+    initial_backoff_seconds: float = Field(default=1.0, ge=0)
+    multiplier: float = Field(default=2.0, ge=1)
+    max_backoff_seconds: float = Field(default=10.0, ge=0)
+
+
+class ConsumerSettings(BaseModel):
+    """Per-listener retry policies (e.g. ``BROADCAST_CONSUMERS__SELECTED__MAX_ATTEMPTS=5``).
+
+    The DLT listener retries a record it cannot store (the database is down) for as long as that lasts:
+    the dead-letter store is the last stop, nothing is dropped after it.
+    """
+
+    model_config = {"extra": "forbid"}
+
+    selected: RetrySettings = Field(default_factory=RetrySettings)
+    group: RetrySettings = Field(default_factory=RetrySettings)
+    dlt: RetrySettings = Field(
+        default_factory=lambda: RetrySettings(max_attempts=1_000_000_000, max_backoff_seconds=30.0)
+    )
+
+
+class TestingSettings(BaseModel):
+    """Operator drills; everything here is off by default."""
+
+    model_config = {"extra": "forbid"}
+
+    fault_drill_enabled: bool = False
+    max_drill_seconds: int = Field(default=3_600, ge=1)
+
+
 class AuthSettings(BaseModel):
     """Token verification (the security issue fills this in; the dev secret is refused in production)."""
 
@@ -176,6 +220,8 @@ class Settings(BaseSettings):
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     relay: RelaySettings = Field(default_factory=RelaySettings)
     sse: SseSettings = Field(default_factory=SseSettings)
+    consumers: ConsumerSettings = Field(default_factory=ConsumerSettings)
+    testing: TestingSettings = Field(default_factory=TestingSettings)
 
     @property
     def embedded(self) -> bool:

@@ -17,9 +17,14 @@ from broadcast import constants
 from broadcast.components import Components
 from broadcast.relay import OutboxRelay
 from broadcast.scheduler import Scheduler
+from broadcast.settings import RetrySettings
 from consumers.container import ListenerContainer
 from consumers.delivery import DeliveryHandlers
+from consumers.errors import BackOff, DefaultErrorHandler, Recoverer, log_and_skip
 from consumers.listener import Listener
+from dlt.consumer import DeadLetterHandler
+from dlt.drill import DrillSwitch
+from dlt.recoverer import DeadLetterPublishingRecoverer
 from sse.fanout import BusListener, Heartbeat, PresenceKeeper, Reconciler
 
 log = logging.getLogger(__name__)
@@ -64,6 +69,9 @@ async def running(components: Components, roles: frozenset[str]) -> AsyncIterato
     if "consumers" in roles:
         for container in _delivery_containers(components):
             start(container.listener.name, container)
+    if "dlt" in roles:
+        container = _dlt_container(components)
+        start(container.listener.name, container)
     log.info("running roles: %s", ",".join(sorted(roles)))
     try:
         yield
@@ -93,10 +101,18 @@ def _stream_loops(c: Components) -> list[Loop]:
     ]
 
 
+def error_handler(retry: RetrySettings, recoverer: Recoverer) -> DefaultErrorHandler:
+    backoff = BackOff(retry.max_attempts, retry.initial_backoff_seconds, retry.multiplier, retry.max_backoff_seconds)
+    return DefaultErrorHandler(recoverer, backoff)
+
+
 def _delivery_containers(c: Components) -> list[ListenerContainer]:
-    """The two delivery listeners, one shared consumer group: work is split across instances."""
-    handlers = DeliveryHandlers(c.inbox, c.presence, c.bus)
-    kafka = c.settings.kafka
+    """The two delivery listeners, one shared consumer group: work is split across instances; what fails
+    for good goes to ``<topic>-dlt`` (``DeadLetterPublishingRecoverer``)."""
+    settings, kafka = c.settings, c.settings.kafka
+    drill = DrillSwitch(c.drills) if settings.testing.fault_drill_enabled else None
+    handlers = DeliveryHandlers(c.inbox, c.presence, c.bus, drill)
+    recoverer = DeadLetterPublishingRecoverer(c.event_log.publisher(), kafka.consumer_group)
     return [
         ListenerContainer(
             c.event_log,
@@ -106,9 +122,20 @@ def _delivery_containers(c: Components) -> list[ListenerContainer]:
                 kafka.consumer_group,
                 handlers.on_selected,
             ),
+            error_handler(settings.consumers.selected, recoverer),
         ),
         ListenerContainer(
             c.event_log,
             Listener("delivery-group", (kafka.topic(constants.GROUP_TOPIC),), kafka.consumer_group, handlers.on_group),
+            error_handler(settings.consumers.group, recoverer),
         ),
     ]
+
+
+def _dlt_container(c: Components) -> ListenerContainer:
+    """The DLT listener: both dead-letter topics into the DLT store, in a consumer group of its own."""
+    kafka, consumers = c.settings.kafka, c.settings.consumers
+    topics = tuple(kafka.topic(constants.dlt_topic(t)) for t in constants.BASE_TOPICS)
+    handler = DeadLetterHandler(c.dead_letter_store)
+    listener = Listener("dead-letters", topics, kafka.dlt_consumer_group, handler.on_record)
+    return ListenerContainer(c.event_log, listener, error_handler(consumers.dlt, log_and_skip))

@@ -4,10 +4,11 @@ Spring Kafka's ``ConcurrentMessageListenerContainer``, small: ``concurrency`` me
 ``EventLog.subscribe`` subscription driven by its own task, all in one task group. Invariants:
 
 - An offset is committed only once every record before it in the partition was handled, or given up by
-  the error handler (``SKIP``). ``RECORD`` mode coalesces to one commit per fetched batch;
+  the error handler (``RECOVERED``). ``RECORD`` mode coalesces to one commit per fetched batch;
   ``MANUAL_IMMEDIATE`` commits when the handler awaits ``ack.acknowledge()``.
-- A failing record is retried by seeking back to it (``ErrorOutcome.RETRY``): nothing after it in its
-  partition is handled first, so per-key order holds.
+- A failing record is retried by seeking back to it (``Retry``): nothing after it in its partition is
+  handled first, so per-key order holds. A retry with a backoff pauses that partition until it is due;
+  the member keeps fetching (its other partitions), so it never exceeds ``max_poll_interval_ms``.
 - Rebalance: ``on_revoked`` waits (at most ``finish_timeout_s``) for the record in hand, commits the
   processed offsets and forgets the revoked partitions; the rest of a batch fetched before a rebalance is
   dropped (its records come again from the committed offsets, to whichever member owns them now).
@@ -23,12 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 
 from broadcast.errors import UnavailableError
 from broadcast.loops import pause
 from broadcast.ports import EventLog, EventRecord, EventSubscription, TopicPartition
-from consumers.errors import ErrorHandler, ErrorOutcome, LoggingErrorHandler
+from consumers.errors import Decision, DefaultErrorHandler, ErrorHandler, Retry
 from consumers.listener import AckMode, Listener
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,7 @@ class ListenerContainer:
     ) -> None:
         self.event_log = event_log
         self.listener = listener
-        self.error_handler: ErrorHandler = error_handler or LoggingErrorHandler()
+        self.error_handler: ErrorHandler = error_handler or DefaultErrorHandler()
         self.commit_timeout_s = commit_timeout_s
         self.finish_timeout_s = finish_timeout_s
         self._members = [_Member(self, index) for index in range(listener.concurrency)]
@@ -129,6 +131,7 @@ class _Member:
         self._sub: EventSubscription | None = None
         self._pending: dict[TopicPartition, int] = {}
         self._failures: dict[TopicPartition, tuple[int, int]] = {}  # partition -> (offset, attempts)
+        self._paused: dict[TopicPartition, float] = {}  # partition -> monotonic time its retry is due
         self._generation = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -173,7 +176,7 @@ class _Member:
         assert self._sub is not None
         while not stop.is_set():
             try:
-                records = await self._sub.fetch(self.listener.max_poll_records, self.listener.poll_timeout_s)
+                records = await self._sub.fetch(self.listener.max_poll_records, self._resume_due())
             except UnavailableError as exc:
                 log.warning("listener %s: fetch failed, retrying: %s", self.listener.name, exc)
                 await pause(stop, ERROR_BACKOFF_S)
@@ -203,8 +206,9 @@ class _Member:
                 elif self.listener.handler is not None:
                     await self.listener.handler(record)
             except Exception as exc:
-                if await self._recover(record, tp, exc) is ErrorOutcome.RETRY:
-                    self._rewind(tp, record.offset, generation)
+                decision = await self._recover(record, tp, exc)
+                if isinstance(decision, Retry):
+                    self._rewind(tp, record.offset, generation, decision.after_s)
                     return False
                 if manual:  # recovered: commit past it, as Spring does after a recoverer
                     await self.commit({tp: record.offset + 1})
@@ -217,7 +221,7 @@ class _Member:
         finally:
             self._idle.set()
 
-    async def _recover(self, record: EventRecord, tp: TopicPartition, exc: Exception) -> ErrorOutcome:
+    async def _recover(self, record: EventRecord, tp: TopicPartition, exc: Exception) -> Decision:
         offset, attempts = self._failures.get(tp, (record.offset, 0))
         attempt = attempts + 1 if offset == record.offset else 1
         self._failures[tp] = (record.offset, attempt)
@@ -225,13 +229,31 @@ class _Member:
             return await self.container.error_handler.handle(record, exc, attempt)
         except Exception:
             log.exception("listener %s: the error handler failed; retrying the record", self.listener.name)
-            await asyncio.sleep(ERROR_BACKOFF_S)
-            return ErrorOutcome.RETRY
+            return Retry(ERROR_BACKOFF_S)
 
-    def _rewind(self, tp: TopicPartition, offset: int, generation: int) -> None:
-        """Seek back to a record to retry; after a rebalance the position already restarts at the commit."""
+    def _rewind(self, tp: TopicPartition, offset: int, generation: int, after_s: float) -> None:
+        """Seek back to a record to retry (pausing its partition for ``after_s``); after a rebalance the
+        position already restarts at the commit."""
         if self._sub is not None and generation == self._generation and tp in self._sub.assignment():
             self._sub.seek(tp, offset)
+            if after_s > 0:
+                self._sub.pause([tp])
+                self._paused[tp] = time.monotonic() + after_s
+
+    def _resume_due(self) -> float:
+        """Resume the paused partitions whose retry is due; the fetch timeout that wakes for the next one."""
+        timeout = self.listener.poll_timeout_s
+        if not self._paused or self._sub is None:
+            return timeout
+        now = time.monotonic()
+        due = [tp for tp, at in self._paused.items() if at <= now]
+        if due:
+            self._sub.resume(due)
+            for tp in due:
+                del self._paused[tp]
+        if self._paused:
+            timeout = min(timeout, max(min(self._paused.values()) - now, 0.001))
+        return timeout
 
     async def commit(self, offsets: Mapping[TopicPartition, int]) -> bool:
         """Commit explicit offsets; a failure is logged and reported as False, never raised."""
@@ -280,6 +302,7 @@ class _Member:
         for tp in partitions:
             self._pending.pop(tp, None)
             self._failures.pop(tp, None)
+            self._paused.pop(tp, None)  # a reassigned partition starts unpaused, at its committed offset
         if partitions:
             log.info("listener %s member %d: revoked %s", self.listener.name, self.index, sorted(partitions))
 

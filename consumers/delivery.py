@@ -16,6 +16,7 @@ from broadcast import constants, envelope
 from broadcast.domain import EventType, TargetType
 from broadcast.errors import ValidationError
 from broadcast.ports import Bus, EventRecord, InboxStore, Presence
+from dlt.drill import DrillSwitch
 from sse.frames import EventName, frame, micros
 from sse.messages import from_event
 
@@ -25,10 +26,11 @@ log = logging.getLogger(__name__)
 class DeliveryHandlers:
     """The record handlers of the two delivery listeners."""
 
-    def __init__(self, inbox: InboxStore, presence: Presence, bus: Bus) -> None:
+    def __init__(self, inbox: InboxStore, presence: Presence, bus: Bus, drill: DrillSwitch | None = None) -> None:
         self._inbox = inbox
         self._presence = presence
         self._bus = bus
+        self._drill = drill  # only when the fault drill is enabled: it fails armed broadcasts on purpose
 
     async def on_selected(self, record: EventRecord) -> None:
         event = envelope.decode(record.value)
@@ -39,6 +41,8 @@ class DeliveryHandlers:
             snapshot = event.broadcast
             if snapshot is None:
                 raise ValidationError("CREATED event without its broadcast")
+            if self._drill is not None:
+                await self._drill.check(record, event.broadcast_id, snapshot.created_at)
             delivers: list[str] | None = None
             event_id = None
             if not snapshot.fire_and_forget:
@@ -63,6 +67,8 @@ class DeliveryHandlers:
         if event.event_type is EventType.CREATED:
             if snapshot is None or snapshot.target_type is TargetType.SELECTED:
                 raise ValidationError("group CREATED event without an ALL/ROLE broadcast")
+            if self._drill is not None:
+                await self._drill.check(record, event.broadcast_id, snapshot.created_at)
             data = frame(EventName.MESSAGE, from_event(event), f"g{micros(snapshot.created_at)}")
             payload = {
                 "kind": "group",

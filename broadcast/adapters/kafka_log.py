@@ -110,7 +110,7 @@ class KafkaEventLog:
                 for index, r in enumerate(records):
                     if r.topic not in counts:
                         counts[r.topic] = len(await producer.partitions_for(r.topic))
-                    partition = _partition(r.key, counts[r.topic], index)
+                    partition = r.partition if r.partition is not None else _partition(r.key, counts[r.topic], index)
                     groups.setdefault((r.topic, partition), []).append(index)
                 for (topic, partition), indexes in groups.items():
                     batch, members = producer.create_batch(), list[tuple[int, int]]()
@@ -172,6 +172,7 @@ class KafkaEventLog:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             isolation_level="read_committed",
+            max_poll_interval_ms=self._settings.max_poll_interval_ms,
         )
         consumer.subscribe(list(topics), listener=_RebalanceListener(on_revoked, on_assigned))
         try:
@@ -242,7 +243,11 @@ class KafkaSubscription:
         for tp in sorted(batches, key=lambda t: (t.topic, t.partition)):
             for r in batches[tp]:
                 headers = tuple((k, bytes(v)) for k, v in (r.headers or ()))
-                records.append(EventRecord(r.topic, r.partition, r.offset, r.key, r.value, headers, r.timestamp))
+                records.append(
+                    EventRecord(
+                        r.topic, r.partition, r.offset, r.key, r.value, headers, r.timestamp, r.timestamp_type == 1
+                    )
+                )
         return records
 
     async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
@@ -271,6 +276,18 @@ class KafkaSubscription:
 
     def seek(self, partition: TopicPartition, offset: int) -> None:
         self._consumer.seek(KafkaTopicPartition(partition.topic, partition.partition), offset)
+
+    def pause(self, partitions: Iterable[TopicPartition]) -> None:
+        held = self._consumer.assignment()
+        mine = [tp for tp in (KafkaTopicPartition(p.topic, p.partition) for p in partitions) if tp in held]
+        if mine:
+            self._consumer.pause(*mine)
+
+    def resume(self, partitions: Iterable[TopicPartition]) -> None:
+        held = self._consumer.assignment()
+        mine = [tp for tp in (KafkaTopicPartition(p.topic, p.partition) for p in partitions) if tp in held]
+        if mine:
+            self._consumer.resume(*mine)
 
 
 class KafkaHealth:

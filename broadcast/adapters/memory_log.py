@@ -67,7 +67,7 @@ class MemoryEventLog:
         return RecordPosition(topic, partition, record.offset)
 
     async def publish_many(self, records: Sequence[OutgoingRecord]) -> list[RecordPosition | PublishError]:
-        return [await self.publish(r.topic, r.key, r.value, r.headers) for r in records]
+        return [await self.publish(r.topic, r.key, r.value, r.headers, r.partition) for r in records]
 
     # -- consuming
     @asynccontextmanager
@@ -130,6 +130,7 @@ class _Group:
                     assigned[id(takers[tp.partition % len(takers)])].append(tp)
                 for member in self.members:
                     member.positions = {tp: self.committed.get(tp, 0) for tp in assigned[id(member)]}
+                    member.paused = set()
                 members = list(self.members)
             finally:
                 self.rebalancing = False
@@ -165,13 +166,15 @@ class MemorySubscription:
         self.on_assigned = on_assigned
         self._group = group
         self.positions: dict[TopicPartition, int] = {}
+        self.paused: set[TopicPartition] = set()
 
     async def fetch(self, max_records: int = 500, timeout_s: float = 1.0) -> list[EventRecord]:
         deadline = time.monotonic() + timeout_s
         while True:
             changed = self.log._changed
             batch: list[EventRecord] = []
-            for tp, position in [] if self._group.rebalancing else list(self.positions.items()):
+            held = [] if self._group.rebalancing else list(self.positions.items())
+            for tp, position in [(tp, p) for tp, p in held if tp not in self.paused]:
                 records = self.log._records(tp, position, max_records - len(batch))
                 if records:
                     batch.extend(records)
@@ -201,3 +204,10 @@ class MemorySubscription:
         if partition not in self.positions:
             raise KeyError(f"{partition} is not assigned to this member")
         self.positions[partition] = offset
+
+    def pause(self, partitions: Iterable[TopicPartition]) -> None:
+        self.paused.update(tp for tp in partitions if tp in self.positions)
+
+    def resume(self, partitions: Iterable[TopicPartition]) -> None:
+        self.paused.difference_update(partitions)
+        self.log._wake()

@@ -11,16 +11,17 @@ from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import orjson
 from sqlalchemy import BigInteger, Text, any_, bindparam, cast, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from broadcast import constants
 from broadcast.adapters.sql_tables import outbox_events, outbox_lanes, user_roles, users
 from broadcast.domain import ClaimedOutboxEvent, EventType, OutboxEvent, User
-from broadcast.errors import UnavailableError
+from broadcast.errors import BroadcastError, RejectedByDatabaseError, UnavailableError
 
 
 def utc(value: datetime) -> datetime:
@@ -28,8 +29,13 @@ def utc(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def translate(exc: Exception) -> UnavailableError:
-    return UnavailableError(f"database error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+def translate(exc: Exception) -> BroadcastError:
+    """A driver error in the project's vocabulary: data the database refuses (a constraint, a value too long)
+    fails the same way every time (``RejectedByDatabaseError``); anything else may pass later (unavailable)."""
+    if isinstance(exc, IntegrityError | DataError | asyncpg.IntegrityConstraintViolationError | asyncpg.DataError):
+        driver = exc.orig if isinstance(exc, DataError | IntegrityError) else exc
+        return RejectedByDatabaseError(f"the database refused the data ({type(driver).__name__})")
+    return UnavailableError(f"database error: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}")
 
 
 class SqlUserStore:

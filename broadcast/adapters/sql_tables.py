@@ -156,9 +156,36 @@ dlt_messages = Table(
     Column("user_id", String(128), nullable=True),
     Column("status", String(16), nullable=False, server_default="NEW"),
     _ts("received_at", nullable=False, default_now=True),
+    _ts("original_timestamp"),
+    Column("event_type", String(16), nullable=True),
     UniqueConstraint("dlt_topic", "dlt_partition", "dlt_offset"),
     Index(None, "original_topic", "received_at"),
     Index(None, "exception_fqcn"),
+    Index(None, "broadcast_id"),
+)
+
+dlt_audit = Table(
+    "dlt_audit",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    _ts("at", nullable=False, default_now=True),
+    Column("actor", String(128), nullable=False),
+    Column("action", String(32), nullable=False),
+    Column("dlt_message_id", BigInteger, nullable=True),
+    Column("outcome", String(32), nullable=False),
+    Column("detail", JSON, nullable=False),
+    Index(None, "dlt_message_id"),
+)
+
+fault_drills = Table(
+    "fault_drills",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("broadcast_id", String(36), nullable=True),
+    Column("armed_by", String(128), nullable=False),
+    _ts("armed_at", nullable=False, default_now=True),
+    _ts("expires_at", nullable=False),
+    _ts("bound_at"),
     Index(None, "broadcast_id"),
 )
 

@@ -28,6 +28,8 @@ TABLES = {
     "outbox_events",
     "dlt_messages",
     "broadcast_statistics",
+    "dlt_audit",
+    "fault_drills",
 }
 
 

@@ -13,11 +13,11 @@ from broadcast.adapters.memory_log import MemoryEventLog
 from broadcast.errors import CommitFailedError, ConfigurationError, ValidationError
 from broadcast.ports import EventRecord, EventSubscription, RebalanceCallback, TopicPartition
 from consumers.container import ListenerContainer
-from consumers.errors import ErrorOutcome, LoggingErrorHandler
+from consumers.errors import RECOVERED, BackOff, Decision, DefaultErrorHandler, Retry
 from consumers.listener import AckMode, Acknowledgment, Listener
 
 TOPIC, GROUP = "orders", "delivery"
-FAST_RETRIES = LoggingErrorHandler(max_attempts=3, backoff_s=0.01)
+FAST_RETRIES = DefaultErrorHandler(backoff=BackOff(max_attempts=3, initial_s=0.01))
 
 
 async def publish(log: MemoryEventLog, count: int, keys: int = 4) -> None:
@@ -107,7 +107,7 @@ async def test_validation_errors_are_not_retried() -> None:
         if record.value == b"m1":
             raise ValidationError("bad payload")
 
-    async with ListenerContainer(log, record_listener(handle), LoggingErrorHandler(max_attempts=5)):
+    async with ListenerContainer(log, record_listener(handle), DefaultErrorHandler(backoff=BackOff(max_attempts=5))):
         await until(lambda: b"m2" in deliveries)
     assert deliveries == [b"m0", b"m1", b"m2"]
     assert await committed(log, 1) == {0: 3}
@@ -119,11 +119,11 @@ async def test_the_error_handler_sees_the_attempt_count_and_a_failing_error_hand
     attempts: list[int] = []
 
     class Flaky:
-        async def handle(self, record: EventRecord, exc: Exception, attempt: int) -> ErrorOutcome:
+        async def handle(self, record: EventRecord, exc: Exception, attempt: int) -> Decision:
             attempts.append(attempt)
             if attempt == 1:
                 raise RuntimeError("the error handler itself failed")
-            return ErrorOutcome.SKIP if attempt >= 3 else ErrorOutcome.RETRY
+            return RECOVERED if attempt >= 3 else Retry()
 
     async def handle(record: EventRecord) -> None:
         if record.value == b"m0":
