@@ -202,6 +202,10 @@ class SqlBroadcastStore:
         ).where(u.broadcast_id == broadcast_id)
         row = await self._first(query)
         delivered, read, failed = (int(v) for v in row) if row is not None else (0, 0, 0)
+        # ALL/ROLE: dead-lettered events not redriven yet (the DLT consumer counts them; there are no rows)
+        s = broadcast_statistics.c
+        dead = await self._first(select(s.failed).where(s.broadcast_id == broadcast_id))
+        failed += int(dead[0]) if dead is not None else 0
         return BroadcastStats(broadcast_id, broadcast.targeted_count, delivered, read, failed)
 
     async def deliveries(self, broadcast_id: str, cursor: str | None, limit: int) -> Page[Delivery]:

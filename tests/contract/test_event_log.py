@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from broadcast.errors import CommitFailedError
-from broadcast.ports import EventRecord, EventSubscription, TopicPartition
+from broadcast.errors import CommitFailedError, PublishError
+from broadcast.ports import EventRecord, EventSubscription, OutgoingRecord, TopicPartition
 from tests.contract.support import PARTITIONS, LogUnderTest
 
 DEADLINE_S = 45.0
@@ -244,3 +244,29 @@ async def test_committing_a_partition_the_member_does_not_hold_raises_commit_fai
             await sub.fetch(timeout_s=0.2)
         with pytest.raises(CommitFailedError):
             await sub.commit({TopicPartition(event_log.topics[1], 0): 1})
+
+
+async def test_a_paused_partition_is_not_fetched_until_resumed_and_explicit_partitions_are_honoured(
+    event_log: LogUnderTest, unique_name: str
+) -> None:
+    topic = event_log.topics[0]
+    publisher = event_log.log.publisher()
+    async with event_log.log.subscribe([topic], unique_name) as sub:
+        await drain(sub, 0)
+        deadline = time.monotonic() + DEADLINE_S
+        while len(sub.assignment()) < PARTITIONS:
+            assert time.monotonic() < deadline, "no assignment"
+            await sub.fetch(timeout_s=0.2)
+        paused = TopicPartition(topic, 0)
+        sub.pause([paused])
+        for partition in range(PARTITIONS):
+            position = await publisher.publish(topic, b"same-key", f"p{partition}".encode(), partition=partition)
+            assert position.partition == partition
+        flowing = await drain(sub, PARTITIONS - 1)
+        assert sorted(r.partition for r in flowing) == list(range(1, PARTITIONS))
+        assert await sub.fetch(timeout_s=1.0) == []  # nothing from the paused partition
+        sub.resume([paused])
+        [late] = await drain(sub, 1)
+        assert (late.partition, late.value) == (0, b"p0")
+    many = await publisher.publish_many([OutgoingRecord(topic, b"k", b"x", partition=2)])
+    assert not isinstance(many[0], PublishError) and many[0].partition == 2

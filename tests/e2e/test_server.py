@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 
 from broadcast import constants, envelope
+from broadcast.adapters import sql_migrate
 from devstack.stack import StackInfo
 from tests.servers import Server, clean_env, cli
 from tests.topics import read_topic
@@ -40,7 +41,7 @@ def test_stack_env_serves_on_kafka_postgres_and_redis(
 
     migrated = cli("migrate", env=env, cwd=tmp_path)
     assert migrated.returncode == 0, migrated.stderr
-    assert "postgresql" in migrated.stdout and "revision 0001" in migrated.stdout
+    assert "postgresql" in migrated.stdout and f"revision {sql_migrate.head()}" in migrated.stdout
     topics = cli("topics", env=env, cwd=tmp_path)
     assert topics.returncode == 0, topics.stdout + topics.stderr
     assert topics.stdout.count(" ok") == 4 and f"{unique_name}.broadcast-user-service-group-dlt" in topics.stdout

@@ -9,7 +9,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from pydantic import SecretStr
-from sqlalchemy import Connection, inspect
+from sqlalchemy import Connection, inspect, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broadcast.adapters import sql_migrate
@@ -55,6 +55,21 @@ async def test_upgrade_creates_the_models_and_is_idempotent(database: tuple[Asyn
         tables, differences = await conn.run_sync(diff)
     assert tables >= TABLES
     assert differences == []
+
+
+async def test_0002_keeps_the_dead_letters_stored_under_0001(database: tuple[AsyncEngine, DatabaseSettings]) -> None:
+    engine, settings = database
+    assert await sql_migrate.upgrade(engine, settings, "0001") == "0001"
+    row = (
+        "INSERT INTO dlt_messages (dlt_topic, dlt_partition, dlt_offset, original_topic, headers) "
+        "VALUES ('t-dlt', 1, 2, 't', '[]')"
+    )
+    async with engine.begin() as conn:
+        await conn.execute(text(row))
+    assert await sql_migrate.upgrade(engine, settings) == sql_migrate.head()
+    async with engine.connect() as conn:
+        kept = (await conn.execute(text("SELECT dlt_topic, status, event_type FROM dlt_messages"))).all()
+    assert [tuple(r) for r in kept] == [("t-dlt", "NEW", None)]
 
 
 async def test_user_rows_are_unique_per_broadcast(database: tuple[AsyncEngine, DatabaseSettings]) -> None:
