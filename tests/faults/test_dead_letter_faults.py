@@ -128,5 +128,6 @@ async def test_a_stopped_database_is_retried_not_dead_lettered_and_nothing_is_lo
     assert letters == [], "a database outage must not dead-letter records"
     assert log.count(": assigned ") == assigned_before, "the outage must not cause a rebalance"
     print(
-        f"\ndatabase stopped: {retries} transient retries, 0 dead letters, no rebalance; delivered {delivered_after:.1f} s after restart"
+        f"\ndatabase stopped: {retries} transient retries, 0 dead letters, no rebalance; "
+        f"delivered {delivered_after:.1f} s after restart"
     )
