@@ -138,4 +138,7 @@ def _dlt_container(c: Components) -> ListenerContainer:
     topics = tuple(kafka.topic(constants.dlt_topic(t)) for t in constants.BASE_TOPICS)
     handler = DeadLetterHandler(c.dead_letter_store)
     listener = Listener("dead-letters", topics, kafka.dlt_consumer_group, handler.on_record)
-    return ListenerContainer(c.event_log, listener, error_handler(consumers.dlt, log_and_skip))
+    # nothing is "not retryable" here: the DLT store is the last stop, a letter is never dropped
+    handler_of_errors = error_handler(consumers.dlt, log_and_skip)
+    handler_of_errors.not_retryable = ()
+    return ListenerContainer(c.event_log, listener, handler_of_errors)

@@ -95,7 +95,8 @@ class BackOff:
             raise ValueError(f"invalid backoff {self}")
 
     def delay(self, attempt: int) -> float:
-        return float(min(self.initial_s * self.multiplier ** max(attempt - 1, 0), self.max_interval_s))
+        exponent = min(max(attempt - 1, 0), 64)  # past that the cap has long been reached (and no overflow)
+        return float(min(self.initial_s * self.multiplier**exponent, self.max_interval_s))
 
 
 @dataclass

@@ -66,9 +66,9 @@ def _time(raw: str | None, name: str) -> datetime | None:
         return None
     try:
         value = datetime.fromisoformat(raw[:64])
-    except ValueError:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except (ValueError, OverflowError):
         raise ValidationError(f"{name} must be an ISO-8601 date-time") from None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def _text_filter(request: Request, name: str, limit: int = MAX_FILTER_CHARS) -> str | None:

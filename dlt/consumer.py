@@ -36,10 +36,17 @@ def read_dead_letter(record: EventRecord) -> DeadLetter | None:
     if original_topic is None and record.topic.endswith(constants.DLT_SUFFIX):
         original_topic = record.topic[: -len(constants.DLT_SUFFIX)]
     timestamp = header_int(headers.get(constants.DLT_ORIGINAL_TIMESTAMP))
+    try:
+        original_time = datetime.fromtimestamp(timestamp / 1000, UTC) if timestamp is not None else None
+    except (ValueError, OverflowError, OSError):
+        original_time = None
+    partition = header_int(headers.get(constants.DLT_ORIGINAL_PARTITION))
     broadcast_id = user_id = event_type = None
     try:
         event = envelope.decode(record.value)
         broadcast_id, user_id, event_type = event.broadcast_id, event.user_id, event.event_type.value
+        if len(broadcast_id) > 36 or "\x00" in broadcast_id or (user_id is not None and "\x00" in user_id):
+            broadcast_id = user_id = None  # not one of ours: keep the letter, mark nothing
     except ValidationError:
         pass
     return DeadLetter(
@@ -47,9 +54,9 @@ def read_dead_letter(record: EventRecord) -> DeadLetter | None:
         dlt_partition=record.partition,
         dlt_offset=record.offset,
         original_topic=(original_topic or record.topic)[:255],
-        original_partition=header_int(headers.get(constants.DLT_ORIGINAL_PARTITION)),
+        original_partition=partition if partition is not None and 0 <= partition < 2**31 else None,
         original_offset=header_int(headers.get(constants.DLT_ORIGINAL_OFFSET)),
-        original_timestamp=datetime.fromtimestamp(timestamp / 1000, UTC) if timestamp is not None else None,
+        original_timestamp=original_time,
         key=record.key,
         value=record.value,
         headers=record.headers,
@@ -58,7 +65,7 @@ def read_dead_letter(record: EventRecord) -> DeadLetter | None:
         exception_message=_text(headers.get(constants.DLT_EXCEPTION_MESSAGE)),
         stacktrace=_text(headers.get(constants.DLT_EXCEPTION_STACKTRACE)),
         consumer_group=(_text(headers.get(constants.DLT_ORIGINAL_CONSUMER_GROUP)) or "")[:255] or None,
-        broadcast_id=broadcast_id if broadcast_id is not None and len(broadcast_id) <= 36 else None,
+        broadcast_id=broadcast_id,
         user_id=user_id,
         event_type=event_type,
     )

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 from broadcast import constants, envelope
 from broadcast.domain import OutboxEvent
-from broadcast.errors import NotFoundError, PublishError, ValidationError
+from broadcast.errors import NotFoundError, PublishError, UnavailableError, ValidationError
 from broadcast.ports import EventPublisher, OutgoingRecord
 from broadcast.settings import KafkaSettings
 from dlt.model import DeadLetter, DeadLetterFilter, DeadLetterStatus, DeadLetterStore
@@ -72,8 +72,10 @@ class DeadLetterService:
             key = (letter.key or b"").decode()
         except UnicodeDecodeError:
             key = ""
-        if not key or len(key) > 255:
+        if not key or len(key) > 255 or "\x00" in key:
             raise ValidationError("the record's key is missing or not a UTF-8 text of at most 255 characters")
+        if len(event.broadcast_id) > 36:
+            raise ValidationError("the event's broadcastId is not one of this server's ids")
         kept = tuple(
             (k, v)
             for k, v in letter.headers
@@ -116,7 +118,12 @@ class DeadLetterService:
                     result.fail(letter.id, str(exc))
                     await self._store.audit(actor, "REDRIVE_ALL", letter.id, "REFUSED", {"reason": str(exc)})
                     continue
-                if await self._store.redrive(letter, event, actor):
+                try:
+                    redriven = await self._store.redrive(letter, event, actor)
+                except (ValidationError, UnavailableError) as exc:  # this one fails; the others still go
+                    result.fail(letter.id, str(exc))
+                    continue
+                if redriven:
                     result.done += 1
                 else:
                     result.skipped += 1

@@ -13,6 +13,7 @@ from typing import Any
 
 import asyncpg
 import orjson
+from asyncpg.exceptions._base import DataError as _ClientDataError
 from sqlalchemy import BigInteger, Text, any_, bindparam, cast, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
@@ -30,12 +31,25 @@ def utc(value: datetime) -> datetime:
 
 
 def translate(exc: Exception) -> BroadcastError:
-    """A driver error in the project's vocabulary: data the database refuses (a constraint, a value too long)
-    fails the same way every time (``RejectedByDatabaseError``); anything else may pass later (unavailable)."""
-    if isinstance(exc, IntegrityError | DataError | asyncpg.IntegrityConstraintViolationError | asyncpg.DataError):
-        driver = exc.orig if isinstance(exc, DataError | IntegrityError) else exc
-        return RejectedByDatabaseError(f"the database refused the data ({type(driver).__name__})")
+    """A driver error in the project's vocabulary: data the database refuses (a constraint, a value too long
+    or out of range: SQLSTATE classes 22 and 23, or asyncpg's own data checks) fails the same way every time
+    (``RejectedByDatabaseError``); anything else may pass later (unavailable)."""
+    if _rejected(exc):
+        return RejectedByDatabaseError(f"the database refused the data ({type(exc).__name__})")
     return UnavailableError(f"database error: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}")
+
+
+def _rejected(exc: BaseException) -> bool:
+    if isinstance(exc, IntegrityError | DataError):
+        return True
+    orig = getattr(exc, "orig", None)
+    for seen in (exc, orig, getattr(orig, "__cause__", None), exc.__cause__):
+        if isinstance(seen, asyncpg.IntegrityConstraintViolationError | asyncpg.DataError | _ClientDataError):
+            return True
+        code = getattr(seen, "sqlstate", None)
+        if isinstance(code, str) and code[:2] in ("22", "23"):
+            return True
+    return False
 
 
 class SqlUserStore:

@@ -166,3 +166,18 @@ async def test_a_long_backoff_pauses_only_the_failing_partition() -> None:
     assert 1.4 < handled[b"poison"] < 3.0, handled
     async with log.subscribe(["orders"], "g") as sub:
         assert await sub.committed(TopicPartition("orders", 0)) == 1
+
+
+def test_backoff_stays_capped_however_long_an_outage_lasts() -> None:
+    assert BackOff(initial_s=1, multiplier=2, max_interval_s=30).delay(100_000) == 30
+
+
+def test_the_dlt_reader_never_fails_on_absurd_headers() -> None:
+    absurd = (
+        (constants.DLT_ORIGINAL_PARTITION, struct.pack(">q", 2**40)),
+        (constants.DLT_ORIGINAL_TIMESTAMP, struct.pack(">q", 2**62)),
+    )
+    event = b'{"v":1,"eventId":"e","eventType":"CREATED","broadcastId":"' + b"b" * 60 + b'","userId":"u"}'
+    read = read_dead_letter(EventRecord("orders-dlt", 0, 1, b"k", event, absurd, 0))
+    assert read is not None
+    assert (read.original_partition, read.original_timestamp, read.broadcast_id) == (None, None, None)
