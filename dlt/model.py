@@ -78,7 +78,8 @@ class AuditEntry:
 
 class DeadLetterStore(Protocol):
     async def save(self, letter: DeadLetter) -> bool:
-        """Insert unless a letter at the same DLT position exists (False then). On insert, in the same
+        """Insert unless a letter at the same DLT position, or for the same failed record (group, original
+        topic, partition, offset), exists (False then). On insert, in the same
         transaction, mark the delivery failed: the user's PENDING row of a SELECTED broadcast becomes
         FAILED; for an ALL/ROLE broadcast the statistics' ``failed`` counter goes up by one."""
         ...

@@ -110,7 +110,7 @@ class SqlDeadLetterStore:
         try:
             async with self._engine.begin() as conn:
                 stmt = _insert(conn)(dlt_messages).values(_letter_row(letter))
-                stmt = stmt.on_conflict_do_nothing(index_elements=[d.dlt_topic, d.dlt_partition, d.dlt_offset])
+                stmt = stmt.on_conflict_do_nothing()  # either unique key: same DLT position, or same failed record
                 inserted = (await conn.execute(stmt)).rowcount == 1
                 if inserted and letter.broadcast_id is not None:
                     await _mark_failed(conn, letter)

@@ -159,6 +159,15 @@ dlt_messages = Table(
     _ts("original_timestamp"),
     Column("event_type", String(16), nullable=True),
     UniqueConstraint("dlt_topic", "dlt_partition", "dlt_offset"),
+    # one letter per failed record and group: a dead letter published twice (the commit after the DLT ack
+    # failed) is stored once
+    UniqueConstraint(
+        "consumer_group",
+        "original_topic",
+        "original_partition",
+        "original_offset",
+        name="uq_dlt_messages_original_record",
+    ),
     Index(None, "original_topic", "received_at"),
     Index(None, "exception_fqcn"),
     Index(None, "broadcast_id"),

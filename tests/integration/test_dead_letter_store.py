@@ -59,6 +59,8 @@ async def test_a_letter_is_stored_once_with_its_bytes_and_the_selected_row_marke
     store = SqlDeadLetterStore(engine)
     assert await store.save(letter(7, broadcast_id=broadcast.id)) is True
     assert await store.save(letter(7, broadcast_id=broadcast.id)) is False  # the same DLT position again
+    # the same failed record dead-lettered twice (the commit after the DLT ack failed): stored once
+    assert await store.save(letter(7, broadcast_id=broadcast.id, dlt_offset=8)) is False
     [stored] = (await store.page(DeadLetterFilter(), None, 10)).items
     assert stored.value == b"\xff\x00 raw bytes" and stored.headers == letter(7).headers
     assert stored.exception_message == "bad \ufffd byte"

@@ -27,6 +27,10 @@ def upgrade() -> None:
     with op.batch_alter_table("dlt_messages") as batch:
         batch.add_column(_ts("original_timestamp"))
         batch.add_column(sa.Column("event_type", sa.String(16), nullable=True))
+        batch.create_unique_constraint(
+            "uq_dlt_messages_original_record",
+            ["consumer_group", "original_topic", "original_partition", "original_offset"],
+        )
     op.create_table(
         "dlt_audit",
         sa.Column("id", BigId, nullable=False, autoincrement=True),
@@ -56,5 +60,6 @@ def downgrade() -> None:
     op.drop_table("fault_drills")
     op.drop_table("dlt_audit")
     with op.batch_alter_table("dlt_messages") as batch:
+        batch.drop_constraint("uq_dlt_messages_original_record", type_="unique")
         batch.drop_column("event_type")
         batch.drop_column("original_timestamp")
