@@ -15,6 +15,7 @@ from typing import Protocol
 
 from broadcast import constants
 from broadcast.components import Components
+from broadcast.errors import ValidationError
 from broadcast.relay import OutboxRelay
 from broadcast.scheduler import Scheduler
 from broadcast.settings import RetrySettings
@@ -101,9 +102,11 @@ def _stream_loops(c: Components) -> list[Loop]:
     ]
 
 
-def error_handler(retry: RetrySettings, recoverer: Recoverer) -> DefaultErrorHandler:
+def error_handler(
+    retry: RetrySettings, recoverer: Recoverer, not_retryable: tuple[type[Exception], ...] = (ValidationError,)
+) -> DefaultErrorHandler:
     backoff = BackOff(retry.max_attempts, retry.initial_backoff_seconds, retry.multiplier, retry.max_backoff_seconds)
-    return DefaultErrorHandler(recoverer, backoff)
+    return DefaultErrorHandler(recoverer, backoff, not_retryable)
 
 
 def _delivery_containers(c: Components) -> list[ListenerContainer]:
@@ -139,6 +142,4 @@ def _dlt_container(c: Components) -> ListenerContainer:
     handler = DeadLetterHandler(c.dead_letter_store)
     listener = Listener("dead-letters", topics, kafka.dlt_consumer_group, handler.on_record)
     # nothing is "not retryable" here: the DLT store is the last stop, a letter is never dropped
-    handler_of_errors = error_handler(consumers.dlt, log_and_skip)
-    handler_of_errors.not_retryable = ()
-    return ListenerContainer(c.event_log, listener, handler_of_errors)
+    return ListenerContainer(c.event_log, listener, error_handler(consumers.dlt, log_and_skip, not_retryable=()))

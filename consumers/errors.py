@@ -130,8 +130,8 @@ class DefaultErrorHandler:
         return not _caused_by(exc, self.not_retryable)
 
     async def handle(self, record: EventRecord, exc: Exception, attempt: int) -> Decision:
-        retryable = self.retryable(exc)
-        if retryable and (attempt < self.backoff.max_attempts or _caused_by(exc, self.transient)):
+        retryable, transient = self.retryable(exc), _caused_by(exc, self.transient)
+        if retryable and (attempt < self.backoff.max_attempts or transient):
             delay = self.backoff.delay(attempt)
             self.counters.retries += 1
             log.warning(
@@ -139,7 +139,7 @@ class DefaultErrorHandler:
                 where(record),
                 attempt,
                 self.backoff.max_attempts,
-                ", transient: not counted" if _caused_by(exc, self.transient) else "",
+                ", transient: not counted" if transient else "",
                 delay,
                 exc,
             )

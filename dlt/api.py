@@ -56,9 +56,10 @@ def _digits(raw: str, what: str) -> int:
 
 def _letter_id(request: Request) -> int:
     raw = request.path_params["letter_id"]
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or int(raw) > MAX_ID:
-        raise NotFoundError(f"dead letter {raw[:40]!r} not found")
-    return int(raw)
+    try:
+        return _digits(raw, "id")
+    except ValidationError:
+        raise NotFoundError(f"dead letter {raw[:40]!r} not found") from None
 
 
 def _time(raw: str | None, name: str) -> datetime | None:
@@ -156,13 +157,8 @@ def _audit(a: AuditEntry) -> dict[str, Any]:
 
 
 def _bulk(result: BulkResult, done_name: str) -> dict[str, Any]:
-    return {
-        "matched": result.matched,
-        done_name: result.done,
-        "alreadyRedriven": result.skipped,
-        "failed": result.failed,
-        "failures": [{"id": i, "reason": reason} for i, reason in result.failures],
-    }
+    failures = [{"id": i, "reason": reason} for i, reason in result.failures]
+    return {"matched": result.matched, done_name: result.done, "failed": result.failed, "failures": failures}
 
 
 async def list_messages(request: Request) -> Response:
@@ -228,7 +224,7 @@ async def redrive(request: Request) -> Response:
 async def redrive_all(request: Request) -> Response:
     actor = await acting_admin(request)
     result = await components(request).dead_letters.redrive_all(_filter(request), actor)
-    return _json(_bulk(result, "redriven"))
+    return _json({**_bulk(result, "redriven"), "alreadyRedriven": result.skipped})
 
 
 async def purge(request: Request) -> Response:
@@ -241,9 +237,7 @@ async def purge(request: Request) -> Response:
 async def purge_all(request: Request) -> Response:
     actor = await acting_admin(request)
     result = await components(request).dead_letters.purge_all(_filter(request), actor)
-    body = _bulk(result, "purged")
-    del body["alreadyRedriven"]
-    return _json(body)
+    return _json(_bulk(result, "purged"))
 
 
 class ArmDrillRequest(RequestModel):

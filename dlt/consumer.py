@@ -25,6 +25,11 @@ def _text(raw: bytes | None) -> str | None:
     return None if raw is None else raw.decode("utf-8", errors="replace")
 
 
+def _name(raw: bytes | None) -> str | None:
+    """A header naming something (a class, a group): text of at most 255 characters, None when empty."""
+    return (_text(raw) or "")[:255] or None
+
+
 def read_dead_letter(record: EventRecord) -> DeadLetter | None:
     """The dead letter ``record`` carries, or None for a tombstone."""
     headers: dict[str, bytes] = {}
@@ -60,11 +65,11 @@ def read_dead_letter(record: EventRecord) -> DeadLetter | None:
         key=record.key,
         value=record.value,
         headers=record.headers,
-        exception_fqcn=(_text(headers.get(constants.DLT_EXCEPTION_FQCN)) or "")[:255] or None,
-        exception_cause_fqcn=(_text(headers.get(constants.DLT_EXCEPTION_CAUSE_FQCN)) or "")[:255] or None,
+        exception_fqcn=_name(headers.get(constants.DLT_EXCEPTION_FQCN)),
+        exception_cause_fqcn=_name(headers.get(constants.DLT_EXCEPTION_CAUSE_FQCN)),
         exception_message=_text(headers.get(constants.DLT_EXCEPTION_MESSAGE)),
         stacktrace=_text(headers.get(constants.DLT_EXCEPTION_STACKTRACE)),
-        consumer_group=(_text(headers.get(constants.DLT_ORIGINAL_CONSUMER_GROUP)) or "")[:255] or None,
+        consumer_group=_name(headers.get(constants.DLT_ORIGINAL_CONSUMER_GROUP)),
         broadcast_id=broadcast_id,
         user_id=user_id,
         event_type=event_type,

@@ -278,16 +278,15 @@ class KafkaSubscription:
         self._consumer.seek(KafkaTopicPartition(partition.topic, partition.partition), offset)
 
     def pause(self, partitions: Iterable[TopicPartition]) -> None:
-        held = self._consumer.assignment()
-        mine = [tp for tp in (KafkaTopicPartition(p.topic, p.partition) for p in partitions) if tp in held]
-        if mine:
-            self._consumer.pause(*mine)
+        self._consumer.pause(*self._held(partitions))
 
     def resume(self, partitions: Iterable[TopicPartition]) -> None:
+        self._consumer.resume(*self._held(partitions))
+
+    def _held(self, partitions: Iterable[TopicPartition]) -> list[KafkaTopicPartition]:
+        """Those of ``partitions`` still assigned (aiokafka refuses the others)."""
         held = self._consumer.assignment()
-        mine = [tp for tp in (KafkaTopicPartition(p.topic, p.partition) for p in partitions) if tp in held]
-        if mine:
-            self._consumer.resume(*mine)
+        return [tp for tp in (KafkaTopicPartition(p.topic, p.partition) for p in partitions) if tp in held]
 
 
 class KafkaHealth:

@@ -19,6 +19,7 @@ from sqlalchemy import Row, and_, case, delete, func, insert, or_, select, text,
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from broadcast.adapters.sql_engine import read_all, translate
 from broadcast.adapters.sql_rows import (
     broadcast_from_row,
     broadcast_row,
@@ -27,7 +28,7 @@ from broadcast.adapters.sql_rows import (
     decode_cursor,
     encode_cursor,
 )
-from broadcast.adapters.sql_stores import OUTBOX_COLUMNS, outbox_records, translate, utc
+from broadcast.adapters.sql_stores import OUTBOX_COLUMNS, outbox_records, utc
 from broadcast.adapters.sql_tables import (
     broadcast_messages,
     broadcast_statistics,
@@ -177,7 +178,7 @@ class SqlBroadcastStore:
         if cursor is not None:
             created_at, last_id = decode_cursor(cursor)
             query = query.where(or_(b.created_at < created_at, and_(b.created_at == created_at, b.id < last_id)))
-        rows = await self._all(query)
+        rows = await read_all(self._engine, query)
         items = tuple(broadcast_from_row(r) for r in rows[:limit])
         next_cursor = encode_cursor(items[-1]) if len(rows) > limit else None
         return Page(items, next_cursor)
@@ -186,7 +187,7 @@ class SqlBroadcastStore:
         b = broadcast_messages.c
         column = b.scheduled_at if status is BroadcastStatus.SCHEDULED else b.expires_at
         query = select(b.id).where(b.status == status.value, column <= now).order_by(column).limit(limit)
-        return [r.id for r in await self._all(query)]
+        return [r.id for r in await read_all(self._engine, query)]
 
     async def stats(self, broadcast_id: str) -> BroadcastStats | None:
         broadcast = await self.get(broadcast_id)
@@ -215,7 +216,7 @@ class SqlBroadcastStore:
             if not (cursor.isascii() and cursor.isdigit()) or len(cursor) > 18:
                 raise ValidationError("invalid cursor")
             query = query.where(u.id > int(cursor))
-        rows = await self._all(query)
+        rows = await read_all(self._engine, query)
         items = tuple(
             Delivery(
                 r.user_id,
@@ -255,12 +256,5 @@ class SqlBroadcastStore:
         try:
             async with self._engine.connect() as conn:
                 return (await conn.execute(query)).first()
-        except (SQLAlchemyError, OSError) as exc:
-            raise translate(exc) from exc
-
-    async def _all(self, query: Any) -> Sequence[Row[Any]]:
-        try:
-            async with self._engine.connect() as conn:
-                return (await conn.execute(query)).all()
         except (SQLAlchemyError, OSError) as exc:
             raise translate(exc) from exc

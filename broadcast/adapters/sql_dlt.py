@@ -12,10 +12,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import and_, delete, func, insert, select, update
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from broadcast.adapters.sql_stores import _insert, append_outbox, decode_headers, translate, utc
+from broadcast.adapters.sql_engine import read_all, translated
+from broadcast.adapters.sql_stores import append_outbox, decode_headers, dialect_insert, utc
 from broadcast.adapters.sql_tables import (
     broadcast_messages,
     broadcast_statistics,
@@ -107,32 +107,29 @@ class SqlDeadLetterStore:
         self._engine = engine
 
     async def save(self, letter: DeadLetter) -> bool:
-        try:
-            async with self._engine.begin() as conn:
-                stmt = _insert(conn)(dlt_messages).values(_letter_row(letter))
-                stmt = stmt.on_conflict_do_nothing()  # either unique key: same DLT position, or same failed record
-                inserted = (await conn.execute(stmt)).rowcount == 1
-                if inserted and letter.broadcast_id is not None:
-                    await _mark_failed(conn, letter)
-                return inserted
-        except (SQLAlchemyError, OSError) as exc:
-            raise translate(exc) from exc
+        async with translated(), self._engine.begin() as conn:
+            stmt = dialect_insert(conn)(dlt_messages).values(_letter_row(letter))
+            stmt = stmt.on_conflict_do_nothing()  # either unique key: same DLT position, or same failed record
+            inserted = bool((await conn.execute(stmt)).rowcount == 1)
+            if inserted:
+                await _mark_failed(conn, letter, True)
+            return inserted
 
     async def get(self, letter_id: int) -> DeadLetter | None:
-        rows = await self._rows(select(dlt_messages).where(d.id == letter_id))
+        rows = await read_all(self._engine, select(dlt_messages).where(d.id == letter_id))
         return _letter(rows[0]) if rows else None
 
     async def page(self, where: DeadLetterFilter, cursor: int | None, limit: int) -> Page[DeadLetter]:
         query = select(dlt_messages).where(_where(where)).order_by(d.id.desc()).limit(limit + 1)
         if cursor is not None:
             query = query.where(d.id < cursor)
-        rows = await self._rows(query)
+        rows = await read_all(self._engine, query)
         items = tuple(_letter(r) for r in rows[:limit])
         return Page(items, str(items[-1].id) if len(rows) > limit else None)
 
     async def batch(self, where: DeadLetterFilter, after_id: int, limit: int) -> list[DeadLetter]:
         query = select(dlt_messages).where(_where(where), d.id > after_id).order_by(d.id).limit(limit)
-        return [_letter(r) for r in await self._rows(query)]
+        return [_letter(r) for r in await read_all(self._engine, query)]
 
     async def summary(self, where: DeadLetterFilter) -> list[SummaryRow]:
         query = (
@@ -141,58 +138,44 @@ class SqlDeadLetterStore:
             .group_by(d.original_topic, d.exception_fqcn)
             .order_by(func.count().desc(), d.original_topic, d.exception_fqcn)
         )
-        return [SummaryRow(r[0], r[1], int(r[2]), utc(r[3]) if r[3] else None) for r in await self._rows(query)]
+        return [
+            SummaryRow(r[0], r[1], int(r[2]), utc(r[3]) if r[3] else None) for r in await read_all(self._engine, query)
+        ]
 
     async def redrive(self, letter: DeadLetter, event: OutboxEvent, actor: str) -> bool:
         assert letter.id is not None
-        try:
-            async with self._engine.begin() as conn:
-                moved = await conn.execute(
-                    update(dlt_messages)
-                    .where(d.id == letter.id, d.status == DeadLetterStatus.NEW.value)
-                    .values(status=DeadLetterStatus.REDRIVEN.value)
-                )
-                if moved.rowcount == 1:
-                    await append_outbox(conn, [event])
-                    if letter.broadcast_id is not None:
-                        await _unmark_failed(conn, letter)
-                outcome = "REDRIVEN" if moved.rowcount == 1 else "ALREADY_REDRIVEN"
-                await conn.execute(insert(dlt_audit), [_audit_row(actor, "REDRIVE", letter.id, outcome, {})])
-                return bool(moved.rowcount == 1)
-        except (SQLAlchemyError, OSError) as exc:
-            raise translate(exc) from exc
+        async with translated(), self._engine.begin() as conn:
+            moved = await conn.execute(
+                update(dlt_messages)
+                .where(d.id == letter.id, d.status == DeadLetterStatus.NEW.value)
+                .values(status=DeadLetterStatus.REDRIVEN.value)
+            )
+            redriven = bool(moved.rowcount == 1)
+            if redriven:
+                await append_outbox(conn, [event])
+                await _mark_failed(conn, letter, False)
+            outcome = "REDRIVEN" if redriven else "ALREADY_REDRIVEN"
+            await conn.execute(insert(dlt_audit), [_audit_row(actor, "REDRIVE", letter.id, outcome, {})])
+            return redriven
 
     async def delete(self, letter_ids: Sequence[int], actor: str, action: str) -> int:
         if not letter_ids:
             return 0
-        try:
-            async with self._engine.begin() as conn:
-                deleted = await conn.execute(delete(dlt_messages).where(d.id.in_(list(letter_ids))))
-                await conn.execute(insert(dlt_audit), [_audit_row(actor, action, i, "DELETED", {}) for i in letter_ids])
-                return int(deleted.rowcount)
-        except (SQLAlchemyError, OSError) as exc:
-            raise translate(exc) from exc
+        async with translated(), self._engine.begin() as conn:
+            deleted = await conn.execute(delete(dlt_messages).where(d.id.in_(list(letter_ids))))
+            await conn.execute(insert(dlt_audit), [_audit_row(actor, action, i, "DELETED", {}) for i in letter_ids])
+            return int(deleted.rowcount)
 
     async def audit(
         self, actor: str, action: str, letter_id: int | None, outcome: str, detail: dict[str, object]
     ) -> None:
-        try:
-            async with self._engine.begin() as conn:
-                await conn.execute(insert(dlt_audit), [_audit_row(actor, action, letter_id, outcome, detail)])
-        except (SQLAlchemyError, OSError) as exc:
-            raise translate(exc) from exc
+        async with translated(), self._engine.begin() as conn:
+            await conn.execute(insert(dlt_audit), [_audit_row(actor, action, letter_id, outcome, detail)])
 
     async def audit_trail(self, letter_id: int) -> list[AuditEntry]:
         a = dlt_audit.c
-        rows = await self._rows(select(dlt_audit).where(a.dlt_message_id == letter_id).order_by(a.id))
+        rows = await read_all(self._engine, select(dlt_audit).where(a.dlt_message_id == letter_id).order_by(a.id))
         return [AuditEntry(utc(r.at), r.actor, r.action, r.dlt_message_id, r.outcome, dict(r.detail)) for r in rows]
-
-    async def _rows(self, query: Any) -> Sequence[Any]:
-        try:
-            async with self._engine.connect() as conn:
-                return (await conn.execute(query)).all()
-        except (SQLAlchemyError, OSError) as exc:
-            raise translate(exc) from exc
 
 
 def _audit_row(
@@ -208,61 +191,32 @@ def _audit_row(
     }
 
 
-async def _is_selected(conn: AsyncConnection, broadcast_id: str) -> bool | None:
-    b = broadcast_messages.c
-    target = (await conn.execute(select(b.target_type).where(b.id == broadcast_id))).scalar_one_or_none()
-    return None if target is None else target == TargetType.SELECTED.value
-
-
-async def _mark_failed(conn: AsyncConnection, letter: DeadLetter) -> None:
-    """The delivery this dead letter stands for has failed (see ``DeadLetterStore.save``)."""
-    assert letter.broadcast_id is not None
-    selected = await _is_selected(conn, letter.broadcast_id)
-    if selected is None or letter.event_type != "CREATED":
+async def _mark_failed(conn: AsyncConnection, letter: DeadLetter, failed: bool) -> None:
+    """Mark the delivery a dead letter stands for as failed (``save``), or pending again (``redrive``):
+    the user's row of a SELECTED broadcast PENDING <-> FAILED, the ``failed`` counter of an ALL/ROLE one."""
+    if letter.broadcast_id is None or letter.event_type != "CREATED":
         return
-    if selected and letter.user_id is not None:
+    b, now = broadcast_messages.c, datetime.now(UTC)
+    target = (await conn.execute(select(b.target_type).where(b.id == letter.broadcast_id))).scalar_one_or_none()
+    if target == TargetType.SELECTED.value and letter.user_id is not None:
         u = user_broadcast_messages.c
+        old, new = (
+            (DeliveryStatus.PENDING, DeliveryStatus.FAILED)
+            if failed
+            else (DeliveryStatus.FAILED, DeliveryStatus.PENDING)
+        )
         await conn.execute(
             update(user_broadcast_messages)
-            .where(
-                u.broadcast_id == letter.broadcast_id,
-                u.user_id == letter.user_id,
-                u.delivery_status == DeliveryStatus.PENDING.value,
-            )
-            .values(delivery_status=DeliveryStatus.FAILED.value, updated_at=datetime.now(UTC))
+            .where(u.broadcast_id == letter.broadcast_id, u.user_id == letter.user_id, u.delivery_status == old.value)
+            .values(delivery_status=new.value, updated_at=now)
         )
-    elif not selected:
+    elif target is not None and target != TargetType.SELECTED.value:
         s = broadcast_statistics.c
+        step = 1 if failed else -1
         await conn.execute(
             update(broadcast_statistics)
-            .where(s.broadcast_id == letter.broadcast_id)
-            .values(failed=s.failed + 1, updated_at=datetime.now(UTC))
-        )
-
-
-async def _unmark_failed(conn: AsyncConnection, letter: DeadLetter) -> None:
-    """Undo ``_mark_failed`` for a redrive: the delivery is pending again."""
-    assert letter.broadcast_id is not None
-    selected = await _is_selected(conn, letter.broadcast_id)
-    if selected is None or letter.event_type != "CREATED":
-        return
-    if selected and letter.user_id is not None:
-        u = user_broadcast_messages.c
-        await conn.execute(
-            update(user_broadcast_messages)
-            .where(
-                u.broadcast_id == letter.broadcast_id,
-                u.user_id == letter.user_id,
-                u.delivery_status == DeliveryStatus.FAILED.value,
-            )
-            .values(delivery_status=DeliveryStatus.PENDING.value, updated_at=datetime.now(UTC))
-        )
-    elif not selected:
-        s = broadcast_statistics.c
-        await conn.execute(
-            update(broadcast_statistics)
-            .where(s.broadcast_id == letter.broadcast_id, s.failed > 0)
-            .values(failed=s.failed - 1, updated_at=datetime.now(UTC))
+            .where(s.broadcast_id == letter.broadcast_id, s.failed + step >= 0)
+            .values(failed=s.failed + step, updated_at=now)
         )
 
 
@@ -273,44 +227,33 @@ class SqlDrillStore:
     async def arm(self, actor: str, broadcast_id: str | None, expires_at: datetime) -> Drill:
         now = datetime.now(UTC)
         row = {"broadcast_id": broadcast_id, "armed_by": actor, "armed_at": now, "expires_at": expires_at}
-        try:
-            async with self._engine.begin() as conn:
-                result = await conn.execute(insert(fault_drills).returning(fault_drills.c.id), [row])
-                drill_id = int(result.scalar_one())
-        except (SQLAlchemyError, OSError) as exc:
-            raise translate(exc) from exc
+        async with translated(), self._engine.begin() as conn:
+            drill_id = int((await conn.execute(insert(fault_drills).returning(fault_drills.c.id), [row])).scalar_one())
         return Drill(drill_id, broadcast_id, actor, now, expires_at)
 
     async def armed(self, now: datetime) -> list[Drill]:
         f = fault_drills.c
-        try:
-            async with self._engine.connect() as conn:
-                rows = (await conn.execute(select(fault_drills).where(f.expires_at > now).order_by(f.id))).all()
-        except (SQLAlchemyError, OSError) as exc:
-            raise translate(exc) from exc
+        rows = await read_all(self._engine, select(fault_drills).where(f.expires_at > now).order_by(f.id))
         return [Drill(r.id, r.broadcast_id, r.armed_by, utc(r.armed_at), utc(r.expires_at)) for r in rows]
 
     async def applies(self, broadcast_id: str, created_at: datetime, now: datetime) -> bool:
         f = fault_drills.c
         named = select(f.id).where(f.broadcast_id == broadcast_id, f.expires_at > now).limit(1)
-        try:
-            async with self._engine.begin() as conn:
-                if (await conn.execute(named)).first() is not None:
-                    return True
-                unbound = (
-                    select(f.id)
-                    .where(f.broadcast_id.is_(None), f.armed_at <= created_at, f.expires_at > now)
-                    .order_by(f.id)
-                    .limit(1)
-                )
-                drill_id = (await conn.execute(unbound)).scalar_one_or_none()
-                if drill_id is None:
-                    return False
-                await conn.execute(
-                    update(fault_drills)
-                    .where(f.id == drill_id, f.broadcast_id.is_(None))
-                    .values(broadcast_id=broadcast_id, bound_at=now)
-                )
-                return (await conn.execute(named)).first() is not None
-        except (SQLAlchemyError, OSError) as exc:
-            raise translate(exc) from exc
+        unbound = (
+            select(f.id)
+            .where(f.broadcast_id.is_(None), f.armed_at <= created_at, f.expires_at > now)
+            .order_by(f.id)
+            .limit(1)
+        )
+        async with translated(), self._engine.begin() as conn:
+            if (await conn.execute(named)).first() is not None:
+                return True
+            drill_id = (await conn.execute(unbound)).scalar_one_or_none()
+            if drill_id is None:
+                return False
+            await conn.execute(
+                update(fault_drills)
+                .where(f.id == drill_id, f.broadcast_id.is_(None))
+                .values(broadcast_id=broadcast_id, bound_at=now)
+            )
+            return (await conn.execute(named)).first() is not None  # another consumer may have bound it first

@@ -6,13 +6,17 @@ through the connection's ``search_path``. SQLite gets WAL, foreign keys and a bu
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
+import asyncpg
+from asyncpg.exceptions._base import DataError as _ClientDataError
 from sqlalchemy import event, text
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from broadcast.errors import UnavailableError
+from broadcast.errors import BroadcastError, RejectedByDatabaseError, UnavailableError
 from broadcast.settings import DatabaseSettings
 
 
@@ -42,6 +46,43 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: object) -> None:
     for pragma in ("journal_mode=WAL", "foreign_keys=ON", "busy_timeout=30000", "synchronous=NORMAL"):
         cursor.execute(f"PRAGMA {pragma}")
     cursor.close()
+
+
+def translate(exc: Exception) -> BroadcastError:
+    """A driver error in the project's vocabulary: data the database refuses (a constraint, a value too long
+    or out of range: SQLSTATE classes 22 and 23, or asyncpg's own data checks) fails the same way every time
+    (``RejectedByDatabaseError``); anything else may pass later (unavailable)."""
+    if _rejected(exc):
+        return RejectedByDatabaseError(f"the database refused the data ({type(exc).__name__})")
+    return UnavailableError(f"database error: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}")
+
+
+def _rejected(exc: BaseException) -> bool:
+    if isinstance(exc, IntegrityError | DataError):
+        return True
+    orig = getattr(exc, "orig", None)
+    for seen in (exc, orig, getattr(orig, "__cause__", None), exc.__cause__):
+        if isinstance(seen, asyncpg.IntegrityConstraintViolationError | asyncpg.DataError | _ClientDataError):
+            return True
+        code = getattr(seen, "sqlstate", None)
+        if isinstance(code, str) and code[:2] in ("22", "23"):
+            return True
+    return False
+
+
+@asynccontextmanager
+async def translated() -> AsyncIterator[None]:
+    """Driver errors raised in the block come out in the project's vocabulary (``translate``)."""
+    try:
+        yield
+    except (SQLAlchemyError, OSError) as exc:
+        raise translate(exc) from exc
+
+
+async def read_all(engine: AsyncEngine, query: Any) -> Sequence[Any]:
+    """The rows of one read-only query, on a pooled connection."""
+    async with translated(), engine.connect() as conn:
+        return (await conn.execute(query)).all()
 
 
 class SqlHealth:

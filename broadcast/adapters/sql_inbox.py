@@ -16,8 +16,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from broadcast.adapters.sql_engine import read_all, translate
 from broadcast.adapters.sql_rows import broadcast_from_row
-from broadcast.adapters.sql_stores import translate
 from broadcast.adapters.sql_tables import broadcast_messages, user_broadcast_messages
 from broadcast.coalesce import FreshRead
 from broadcast.domain import Broadcast, BroadcastStatus, DeliveryStatus, InboxItem, ReadStatus, TargetType
@@ -47,14 +47,10 @@ class SqlInboxStore:
 
     async def _read_active_group(self) -> list[Broadcast]:
         query = select(broadcast_messages).where(_visible(datetime.now(UTC)), b.target_type.in_(GROUP_TYPES))
-        return [broadcast_from_row(r) for r in await self._rows(query.order_by(b.created_at).limit(GROUP_SCAN_LIMIT))]
-
-    async def _rows(self, query: Any) -> Sequence[Any]:
-        try:
-            async with self._engine.connect() as conn:
-                return (await conn.execute(query)).all()
-        except (SQLAlchemyError, OSError) as exc:
-            raise translate(exc) from exc
+        return [
+            broadcast_from_row(r)
+            for r in await read_all(self._engine, query.order_by(b.created_at).limit(GROUP_SCAN_LIMIT))
+        ]
 
     def _selected(self, user_id: str, now: datetime) -> Any:
         return (
@@ -90,7 +86,7 @@ class SqlInboxStore:
     async def pending(self, user_id: str, limit: int) -> list[InboxItem]:
         now = datetime.now(UTC)
         query = self._selected(user_id, now).where(u.delivery_status == DeliveryStatus.PENDING.value)
-        return self._items(await self._rows(query.order_by(u.id).limit(limit)))
+        return self._items(await read_all(self._engine, query.order_by(u.id).limit(limit)))
 
     async def pending_for(self, user_ids: Sequence[str], limit: int) -> list[tuple[str, InboxItem]]:
         found: list[tuple[str, InboxItem]] = []
@@ -109,7 +105,7 @@ class SqlInboxStore:
                 .order_by(u.id)
                 .limit(limit - len(found))
             )
-            rows = await self._rows(query)
+            rows = await read_all(self._engine, query)
             found.extend(zip((r.row_user for r in rows), self._items(rows), strict=True))
             if len(found) >= limit:
                 break
@@ -120,11 +116,11 @@ class SqlInboxStore:
         now = datetime.now(UTC)
         newer = u.id > row_id if since is None else u.created_at > since
         query = self._selected(user_id, now).where(or_(newer, u.delivery_status == DeliveryStatus.PENDING.value))
-        return self._items(await self._rows(query.order_by(u.id).limit(limit)))
+        return self._items(await read_all(self._engine, query.order_by(u.id).limit(limit)))
 
     async def row_created_at(self, user_id: str, row_id: int) -> datetime | None:
         """When the user's row ``row_id`` was written (None if it is not this user's)."""
-        rows = await self._rows(select(u.created_at).where(u.id == row_id, u.user_id == user_id))
+        rows = await read_all(self._engine, select(u.created_at).where(u.id == row_id, u.user_id == user_id))
         return (
             rows[0].created_at.replace(tzinfo=UTC)
             if rows and rows[0].created_at.tzinfo is None
@@ -132,7 +128,7 @@ class SqlInboxStore:
         )
 
     async def max_row_id(self, user_id: str) -> int:
-        rows = await self._rows(select(func.max(u.id)).where(u.user_id == user_id))
+        rows = await read_all(self._engine, select(func.max(u.id)).where(u.user_id == user_id))
         return int(rows[0][0] or 0)
 
     async def group(self, user_id: str, roles: frozenset[str], since: datetime | None) -> list[InboxItem]:
@@ -143,7 +139,7 @@ class SqlInboxStore:
             query = select(broadcast_messages).where(
                 _visible(datetime.now(UTC)), b.target_type.in_(GROUP_TYPES), b.created_at > since
             )
-            rows = await self._rows(query.order_by(b.created_at).limit(GROUP_SCAN_LIMIT))
+            rows = await read_all(self._engine, query.order_by(b.created_at).limit(GROUP_SCAN_LIMIT))
             candidates = [broadcast_from_row(r) for r in rows]
         mine = [c for c in candidates if matches(c, roles)]
         read = await self._read_ids(user_id, [c.id for c in mine])
@@ -155,14 +151,18 @@ class SqlInboxStore:
         query = select(u.broadcast_id).where(
             u.user_id == user_id, u.broadcast_id.in_(list(broadcast_ids)), u.read_status == ReadStatus.READ.value
         )
-        return {r.broadcast_id for r in await self._rows(query)}
+        return {r.broadcast_id for r in await read_all(self._engine, query)}
 
     async def inbox(self, user_id: str, roles: frozenset[str]) -> list[InboxItem]:
         """Everything visible to the user, newest first (SELECTED rows and matching group broadcasts)."""
         now = datetime.now(UTC)
-        selected = self._items(await self._rows(self._selected(user_id, now).order_by(u.id.desc()).limit(500)))
+        selected = self._items(
+            await read_all(self._engine, self._selected(user_id, now).order_by(u.id.desc()).limit(500))
+        )
         query = select(broadcast_messages).where(_visible(now), b.target_type.in_(GROUP_TYPES))
-        group = [broadcast_from_row(r) for r in await self._rows(query.order_by(b.created_at.desc()).limit(500))]
+        group = [
+            broadcast_from_row(r) for r in await read_all(self._engine, query.order_by(b.created_at.desc()).limit(500))
+        ]
         mine = [g for g in group if matches(g, roles)]
         read = await self._read_ids(user_id, [g.id for g in mine])
         items = selected + [InboxItem(g, None, g.id in read) for g in mine]

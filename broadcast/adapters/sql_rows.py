@@ -13,7 +13,8 @@ import orjson
 from sqlalchemy import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from broadcast.adapters.sql_stores import translate, utc
+from broadcast.adapters.sql_engine import translate
+from broadcast.adapters.sql_stores import utc
 from broadcast.domain import Broadcast, BroadcastStatus, Priority, TargetType
 from broadcast.errors import ValidationError
 

@@ -11,45 +11,21 @@ from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg
 import orjson
-from asyncpg.exceptions._base import DataError as _ClientDataError
 from sqlalchemy import BigInteger, Text, any_, bindparam, cast, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from broadcast import constants
+from broadcast.adapters.sql_engine import translate
 from broadcast.adapters.sql_tables import outbox_events, outbox_lanes, user_roles, users
 from broadcast.domain import ClaimedOutboxEvent, EventType, OutboxEvent, User
-from broadcast.errors import BroadcastError, RejectedByDatabaseError, UnavailableError
 
 
 def utc(value: datetime) -> datetime:
     """SQLite hands back naive datetimes; everything we store is UTC."""
     return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-def translate(exc: Exception) -> BroadcastError:
-    """A driver error in the project's vocabulary: data the database refuses (a constraint, a value too long
-    or out of range: SQLSTATE classes 22 and 23, or asyncpg's own data checks) fails the same way every time
-    (``RejectedByDatabaseError``); anything else may pass later (unavailable)."""
-    if _rejected(exc):
-        return RejectedByDatabaseError(f"the database refused the data ({type(exc).__name__})")
-    return UnavailableError(f"database error: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}")
-
-
-def _rejected(exc: BaseException) -> bool:
-    if isinstance(exc, IntegrityError | DataError):
-        return True
-    orig = getattr(exc, "orig", None)
-    for seen in (exc, orig, getattr(orig, "__cause__", None), exc.__cause__):
-        if isinstance(seen, asyncpg.IntegrityConstraintViolationError | asyncpg.DataError | _ClientDataError):
-            return True
-        code = getattr(seen, "sqlstate", None)
-        if isinstance(code, str) and code[:2] in ("22", "23"):
-            return True
-    return False
 
 
 class SqlUserStore:
@@ -67,7 +43,7 @@ class SqlUserStore:
         roles = [{"user_id": u.id, "role": r} for u in batch for r in sorted(u.roles)]
         try:
             async with self._engine.begin() as conn:
-                stmt = _insert(conn)(users).values(rows)
+                stmt = dialect_insert(conn)(users).values(rows)
                 await conn.execute(
                     stmt.on_conflict_do_update(
                         index_elements=[users.c.id],
@@ -302,5 +278,6 @@ async def append_outbox(conn: AsyncConnection, events: Sequence[OutboxEvent]) ->
     return sorted(int(i) for i in result.scalars())
 
 
-def _insert(conn: AsyncConnection) -> Any:
+def dialect_insert(conn: AsyncConnection) -> Any:
+    """The dialect's ``insert`` (with ``on_conflict_do_*``) for the connection's database."""
     return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert

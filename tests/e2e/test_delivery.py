@@ -24,14 +24,6 @@ def env(stack: StackInfo, unique_name: str, tmp_path: Path) -> Iterator[dict[str
     yield isolated_env(stack, unique_name, tmp_path, BROADCAST_SSE__MAX_CONNECTIONS_PER_USER="3")
 
 
-@pytest.fixture
-def server(env: dict[str, str], tmp_path: Path, server_factory: list[Server]) -> Server:
-    started = Server(env, tmp_path)
-    server_factory.append(started)
-    started.wait_live()
-    return started
-
-
 async def post(base: str, body: dict[str, Any]) -> dict[str, Any]:
     async with httpx.AsyncClient(timeout=20) as http:
         response = await http.post(base + "/api/admin/broadcasts", json=body, headers=ADMIN)

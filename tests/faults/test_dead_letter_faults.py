@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -29,16 +28,9 @@ from dlt.recoverer import DeadLetterPublishingRecoverer
 from tests.servers import Server
 from tests.sse_client import SseClient
 from tests.topics import read_topic
+from tests.waiting import wait_until
 
 ADMIN = {"X-Dev-User": "admin"}
-
-
-async def until(condition: Callable[[], bool], timeout_s: float, what: str) -> float:
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout_s, f"{what} not within {timeout_s} s"
-        await asyncio.sleep(0.1)
-    return time.monotonic() - started
 
 
 async def test_a_missing_dlt_topic_keeps_the_record_uncommitted_until_the_dead_letter_lands(
@@ -65,13 +57,13 @@ async def test_a_missing_dlt_topic_keeps_the_record_uncommitted_until_the_dead_l
         )
         listener = Listener("t", (main,), unique_name, handle, poll_timeout_s=0.2)
         async with ListenerContainer(log, listener, handler):
-            await until(lambda: handler.counters.recovery_failures >= 2, 60, "two failed DLT publishes")
+            await wait_until(lambda: handler.counters.recovery_failures >= 2, 60, "two failed DLT publishes")
             assert handled == [], "nothing after the poison record may be handled while it is not dead-lettered"
             async with log.subscribe([main], unique_name + "-probe") as probe:
                 assert await probe.committed(TopicPartition(main, 0)) is None
             failures = handler.counters.recovery_failures
             assert all(r.ok for r in await ensure_topics(settings, [dlt]))
-            took = await until(lambda: handled == [b"good"], 60, "the record after the poison")
+            took = await wait_until(lambda: handled == [b"good"], 60, "the record after the poison")
         [letter] = await read_topic(stack.kafka_bootstrap, dlt, 1)
         assert (letter.partition, letter.key, letter.value) == (0, b"k", b"poison")
         async with log.subscribe([main], unique_name) as member:
@@ -112,7 +104,7 @@ async def test_a_stopped_database_is_retried_not_dead_lettered_and_nothing_is_lo
         finally:
             consumer.proc.send_signal(signal.SIGCONT)
         try:
-            await until(lambda: consumer.log.read_text().count("transient") >= 5, 60, "five transient retries")
+            await wait_until(lambda: consumer.log.read_text().count("transient") >= 5, 60, "five transient retries")
         finally:
             await asyncio.to_thread(postgres.start)
         restarted = time.monotonic()
@@ -126,6 +118,7 @@ async def test_a_stopped_database_is_retried_not_dead_lettered_and_nothing_is_lo
     log = consumer.log.read_text()
     retries = log.count("transient")
     assert letters == [], "a database outage must not dead-letter records"
+    assert "recovered (" not in log, "no record was given up (dead-lettered) during the outage"
     assert log.count(": assigned ") == assigned_before, "the outage must not cause a rebalance"
     print(
         f"\ndatabase stopped: {retries} transient retries, 0 dead letters, no rebalance; "

@@ -35,6 +35,7 @@ from devstack.stack import (
 from tests.servers import Server
 from tests.sse_client import SseClient
 from tests.topics import default_partition, read_topic
+from tests.waiting import wait_until
 
 ADMIN = {"X-Dev-User": "admin"}
 PARTITIONS = 10
@@ -122,14 +123,6 @@ def last_assignment(log: Path, listener: str) -> set[int] | None:
     """The partitions the last "assigned" line of ``listener`` in a server log names (None: none yet)."""
     lines = [line for line in log.read_text().splitlines() if f"listener {listener} member 0: assigned" in line]
     return {int(p) for p in re.findall(r"partition=(\d+)", lines[-1])} if lines else None
-
-
-async def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> float:
-    started = time.monotonic()
-    while not check():
-        assert time.monotonic() - started < timeout_s, f"{what} not within {timeout_s} s"
-        await asyncio.sleep(0.2)
-    return time.monotonic() - started
 
 
 async def test_a_consumer_instance_killed_mid_stream_loses_and_repeats_nothing(

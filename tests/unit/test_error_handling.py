@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
+from datetime import UTC, datetime
 
 import pytest
 
-from broadcast import constants
+from broadcast import constants, envelope
 from broadcast.adapters.memory_log import MemoryEventLog
+from broadcast.domain import EventType
 from broadcast.errors import PublishError, RejectedByDatabaseError, UnavailableError, ValidationError
 from broadcast.ports import EventRecord, TopicPartition
 from consumers.container import ListenerContainer
@@ -177,7 +179,10 @@ def test_the_dlt_reader_never_fails_on_absurd_headers() -> None:
         (constants.DLT_ORIGINAL_PARTITION, struct.pack(">q", 2**40)),
         (constants.DLT_ORIGINAL_TIMESTAMP, struct.pack(">q", 2**62)),
     )
-    event = b'{"v":1,"eventId":"e","eventType":"CREATED","broadcastId":"' + b"b" * 60 + b'","userId":"u"}'
-    read = read_dead_letter(EventRecord("orders-dlt", 0, 1, b"k", event, absurd, 0))
+    foreign = envelope.MessageDeliveryEvent(
+        event_id="e", event_type=EventType.READ, broadcast_id="b" * 60, user_id="u", occurred_at=datetime.now(UTC)
+    )  # a valid event, but its broadcast id is longer than any of ours (the column holds 36)
+    read = read_dead_letter(EventRecord("orders-dlt", 0, 1, b"k", envelope.encode(foreign), absurd, 0))
     assert read is not None
-    assert (read.original_partition, read.original_timestamp, read.broadcast_id) == (None, None, None)
+    assert (read.original_partition, read.original_timestamp) == (None, None)
+    assert (read.event_type, read.broadcast_id, read.user_id) == ("READ", None, None)
