@@ -43,6 +43,7 @@ from broadcast.schemas import (
 from broadcast.settings import LimitsSettings
 
 PREFIX = "/api/admin/broadcasts"
+CSV_PATH = f"{PREFIX}/csv"
 DEFAULT_PAGE_SIZE = 50
 MAX_TOKEN_CHARS = 200
 MAX_CURSOR_CHARS = 512
@@ -154,13 +155,18 @@ async def _read_form(request: Request, limits: LimitsSettings) -> FormData:
     # Same parser as ``request.form(max_files=1, ...)``, fed from a byte-counting stream so that an
     # oversized upload is refused while it arrives instead of being spooled to disk in full.
     try:
-        async with aclosing(bounded_stream(request, limits.max_csv_bytes + limits.max_body_bytes)) as stream:
+        async with aclosing(bounded_stream(request, csv_body_limit(limits))) as stream:
             parser = MultiPartParser(
                 request.headers, stream, max_files=1, max_fields=CSV_FORM_FIELDS, max_part_size=limits.max_body_bytes
             )
             return await parser.parse()
     except MultiPartException as exc:
         raise HttpProblem(400, "Invalid request", f"malformed multipart body: {exc.message}") from None
+
+
+def csv_body_limit(limits: LimitsSettings) -> int:
+    """The largest multipart body of a CSV upload: the file plus the form fields."""
+    return limits.max_csv_bytes + limits.max_body_bytes
 
 
 def _split_form(form: FormData) -> tuple[UploadFile, dict[str, Any]]:
@@ -240,7 +246,7 @@ async def broadcast_deliveries(request: Request) -> Response:
 routes: list[BaseRoute] = [
     Route(PREFIX, create_broadcast, methods=["POST"]),
     Route(PREFIX, list_broadcasts, methods=["GET"]),
-    Route(f"{PREFIX}/csv", upload_broadcast, methods=["POST"]),
+    Route(CSV_PATH, upload_broadcast, methods=["POST"]),
     Route(f"{PREFIX}/{{id}}", get_broadcast, methods=["GET"]),
     Route(f"{PREFIX}/{{id}}", cancel_broadcast, methods=["DELETE"]),
     Route(f"{PREFIX}/{{id}}/stats", broadcast_stats, methods=["GET"]),

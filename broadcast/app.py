@@ -7,11 +7,19 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import Scope
 
 from broadcast import admin_api, health
-from broadcast.components import open_components
+from broadcast.admin_api import CSV_PATH, csv_body_limit
+from broadcast.components import Components, open_components
+from broadcast.domain import Principal
 from broadcast.http_problems import EXCEPTION_HANDLERS
+from broadcast.http_security import AuthGate, BodyLimit, SecurityHeaders
+from broadcast.jwks import JwksKeys
 from broadcast.settings import Settings
+from broadcast.tokens import TokenVerifier
 from broadcast.workers import ROLES, running
 from dlt import api as dlt_api
 from sse import routes as sse_routes
@@ -36,13 +44,20 @@ def create_app(settings: Settings, roles: frozenset[str] = frozenset(ROLES)) -> 
                 )
             else:
                 log.info("serving on %s", settings.describe())
+            if settings.auth.dev_secret_in_use:
+                log.warning(
+                    "development JWT secret in use: mint a token with `broadcast-server token --sub alice` "
+                    "(add `--role admin` for the admin API) and send it as `Authorization: Bearer <token>`"
+                )
             yield
 
     app = Starlette(
         routes=[*health.routes, *admin_api.routes, *dlt_api.routes, *sse_routes.routes],
+        middleware=_middleware(settings),
         exception_handlers=dict(EXCEPTION_HANDLERS),
         lifespan=lifespan,
     )
+    app.state.admin_role = settings.auth.admin_role
 
     def begin_shutdown() -> None:
         """Called on SIGTERM before the server stops: tell every stream, then end them."""
@@ -52,3 +67,32 @@ def create_app(settings: Settings, roles: frozenset[str] = frozenset(ROLES)) -> 
 
     app.state.begin_shutdown = begin_shutdown
     return app
+
+
+async def _redeem(scope: Scope, ticket: str) -> Principal | None:
+    components: Components = scope["app"].state.components
+    return await components.tickets.redeem(ticket)
+
+
+def _middleware(settings: Settings) -> list[Middleware]:
+    """Outermost first: security headers on everything, CORS (preflights answer before auth), body cap,
+    then authentication."""
+    auth = settings.auth
+    verifier = TokenVerifier(auth, JwksKeys(auth.jwks_url) if auth.jwks_url else None)
+    limits = settings.limits
+    stack = [Middleware(SecurityHeaders)]
+    if settings.server.cors_origins:
+        stack.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=settings.server.cors_origins,
+                allow_methods=["GET", "POST", "PUT", "DELETE"],
+                allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Correlation-ID", "Last-Event-ID"],
+                expose_headers=["X-Correlation-ID", "Location", "Retry-After"],
+                allow_credentials=False,
+                max_age=600,
+            )
+        )
+    stack.append(Middleware(BodyLimit, default=limits.max_body_bytes, per_path={CSV_PATH: csv_body_limit(limits)}))
+    stack.append(Middleware(AuthGate, verifier=verifier, admin_role=auth.admin_role, redeem=_redeem))
+    return stack

@@ -90,6 +90,21 @@ def cmd_topics(args: argparse.Namespace) -> int:
     return 0 if all(r.ok for r in reports) else 1
 
 
+def cmd_token(args: argparse.Namespace) -> int:
+    from broadcast.tokens import mint
+
+    settings = _load_settings(args)
+    if not settings.auth.dev_secret_in_use and not args.allow_configured_secret:
+        print(
+            "refusing to mint: the configured secret is not the development one "
+            "(pass --allow-configured-secret to mint with it anyway)",
+            file=sys.stderr,
+        )
+        return 2
+    print(mint(settings.auth, args.sub, args.role, args.ttl))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="broadcast-server",
@@ -113,6 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     topics = sub.add_parser("topics", help="create missing Kafka topics and verify existing ones")
     topics.set_defaults(func=cmd_topics)
+
+    token = sub.add_parser("token", help="mint a bearer token (HS256, the configured secret) for development")
+    token.add_argument("--sub", required=True, help="the user id (JWT sub)")
+    token.add_argument("--role", action="append", default=[], help="a role (repeatable), e.g. --role admin")
+    token.add_argument("--ttl", type=int, default=3_600, help="lifetime in seconds (default 3600)")
+    token.add_argument(
+        "--allow-configured-secret", action="store_true", help="mint with a non-development HS256 secret"
+    )
+    token.set_defaults(func=cmd_token)
 
     from devstack.cli import register
 

@@ -16,17 +16,31 @@ from broadcast.adapters import sql_migrate
 from broadcast.adapters.kafka_log import KafkaEventLog, KafkaHealth
 from broadcast.adapters.memory_bus import MemoryBus, MemoryPresence
 from broadcast.adapters.memory_log import MemoryEventLog
+from broadcast.adapters.memory_sessions import MemorySlots, MemoryTickets
 from broadcast.adapters.redis_bus import RedisBus, RedisHealth, RedisPresence, create_client
+from broadcast.adapters.redis_sessions import RedisSlots, RedisTickets
 from broadcast.adapters.sql_broadcasts import SqlBroadcastStore
 from broadcast.adapters.sql_dlt import SqlDeadLetterStore, SqlDrillStore
 from broadcast.adapters.sql_engine import SqlHealth, create_engine
 from broadcast.adapters.sql_inbox import SqlInboxStore
 from broadcast.adapters.sql_stores import SqlOutboxStore, SqlUserStore
 from broadcast.lifecycle import Lifecycle
-from broadcast.ports import BroadcastStore, Bus, EventLog, Health, InboxStore, OutboxStore, Presence, UserStore
+from broadcast.ports import (
+    BroadcastStore,
+    Bus,
+    ConnectionSlots,
+    EventLog,
+    Health,
+    InboxStore,
+    OutboxStore,
+    Presence,
+    TicketStore,
+    UserStore,
+)
 from broadcast.settings import Settings
 from dlt.model import DeadLetterStore, DrillStore
 from dlt.service import DeadLetterService
+from sse.admission import Admission
 from sse.fanout import DeliveredMarker
 from sse.hub import Hub
 
@@ -53,6 +67,8 @@ class Components:
     dead_letter_store: DeadLetterStore
     dead_letters: DeadLetterService
     drills: DrillStore
+    tickets: TicketStore
+    admission: Admission
     health: dict[str, Health] = field(default_factory=dict)
 
 
@@ -74,13 +90,19 @@ async def open_components(settings: Settings) -> AsyncIterator[Components]:
 
         bus: Bus
         presence: Presence
+        tickets: TicketStore
+        slots: ConnectionSlots
+        ttl = settings.redis.presence_ttl_seconds
         if settings.redis.embedded:
-            bus, presence = MemoryBus(), MemoryPresence(settings.redis.presence_ttl_seconds)
+            bus, presence = MemoryBus(), MemoryPresence(ttl)
+            tickets, slots = MemoryTickets(), MemorySlots(ttl)
         else:
             client = create_client(settings.redis)
             stack.push_async_callback(client.aclose)
             bus = RedisBus(client, settings.redis.key_prefix)
-            presence = RedisPresence(client, settings.redis.key_prefix, settings.redis.presence_ttl_seconds)
+            presence = RedisPresence(client, settings.redis.key_prefix, ttl)
+            tickets = RedisTickets(client, settings.redis.key_prefix)
+            slots = RedisSlots(client, settings.redis.key_prefix, ttl)
             health["redis"] = RedisHealth(client)
 
         users = SqlUserStore(engine)
@@ -110,5 +132,7 @@ async def open_components(settings: Settings) -> AsyncIterator[Components]:
             dead_letter_store=dead_letter_store,
             dead_letters=dead_letters,
             drills=SqlDrillStore(engine),
+            tickets=tickets,
+            admission=Admission(settings.limits, slots, settings.server.instance_id, sse.max_connections_per_user),
             health=health,
         )

@@ -56,6 +56,15 @@ class EventType(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is asking (from a verified token): user id, roles, and the token's expiry in epoch seconds."""
+
+    sub: str
+    roles: frozenset[str]
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class User:
     """A user known to the server, with the roles that ROLE broadcasts target."""
 

@@ -1,44 +1,52 @@
-"""Who is acting: the one function admin routes call first, until the security issue replaces it.
+"""Who is asking: the principal the ``AuthGate`` middleware put in the request scope.
 
-For now the development header ``X-Dev-User`` names the acting admin (1-128 printable characters); there
-is no token check yet, so this must never be the only gate of a production deployment. The sender of a
-broadcast always comes from here, never from the request body.
+Routes call ``acting_admin`` or ``acting_user`` first. The gate has already refused an unauthenticated
+request under ``/api/`` (401) and a non-admin under ``/api/admin/`` (403); these functions repeat the
+check so that a route mounted elsewhere by mistake still fails closed. The user id always comes from the
+token's ``sub``, never from a parameter or a body.
 """
 
 from __future__ import annotations
 
 from starlette.requests import Request
 
+from broadcast.domain import Principal
 from broadcast.http_problems import HttpProblem
 
-DEV_USER_HEADER = "X-Dev-User"
-MAX_USER_CHARS = 128
+PRINCIPAL_SCOPE_KEY = "broadcast.principal"
+REALM = 'Bearer realm="broadcast"'
 
 
-DEV_USER_QUERY = "devUser"
+def unauthorized(invalid_token: bool = False) -> HttpProblem:
+    """The one 401 every authentication failure gets (no reason: the log has it)."""
+    challenge = REALM + (', error="invalid_token"' if invalid_token else "")
+    return HttpProblem(401, "Unauthorized", "a valid bearer token is required", headers={"WWW-Authenticate": challenge})
+
+
+def forbidden() -> HttpProblem:
+    return HttpProblem(
+        403,
+        "Forbidden",
+        "this operation requires the admin role",
+        headers={"WWW-Authenticate": REALM + ', error="insufficient_scope"'},
+    )
+
+
+def principal(request: Request) -> Principal:
+    found = request.scope.get(PRINCIPAL_SCOPE_KEY)
+    if not isinstance(found, Principal):
+        raise unauthorized()
+    return found
 
 
 async def acting_admin(request: Request) -> str:
-    """The acting admin's user id, or a 401 problem (``WWW-Authenticate: Bearer``) when nobody is signed in."""
-    return _dev_user(request.headers.get(DEV_USER_HEADER))
+    """The acting admin's user id; 401 when nobody is signed in, 403 without the admin role."""
+    who = principal(request)
+    if request.app.state.admin_role not in who.roles:
+        raise forbidden()
+    return who.sub
 
 
 async def acting_user(request: Request) -> str:
-    """The signed-in user (any role). ``EventSource`` cannot send headers, so in development only the
-    ``devUser`` query parameter is accepted too; production never takes a user id from the URL."""
-    user = request.headers.get(DEV_USER_HEADER)
-    if user is None and request.app.state.components.settings.environment == "development":
-        user = request.query_params.get(DEV_USER_QUERY)
-    return _dev_user(user)
-
-
-def _dev_user(user: str | None) -> str:
-    if user is None or not 1 <= len(user) <= MAX_USER_CHARS or not user.isprintable() or not user.strip():
-        raise HttpProblem(
-            401,
-            "Unauthorized",
-            f"sign in as an admin (development: send the {DEV_USER_HEADER} header, 1-{MAX_USER_CHARS} printable "
-            "characters)",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    return user
+    """The signed-in user's id (any role)."""
+    return principal(request).sub

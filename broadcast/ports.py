@@ -21,6 +21,7 @@ from broadcast.domain import (
     InboxItem,
     OutboxEvent,
     Page,
+    Principal,
     User,
 )
 from broadcast.errors import PublishError
@@ -245,7 +246,9 @@ class InboxStore(Protocol):
 
     async def inbox(self, user_id: str, roles: frozenset[str]) -> list[InboxItem]: ...
 
-    async def mark_read(self, user_id: str, broadcast_ids: Sequence[str]) -> list[str]: ...
+    async def mark_read(self, user_id: str, roles: frozenset[str], broadcast_ids: Sequence[str]) -> list[str]:
+        """Mark read only what the user received or is targeted by; returns the newly read ids."""
+        ...
 
     async def mark_delivered(self, pairs: Sequence[tuple[str, str]]) -> int: ...
 
@@ -283,6 +286,31 @@ class Presence(Protocol):
     async def leave(self, user_id: str, instance_id: str) -> None: ...
 
     async def instances(self, user_id: str) -> frozenset[str]: ...
+
+
+class TicketStore(Protocol):
+    """Single-use SSE tickets: ``issue`` binds one to a principal for ``ttl_s``; ``redeem`` consumes it."""
+
+    async def issue(self, principal: Principal, ttl_s: int) -> str: ...
+
+    async def redeem(self, ticket: str) -> Principal | None:
+        """The ticket's principal, once; None when unknown, used or expired. Raises ``UnavailableError``."""
+        ...
+
+
+class ConnectionSlots(Protocol):
+    """Open streams per user across all instances; a slot expires unless refreshed (a crashed instance's
+    slots free themselves)."""
+
+    async def acquire(self, user_id: str, slot: str, limit: int) -> bool:
+        """Take ``slot`` for ``user_id`` unless the user already holds ``limit`` live slots."""
+        ...
+
+    async def release(self, user_id: str, slot: str) -> None: ...
+
+    async def refresh(self, slots: Sequence[tuple[str, str]]) -> None:
+        """Keep ``(user_id, slot)`` pairs alive (called periodically by the instance holding them)."""
+        ...
 
 
 class Health(Protocol):

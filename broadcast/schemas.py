@@ -49,6 +49,21 @@ class RequestModel(CamelModel):
     model_config = ConfigDict(validate_by_name=False)
 
 
+# --------------------------------------------------------------------------- user inbox
+MAX_READ_IDS = 500
+MAX_BROADCAST_ID_CHARS = 64
+
+
+class MarkReadRequest(RequestModel):
+    """``POST /api/user/messages/read``: the caller's own messages to mark read (ids of other users'
+    messages change nothing)."""
+
+    broadcast_ids: Annotated[
+        list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_BROADCAST_ID_CHARS)]],
+        Field(min_length=1, max_length=MAX_READ_IDS),
+    ]
+
+
 # --------------------------------------------------------------------------- broadcasts in
 class BroadcastFields(RequestModel):
     """What the JSON and the CSV forms of a create request share."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import re
 import signal
 from collections.abc import Iterator
 from typing import cast
@@ -17,9 +19,27 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from broadcast import constants
 
+_SECRET_QUERY = re.compile(r"\b(ticket|token|access_token)=[^&\s]*", re.IGNORECASE)
+
+
+class RedactSecrets(logging.Filter):
+    """Access-log lines without the value of ``?ticket=`` (single use, but still a credential)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                _SECRET_QUERY.sub(r"\1=[redacted]", a) if isinstance(a, str) else a for a in record.args
+            )
+        return True
+
+
+def _redacted(text: str) -> str:
+    return _SECRET_QUERY.sub(r"\1=[redacted]", text)
+
 
 def run(config: uvicorn.Config) -> bool:
     """Serve on uvicorn's preferred loop (uvloop when installed); returns whether the server had started."""
+    logging.getLogger("uvicorn.access").addFilter(RedactSecrets())
     with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
         return runner.run(serve(config))
 

@@ -11,7 +11,7 @@ import os
 import socket
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broadcast import constants
@@ -28,6 +28,8 @@ class ServerSettings(BaseModel):
     port: int = Field(default=8080, ge=0, le=65535)
     instance_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Browser origins allowed to call the API cross-origin (exact "scheme://host[:port]"); none by default.
+    cors_origins: list[str] = Field(default_factory=list)
 
 
 class KafkaSettings(BaseModel):
@@ -129,6 +131,11 @@ class LimitsSettings(BaseModel):
     max_user_id_chars: int = Field(default=128, ge=1, le=128)
     max_bulk_users: int = Field(default=10_000, ge=1)
     max_page_size: int = Field(default=500, ge=1)
+    # Stream opens (and SSE tickets) per user and per client IP: a bucket of `burst`, refilled at `per_second`.
+    connect_burst_per_user: int = Field(default=30, ge=1)
+    connect_per_second_per_user: float = Field(default=5.0, gt=0)
+    connect_burst_per_ip: int = Field(default=2_000, ge=1)
+    connect_per_second_per_ip: float = Field(default=500.0, gt=0)
 
 
 class RelaySettings(BaseModel):
@@ -197,11 +204,42 @@ class TestingSettings(BaseModel):
 
 
 class AuthSettings(BaseModel):
-    """Token verification (the security issue fills this in; the dev secret is refused in production)."""
+    """Bearer-token verification and SSE tickets. The dev secret is refused when ``environment=production``.
+
+    HS256 verifies with ``jwt_secret``; RS256/ES256 with ``public_key`` (PEM) or the keys at ``jwks_url``.
+    ``exp``, ``sub``, ``aud`` and ``iss`` are required; roles come from ``roles_claim``.
+    """
 
     model_config = {"extra": "forbid"}
 
+    algorithm: Literal["HS256", "RS256", "ES256"] = "HS256"
     jwt_secret: SecretStr = SecretStr(DEV_JWT_SECRET)
+    public_key: SecretStr | None = None
+    jwks_url: str | None = Field(default=None, pattern=r"^https?://")
+    key_id: str | None = None
+    audience: str = Field(default="broadcast-server", min_length=1)
+    issuer: str = Field(default="broadcast-dev", min_length=1)
+    roles_claim: str = Field(default="roles", min_length=1)
+    admin_role: str = Field(default="admin", min_length=1)
+    leeway_seconds: int = Field(default=30, ge=0, le=300)
+    max_token_bytes: int = Field(default=8_192, ge=512, le=65_536)
+    ticket_ttl_seconds: int = Field(default=30, ge=1, le=300)
+
+    @model_validator(mode="after")
+    def _key_source(self) -> AuthSettings:
+        if self.algorithm != "HS256" and self.public_key is None and self.jwks_url is None:
+            raise ValueError(f"auth.algorithm {self.algorithm} needs auth.public_key (PEM) or auth.jwks_url")
+        if self.algorithm == "HS256" and len(self.jwt_secret.get_secret_value().encode()) < 32:
+            raise ValueError("auth.jwt_secret must be at least 32 bytes")
+        return self
+
+    @property
+    def dev_secret_in_use(self) -> bool:
+        return self.algorithm == "HS256" and self.jwt_secret.get_secret_value() == DEV_JWT_SECRET
+
+    def public_key_pem(self) -> str:
+        assert self.public_key is not None
+        return self.public_key.get_secret_value()
 
 
 class Settings(BaseSettings):
@@ -222,6 +260,15 @@ class Settings(BaseSettings):
     sse: SseSettings = Field(default_factory=SseSettings)
     consumers: ConsumerSettings = Field(default_factory=ConsumerSettings)
     testing: TestingSettings = Field(default_factory=TestingSettings)
+
+    @model_validator(mode="after")
+    def _no_dev_secret_in_production(self) -> Settings:
+        if self.environment == "production" and self.auth.dev_secret_in_use:
+            raise ValueError(
+                "environment=production refuses the development JWT secret: set BROADCAST_AUTH__JWT_SECRET "
+                "(32+ random bytes) or BROADCAST_AUTH__ALGORITHM with BROADCAST_AUTH__PUBLIC_KEY/JWKS_URL"
+            )
+        return self
 
     @property
     def embedded(self) -> bool:

@@ -96,7 +96,7 @@ def _stream_loops(c: Components) -> list[Loop]:
     return [
         BusListener(c.bus, c.hub, me, c.reconcile_now),
         Reconciler(c.inbox, c.hub, settings.sse.reconcile_seconds, c.reconcile_now),
-        PresenceKeeper(c.presence, c.hub, me, settings.redis.presence_ttl_seconds / 3),
+        PresenceKeeper(c.presence, c.admission, c.hub, me, settings.redis.presence_ttl_seconds / 3),
         Heartbeat(c.hub, settings.sse.heartbeat_seconds),
         c.marker,
     ]

@@ -21,6 +21,7 @@ from broadcast import constants
 from broadcast.errors import BroadcastError
 from broadcast.loops import pause
 from broadcast.ports import Bus, BusMessage, InboxStore, Presence
+from sse.admission import Admission
 from sse.frames import HEARTBEAT
 from sse.hub import Connection, Hub, Outgoing
 from sse.messages import item_frame
@@ -106,8 +107,11 @@ class Reconciler:
 
 
 class PresenceKeeper:
-    def __init__(self, presence: Presence, hub: Hub, instance_id: str, interval_s: float) -> None:
+    """Refreshes this instance's presence entries and connection slots before they expire."""
+
+    def __init__(self, presence: Presence, admission: Admission, hub: Hub, instance_id: str, interval_s: float) -> None:
         self._presence = presence
+        self._admission = admission
         self._hub = hub
         self._instance_id = instance_id
         self._interval_s = interval_s
@@ -116,6 +120,7 @@ class PresenceKeeper:
         while not stop.is_set():
             try:
                 await self._presence.heartbeat_many(self._hub.users(), self._instance_id)
+                await self._admission.refresh(list(self._hub.connections()))
             except BroadcastError as exc:
                 log.warning("presence heartbeat failed: %s", exc)
             await pause(stop, self._interval_s)

@@ -27,6 +27,7 @@ class EventName:
     RESYNC = "RESYNC"
     SERVER_SHUTDOWN = "SERVER_SHUTDOWN"
     CONNECTION_LIMIT_REACHED = "CONNECTION_LIMIT_REACHED"
+    TOKEN_EXPIRED = "TOKEN_EXPIRED"  # noqa: S105 - an event name
 
 
 def frame(event: str, data: object, event_id: str | None = None) -> bytes:

@@ -11,8 +11,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from broadcast.errors import BroadcastError, ConflictError, ValidationError
+from broadcast.http_body import read_model
 from broadcast.http_context import components
-from broadcast.identity import acting_user
+from broadcast.identity import acting_user, principal
+from broadcast.schemas import MarkReadRequest
 from sse.frames import EventName, frame
 from sse.hub import Connection
 from sse.messages import from_broadcast
@@ -20,21 +22,39 @@ from sse.stream import HEADERS, SseStream, catch_up, head, outgoing
 
 log = logging.getLogger(__name__)
 LIMIT_RETRY = b"retry: 60000\n\n"
-MAX_READ_IDS = 500
+CONNECT_PATH = "/api/user/sse/connect"
+
+
+async def ticket(request: Request) -> Response:
+    """A single-use ticket for ``GET /api/user/sse/connect?ticket=`` (``EventSource`` cannot send headers).
+
+    It is bound to the caller and expires after ``auth.ticket_ttl_seconds``; the stream it opens ends when
+    the caller's token would have expired.
+    """
+    who = principal(request)
+    c = components(request)
+    c.admission.rate(who.sub, request.client.host if request.client else None)
+    ttl = c.settings.auth.ticket_ttl_seconds
+    issued = await c.tickets.issue(who, ttl)
+    return _json({"ticket": issued, "expiresInSeconds": ttl, "streamUrl": f"{CONNECT_PATH}?ticket={issued}"}, 201)
 
 
 async def connect(request: Request) -> Response:
-    user_id = await acting_user(request)
+    who = principal(request)
+    user_id = who.sub
     c = components(request)
     settings = c.settings.sse
+    c.admission.rate(user_id, request.client.host if request.client else None)
     user = await c.users.get(user_id)
     roles = user.roles if user else frozenset()
     raw_cursor = request.headers.get("last-event-id") or request.query_params.get("lastEventId")
     try:
         connection = c.hub.open(user_id, roles)
     except ConflictError:
-        limit = frame(EventName.CONNECTION_LIMIT_REACHED, {"limit": settings.max_connections_per_user})
-        return Response(LIMIT_RETRY + limit, media_type=SseStream.media_type, headers=HEADERS)
+        return _limit_reached(settings.max_connections_per_user)
+    if not await c.admission.acquire(connection):
+        c.hub.close(connection)
+        return _limit_reached(settings.max_connections_per_user)
     try:
         await c.presence.heartbeat(user_id, c.settings.server.instance_id)
     except BroadcastError as exc:  # live pushes wait for Redis; reconciliation still delivers
@@ -46,11 +66,17 @@ async def connect(request: Request) -> Response:
         raise
     start = head(connection, c.settings.server.instance_id, resync)
     items = [outgoing(item, user_id) for item in backlog]
-    return SseStream(connection, start, items, lambda: _close(request, connection))
+    return SseStream(connection, start, items, lambda: _close(request, connection), who.expires_at)
+
+
+def _limit_reached(limit: int) -> Response:
+    event = frame(EventName.CONNECTION_LIMIT_REACHED, {"limit": limit})
+    return Response(LIMIT_RETRY + event, media_type=SseStream.media_type, headers=HEADERS)
 
 
 async def _close(request: Request, connection: Connection) -> None:
     c = components(request)
+    await c.admission.release(connection)
     if c.hub.close(connection):
         with contextlib.suppress(BroadcastError):
             await c.presence.leave(connection.user_id, c.settings.server.instance_id)
@@ -94,14 +120,9 @@ async def mark_read(request: Request) -> Response:
     """Idempotent; each newly read message emits one READ event that syncs the user's other tabs."""
     user_id = await acting_user(request)
     c = components(request)
-    try:
-        body = orjson.loads(await request.body())
-        ids = body["broadcastIds"]
-        if not isinstance(ids, list) or not ids or len(ids) > MAX_READ_IDS or not all(isinstance(i, str) for i in ids):
-            raise ValueError
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValidationError(f'body must be {{"broadcastIds": [1..{MAX_READ_IDS} ids]}}') from exc
-    newly = await c.inbox.mark_read(user_id, [i for i in ids if len(i) <= 64])
+    body = await read_model(request, MarkReadRequest, c.settings.limits.max_body_bytes)
+    user = await c.users.get(user_id)
+    newly = await c.inbox.mark_read(user_id, user.roles if user else frozenset(), body.broadcast_ids)
     events_ = [c.lifecycle.events.read(b, user_id) for b in newly]
     if events_:
         await c.outbox.append(events_)
@@ -116,7 +137,8 @@ def _limit(raw: str) -> int:
 
 
 routes = [
-    Route("/api/user/sse/connect", connect, methods=["GET"]),
+    Route(CONNECT_PATH, connect, methods=["GET"]),
+    Route("/api/user/sse/ticket", ticket, methods=["POST"]),
     Route("/api/user/messages", inbox, methods=["GET"]),
     Route("/api/user/messages/unread", unread, methods=["GET"]),
     Route("/api/user/messages/read", mark_read, methods=["POST"]),

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
@@ -128,11 +129,17 @@ class SseStream(Response):
     media_type = "text/event-stream"
 
     def __init__(
-        self, connection: Connection, start: bytes, items: list[Outgoing], on_end: Callable[[], Awaitable[None]]
+        self,
+        connection: Connection,
+        start: bytes,
+        items: list[Outgoing],
+        on_end: Callable[[], Awaitable[None]],
+        expires_at: float | None = None,
     ) -> None:
         super().__init__(headers=HEADERS, media_type=self.media_type)
         self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]  # open-ended: chunked
         self._connection, self._head, self._items, self._on_end = connection, start, items, on_end
+        self._expires_at = expires_at
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -141,10 +148,19 @@ class SseStream(Response):
                 await send({"type": "http.response.body", "body": RETRY, "more_body": False})
                 return
             self._connection.start(send, abort_of(scope), self._head, self._items)
-            while (await receive())["type"] != "http.disconnect":
-                pass
+            try:
+                async with asyncio.timeout(None if self._expires_at is None else self._expires_at - time.time()):
+                    await _disconnected(receive)
+            except TimeoutError:  # the token this stream was opened with expired: sign in again
+                self._connection.finish(frame(EventName.TOKEN_EXPIRED, {"reason": "the access token expired"}))
+                await _disconnected(receive)
         finally:
             await self._on_end()
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 __all__ = ["SseStream", "abort_of", "catch_up", "head", "outgoing"]

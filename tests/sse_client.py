@@ -12,6 +12,8 @@ from typing import Any
 import httpx
 import orjson
 
+from tests.auth import bearer
+
 
 @dataclass
 class SseEvent:
@@ -52,7 +54,7 @@ class SseClient:
         return [e for e in self.events if e.event == "MESSAGE"]
 
     async def _read(self) -> None:
-        headers = {"X-Dev-User": self.user, "Accept": "text/event-stream"}
+        headers = {**bearer(self.user), "Accept": "text/event-stream"}
         if self.last_event_id:
             headers["Last-Event-ID"] = self.last_event_id
         timeout = httpx.Timeout(10.0, read=None)

@@ -12,12 +12,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broadcast.adapters.sql_engine import read_all, translate
 from broadcast.adapters.sql_rows import broadcast_from_row
+from broadcast.adapters.sql_stores import dialect_insert
 from broadcast.adapters.sql_tables import broadcast_messages, user_broadcast_messages
 from broadcast.coalesce import FreshRead
 from broadcast.domain import Broadcast, BroadcastStatus, DeliveryStatus, InboxItem, ReadStatus, TargetType
@@ -76,7 +76,7 @@ class SqlInboxStore:
         }
         try:
             async with self._engine.begin() as conn:
-                insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+                insert = dialect_insert(conn)
                 await conn.execute(insert(user_broadcast_messages).values(values).on_conflict_do_nothing())
                 query = select(u.id).where(u.broadcast_id == broadcast_id, u.user_id == user_id)
                 return int((await conn.execute(query)).scalar_one())
@@ -168,39 +168,43 @@ class SqlInboxStore:
         items = selected + [InboxItem(g, None, g.id in read) for g in mine]
         return sorted(items, key=lambda i: (i.broadcast.created_at, i.broadcast.id), reverse=True)
 
-    async def mark_read(self, user_id: str, broadcast_ids: Sequence[str]) -> list[str]:
-        """Mark read (creating the row for group broadcasts); returns the ids that were not read before."""
+    async def mark_read(self, user_id: str, roles: frozenset[str], broadcast_ids: Sequence[str]) -> list[str]:
+        """Mark the user's own messages read; returns the ids that were not read before.
+
+        A SELECTED broadcast counts only where the user has a row (is a recipient); a group broadcast only
+        when it targets the user (its row is created here). Any other id changes nothing.
+        """
         now = datetime.now(UTC)
         newly: list[str] = []
         try:
             async with self._engine.begin() as conn:
-                visible = (
-                    await conn.execute(select(b.id).where(b.id.in_(list(broadcast_ids)), _visible(now)))
-                ).scalars()
-                for broadcast_id in visible:
-                    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-                    await conn.execute(
-                        insert(user_broadcast_messages)
-                        .values(
-                            broadcast_id=broadcast_id,
-                            user_id=user_id,
-                            delivery_status=DeliveryStatus.DELIVERED.value,
-                            read_status=ReadStatus.UNREAD.value,
-                            delivered_at=now,
-                            created_at=now,
-                            updated_at=now,
+                query = select(broadcast_messages).where(b.id.in_(list(broadcast_ids)), _visible(now))
+                for broadcast in [broadcast_from_row(r) for r in await conn.execute(query)]:
+                    if broadcast.target_type is not TargetType.SELECTED:
+                        if not matches(broadcast, roles):
+                            continue
+                        await conn.execute(
+                            dialect_insert(conn)(user_broadcast_messages)
+                            .values(
+                                broadcast_id=broadcast.id,
+                                user_id=user_id,
+                                delivery_status=DeliveryStatus.DELIVERED.value,
+                                read_status=ReadStatus.UNREAD.value,
+                                delivered_at=now,
+                                created_at=now,
+                                updated_at=now,
+                            )
+                            .on_conflict_do_nothing()
                         )
-                        .on_conflict_do_nothing()
-                    )
                     result = await conn.execute(
                         update(user_broadcast_messages)
                         .where(
-                            u.broadcast_id == broadcast_id, u.user_id == user_id, u.read_status != ReadStatus.READ.value
+                            u.broadcast_id == broadcast.id, u.user_id == user_id, u.read_status != ReadStatus.READ.value
                         )
                         .values(read_status=ReadStatus.READ.value, read_at=now, updated_at=now)
                     )
                     if result.rowcount:
-                        newly.append(broadcast_id)
+                        newly.append(broadcast.id)
         except (SQLAlchemyError, OSError) as exc:
             raise translate(exc) from exc
         return newly
@@ -227,7 +231,7 @@ class SqlInboxStore:
         ]
         try:
             async with self._engine.begin() as conn:
-                insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+                insert = dialect_insert(conn)
                 for start in range(0, len(rows), MARK_CHUNK):
                     statement = insert(user_broadcast_messages).values(rows[start : start + MARK_CHUNK])
                     result = await conn.execute(

@@ -24,11 +24,12 @@ from aiokafka import AIOKafkaProducer
 from broadcast import constants
 from devstack import proc
 from devstack.stack import StackInfo
+from tests.auth import bearer
 from tests.servers import Server, isolated_env
 from tests.sse_client import SseClient
 from tests.topics import default_partition, read_topic
 
-ADMIN = {"X-Dev-User": "admin"}
+ADMIN = bearer("admin", "admin")
 DLT = "/api/admin/dlt"
 SPRING_HEADERS = {
     constants.DLT_EXCEPTION_FQCN,

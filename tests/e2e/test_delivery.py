@@ -12,10 +12,11 @@ import httpx
 import pytest
 
 from devstack.stack import StackInfo
+from tests.auth import bearer
 from tests.servers import Server, isolated_env
 from tests.sse_client import SseClient
 
-ADMIN = {"X-Dev-User": "admin"}
+ADMIN = bearer("admin", "admin")
 
 
 @pytest.fixture
@@ -103,17 +104,17 @@ async def test_read_in_one_tab_syncs_the_other_and_cancel_removes_the_message(se
             read = await http.post(
                 server.base + "/api/user/messages/read",
                 json={"broadcastIds": [sent["id"]]},
-                headers={"X-Dev-User": "alice"},
+                headers=bearer("alice"),
             )
             assert read.json() == {"read": [sent["id"]]}
             again = await http.post(
                 server.base + "/api/user/messages/read",
                 json={"broadcastIds": [sent["id"]]},
-                headers={"X-Dev-User": "alice"},
+                headers=bearer("alice"),
             )
             assert again.json() == {"read": []}, "marking read twice is idempotent"
             await tab2.wait_for(lambda e: e.event == "READ_RECEIPT" and e.data["broadcastId"] == sent["id"])
-            unread = (await http.get(server.base + "/api/user/messages/unread", headers={"X-Dev-User": "alice"})).json()
+            unread = (await http.get(server.base + "/api/user/messages/unread", headers=bearer("alice"))).json()
             assert unread["count"] == 0
             cancelled = await http.delete(f"{server.base}/api/admin/broadcasts/{sent['id']}", headers=ADMIN)
             assert cancelled.status_code == 200
@@ -121,7 +122,7 @@ async def test_read_in_one_tab_syncs_the_other_and_cancel_removes_the_message(se
             [removed] = await tab.wait_for(lambda e: e.event == "MESSAGE_REMOVED")
             assert removed.data == {"broadcastId": sent["id"], "reason": "CANCELLED"}
     async with httpx.AsyncClient() as http:
-        inbox = (await http.get(server.base + "/api/user/messages", headers={"X-Dev-User": "alice"})).json()
+        inbox = (await http.get(server.base + "/api/user/messages", headers=bearer("alice"))).json()
     assert inbox["items"] == []
 
 
@@ -134,7 +135,7 @@ async def test_bad_resume_ids_and_too_many_connections_have_clear_outcomes(serve
                 [message] = await client.wait_for(lambda e: e.event == "MESSAGE")
                 assert message.data["broadcastId"] == sent["id"]
     async with httpx.AsyncClient() as http:
-        inbox = (await http.get(server.base + "/api/user/messages", headers={"X-Dev-User": "alice"})).json()
+        inbox = (await http.get(server.base + "/api/user/messages", headers=bearer("alice"))).json()
     assert [m["broadcastId"] for m in inbox["items"]] == [sent["id"]]
     async with (
         SseClient(server.base, "dave"),

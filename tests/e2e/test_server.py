@@ -10,6 +10,7 @@ import httpx
 from broadcast import constants, envelope
 from broadcast.adapters import sql_migrate
 from devstack.stack import StackInfo
+from tests.auth import bearer
 from tests.servers import Server, clean_env, cli
 from tests.topics import read_topic
 
@@ -56,7 +57,7 @@ def test_stack_env_serves_on_kafka_postgres_and_redis(
     created = httpx.post(
         server.base + "/api/admin/broadcasts",
         json={"content": "hello from e2e", "targetType": "SELECTED", "targetIds": ["alice", "bob"]},
-        headers={"X-Dev-User": "admin", "X-Correlation-ID": "e2e-1"},
+        headers={**bearer("admin", "admin"), "X-Correlation-ID": "e2e-1"},
         timeout=10,
     )
     assert created.status_code == 201, created.text

@@ -25,12 +25,13 @@ from consumers.listener import Listener
 from devstack import postgres
 from devstack.stack import StackInfo
 from dlt.recoverer import DeadLetterPublishingRecoverer
+from tests.auth import bearer
 from tests.servers import Server
 from tests.sse_client import SseClient
 from tests.topics import read_topic
 from tests.waiting import wait_until
 
-ADMIN = {"X-Dev-User": "admin"}
+ADMIN = bearer("admin", "admin")
 
 
 async def test_a_missing_dlt_topic_keeps_the_record_uncommitted_until_the_dead_letter_lands(

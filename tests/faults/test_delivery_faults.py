@@ -32,12 +32,13 @@ from devstack.stack import (
     start_redis,
     stop_redis,
 )
+from tests.auth import bearer, token
 from tests.servers import Server
 from tests.sse_client import SseClient
 from tests.topics import default_partition, read_topic
 from tests.waiting import wait_until
 
-ADMIN = {"X-Dev-User": "admin"}
+ADMIN = bearer("admin", "admin")
 PARTITIONS = 10
 Body = Callable[[int], dict[str, Any]]
 
@@ -300,7 +301,10 @@ class FrozenClient:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
         self.sock.settimeout(10)
         self.sock.connect(("127.0.0.1", port))
-        request = f"GET /api/user/sse/connect HTTP/1.0\r\nX-Dev-User: {user}\r\nAccept: text/event-stream\r\n\r\n"
+        request = (
+            f"GET /api/user/sse/connect HTTP/1.0\r\nAuthorization: Bearer {token(user)}\r\n"
+            "Accept: text/event-stream\r\n\r\n"
+        )
         self.sock.sendall(request.encode())
         self.received = bytearray()
         while b"event: CONNECTED" not in self.received:

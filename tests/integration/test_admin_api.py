@@ -22,8 +22,9 @@ from broadcast.adapters.sql_engine import create_engine
 from broadcast.app import create_app
 from broadcast.settings import DatabaseSettings, KafkaSettings, LimitsSettings, RedisSettings, Settings
 from devstack.stack import StackInfo
+from tests.auth import bearer
 
-ADMIN = {"X-Dev-User": "admin-ann"}
+ADMIN = bearer("admin-ann", "admin")
 BROADCASTS = "/api/admin/broadcasts"
 PROBLEM = "application/problem+json"
 MAX_CSV_ROWS = 6_000
@@ -410,7 +411,7 @@ BAD_INPUT = [
     Bad("unknown field", json_post({**ALL, "senderId": "mallory"}), 400, "senderId"),
     Bad("snake_case field", json_post({"content": "hi", "target_type": "ALL"}), 400, "target_type"),
     Bad("JSON array", json_post([ALL]), 400, "(body)"),
-    Bad("missing X-Dev-User", {"json": ALL}, 401, "X-Dev-User"),
+    Bad("no bearer token", {"json": ALL}, 401, "bearer token"),
     Bad("wrong content type", raw_post(b'{"content": "hi", "targetType": "ALL"}', "text/plain"), 415, "json"),
     Bad("no content type", raw_post(b'{"content": "hi", "targetType": "ALL"}', None), 415, "json"),
     Bad("invalid JSON", raw_post(b'{"content": "hi", ', "application/json"), 400, "not valid JSON"),
@@ -438,7 +439,7 @@ BAD_INPUT = [
     Bad("CSV with empty content", csv_post(b"u1\n", content=" "), 400, "content must not be empty", path=CSV),
     Bad("CSV with a targetType field", csv_post(b"u1\n", targetType="ALL"), 400, "targetType", path=CSV),
     Bad("CSV with past expiresAt", csv_post(b"u1\n", expiresAt=at(hours=-1)), 400, "past", path=CSV),
-    Bad("CSV without X-Dev-User", csv_upload(b"u1\n"), 401, "X-Dev-User", path=CSV),
+    Bad("CSV without a bearer token", csv_upload(b"u1\n"), 401, "bearer token", path=CSV),
     Bad(
         "user with a bad role", json_post({"roles": ["a b"]}), 400, "roles.0", path="/api/admin/users/u1", method="PUT"
     ),

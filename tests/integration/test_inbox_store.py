@@ -62,8 +62,14 @@ async def test_deliveries_and_reads_count_for_selected_and_group_broadcasts_alik
     pairs = [(everyone.id, "alice"), (everyone.id, "bob"), (everyone.id, "alice"), (chosen.id, "alice")]
     assert await inbox.mark_delivered(pairs) == 3, "a repeat in the batch counts once"
     assert await inbox.mark_delivered(pairs) == 0, "marking again changes nothing"
-    assert sorted(await inbox.mark_read("alice", [everyone.id, chosen.id])) == sorted([everyone.id, chosen.id])
-    assert await inbox.mark_read("carol", [everyone.id]) == [everyone.id], "read without a recorded delivery"
+    assert sorted(await inbox.mark_read("alice", frozenset(), [everyone.id, chosen.id])) == sorted(
+        [everyone.id, chosen.id]
+    )
+    assert await inbox.mark_read("carol", frozenset(), [everyone.id]) == [everyone.id], "read without a delivery"
+    assert await inbox.mark_read("carol", frozenset(), [chosen.id]) == [], "not a recipient: nothing to mark"
+    ops, _ = await lifecycle.create(NewBroadcast("to ops", TargetType.ROLE, ("ops",)), sender_id="admin")
+    assert await inbox.mark_read("carol", frozenset({"dev"}), [ops.id]) == [], "not in the role"
+    assert await inbox.mark_read("carol", frozenset({"ops"}), [ops.id]) == [ops.id]
 
     group = await lifecycle.stats(everyone.id)
     assert (group.delivered, group.read) == (3, 2), "alice and bob got it; carol read it, so she got it too"

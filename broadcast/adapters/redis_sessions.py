@@ -1,0 +1,105 @@
+"""Redis SSE tickets (single use via ``GETDEL``) and cluster-wide connection slots.
+
+A ticket is stored under the SHA-256 of its value, so Redis never holds a usable ticket. Slots are one
+sorted set per user (member = slot id, score = expiry in Redis server time, ms): ``acquire`` runs as one
+Lua script (drop expired, count, add), so two instances cannot both take the last slot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from broadcast.domain import Principal
+from broadcast.errors import UnavailableError
+
+TICKET_BYTES = 32
+REFRESH_CHUNK = 1_000
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
+return 1
+"""
+_REFRESH = """
+local t = redis.call('TIME')
+local expiry = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  if redis.call('ZADD', key, 'XX', 'CH', expiry, ARGV[i + 1]) >= 0 then
+    redis.call('PEXPIRE', key, tonumber(ARGV[1]))
+  end
+end
+return 1
+"""
+
+
+def _unavailable(what: str, exc: RedisError) -> UnavailableError:
+    return UnavailableError(f"redis {what} failed: {type(exc).__name__}")
+
+
+class RedisTickets:
+    def __init__(self, client: Redis, key_prefix: str) -> None:
+        self._client = client
+        self._prefix = key_prefix + "ticket:"
+
+    def _key(self, ticket: str) -> str:
+        return self._prefix + hashlib.sha256(ticket.encode()).hexdigest()
+
+    async def issue(self, principal: Principal, ttl_s: int) -> str:
+        ticket = secrets.token_urlsafe(TICKET_BYTES)
+        value = orjson.dumps({"sub": principal.sub, "roles": sorted(principal.roles), "exp": principal.expires_at})
+        try:
+            await self._client.set(self._key(ticket), value, ex=ttl_s)
+        except RedisError as exc:
+            raise _unavailable("ticket store", exc) from exc
+        return ticket
+
+    async def redeem(self, ticket: str) -> Principal | None:
+        try:
+            raw: Any = await self._client.getdel(self._key(ticket))
+        except RedisError as exc:
+            raise _unavailable("ticket redeem", exc) from exc
+        if raw is None:
+            return None
+        data = orjson.loads(raw)
+        return Principal(data["sub"], frozenset(data["roles"]), float(data["exp"]))
+
+
+class RedisSlots:
+    def __init__(self, client: Redis, key_prefix: str, ttl_seconds: float) -> None:
+        self._client = client
+        self._prefix = key_prefix + "slots:"
+        self._ttl_ms = int(ttl_seconds * 1000)
+        self._acquire = client.register_script(_ACQUIRE)
+        self._refresh = client.register_script(_REFRESH)
+
+    async def acquire(self, user_id: str, slot: str, limit: int) -> bool:
+        try:
+            taken = await self._acquire(keys=[self._prefix + user_id], args=[slot, limit, self._ttl_ms])
+        except RedisError as exc:
+            raise _unavailable("connection slot", exc) from exc
+        return bool(taken)
+
+    async def release(self, user_id: str, slot: str) -> None:
+        try:
+            await self._client.zrem(self._prefix + user_id, slot)
+        except RedisError as exc:
+            raise _unavailable("connection slot release", exc) from exc
+
+    async def refresh(self, slots: Sequence[tuple[str, str]]) -> None:
+        try:
+            for start in range(0, len(slots), REFRESH_CHUNK):
+                chunk = slots[start : start + REFRESH_CHUNK]
+                keys = [self._prefix + user_id for user_id, _ in chunk]
+                await self._refresh(keys=keys, args=[self._ttl_ms, *(slot for _, slot in chunk)])
+        except RedisError as exc:
+            raise _unavailable("connection slot refresh", exc) from exc

@@ -1,0 +1,155 @@
+"""Pure ASGI middlewares (no ``BaseHTTPMiddleware``: it would buffer streams) guarding every request.
+
+- ``AuthGate``: deny by default under ``/api/``. A bearer token (or, on the SSE connect route only, a
+  single-use ``?ticket=``) becomes the scope's principal; ``/api/admin/**`` also needs the admin role.
+- ``BodyLimit``: 413 before a body is buffered, by ``Content-Length`` and by counting what arrives.
+- ``SecurityHeaders``: ``nosniff``, no framing, no referrer, a CSP (``default-src 'none'`` unless the
+  response brought its own) and ``no-store`` on API answers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from urllib.parse import parse_qs
+
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from broadcast.domain import Principal
+from broadcast.errors import UnavailableError
+from broadcast.http_body import too_large
+from broadcast.http_problems import HttpProblem, problem
+from broadcast.identity import PRINCIPAL_SCOPE_KEY, forbidden, unauthorized
+from broadcast.tokens import InvalidToken, TokenVerifier
+
+log = logging.getLogger(__name__)
+API_PREFIX = "/api/"
+ADMIN_PREFIX = "/api/admin/"
+TICKET_PATH = "/api/user/sse/connect"
+PUBLIC_API_PATHS = frozenset({"/api/openapi.json"})
+API_CSP = "default-src 'none'; frame-ancestors 'none'"
+MAX_TICKET_CHARS = 128
+
+Redeem = Callable[[Scope, str], Awaitable[Principal | None]]
+
+
+async def _reply(send: Send, exc: HttpProblem) -> None:
+    response = problem(exc.status, exc.title, exc.detail, headers=exc.headers, **exc.extra)
+    await response({"type": "http"}, _never_receive, send)
+
+
+async def _never_receive() -> Message:  # a problem response never reads the request
+    return {"type": "http.disconnect"}
+
+
+class AuthGate:
+    def __init__(self, app: ASGIApp, verifier: TokenVerifier, admin_role: str, redeem: Redeem) -> None:
+        self.app, self._verifier, self._admin_role, self._redeem = app, verifier, admin_role, redeem
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith(API_PREFIX) or path in PUBLIC_API_PATHS:
+            await self.app(scope, receive, send)
+            return
+        try:
+            who = await self._authenticate(scope)
+            if path.startswith(ADMIN_PREFIX) and self._admin_role not in who.roles:
+                log.info("forbidden: %s %s by %s (not %s)", scope["method"], path, who.sub, self._admin_role)
+                raise forbidden()
+        except HttpProblem as exc:
+            await _reply(send, exc)
+            return
+        except UnavailableError as exc:
+            await _reply(send, HttpProblem(503, "Service unavailable", str(exc)))
+            return
+        scope[PRINCIPAL_SCOPE_KEY] = who
+        await self.app(scope, receive, send)
+
+    async def _authenticate(self, scope: Scope) -> Principal:
+        header = _header(scope, b"authorization")
+        if header is not None:
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise unauthorized(invalid_token=True)
+            try:
+                return await self._verifier.verify(token.strip())
+            except InvalidToken as exc:
+                log.info("refused bearer token on %s %s: %s", scope["method"], scope["path"], exc)
+                raise unauthorized(invalid_token=True) from None
+        ticket = _ticket(scope)
+        if ticket is None:
+            raise unauthorized()
+        who = await self._redeem(scope, ticket) if len(ticket) <= MAX_TICKET_CHARS else None
+        if who is None:
+            log.info("refused SSE ticket on %s: unknown, used or expired", scope["path"])
+            raise unauthorized(invalid_token=True)
+        return who
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def _ticket(scope: Scope) -> str | None:
+    """``?ticket=`` — accepted only on the SSE connect route (``EventSource`` cannot send headers)."""
+    if scope["path"] != TICKET_PATH or scope["method"] != "GET":
+        return None
+    values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("ticket")
+    return values[0] if values else None
+
+
+class BodyLimit:
+    """At most ``default`` bytes per request body (``per_path`` overrides, e.g. the CSV upload)."""
+
+    def __init__(self, app: ASGIApp, default: int, per_path: Mapping[str, int]) -> None:
+        self.app, self._default, self._per_path = app, default, dict(per_path)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self._per_path.get(scope["path"], self._default)
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
+            await _reply(send, too_large(limit))
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise too_large(limit)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+class SecurityHeaders:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        api = scope["path"].startswith(API_PREFIX)
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers.setdefault("X-Content-Type-Options", "nosniff")
+                headers.setdefault("X-Frame-Options", "DENY")
+                headers.setdefault("Referrer-Policy", "no-referrer")
+                headers.setdefault("Content-Security-Policy", API_CSP)
+                if api:
+                    headers.setdefault("Cache-Control", "no-store")
+            await send(message)
+
+        await self.app(scope, receive, with_headers)

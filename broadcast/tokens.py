@@ -1,0 +1,113 @@
+"""Bearer tokens: verify a JWT into a ``Principal``, or mint one for development.
+
+Verification pins the one configured algorithm (HS256 with a secret, RS256/ES256 with a public key or a
+JWKS URL), requires ``exp``, ``sub``, ``aud`` and ``iss``, compares ``iss`` exactly, checks ``nbf`` when
+present, refuses a ``kid`` it does not know and any token over ``max_token_bytes``. Every refusal is the
+same ``InvalidToken`` to the caller; its message (never the token) is for the log only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jwt
+
+from broadcast.domain import Principal
+from broadcast.jwks import JwksKeys
+from broadcast.settings import AuthSettings
+
+MAX_ROLES = 50
+MAX_SUB_CHARS = 128
+
+
+class InvalidToken(Exception):
+    """The token is not acceptable; the message says why, for the log (never sent to the client)."""
+
+
+class TokenVerifier:
+    """Checks bearer tokens against one configured key source."""
+
+    def __init__(self, auth: AuthSettings, jwks: JwksKeys | None = None) -> None:
+        self._auth = auth
+        self._jwks = jwks
+        self._static_key: Any = None
+        if auth.jwks_url is None:
+            self._static_key = (
+                auth.jwt_secret.get_secret_value() if auth.algorithm == "HS256" else auth.public_key_pem()
+            )
+
+    async def verify(self, token: str) -> Principal:
+        auth = self._auth
+        if len(token) > auth.max_token_bytes:
+            raise InvalidToken("token too large")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise InvalidToken(f"malformed token: {type(exc).__name__}") from None
+        if header.get("alg") != auth.algorithm:
+            raise InvalidToken("algorithm not accepted")
+        key = await self._key(header.get("kid"))
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[auth.algorithm],
+                audience=auth.audience,
+                issuer=auth.issuer,
+                leeway=auth.leeway_seconds,
+                options={"require": ["exp", "sub", "aud", "iss"], "strict_aud": True},
+            )
+        except jwt.PyJWTError as exc:
+            raise InvalidToken(f"rejected: {type(exc).__name__}") from None
+        if claims.get("iss") != auth.issuer:  # exact, whatever the library's matching rules
+            raise InvalidToken("issuer mismatch")
+        return Principal(_subject(claims.get("sub")), _roles(claims.get(auth.roles_claim)), float(claims["exp"]))
+
+    async def _key(self, kid: object) -> Any:
+        if kid is not None and not isinstance(kid, str):
+            raise InvalidToken("kid is not a string")
+        if self._jwks is not None:
+            if kid is None:
+                raise InvalidToken("kid required with a JWKS")
+            found = await self._jwks.key(kid)
+            if found is None:
+                raise InvalidToken("unknown kid")
+            return found
+        if kid != self._auth.key_id:
+            raise InvalidToken("unknown kid")
+        return self._static_key
+
+
+def _subject(sub: object) -> str:
+    if not isinstance(sub, str) or not 1 <= len(sub) <= MAX_SUB_CHARS or not sub.isprintable() or sub != sub.strip():
+        raise InvalidToken("sub is not a usable user id")
+    return sub
+
+
+def _roles(value: object) -> frozenset[str]:
+    """Roles from a list of strings or a space-separated string (OAuth ``scope`` style); absent = none."""
+    if value is None:
+        return frozenset()
+    items = value.split() if isinstance(value, str) else value
+    if not isinstance(items, list) or len(items) > MAX_ROLES or not all(isinstance(r, str) for r in items):
+        raise InvalidToken("roles claim is not a list of strings")
+    return frozenset(items)
+
+
+def mint(auth: AuthSettings, sub: str, roles: Sequence[str] = (), ttl_seconds: int = 3_600) -> str:
+    """A token for ``sub`` signed with the configured HS256 secret (development and tests)."""
+    if auth.algorithm != "HS256":
+        raise ValueError("tokens can only be minted here for HS256; use the identity provider for RS256/ES256")
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "sub": sub,
+        "aud": auth.audience,
+        "iss": auth.issuer,
+        "iat": now,
+        "exp": now + ttl_seconds,
+        auth.roles_claim: list(roles),
+    }
+    headers = {"kid": auth.key_id} if auth.key_id else None
+    return jwt.encode(claims, auth.jwt_secret.get_secret_value(), algorithm="HS256", headers=headers)

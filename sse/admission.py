@@ -1,0 +1,81 @@
+"""Who may open a stream now: connection-rate buckets (per user and per client IP, this instance) and the
+cluster-wide slot count per user (``ConnectionSlots``: Redis when configured).
+
+A refused rate is a 429 with ``Retry-After``; a user over ``max_connections_per_user`` across the cluster
+gets the ``CONNECTION_LIMIT_REACHED`` event and a long ``retry:`` hint. When Redis cannot answer, the
+per-instance limit of the hub still holds (the slot check fails open, with a warning).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import OrderedDict
+
+from broadcast.errors import UnavailableError
+from broadcast.http_problems import HttpProblem
+from broadcast.ports import ConnectionSlots
+from broadcast.settings import LimitsSettings
+from sse.hub import Connection
+
+log = logging.getLogger(__name__)
+MAX_TRACKED_KEYS = 100_000
+
+
+class TokenBuckets:
+    """One bucket of ``burst`` tokens per key, refilled at ``per_second``; least recently used keys go first."""
+
+    def __init__(self, burst: int, per_second: float, max_keys: int = MAX_TRACKED_KEYS) -> None:
+        self._burst, self._rate, self._max_keys = float(burst), per_second, max_keys
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def take(self, key: str, now: float | None = None) -> float:
+        """0 when a token was taken; otherwise the seconds until one is available."""
+        now = time.monotonic() if now is None else now
+        tokens, last = self._buckets.pop(key, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - last) * self._rate)
+        wait = 0.0 if tokens >= 1 else (1 - tokens) / self._rate
+        self._buckets[key] = (tokens - 1 if wait == 0 else tokens, now)
+        if len(self._buckets) > self._max_keys:
+            self._buckets.popitem(last=False)
+        return wait
+
+
+class Admission:
+    def __init__(self, limits: LimitsSettings, slots: ConnectionSlots, instance_id: str, per_user: int) -> None:
+        self._users = TokenBuckets(limits.connect_burst_per_user, limits.connect_per_second_per_user)
+        self._ips = TokenBuckets(limits.connect_burst_per_ip, limits.connect_per_second_per_ip)
+        self._slots, self._instance_id, self._per_user = slots, instance_id, per_user
+
+    def rate(self, user_id: str, client_ip: str | None) -> None:
+        """Count one stream open (or ticket); 429 when the user or the address is over its rate."""
+        wait = self._users.take("u:" + user_id)
+        if client_ip is not None:
+            wait = max(wait, self._ips.take("a:" + client_ip))
+        if wait > 0:
+            raise HttpProblem(
+                429,
+                "Too many requests",
+                "too many stream connections in a short time; retry later",
+                headers={"Retry-After": str(max(1, math.ceil(wait)))},
+            )
+
+    def slot(self, connection: Connection) -> str:
+        return f"{self._instance_id}/{connection.id}"
+
+    async def acquire(self, connection: Connection) -> bool:
+        try:
+            return await self._slots.acquire(connection.user_id, self.slot(connection), self._per_user)
+        except UnavailableError as exc:
+            log.warning("connection slots unavailable, using this instance's limit only: %s", exc)
+            return True
+
+    async def release(self, connection: Connection) -> None:
+        try:
+            await self._slots.release(connection.user_id, self.slot(connection))
+        except UnavailableError as exc:  # the slot expires on its own
+            log.warning("could not release connection slot: %s", exc)
+
+    async def refresh(self, connections: list[Connection]) -> None:
+        await self._slots.refresh([(c.user_id, self.slot(c)) for c in connections])

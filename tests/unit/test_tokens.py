@@ -1,0 +1,188 @@
+"""Bearer-token verification: the JWT attack matrix, key sources (HS256, RS256 PEM, ES256 JWKS) and minting."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jwt
+import orjson
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from pydantic import SecretStr
+from pydantic import ValidationError as SettingsError
+
+from broadcast.jwks import JwksKeys
+from broadcast.settings import DEV_JWT_SECRET, AuthSettings, Settings
+from broadcast.tokens import InvalidToken, TokenVerifier, mint
+
+AUD, ISS = "broadcast-server", "broadcast-dev"
+HS = AuthSettings()
+RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+RSA_PUBLIC_PEM = (
+    RSA_KEY.public_key()
+    .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    .decode()
+)
+RS = AuthSettings(algorithm="RS256", public_key=SecretStr(RSA_PUBLIC_PEM))
+
+
+def claims(**changes: Any) -> dict[str, Any]:
+    now = int(time.time())
+    base: dict[str, Any] = {"sub": "alice", "aud": AUD, "iss": ISS, "iat": now, "exp": now + 600, "roles": ["admin"]}
+    base.update(changes)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def hs(payload: dict[str, Any], headers: dict[str, Any] | None = None, secret: str = DEV_JWT_SECRET) -> str:
+    return jwt.encode(payload, secret, algorithm="HS256", headers=headers)
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def unsigned(payload: dict[str, Any]) -> str:
+    return f"{b64(orjson.dumps({'alg': 'none', 'typ': 'JWT'}))}.{b64(orjson.dumps(payload))}."
+
+
+def hs_with_rsa_public_key(payload: dict[str, Any]) -> str:
+    """The classic confusion: HS256 "signed" with the RS256 verification key as the HMAC secret."""
+    import hashlib
+    import hmac
+
+    head = b64(orjson.dumps({"alg": "HS256", "typ": "JWT"}))
+    body = b64(orjson.dumps(payload))
+    signature = hmac.new(RSA_PUBLIC_PEM.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{b64(signature)}"
+
+
+# Each builds a token that must be refused by a verifier of the settings named first.
+ATTACKS: dict[str, tuple[AuthSettings, Callable[[], str]]] = {
+    "alg none": (HS, lambda: unsigned(claims())),
+    "alg none on RS": (RS, lambda: unsigned(claims())),
+    "HS256 signed with the RS public key": (RS, lambda: hs_with_rsa_public_key(claims())),
+    "wrong secret": (HS, lambda: hs(claims(), secret="x" * 40)),
+    "expired": (HS, lambda: hs(claims(exp=int(time.time()) - 120))),
+    "no exp": (HS, lambda: hs(claims(exp=None))),
+    "no sub": (HS, lambda: hs(claims(sub=None))),
+    "empty sub": (HS, lambda: hs(claims(sub=""))),
+    "wrong aud": (HS, lambda: hs(claims(aud="other-service"))),
+    "missing aud": (HS, lambda: hs(claims(aud=None))),
+    "missing iss": (HS, lambda: hs(claims(iss=None))),
+    "iss with a matching prefix": (HS, lambda: hs(claims(iss=ISS + ".evil.example"))),
+    "iss that is a prefix": (HS, lambda: hs(claims(iss=ISS[:-1]))),
+    "future nbf": (HS, lambda: hs(claims(nbf=int(time.time()) + 3_600))),
+    "unknown kid": (HS, lambda: hs(claims(), headers={"kid": "some-other-key"})),
+    "malformed base64": (HS, lambda: "eyJ!!!.eyJzdWIiOiJhIn0.c2ln"),
+    "not a JWT": (HS, lambda: "hello"),
+    "oversized header": (HS, lambda: hs(claims(), headers={"x": "a" * 10_000})),
+    "roles not a list": (HS, lambda: hs(claims(roles={"admin": True}))),
+    "RS token with the wrong key": (
+        RS,
+        lambda: jwt.encode(claims(), rsa.generate_private_key(public_exponent=65537, key_size=2048), algorithm="RS256"),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+async def test_attack_is_refused(name: str) -> None:
+    settings, build = ATTACKS[name]
+    with pytest.raises(InvalidToken):
+        await TokenVerifier(settings).verify(build())
+
+
+async def test_a_good_token_gives_the_principal() -> None:
+    who = await TokenVerifier(HS).verify(hs(claims(roles=["admin", "ops"])))
+    assert (who.sub, who.roles) == ("alice", frozenset({"admin", "ops"}))
+    assert who.expires_at > time.time()
+
+
+async def test_roles_may_be_a_space_separated_string_and_absent() -> None:
+    assert (await TokenVerifier(HS).verify(hs(claims(roles="ops admin")))).roles == {"ops", "admin"}
+    assert (await TokenVerifier(HS).verify(hs(claims(roles=None)))).roles == frozenset()
+
+
+async def test_rs256_with_a_pem_public_key() -> None:
+    token = jwt.encode(claims(), RSA_KEY, algorithm="RS256")
+    assert (await TokenVerifier(RS).verify(token)).sub == "alice"
+    with pytest.raises(InvalidToken):  # the right signature, but HS256 is not the pinned algorithm
+        await TokenVerifier(HS).verify(token)
+
+
+async def test_a_configured_kid_is_required() -> None:
+    settings = AuthSettings(key_id="k1")
+    assert (await TokenVerifier(settings).verify(mint(settings, "bob"))).sub == "bob"
+    with pytest.raises(InvalidToken):
+        await TokenVerifier(settings).verify(hs(claims()))  # no kid
+    with pytest.raises(InvalidToken):
+        await TokenVerifier(settings).verify(hs(claims(), headers={"kid": "k2"}))
+
+
+@pytest.fixture
+def jwks_server() -> Iterator[tuple[str, list[int]]]:
+    """A JWKS endpoint on 127.0.0.1 serving one ES256 key (kid ``ec-1``); counts its fetches."""
+    public = EC_KEY.public_key()
+    jwk = orjson.loads(jwt.algorithms.ECAlgorithm.to_jwk(public))
+    document = orjson.dumps({"keys": [{**jwk, "kid": "ec-1", "alg": "ES256", "use": "sig"}]})
+    fetches: list[int] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            fetches.append(1)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(document)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/jwks.json", fetches
+    server.shutdown()
+
+
+EC_KEY = ec.generate_private_key(ec.SECP256R1())
+
+
+async def test_es256_keys_from_a_jwks_url(jwks_server: tuple[str, list[int]]) -> None:
+    url, fetches = jwks_server
+    settings = AuthSettings(algorithm="ES256", jwks_url=url)
+    verifier = TokenVerifier(settings, JwksKeys(url, min_refetch_seconds=60))
+    good = jwt.encode(claims(), EC_KEY, algorithm="ES256", headers={"kid": "ec-1"})
+    assert (await verifier.verify(good)).sub == "alice"
+    for kid in ("ec-2", "ec-3", "ec-4"):  # unknown kids: refused, and they do not hammer the IdP
+        with pytest.raises(InvalidToken):
+            await verifier.verify(jwt.encode(claims(), EC_KEY, algorithm="ES256", headers={"kid": kid}))
+    with pytest.raises(InvalidToken):  # no kid with a JWKS
+        await verifier.verify(jwt.encode(claims(), EC_KEY, algorithm="ES256"))
+    assert len(fetches) == 1
+
+
+def test_mint_round_trips_and_refuses_asymmetric_settings() -> None:
+    token = mint(HS, "carol", ["ops"], ttl_seconds=60)
+    payload = jwt.decode(token, DEV_JWT_SECRET, algorithms=["HS256"], audience=AUD)
+    assert (payload["sub"], payload["roles"], payload["iss"]) == ("carol", ["ops"], ISS)
+    assert 55 <= payload["exp"] - time.time() <= 61
+    with pytest.raises(ValueError, match="HS256"):
+        mint(RS, "carol")
+
+
+def test_production_refuses_the_dev_secret_and_weak_keys() -> None:
+    with pytest.raises(SettingsError, match="development JWT secret"):
+        Settings(environment="production")
+    with pytest.raises(SettingsError, match="at least 32 bytes"):
+        AuthSettings(jwt_secret=SecretStr("short"))
+    with pytest.raises(SettingsError, match="public_key"):
+        AuthSettings(algorithm="RS256")
+    assert (
+        Settings(environment="production", auth=AuthSettings(jwt_secret=SecretStr("p" * 40))).auth.algorithm == "HS256"
+    )
