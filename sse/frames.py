@@ -30,10 +30,19 @@ class EventName:
     TOKEN_EXPIRED = "TOKEN_EXPIRED"  # noqa: S105 - an event name
 
 
+# Characters JSON may carry raw that some line readers (e.g. Python's ``str.splitlines``) treat as line
+# breaks; SSE itself only breaks at CR/LF, which orjson always escapes. Escaped, every reader sees one line.
+_LINE_BREAKERS = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))
+
+
 def frame(event: str, data: object, event_id: str | None = None) -> bytes:
-    """One complete SSE event; ``data`` is JSON-encoded on one line (orjson never emits newlines)."""
+    """One complete SSE event; ``data`` is JSON-encoded on one line (no CR, LF, NEL or U+2028/9 in it)."""
     head = f"event: {event}\n" + (f"id: {event_id}\n" if event_id else "")
-    return head.encode() + b"data: " + orjson.dumps(data) + b"\n\n"
+    body = orjson.dumps(data)
+    for raw, escaped in _LINE_BREAKERS:
+        if raw in body:
+            body = body.replace(raw, escaped)
+    return head.encode() + b"data: " + body + b"\n\n"
 
 
 def micros(moment: datetime) -> int:

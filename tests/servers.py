@@ -41,14 +41,16 @@ def isolated_env(info: StackInfo, unique_name: str, cwd: Path, **overrides: str)
     """Variables for servers on the real stack with a schema, topics, consumer group and Redis prefix of
     their own (migrated and provisioned here), and fast loops; ``overrides`` add or replace variables."""
     variables = clean_env(
-        **info.env(),
-        BROADCAST_DATABASE__SCHEMA_NAME=unique_name,
-        BROADCAST_KAFKA__TOPIC_PREFIX=f"{unique_name}.",
-        BROADCAST_KAFKA__CONSUMER_GROUP=f"{unique_name}-delivery",
-        BROADCAST_REDIS__KEY_PREFIX=f"{unique_name}:",
-        BROADCAST_SSE__RECONCILE_SECONDS="1",
-        BROADCAST_RELAY__IDLE_POLL_SECONDS="0.05",
-        **overrides,
+        **{
+            **info.env(),
+            "BROADCAST_DATABASE__SCHEMA_NAME": unique_name,
+            "BROADCAST_KAFKA__TOPIC_PREFIX": f"{unique_name}.",
+            "BROADCAST_KAFKA__CONSUMER_GROUP": f"{unique_name}-delivery",
+            "BROADCAST_REDIS__KEY_PREFIX": f"{unique_name}:",
+            "BROADCAST_SSE__RECONCILE_SECONDS": "1",
+            "BROADCAST_RELAY__IDLE_POLL_SECONDS": "0.05",
+            **overrides,
+        }
     )
     for command in ("migrate", "topics"):
         done = cli(command, env=variables, cwd=cwd)

@@ -24,11 +24,14 @@ class SseEvent:
 
 @dataclass
 class SseClient:
-    """Connects as ``user`` (dev identity) and collects events until closed."""
+    """Connects as ``user`` (a bearer token, or the given single-use ``ticket`` in the URL the way a
+    browser's ``EventSource`` does) and collects events until closed; ``ended`` once the server ends it."""
 
     base: str
     user: str
     last_event_id: str | None = None
+    ticket: str | None = None
+    ended: bool = False
     events: list[SseEvent] = field(default_factory=list)
     status: int | None = None
     _task: asyncio.Task[None] | None = None
@@ -54,13 +57,14 @@ class SseClient:
         return [e for e in self.events if e.event == "MESSAGE"]
 
     async def _read(self) -> None:
-        headers = {**bearer(self.user), "Accept": "text/event-stream"}
+        headers = {"Accept": "text/event-stream", **({} if self.ticket else bearer(self.user))}
         if self.last_event_id:
             headers["Last-Event-ID"] = self.last_event_id
         timeout = httpx.Timeout(10.0, read=None)
+        params = {"ticket": self.ticket} if self.ticket else None
         async with (
             httpx.AsyncClient(timeout=timeout) as client,
-            client.stream("GET", self.base + "/api/user/sse/connect", headers=headers) as response,
+            client.stream("GET", self.base + "/api/user/sse/connect", headers=headers, params=params) as response,
         ):
             self.status = response.status_code
             event: str = "message"
@@ -77,6 +81,8 @@ class SseClient:
                     data.append(line[5:].strip())
                 elif line.startswith("id:"):
                     event_id = line[3:].strip()
+        self.ended = True
+        self._changed.set()
 
     def _add(self, event: SseEvent) -> None:
         self.events.append(event)

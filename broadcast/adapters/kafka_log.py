@@ -38,6 +38,15 @@ def client_options(settings: KafkaSettings) -> dict[str, Any]:
     return options
 
 
+def _describe(settings: KafkaSettings) -> str:
+    """Where and how we connect, for errors (never the password)."""
+    where = f"{settings.bootstrap_servers} ({settings.security_protocol}"
+    if settings.sasl_mechanism:
+        where += f", {settings.sasl_mechanism} as {settings.sasl_username!r}: if the log shows "
+        where += "SaslAuthenticationFailed, check BROADCAST_KAFKA__SASL_USERNAME/SASL_PASSWORD"
+    return where + ")"
+
+
 class KafkaEventLog:
     """Owns one idempotent producer; hands out consumer-group subscriptions. An async context manager."""
 
@@ -58,7 +67,7 @@ class KafkaEventLog:
             await asyncio.wait_for(producer.start(), self._publish_timeout_s)
         except (KafkaError, TimeoutError, OSError) as exc:
             await producer.stop()
-            raise UnavailableError(f"cannot connect to Kafka at {self._settings.bootstrap_servers}: {exc!r}") from exc
+            raise UnavailableError(f"cannot connect to Kafka at {_describe(self._settings)}: {exc!r}") from exc
         self._producer = producer
         return self
 

@@ -12,10 +12,12 @@ from broadcast.adapters.kafka_admin import ensure_topics
 from broadcast.adapters.kafka_log import KafkaEventLog
 from broadcast.adapters.memory_bus import MemoryBus, MemoryPresence
 from broadcast.adapters.memory_log import MemoryEventLog
+from broadcast.adapters.memory_sessions import MemorySlots, MemoryTickets
 from broadcast.adapters.memory_stores import MemoryOutboxStore, MemoryUserStore
 from broadcast.adapters.redis_bus import RedisBus, RedisPresence, create_client
+from broadcast.adapters.redis_sessions import RedisSlots, RedisTickets
 from broadcast.adapters.sql_stores import SqlOutboxStore, SqlUserStore
-from broadcast.ports import Bus, OutboxStore, Presence, UserStore
+from broadcast.ports import Bus, ConnectionSlots, OutboxStore, Presence, TicketStore, UserStore
 from broadcast.settings import KafkaSettings, RedisSettings
 from devstack.stack import StackInfo
 from tests.contract.support import PARTITIONS, PRESENCE_TTL_S, LogUnderTest
@@ -61,5 +63,21 @@ async def bus_presence(request: pytest.FixtureRequest, unique_name: str) -> Asyn
     client = create_client(settings)
     try:
         yield RedisBus(client, settings.key_prefix), RedisPresence(client, settings.key_prefix, PRESENCE_TTL_S)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def sessions(
+    request: pytest.FixtureRequest, unique_name: str
+) -> AsyncIterator[tuple[TicketStore, ConnectionSlots]]:
+    if request.param == "memory":
+        yield MemoryTickets(), MemorySlots(PRESENCE_TTL_S)
+        return
+    stack: StackInfo = request.getfixturevalue("stack")
+    settings = RedisSettings(url=SecretStr(stack.redis_url), key_prefix=f"{unique_name}:")
+    client = create_client(settings)
+    try:
+        yield RedisTickets(client, settings.key_prefix), RedisSlots(client, settings.key_prefix, PRESENCE_TTL_S)
     finally:
         await client.aclose()

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import orjson
 import pytest
 
 from broadcast.errors import ConflictError
 from sse.fanout import Heartbeat
-from sse.frames import HEARTBEAT, Cursor, parse_cursor
+from sse.frames import HEARTBEAT, Cursor, frame, parse_cursor
 from sse.hub import Connection, Hub, Outgoing
 
 
@@ -161,3 +162,11 @@ async def test_every_open_stream_gets_a_heartbeat_each_interval() -> None:
     await beating
     for socket in (alice, bob):
         assert 2 <= socket.bodies.count(HEARTBEAT) <= 4, socket.bodies
+
+
+def test_a_frame_is_one_data_line_whatever_the_content_holds() -> None:
+    hostile = "a\nevent: admin\r\ndata: x\u2028y\u2029z\u0085w\x00<script>"
+    encoded = frame("MESSAGE", {"content": hostile}, "s1")
+    lines = encoded.decode().splitlines()  # the strictest splitter: also breaks at U+2028/9 and NEL
+    assert lines == ["event: MESSAGE", "id: s1", lines[2], ""] and lines[2].startswith("data: {")
+    assert orjson.loads(lines[2][6:]) == {"content": hostile}
