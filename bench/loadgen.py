@@ -22,6 +22,11 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+from broadcast.settings import AuthSettings
+from broadcast.tokens import mint
+
+DEV_AUTH = AuthSettings()
+
 LINGER_RESET = struct.pack("ii", 1, 0)  # close with RST: no TIME_WAIT left on the client's ports
 
 
@@ -31,6 +36,7 @@ class Target:
     port: int
     path: str  # formatted with ``user=<user id>``
     ready: bytes  # bytes of the server's first event; the stream counts as connected once seen
+    bearer: bool = True  # send each user's development bearer token (minted with the dev secret)
 
 
 class Stream(asyncio.Protocol):
@@ -117,9 +123,10 @@ class Worker:
 
         async def one(i: int, user: str) -> None:
             nonlocal first_ready, last_ready
+            auth = f"Authorization: Bearer {mint(DEV_AUTH, user, ttl_seconds=86_400)}\r\n" if self.target.bearer else ""
             request = (
                 f"GET {self.target.path.format(user=user)} HTTP/1.1\r\nHost: {self.target.host}:{self.target.port}\r\n"
-                "Accept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n"
+                f"{auth}Accept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n"
             ).encode()
             async with gate:
                 waiter: asyncio.Future[bool] = loop.create_future()

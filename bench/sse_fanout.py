@@ -42,18 +42,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.loadgen import Clients, Target
+from bench.loadgen import DEV_AUTH, Clients, Target
+from broadcast.tokens import mint
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_VARIANTS = "ours,baseline,baseline-asyncio"
 SOURCES = [f"127.0.0.{i}" for i in range(1, 9)]
-SSE_PATH = "/api/user/sse/connect?devUser={user}"
+SSE_PATH = "/api/user/sse/connect?devUser={user}"  # ours reads the bearer token; the baseline this
 FILLER = (
     "Scheduled maintenance tonight from 22:00 to 23:30 UTC: the reporting dashboard will be read-only and "
     "exports queued meanwhile will run afterwards. Thank you for your patience."
 )
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+ADMIN_TOKEN = mint(DEV_AUTH, "admin", ["admin"], ttl_seconds=86_400)
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,7 @@ def free_port() -> int:
 def request(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
-        headers = {"X-Dev-User": "admin", "Content-Type": "application/json"}
+        headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", "X-Dev-User": "admin", "Content-Type": "application/json"}
         conn.request(method, path, body=body, headers=headers)
         response = conn.getresponse()
         return response.status, response.read()

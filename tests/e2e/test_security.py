@@ -7,6 +7,7 @@ connection cap, the connect rate limit, and the whole pipeline through Kafka's S
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import time
@@ -77,6 +78,29 @@ async def test_a_ticket_opens_one_stream_once_and_never_reaches_the_log(server: 
     assert issued not in log and stale not in log
     for sent_token in (ADMIN["Authorization"], bearer("alice")["Authorization"]):
         assert sent_token.split(".")[-1] not in log, "no token signature in the log"
+
+
+async def test_a_stream_is_always_the_token_holders_own(server: Server) -> None:
+    """alice asks for bob's stream by every parameter a client might try: she gets hers, never his."""
+    headers = {**bearer("alice"), "X-Dev-User": "bob", "Accept": "text/event-stream"}
+    params = {"userId": "bob", "user": "bob", "devUser": "bob", "sub": "bob"}
+    received: list[str] = []
+    url = server.base + "/api/user/sse/connect"
+    async with (
+        httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None)) as http,
+        http.stream("GET", url, headers=headers, params=params) as stream,
+    ):
+        sent = await post(server.base, {"content": "bob only", "targetType": "SELECTED", "targetIds": ["bob"]})
+        assert sent.status_code == 201
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2.5):  # long enough for a live push (they take milliseconds)
+                async for line in stream.aiter_lines():
+                    received.append(line)
+    assert any('"userId":"alice"' in line for line in received), received
+    assert not any("bob only" in line for line in received)
+    async with SseClient(server.base, "bob") as bob:
+        [got] = await bob.wait_for(lambda e: e.event == "MESSAGE")
+        assert got.data["content"] == "bob only"
 
 
 async def test_a_stream_ends_when_its_token_expires(server: Server) -> None:

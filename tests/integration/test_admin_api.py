@@ -471,7 +471,7 @@ async def test_refused_input_is_a_precise_problem_and_writes_nothing(api: Api, b
     assert bad.needle in response.text, problem
     assert await api.rows() == before
     if bad.status == 401:
-        assert response.headers["www-authenticate"] == "Bearer"
+        assert response.headers["www-authenticate"] == 'Bearer realm="broadcast"'
 
 
 async def test_field_errors_are_listed(api: Api) -> None:
