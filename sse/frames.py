@@ -17,6 +17,7 @@ import orjson
 RETRY_MS = 3_000
 RETRY = f"retry: {RETRY_MS}\n\n".encode()
 HEARTBEAT = b": heartbeat\n\n"
+MAX_GROUP_MICROS = 253_402_214_400_000_000  # 9999-12-31T00:00Z, safely below datetime.max
 
 
 class EventName:
@@ -62,4 +63,6 @@ def parse_cursor(raw: str | None) -> Cursor | None:
     if len(raw) > 20 or raw[:1] not in ("s", "g") or not (digits.isascii() and digits.isdigit()):
         raise ValueError(f"not a resumable event id: {raw[:40]!r}")
     value = int(raw[1:])
+    if raw[0] == "g" and value > MAX_GROUP_MICROS:  # past what a datetime holds: no time this server sent
+        raise ValueError(f"not a resumable event id: {raw[:40]!r}")
     return Cursor(row_id=value) if raw[0] == "s" else Cursor(group_micros=value)

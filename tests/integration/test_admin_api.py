@@ -272,6 +272,7 @@ async def test_cancelling_an_unknown_broadcast_is_404(api: Api) -> None:
     [
         ({"cursor": "!!not-a-cursor!!"}, "cursor"),
         ({"cursor": "x" * 5000}, "cursor"),
+        ({"cursor": "WyIwMDAxLTAxLTAxVDAwOjAwOjAwKzAxOjAwIiwieCJd"}, "cursor"),  # ["0001-01-01T00:00:00+01:00","x"]
         ({"limit": "0"}, "limit"),
         ({"limit": "100000"}, "limit"),
         ({"limit": "ten"}, "limit"),
