@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 
-from broadcast import admin_api, health
+from broadcast import admin_api, health, openapi
 from broadcast.components import open_components
 from broadcast.http_problems import EXCEPTION_HANDLERS
 from broadcast.settings import Settings
@@ -39,7 +39,7 @@ def create_app(settings: Settings, roles: frozenset[str] = frozenset(ROLES)) -> 
             yield
 
     app = Starlette(
-        routes=[*health.routes, *admin_api.routes, *dlt_api.routes, *sse_routes.routes],
+        routes=[*health.routes, *admin_api.routes, *dlt_api.routes, *sse_routes.routes, *openapi.routes],
         exception_handlers=dict(EXCEPTION_HANDLERS),
         lifespan=lifespan,
     )
