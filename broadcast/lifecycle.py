@@ -226,13 +226,18 @@ def _in_utc(request: NewBroadcast) -> NewBroadcast:
     """Times in UTC: SQLite keeps no offset, so a +05:00 time would otherwise fire five hours off."""
     return replace(
         request,
-        scheduled_at=request.scheduled_at.astimezone(UTC)
-        if request.scheduled_at and request.scheduled_at.tzinfo
-        else request.scheduled_at,
-        expires_at=request.expires_at.astimezone(UTC)
-        if request.expires_at and request.expires_at.tzinfo
-        else request.expires_at,
+        scheduled_at=_utc(request.scheduled_at, "scheduledAt"),
+        expires_at=_utc(request.expires_at, "expiresAt"),
     )
+
+
+def _utc(moment: datetime | None, field: str) -> datetime | None:
+    if moment is None or moment.tzinfo is None:
+        return moment
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00+01:00 is before the first representable UTC moment
+        raise ValidationError(f"{field} is out of range") from None
 
 
 def _request_hash(request: NewBroadcast, content: str, ids: Sequence[str], sender_id: str) -> str:

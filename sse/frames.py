@@ -17,6 +17,8 @@ import orjson
 RETRY_MS = 3_000
 RETRY = f"retry: {RETRY_MS}\n\n".encode()
 HEARTBEAT = b": heartbeat\n\n"
+MAX_GROUP_MICROS = 253_402_214_400_000_000  # 9999-12-31T00:00Z, safely below datetime.max
+MAX_ROW_ID = 2**63 - 1  # a BIGINT row id
 
 
 class EventName:
@@ -72,4 +74,6 @@ def parse_cursor(raw: str | None) -> Cursor | None:
     if len(raw) > 20 or raw[:1] not in ("s", "g") or not (digits.isascii() and digits.isdigit()):
         raise ValueError(f"not a resumable event id: {raw[:40]!r}")
     value = int(raw[1:])
+    if value > (MAX_GROUP_MICROS if raw[0] == "g" else MAX_ROW_ID):  # nothing this server could have sent
+        raise ValueError(f"not a resumable event id: {raw[:40]!r}")
     return Cursor(row_id=value) if raw[0] == "s" else Cursor(group_micros=value)

@@ -93,5 +93,5 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created_at, last_id = orjson.loads(raw)
         return datetime.fromisoformat(created_at).astimezone(UTC), str(last_id)
-    except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError) as exc:
+    except (ValueError, TypeError, OverflowError, binascii.Error, orjson.JSONDecodeError) as exc:
         raise ValidationError("invalid cursor") from exc

@@ -273,6 +273,7 @@ async def test_cancelling_an_unknown_broadcast_is_404(api: Api) -> None:
     [
         ({"cursor": "!!not-a-cursor!!"}, "cursor"),
         ({"cursor": "x" * 5000}, "cursor"),
+        ({"cursor": "WyIwMDAxLTAxLTAxVDAwOjAwOjAwKzAxOjAwIiwieCJd"}, "cursor"),  # ["0001-01-01T00:00:00+01:00","x"]
         ({"limit": "0"}, "limit"),
         ({"limit": "100000"}, "limit"),
         ({"limit": "ten"}, "limit"),
@@ -406,6 +407,18 @@ BAD_INPUT = [
         json_post({**ALL, "scheduledAt": at(days=2), "expiresAt": at(days=1)}),
         400,
         "after scheduledAt",
+    ),
+    Bad(
+        "scheduledAt before UTC can hold it",
+        json_post({**ALL, "scheduledAt": "0001-01-01T00:00:00+01:00"}),
+        400,
+        "out of range",
+    ),
+    Bad(
+        "expiresAt after UTC can hold it",
+        json_post({**ALL, "expiresAt": "9999-12-31T23:59:59-05:00"}),
+        400,
+        "out of range",
     ),
     Bad("expiresAt without offset", json_post({**ALL, "expiresAt": "2099-01-01T10:00:00"}), 400, "expiresAt"),
     Bad("unknown field", json_post({**ALL, "senderId": "mallory"}), 400, "senderId"),

@@ -140,13 +140,18 @@ async def test_shutdown_sends_the_farewell_after_what_is_queued_then_ends_the_re
         ("", None),
         ("s42", Cursor(row_id=42)),
         ("g1700000000000000", Cursor(group_micros=1700000000000000)),
+        ("g253402214400000000", Cursor(group_micros=253402214400000000)),
+        (f"s{2**63 - 1}", Cursor(row_id=2**63 - 1)),
     ],
 )
 def test_cursors_parse(raw: str | None, expected: Cursor | None) -> None:
     assert parse_cursor(raw) == expected
 
 
-@pytest.mark.parametrize("raw", ["x1", "s", "s-1", "s²", "g1.5", "s" + "9" * 30])
+FOREIGN = ["x1", "s", "s-1", "s²", "g1.5", "s" + "9" * 30, "g253402214400000001", "g" + "9" * 19, f"s{2**63}"]
+
+
+@pytest.mark.parametrize("raw", FOREIGN)
 def test_foreign_cursors_are_refused(raw: str) -> None:
     with pytest.raises(ValueError, match="not a resumable event id"):
         parse_cursor(raw)
