@@ -9,6 +9,7 @@ same ``InvalidToken`` to the caller; its message (never the token) is for the lo
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,18 +28,41 @@ class InvalidToken(Exception):
 
 
 class TokenVerifier:
-    """Checks bearer tokens against one configured key source."""
+    """Checks bearer tokens against one configured key source.
+
+    A client sends the same token with every request until it expires, so verified tokens are remembered
+    (at most ``CACHE_SIZE``, least recently used dropped): a repeat costs a dictionary lookup and the
+    expiry check instead of a signature check. Only successes are remembered.
+    """
+
+    CACHE_SIZE = 10_000
 
     def __init__(self, auth: AuthSettings, jwks: JwksKeys | None = None) -> None:
         self._auth = auth
         self._jwks = jwks
         self._static_key: Any = None
+        self._verified: OrderedDict[str, Principal] = OrderedDict()
         if auth.jwks_url is None:
             self._static_key = (
-                auth.jwt_secret.get_secret_value() if auth.algorithm == "HS256" else auth.public_key_pem()
+                auth.jwt_secret.get_secret_value()
+                if auth.algorithm == "HS256"
+                else jwt.get_algorithm_by_name(auth.algorithm).prepare_key(auth.public_key_pem())
             )
 
     async def verify(self, token: str) -> Principal:
+        known = self._verified.get(token)
+        if known is not None:
+            if time.time() < known.expires_at + self._auth.leeway_seconds:
+                self._verified.move_to_end(token)
+                return known
+            del self._verified[token]
+        principal = await self._verify(token)
+        self._verified[token] = principal
+        if len(self._verified) > self.CACHE_SIZE:
+            self._verified.popitem(last=False)
+        return principal
+
+    async def _verify(self, token: str) -> Principal:
         auth = self._auth
         if len(token) > auth.max_token_bytes:
             raise InvalidToken("token too large")

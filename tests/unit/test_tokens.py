@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import http.server
 import threading
@@ -186,3 +187,22 @@ def test_production_refuses_the_dev_secret_and_weak_keys() -> None:
     assert (
         Settings(environment="production", auth=AuthSettings(jwt_secret=SecretStr("p" * 40))).auth.algorithm == "HS256"
     )
+
+
+async def test_a_remembered_token_still_expires() -> None:
+    settings = AuthSettings(leeway_seconds=0)
+    verifier = TokenVerifier(settings)
+    token = mint(settings, "dave", ttl_seconds=2)  # exp is 1-2 s away (iat is whole seconds)
+    assert (await verifier.verify(token)).sub == "dave"
+    assert (await verifier.verify(token)).sub == "dave"  # from the cache
+    await asyncio.sleep(2.1)
+    with pytest.raises(InvalidToken):
+        await verifier.verify(token)
+
+
+async def test_the_verified_token_cache_is_bounded() -> None:
+    verifier = TokenVerifier(HS)
+    verifier.CACHE_SIZE = 5
+    for i in range(20):
+        await verifier.verify(mint(HS, f"u{i}"))
+    assert len(verifier._verified) == 5
