@@ -78,7 +78,7 @@ def _middleware(settings: Settings) -> list[Middleware]:
     """Outermost first: security headers on everything, CORS (preflights answer before auth), body cap,
     then authentication."""
     auth = settings.auth
-    verifier = TokenVerifier(auth, JwksKeys(auth.jwks_url) if auth.jwks_url else None)
+    verifier = TokenVerifier(auth, JwksKeys(auth.jwks_url, auth.algorithm) if auth.jwks_url else None)
     limits = settings.limits
     stack = [Middleware(SecurityHeaders)]
     if settings.server.cors_origins:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from urllib.parse import parse_qs
 
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -48,20 +47,21 @@ class AuthGate:
         self.app, self._verifier, self._admin_role, self._redeem = app, verifier, admin_role, redeem
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path: str = scope.get("path", "")
+        path = route_path(scope)
         if scope["type"] != "http" or not path.startswith(API_PREFIX) or path in PUBLIC_API_PATHS:
             await self.app(scope, receive, send)
             return
         try:
             who = await self._authenticate(scope)
             if path.startswith(ADMIN_PREFIX) and self._admin_role not in who.roles:
-                log.info("forbidden: %s %s by %s (not %s)", scope["method"], path, who.sub, self._admin_role)
+                log.info("forbidden: %s %s by %r (not %s)", scope["method"], path, who.sub, self._admin_role)
                 raise forbidden()
         except HttpProblem as exc:
             await _reply(send, exc)
             return
         except UnavailableError as exc:
-            await _reply(send, HttpProblem(503, "Service unavailable", str(exc)))
+            log.warning("cannot check an SSE ticket: %s", exc)
+            await _reply(send, HttpProblem(503, "Service unavailable", "sign-in cannot be checked now; retry"))
             return
         scope[PRINCIPAL_SCOPE_KEY] = who
         await self.app(scope, receive, send)
@@ -87,6 +87,14 @@ class AuthGate:
         return who
 
 
+def route_path(scope: Scope) -> str:
+    """The path the router matches (``root_path`` removed, as Starlette does), so that a deployment under a
+    prefix is guarded exactly like one at the root."""
+    path: str = scope.get("path", "")
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
 def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope.get("headers", ()):
         if key == name:
@@ -96,10 +104,14 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 def _ticket(scope: Scope) -> str | None:
     """``?ticket=`` — accepted only on the SSE connect route (``EventSource`` cannot send headers)."""
-    if scope["path"] != TICKET_PATH or scope["method"] != "GET":
+    if route_path(scope) != TICKET_PATH or scope["method"] != "GET":
         return None
-    values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("ticket")
-    return values[0] if values else None
+    query: bytes = scope.get("query_string", b"")
+    for pair in query.decode("latin-1").split("&"):
+        key, _, value = pair.partition("=")
+        if key == "ticket":  # the literal name only: an encoded one (%74icket) would dodge log redaction
+            return value
+    return None
 
 
 class BodyLimit:
@@ -112,12 +124,13 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self._per_path.get(scope["path"], self._default)
+        limit = self._per_path.get(route_path(scope), self._default)
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
             await _reply(send, too_large(limit))
             return
         received = 0
+        responding = False
 
         async def counted() -> Message:
             nonlocal received
@@ -125,10 +138,17 @@ class BodyLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
+                    if responding:  # too late for a 413 (e.g. a stream reading for disconnects): hang up
+                        return {"type": "http.disconnect"}
                     raise too_large(limit)
             return message
 
-        await self.app(scope, counted, send)
+        async def watched(message: Message) -> None:
+            nonlocal responding
+            responding = responding or message["type"] == "http.response.start"
+            await send(message)
+
+        await self.app(scope, counted, watched)
 
 
 class SecurityHeaders:
@@ -139,7 +159,7 @@ class SecurityHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        api = scope["path"].startswith(API_PREFIX)
+        api = route_path(scope).startswith(API_PREFIX)
 
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -16,11 +16,15 @@ import jwt
 
 log = logging.getLogger(__name__)
 MAX_JWKS_BYTES = 1_048_576
+KEY_TYPES = {"RS256": "RSA", "ES256": "EC", "HS256": "oct"}
 
 
 class JwksKeys:
-    def __init__(self, url: str, refresh_seconds: float = 300.0, min_refetch_seconds: float = 30.0) -> None:
+    def __init__(
+        self, url: str, algorithm: str, refresh_seconds: float = 300.0, min_refetch_seconds: float = 30.0
+    ) -> None:
         self._url = url
+        self._key_type = KEY_TYPES[algorithm]
         self._refresh_s = refresh_seconds
         self._min_refetch_s = min_refetch_seconds
         self._keys: dict[str, Any] = {}
@@ -50,4 +54,5 @@ class JwksKeys:
         if len(data) > MAX_JWKS_BYTES:
             raise ValueError("JWKS document too large")
         keys = jwt.PyJWKSet.from_json(data.decode())
-        return {k.key_id: k.key for k in keys.keys if k.key_id}
+        # only keys of the pinned algorithm's type: a token naming an EC key under RS256 is then unknown
+        return {k.key_id: k.key for k in keys.keys if k.key_id and k.key_type == self._key_type}

@@ -309,7 +309,8 @@ class ConnectionSlots(Protocol):
     async def release(self, user_id: str, slot: str) -> None: ...
 
     async def refresh(self, slots: Sequence[tuple[str, str]]) -> None:
-        """Keep ``(user_id, slot)`` pairs alive (called periodically by the instance holding them)."""
+        """Keep ``(user_id, slot)`` pairs alive, re-adding any that expired (called periodically by the
+        instance holding them: after an outage the count is true again)."""
         ...
 
 

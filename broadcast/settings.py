@@ -229,6 +229,8 @@ class AuthSettings(BaseModel):
     def _key_source(self) -> AuthSettings:
         if self.algorithm != "HS256" and self.public_key is None and self.jwks_url is None:
             raise ValueError(f"auth.algorithm {self.algorithm} needs auth.public_key (PEM) or auth.jwks_url")
+        if self.jwks_url and not self.jwks_url.startswith(("https://", "http://127.0.0.1", "http://localhost")):
+            raise ValueError("auth.jwks_url must be https:// (plain http only on the loopback)")
         if self.algorithm == "HS256" and len(self.jwt_secret.get_secret_value().encode()) < 32:
             raise ValueError("auth.jwt_secret must be at least 32 bytes")
         return self

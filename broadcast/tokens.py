@@ -20,6 +20,7 @@ from broadcast.jwks import JwksKeys
 from broadcast.settings import AuthSettings
 
 MAX_ROLES = 50
+MAX_EXP = 253_402_300_799  # 9999-12-31T23:59:59Z
 MAX_SUB_CHARS = 128
 
 
@@ -39,7 +40,7 @@ class TokenVerifier:
 
     def __init__(self, auth: AuthSettings, jwks: JwksKeys | None = None) -> None:
         self._auth = auth
-        self._jwks = jwks
+        self._jwks = jwks  # built for the pinned algorithm: it only holds keys of that type
         self._static_key: Any = None
         self._verified: OrderedDict[str, Principal] = OrderedDict()
         if auth.jwks_url is None:
@@ -83,11 +84,14 @@ class TokenVerifier:
                 leeway=auth.leeway_seconds,
                 options={"require": ["exp", "sub", "aud", "iss"], "strict_aud": True},
             )
-        except jwt.PyJWTError as exc:
+        except Exception as exc:  # PyJWTError, and TypeError/ValueError for a key of the wrong type
             raise InvalidToken(f"rejected: {type(exc).__name__}") from None
         if claims.get("iss") != auth.issuer:  # exact, whatever the library's matching rules
             raise InvalidToken("issuer mismatch")
-        return Principal(_subject(claims.get("sub")), _roles(claims.get(auth.roles_claim)), float(claims["exp"]))
+        expires_at = claims["exp"]
+        if not isinstance(expires_at, int | float) or not 0 < expires_at < MAX_EXP:
+            raise InvalidToken("exp out of range")
+        return Principal(_subject(claims.get("sub")), _roles(claims.get(auth.roles_claim)), float(expires_at))
 
     async def _key(self, kid: object) -> Any:
         if kid is not None and not isinstance(kid, str):

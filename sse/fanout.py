@@ -120,9 +120,12 @@ class PresenceKeeper:
         while not stop.is_set():
             try:
                 await self._presence.heartbeat_many(self._hub.users(), self._instance_id)
-                await self._admission.refresh(list(self._hub.connections()))
             except BroadcastError as exc:
                 log.warning("presence heartbeat failed: %s", exc)
+            try:
+                await self._admission.refresh(list(self._hub.connections()))
+            except BroadcastError as exc:
+                log.warning("connection slot refresh failed: %s", exc)
             await pause(stop, self._interval_s)
 
 

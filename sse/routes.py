@@ -66,7 +66,8 @@ async def connect(request: Request) -> Response:
         raise
     start = head(connection, c.settings.server.instance_id, resync)
     items = [outgoing(item, user_id) for item in backlog]
-    return SseStream(connection, start, items, lambda: _close(request, connection), who.expires_at)
+    ends_at = who.expires_at + c.settings.auth.leeway_seconds  # as long as the token is accepted
+    return SseStream(connection, start, items, lambda: _close(request, connection), ends_at)
 
 
 def _limit_reached(limit: int) -> Response:

@@ -20,6 +20,8 @@ class MemoryTickets:
         now = time.monotonic()
         if len(self._tickets) >= MAX_TICKETS:
             self._tickets = {t: e for t, e in self._tickets.items() if e[1] > now}
+            while len(self._tickets) >= MAX_TICKETS:  # all still live: the oldest goes
+                del self._tickets[next(iter(self._tickets))]
         ticket = secrets.token_urlsafe(TICKET_BYTES)
         self._tickets[ticket] = (principal, now + ttl_s)
         return ticket
@@ -53,7 +55,5 @@ class MemorySlots:
 
     async def refresh(self, slots: Sequence[tuple[str, str]]) -> None:
         expiry = time.monotonic() + self._ttl
-        for user_id, slot in slots:
-            held = self._slots.get(user_id)
-            if held is not None and slot in held:
-                held[slot] = expiry
+        for user_id, slot in slots:  # re-adds a slot that expired or was never registered
+            self._slots.setdefault(user_id, {})[slot] = expiry

@@ -34,9 +34,8 @@ _REFRESH = """
 local t = redis.call('TIME')
 local expiry = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
 for i, key in ipairs(KEYS) do
-  if redis.call('ZADD', key, 'XX', 'CH', expiry, ARGV[i + 1]) >= 0 then
-    redis.call('PEXPIRE', key, tonumber(ARGV[1]))
-  end
+  redis.call('ZADD', key, expiry, ARGV[i + 1])
+  redis.call('PEXPIRE', key, tonumber(ARGV[1]))
 end
 return 1
 """

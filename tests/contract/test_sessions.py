@@ -53,3 +53,17 @@ async def test_concurrent_acquires_never_exceed_the_limit(sessions: tuple[Ticket
     _, slots = sessions
     taken = await asyncio.gather(*(slots.acquire("carol", f"s{i}", 5) for i in range(40)))
     assert sum(taken) == 5
+
+
+async def test_a_ticket_redeemed_concurrently_is_granted_once(sessions: tuple[TicketStore, ConnectionSlots]) -> None:
+    tickets, _ = sessions
+    ticket = await tickets.issue(ALICE, 30)
+    granted = await asyncio.gather(*(tickets.redeem(ticket) for _ in range(20)))
+    assert [g for g in granted if g is not None] == [ALICE]
+
+
+async def test_refresh_brings_back_a_slot_lost_in_an_outage(sessions: tuple[TicketStore, ConnectionSlots]) -> None:
+    _, slots = sessions
+    assert await slots.acquire("erin", "kept", 2)
+    await slots.refresh([("erin", "kept"), ("erin", "taken-while-redis-was-down")])
+    assert not await slots.acquire("erin", "third", 2), "both live streams count again"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import subprocess
 import sys
 import time
@@ -76,8 +77,7 @@ async def test_a_ticket_opens_one_stream_once_and_never_reaches_the_log(server: 
     log = server.log.read_text()
     assert "ticket=[redacted]" in log, "the access log shows the stream requests, without the ticket"
     assert issued not in log and stale not in log
-    for sent_token in (ADMIN["Authorization"], bearer("alice")["Authorization"]):
-        assert sent_token.split(".")[-1] not in log, "no token signature in the log"
+    assert not re.search(r"eyJ[\w-]+\.eyJ[\w-]+", log), "no JWT anywhere in the log"
 
 
 async def test_a_stream_is_always_the_token_holders_own(server: Server) -> None:

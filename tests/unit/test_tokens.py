@@ -79,6 +79,9 @@ ATTACKS: dict[str, tuple[AuthSettings, Callable[[], str]]] = {
     "iss with a matching prefix": (HS, lambda: hs(claims(iss=ISS + ".evil.example"))),
     "iss that is a prefix": (HS, lambda: hs(claims(iss=ISS[:-1]))),
     "future nbf": (HS, lambda: hs(claims(nbf=int(time.time()) + 3_600))),
+    "future iat": (HS, lambda: hs(claims(iat=int(time.time()) + 3_600))),
+    "aud as a list (exact match only)": (HS, lambda: hs(claims(aud=[AUD, "other"]))),
+    "exp beyond year 9999": (HS, lambda: hs(claims(exp=10**12))),
     "unknown kid": (HS, lambda: hs(claims(), headers={"kid": "some-other-key"})),
     "malformed base64": (HS, lambda: "eyJ!!!.eyJzdWIiOiJhIn0.c2ln"),
     "not a JWT": (HS, lambda: "hello"),
@@ -127,10 +130,12 @@ async def test_a_configured_kid_is_required() -> None:
 
 @pytest.fixture
 def jwks_server() -> Iterator[tuple[str, list[int]]]:
-    """A JWKS endpoint on 127.0.0.1 serving one ES256 key (kid ``ec-1``); counts its fetches."""
-    public = EC_KEY.public_key()
-    jwk = orjson.loads(jwt.algorithms.ECAlgorithm.to_jwk(public))
-    document = orjson.dumps({"keys": [{**jwk, "kid": "ec-1", "alg": "ES256", "use": "sig"}]})
+    """A JWKS endpoint on 127.0.0.1 serving an ES256 key (kid ``ec-1``) and an RSA key (kid ``rsa-1``);
+    counts its fetches."""
+    ec_jwk = orjson.loads(jwt.algorithms.ECAlgorithm.to_jwk(EC_KEY.public_key()))
+    rsa_jwk = orjson.loads(jwt.algorithms.RSAAlgorithm.to_jwk(RSA_KEY.public_key()))
+    keys = [{**ec_jwk, "kid": "ec-1", "alg": "ES256", "use": "sig"}, {**rsa_jwk, "kid": "rsa-1", "use": "sig"}]
+    document = orjson.dumps({"keys": keys})
     fetches: list[int] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -157,7 +162,7 @@ EC_KEY = ec.generate_private_key(ec.SECP256R1())
 async def test_es256_keys_from_a_jwks_url(jwks_server: tuple[str, list[int]]) -> None:
     url, fetches = jwks_server
     settings = AuthSettings(algorithm="ES256", jwks_url=url)
-    verifier = TokenVerifier(settings, JwksKeys(url, min_refetch_seconds=60))
+    verifier = TokenVerifier(settings, JwksKeys(url, "ES256", min_refetch_seconds=60))
     good = jwt.encode(claims(), EC_KEY, algorithm="ES256", headers={"kid": "ec-1"})
     assert (await verifier.verify(good)).sub == "alice"
     for kid in ("ec-2", "ec-3", "ec-4"):  # unknown kids: refused, and they do not hammer the IdP
@@ -165,7 +170,14 @@ async def test_es256_keys_from_a_jwks_url(jwks_server: tuple[str, list[int]]) ->
             await verifier.verify(jwt.encode(claims(), EC_KEY, algorithm="ES256", headers={"kid": kid}))
     with pytest.raises(InvalidToken):  # no kid with a JWKS
         await verifier.verify(jwt.encode(claims(), EC_KEY, algorithm="ES256"))
+    with pytest.raises(InvalidToken):  # a key of another type: unknown here, never a TypeError (500)
+        await verifier.verify(jwt.encode(claims(), EC_KEY, algorithm="ES256", headers={"kid": "rsa-1"}))
     assert len(fetches) == 1
+    rs_settings = AuthSettings(algorithm="RS256", jwks_url=url)
+    rs_verifier = TokenVerifier(rs_settings, JwksKeys(url, "RS256"))
+    assert (await rs_verifier.verify(jwt.encode(claims(), RSA_KEY, algorithm="RS256", headers={"kid": "rsa-1"}))).sub
+    with pytest.raises(InvalidToken):
+        await rs_verifier.verify(jwt.encode(claims(), RSA_KEY, algorithm="RS256", headers={"kid": "ec-1"}))
 
 
 def test_mint_round_trips_and_refuses_asymmetric_settings() -> None:
@@ -184,6 +196,8 @@ def test_production_refuses_the_dev_secret_and_weak_keys() -> None:
         AuthSettings(jwt_secret=SecretStr("short"))
     with pytest.raises(SettingsError, match="public_key"):
         AuthSettings(algorithm="RS256")
+    with pytest.raises(SettingsError, match="https"):
+        AuthSettings(algorithm="RS256", jwks_url="http://idp.example/jwks.json")
     assert (
         Settings(environment="production", auth=AuthSettings(jwt_secret=SecretStr("p" * 40))).auth.algorithm == "HS256"
     )

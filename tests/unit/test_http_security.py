@@ -1,0 +1,152 @@
+"""The ASGI guards on their own, driven straight through ASGI: body cap, auth gate paths, log redaction."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message
+
+from broadcast.domain import Principal
+from broadcast.http_problems import EXCEPTION_HANDLERS
+from broadcast.http_security import AuthGate, BodyLimit
+from broadcast.serve import RedactSecrets
+from broadcast.settings import AuthSettings
+from broadcast.tokens import TokenVerifier, mint
+
+AUTH = AuthSettings()
+LIMIT = 1_000
+seen: dict[str, Any] = {}
+
+
+async def unbounded(request: Request) -> Response:
+    """A careless handler: reads the whole body with no limit of its own."""
+    body = await request.body()
+    return Response(str(len(body)))
+
+
+class StreamThenRead:
+    """Starts answering, then keeps reading the body (as a stream waits for the client to go)."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self._run(receive, send)
+
+    @staticmethod
+    async def _run(receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                seen["disconnected"] = True
+                break
+        await send({"type": "http.response.body", "body": b"bye", "more_body": False})
+
+
+async def whoami(request: Request) -> Response:
+    principal = request.scope.get("broadcast.principal")
+    return Response(principal.sub if principal else "nobody")
+
+
+async def redeem(scope: Any, ticket: str) -> Principal | None:
+    return Principal("tess", frozenset(), 2e9) if ticket == "good" else None
+
+
+def app() -> ASGIApp:
+    routes = [
+        Route("/api/user/body", unbounded, methods=["POST"]),
+        Route("/api/user/stream", StreamThenRead(), methods=["POST"]),
+        Route("/api/admin/who", whoami, methods=["GET"]),
+        Route("/api/user/sse/connect", whoami, methods=["GET"]),
+    ]
+    gate = Middleware(AuthGate, verifier=TokenVerifier(AUTH), admin_role="admin", redeem=redeem)
+    body = Middleware(BodyLimit, default=LIMIT, per_path={})
+    return Starlette(routes=routes, middleware=[body, gate], exception_handlers=dict(EXCEPTION_HANDLERS))
+
+
+async def call(
+    method: str,
+    path: str,
+    *,
+    token: str | None = None,
+    chunks: list[bytes] | None = None,
+    query: bytes = b"",
+    root_path: str = "",
+) -> tuple[int, bytes]:
+    headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
+    pending = list(chunks or [])
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": root_path + path,
+        "raw_path": (root_path + path).encode(),
+        "root_path": root_path,
+        "query_string": query,
+        "headers": headers,
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 80),
+    }
+    status, body = 0, b""
+
+    async def receive() -> Message:
+        if pending:
+            return {"type": "http.request", "body": pending.pop(0), "more_body": bool(pending)}
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        nonlocal status, body
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            body += message.get("body", b"")
+
+    await app()(scope, receive, send)
+    return status, body
+
+
+async def test_a_chunked_body_over_the_cap_is_413_even_for_a_careless_handler() -> None:
+    token = mint(AUTH, "ann")
+    status, body = await call("POST", "/api/user/body", token=token, chunks=[b"x" * 400] * 3)
+    assert status == 413 and b"exceeds 1000 bytes" in body
+    assert await call("POST", "/api/user/body", token=token, chunks=[b"x" * 400] * 2) == (200, b"800")
+
+
+async def test_past_the_cap_after_the_response_started_the_handler_sees_a_disconnect() -> None:
+    seen.clear()
+    status, body = await call("POST", "/api/user/stream", token=mint(AUTH, "ann"), chunks=[b"x" * 600] * 3)
+    assert (status, body, seen) == (200, b"bye", {"disconnected": True})
+
+
+async def test_a_prefix_deployment_is_guarded_like_the_root() -> None:
+    for root in ("", "/broadcast"):
+        assert (await call("GET", "/api/admin/who", root_path=root))[0] == 401
+        assert (await call("GET", "/api/admin/who", token=mint(AUTH, "ann"), root_path=root))[0] == 403
+        assert await call("GET", "/api/admin/who", token=mint(AUTH, "ann", ["admin"]), root_path=root) == (200, b"ann")
+
+
+async def test_a_ticket_counts_only_under_its_literal_name_on_the_stream_route() -> None:
+    assert await call("GET", "/api/user/sse/connect", query=b"ticket=good") == (200, b"tess")
+    assert (await call("GET", "/api/user/sse/connect", query=b"%74icket=good"))[0] == 401
+    assert (await call("GET", "/api/user/sse/connect", query=b"ticket=bad"))[0] == 401
+    assert (await call("GET", "/api/admin/who", query=b"ticket=good"))[0] == 401
+
+
+def test_the_access_log_never_shows_a_ticket() -> None:
+    record = logging.LogRecord(
+        "uvicorn.access",
+        logging.INFO,
+        __file__,
+        1,
+        '%s - "%s %s"',
+        ("1.2.3.4", "GET", "/x?a=1&ticket=SECRET&b=2"),
+        None,
+    )
+    assert RedactSecrets().filter(record)
+    assert "SECRET" not in record.getMessage() and "ticket=[redacted]&b=2" in record.getMessage()
