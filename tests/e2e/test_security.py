@@ -41,6 +41,7 @@ def env(stack: StackInfo, unique_name: str, tmp_path: Path) -> Iterator[dict[str
         tmp_path,
         BROADCAST_SSE__MAX_CONNECTIONS_PER_USER="2",
         BROADCAST_AUTH__TICKET_TTL_SECONDS="2",
+        BROADCAST_AUTH__LEEWAY_SECONDS="1",  # a stream lives until exp + leeway
         BROADCAST_LIMITS__CONNECT_BURST_PER_USER="6",
         BROADCAST_LIMITS__CONNECT_PER_SECOND_PER_USER="0.2",
     )
