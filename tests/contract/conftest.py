@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 from pydantic import SecretStr
+from redis.asyncio import Redis
 
 from broadcast.adapters import sql_migrate
 from broadcast.adapters.kafka_admin import ensure_topics
@@ -53,18 +55,25 @@ async def stores(
         yield SqlUserStore(engine), SqlOutboxStore(engine)
 
 
+@asynccontextmanager
+async def _redis(request: pytest.FixtureRequest, unique_name: str) -> AsyncIterator[tuple[Redis, str]]:
+    """A client on the stack's Redis and a key prefix of this test's own."""
+    stack: StackInfo = request.getfixturevalue("stack")
+    settings = RedisSettings(url=SecretStr(stack.redis_url), key_prefix=f"{unique_name}:")
+    client = create_client(settings)
+    try:
+        yield client, settings.key_prefix
+    finally:
+        await client.aclose()
+
+
 @pytest.fixture(params=["memory", "redis"])
 async def bus_presence(request: pytest.FixtureRequest, unique_name: str) -> AsyncIterator[tuple[Bus, Presence]]:
     if request.param == "memory":
         yield MemoryBus(), MemoryPresence(PRESENCE_TTL_S)
         return
-    stack: StackInfo = request.getfixturevalue("stack")
-    settings = RedisSettings(url=SecretStr(stack.redis_url), key_prefix=f"{unique_name}:")
-    client = create_client(settings)
-    try:
-        yield RedisBus(client, settings.key_prefix), RedisPresence(client, settings.key_prefix, PRESENCE_TTL_S)
-    finally:
-        await client.aclose()
+    async with _redis(request, unique_name) as (client, prefix):
+        yield RedisBus(client, prefix), RedisPresence(client, prefix, PRESENCE_TTL_S)
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -74,10 +83,5 @@ async def sessions(
     if request.param == "memory":
         yield MemoryTickets(), MemorySlots(PRESENCE_TTL_S)
         return
-    stack: StackInfo = request.getfixturevalue("stack")
-    settings = RedisSettings(url=SecretStr(stack.redis_url), key_prefix=f"{unique_name}:")
-    client = create_client(settings)
-    try:
-        yield RedisTickets(client, settings.key_prefix), RedisSlots(client, settings.key_prefix, PRESENCE_TTL_S)
-    finally:
-        await client.aclose()
+    async with _redis(request, unique_name) as (client, prefix):
+        yield RedisTickets(client, prefix), RedisSlots(client, prefix, PRESENCE_TTL_S)

@@ -13,15 +13,12 @@ from typing import Any
 
 import httpx
 import pytest
-from pydantic import SecretStr
 from sqlalchemy import func, select, table, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from broadcast.adapters import sql_migrate
-from broadcast.adapters.sql_engine import create_engine
-from broadcast.app import create_app
-from broadcast.settings import DatabaseSettings, KafkaSettings, LimitsSettings, RedisSettings, Settings
+from broadcast.settings import LimitsSettings
 from devstack.stack import StackInfo
+from tests.apps import api_in_process
 from tests.auth import bearer
 
 ADMIN = bearer("admin-ann", "admin")
@@ -56,26 +53,9 @@ class Api:
 
 @pytest.fixture
 async def api(stack: StackInfo, unique_name: str) -> AsyncIterator[Api]:
-    settings = Settings(
-        database=DatabaseSettings(url=SecretStr(stack.postgres_url), schema_name=unique_name),
-        kafka=KafkaSettings(bootstrap_servers=stack.kafka_bootstrap, topic_prefix=f"{unique_name}."),
-        redis=RedisSettings(url=SecretStr(stack.redis_url), key_prefix=f"{unique_name}:"),
-        limits=LimitsSettings(max_csv_rows=MAX_CSV_ROWS, max_csv_bytes=MAX_CSV_BYTES, max_bulk_users=MAX_BULK_USERS),
-    )
-    engine = create_engine(settings.database)
-    try:
-        await sql_migrate.upgrade(engine, settings.database)
-        app = create_app(settings, roles=frozenset({"api"}))
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with (
-            app.router.lifespan_context(app),
-            httpx.AsyncClient(transport=transport, base_url="http://test") as http,
-        ):
-            yield Api(http, engine)
-    finally:
-        async with engine.begin() as conn:
-            await conn.execute(text(f'DROP SCHEMA IF EXISTS "{unique_name}" CASCADE'))
-        await engine.dispose()
+    limits = LimitsSettings(max_csv_rows=MAX_CSV_ROWS, max_csv_bytes=MAX_CSV_BYTES, max_bulk_users=MAX_BULK_USERS)
+    async with api_in_process(stack, unique_name, limits=limits) as (http, engine):
+        yield Api(http, engine)
 
 
 def at(**delta: float) -> str:

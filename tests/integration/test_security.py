@@ -21,23 +21,17 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-from pydantic import SecretStr
-from sqlalchemy import text
 from starlette.routing import Route
 
-from broadcast.adapters import sql_migrate
-from broadcast.adapters.sql_engine import create_engine
 from broadcast.app import create_app
 from broadcast.settings import (
     DEV_JWT_SECRET,
-    DatabaseSettings,
-    KafkaSettings,
     LimitsSettings,
-    RedisSettings,
     ServerSettings,
     Settings,
 )
 from devstack.stack import StackInfo
+from tests.apps import api_in_process
 from tests.auth import bearer
 
 PUBLIC_ROUTES = {"/health/live", "/health/ready", "/api/openapi.json"}
@@ -75,27 +69,14 @@ WITH_BODY = [e for e in API if e.method in ("POST", "PUT")]
 
 @pytest.fixture
 async def http(stack: StackInfo, unique_name: str) -> AsyncIterator[httpx.AsyncClient]:
-    settings = Settings(
-        database=DatabaseSettings(url=SecretStr(stack.postgres_url), schema_name=unique_name),
-        kafka=KafkaSettings(bootstrap_servers=stack.kafka_bootstrap, topic_prefix=f"{unique_name}."),
-        redis=RedisSettings(url=SecretStr(stack.redis_url), key_prefix=f"{unique_name}:"),
-        server=ServerSettings(cors_origins=[ALLOWED_ORIGIN]),
-        limits=LimitsSettings(max_csv_bytes=4 * 1_048_576),  # the CSV route's cap (5 MiB with the form) < 10 MB
-    )
-    engine = create_engine(settings.database)
-    try:
-        await sql_migrate.upgrade(engine, settings.database)
-        app = create_app(settings, roles=frozenset({"api"}))
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with (
-            app.router.lifespan_context(app),
-            httpx.AsyncClient(transport=transport, base_url="http://test", timeout=10) as client,
-        ):
-            yield client
-    finally:
-        async with engine.begin() as conn:
-            await conn.execute(text(f'DROP SCHEMA IF EXISTS "{unique_name}" CASCADE'))
-        await engine.dispose()
+    limits = LimitsSettings(max_csv_bytes=4 * 1_048_576)  # the CSV route's cap (5 MiB with the form) < 10 MB
+    async with api_in_process(
+        stack, unique_name, limits=limits, server=ServerSettings(cors_origins=[ALLOWED_ORIGIN])
+    ) as (
+        client,
+        _,
+    ):
+        yield client
 
 
 def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
