@@ -11,7 +11,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import Scope
 
-from broadcast import admin_api, health, openapi
+from broadcast import admin_api, health, openapi, web
 from broadcast.admin_api import CSV_PATH, csv_body_limit
 from broadcast.components import Components, open_components
 from broadcast.domain import Principal
@@ -52,7 +52,7 @@ def create_app(settings: Settings, roles: frozenset[str] = frozenset(ROLES)) -> 
             yield
 
     app = Starlette(
-        routes=[*health.routes, *admin_api.routes, *dlt_api.routes, *sse_routes.routes, *openapi.routes],
+        routes=[*health.routes, *admin_api.routes, *dlt_api.routes, *sse_routes.routes, *openapi.routes, *web.routes],
         middleware=_middleware(settings),
         exception_handlers=dict(EXCEPTION_HANDLERS),
         lifespan=lifespan,

@@ -1,0 +1,194 @@
+// broadcast-client.js — a small, dependency-free client for the broadcast server.
+//
+//   const client = new BroadcastClient({ token: () => localStorage.getItem("broadcast.token") });
+//   client.on("message", (m) => …);         // each broadcast once (deduplicated by broadcastId)
+//   client.on("removed", ({broadcastId}) => …);
+//   client.on("read", ({broadcastId}) => …); // read in another tab
+//   client.on("resync", () => …);            // the stream could not resume: refetch the inbox
+//   client.on("state", (s) => …);            // "connecting" | "open" | "reconnecting" | "closed"
+//   client.connect();
+//   await client.api("GET", "/api/user/messages");
+//
+// Streams are opened with a single-use ticket (EventSource cannot send an Authorization header). A ticket
+// cannot be replayed, so the browser's own retry would be refused: on any stream error this client closes
+// the EventSource and opens a new one with a fresh ticket and `lastEventId` = the last event id the browser
+// reported, after the server's `retry:` hint (3 s) or sooner when the browser comes back online.
+(function (global) {
+  "use strict";
+
+  class BroadcastError extends Error {
+    constructor(status, problem) {
+      super((problem && (problem.detail || problem.title)) || "HTTP " + status);
+      this.status = status;
+      this.problem = problem;
+    }
+  }
+
+  class BroadcastClient {
+    constructor(options) {
+      const opts = options || {};
+      this.baseUrl = opts.baseUrl || "";
+      this.token = opts.token || (() => null);
+      this.retryMs = opts.retryMs || 3000;
+      this.handlers = {};
+      this.seen = new Set();
+      this.lastEventId = null;
+      this.source = null;
+      this.timer = null;
+      this.stopped = true;
+      this.state = "closed";
+      this._online = () => this._reconnect(0);
+      this._offline = () => this._drop();
+    }
+
+    on(name, handler) {
+      (this.handlers[name] = this.handlers[name] || []).push(handler);
+      return this;
+    }
+
+    _emit(name, value) {
+      for (const handler of this.handlers[name] || []) {
+        try {
+          handler(value);
+        } catch (err) {
+          console.error("broadcast-client handler failed", err);
+        }
+      }
+    }
+
+    _setState(state) {
+      if (this.state !== state) {
+        this.state = state;
+        this._emit("state", state);
+      }
+    }
+
+    async api(method, path, body) {
+      const headers = { Accept: "application/json" };
+      const token = this.token();
+      if (token) headers.Authorization = "Bearer " + token;
+      const init = { method, headers };
+      if (body instanceof FormData) {
+        init.body = body;
+      } else if (body !== undefined) {
+        headers["Content-Type"] = "application/json";
+        init.body = JSON.stringify(body);
+      }
+      const response = await fetch(this.baseUrl + path, init);
+      const text = await response.text();
+      const data = text ? JSON.parse(text) : null;
+      if (!response.ok) throw new BroadcastError(response.status, data);
+      return data;
+    }
+
+    inbox(cursor) {
+      return this.api("GET", "/api/user/messages" + (cursor ? "?cursor=" + encodeURIComponent(cursor) : ""));
+    }
+
+    markRead(broadcastIds) {
+      return this.api("POST", "/api/user/messages/read", { broadcastIds });
+    }
+
+    /** Forget which broadcasts were shown (after a RESYNC the page re-renders from the inbox). */
+    remember(broadcastIds) {
+      this.seen = new Set(broadcastIds);
+    }
+
+    connect() {
+      this.stopped = false;
+      global.addEventListener("online", this._online);
+      global.addEventListener("offline", this._offline);
+      this._open();
+    }
+
+    close() {
+      this.stopped = true;
+      global.removeEventListener("online", this._online);
+      global.removeEventListener("offline", this._offline);
+      clearTimeout(this.timer);
+      this._drop();
+      this._setState("closed");
+    }
+
+    _drop() {
+      if (this.source) {
+        this.source.close();
+        this.source = null;
+      }
+      if (!this.stopped) this._setState("reconnecting");
+    }
+
+    _reconnect(delayMs) {
+      if (this.stopped) return;
+      clearTimeout(this.timer);
+      this.timer = setTimeout(() => this._open(), delayMs);
+    }
+
+    async _open() {
+      if (this.stopped) return;
+      this._drop();
+      this._setState(this.lastEventId === null && this.seen.size === 0 ? "connecting" : "reconnecting");
+      let ticket;
+      try {
+        ticket = await this.api("POST", "/api/user/sse/ticket");
+      } catch (err) {
+        if (err.status === 401) {
+          this._emit("unauthorized", err);
+          this._setState("closed");
+          return;
+        }
+        this._reconnect(this.retryMs);
+        return;
+      }
+      if (this.stopped) return;
+      let url = this.baseUrl + ticket.streamUrl;
+      if (this.lastEventId) url += "&lastEventId=" + encodeURIComponent(this.lastEventId);
+      const source = new EventSource(url);
+      this.source = source;
+      const track = (event) => {
+        if (event.lastEventId) this.lastEventId = event.lastEventId;
+      };
+      const parsed = (event) => {
+        track(event);
+        try {
+          return JSON.parse(event.data);
+        } catch (err) {
+          return null;
+        }
+      };
+      source.addEventListener("CONNECTED", (event) => {
+        this._setState("open");
+        this._emit("connected", parsed(event));
+      });
+      source.addEventListener("MESSAGE", (event) => {
+        const message = parsed(event);
+        if (!message || this.seen.has(message.broadcastId)) return;
+        this.seen.add(message.broadcastId);
+        this._emit("message", message);
+      });
+      source.addEventListener("READ_RECEIPT", (event) => this._emit("read", parsed(event)));
+      source.addEventListener("MESSAGE_REMOVED", (event) => this._emit("removed", parsed(event)));
+      source.addEventListener("RESYNC", (event) => this._emit("resync", parsed(event)));
+      source.addEventListener("CONNECTION_LIMIT_REACHED", (event) => {
+        this._emit("limit", parsed(event));
+        this._drop();
+        this._reconnect(60000);
+      });
+      for (const name of ["SERVER_SHUTDOWN", "TOKEN_EXPIRED"]) {
+        source.addEventListener(name, (event) => {
+          this._emit(name === "TOKEN_EXPIRED" ? "expired" : "shutdown", parsed(event));
+          this._drop();
+          this._reconnect(name === "TOKEN_EXPIRED" ? 0 : this.retryMs);
+        });
+      }
+      source.onerror = () => {
+        if (this.source !== source) return;
+        this._drop();
+        this._reconnect(navigator.onLine === false ? 60000 : this.retryMs);
+      };
+    }
+  }
+
+  global.BroadcastClient = BroadcastClient;
+  global.BroadcastError = BroadcastError;
+})(window);
