@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from broadcast import admin_api, admin_users_api
+from broadcast import admin_api, admin_users_api, web
 from broadcast.domain import BroadcastStatus
 from broadcast.http_context import components
 from broadcast.http_problems import MEDIA_TYPE as PROBLEM
@@ -329,6 +329,17 @@ def _event_schema() -> Schema:
 def _health_schemas() -> dict[str, Schema]:
     return {
         "Live": {"type": "object", "required": ["status"], "properties": {"status": {"const": "up"}}},
+        "DevTokenRequest": web.DevTokenRequest.model_json_schema(by_alias=True),
+        "DevToken": {
+            "type": "object",
+            "required": ["token", "sub", "roles", "expiresInSeconds"],
+            "properties": {
+                "token": {"type": "string"},
+                "sub": {"type": "string"},
+                "roles": {"type": "array", "items": {"type": "string"}},
+                "expiresInSeconds": {"type": "integer"},
+            },
+        },
         "Ready": {
             "type": "object",
             "required": ["status", "failing", "checks"],
@@ -839,6 +850,26 @@ def _public_paths() -> dict[str, Schema]:
         OPENAPI_PATH: {
             "get": _operation(
                 "openapi", "This document", tag, {200: _ok({"type": "object"}, "OpenAPI 3.1")}, secured=False
+            ),
+        },
+        web.DEV_TOKEN_PATH: {
+            "post": _operation(
+                "devToken",
+                "Development sign-in: a token for any user and roles (404 unless the dev secret is in use)",
+                "development",
+                {200: _ok(ref("DevToken"))},
+                (400, 404, 413, 415),
+                body=_json_body(ref("DevTokenRequest"), "who to sign in as", {"sub": "alice", "roles": ["admin"]}),
+                secured=False,
+            ),
+        },
+        web.DEV_STATUS_PATH: {
+            "get": _operation(
+                "devStatus",
+                "Whether development sign-in is on",
+                "development",
+                {200: _ok({"type": "object", "properties": {"devSignIn": {"type": "boolean"}}})},
+                secured=False,
             ),
         },
     }

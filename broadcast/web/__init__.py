@@ -31,7 +31,9 @@ PAGE_CSP = (
 )
 PAGE_HEADERS = {"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"}
 DEV_TOKEN_PATH = "/dev/token"  # noqa: S105 - a path
+DEV_STATUS_PATH = "/dev/status"
 DEV_TOKEN_TTL_S = 8 * 3_600
+PAGE_PATHS = frozenset({"/", "/admin", "/inbox"})  # HTML, not API: outside the OpenAPI document
 
 
 class DevTokenRequest(BaseModel):
@@ -77,6 +79,6 @@ routes: list[BaseRoute] = [
     Route("/admin", admin_page, methods=["GET"]),
     Route("/inbox", inbox_page, methods=["GET"]),
     Route(DEV_TOKEN_PATH, dev_token, methods=["POST"]),
-    Route("/dev/status", dev_status, methods=["GET"]),
+    Route(DEV_STATUS_PATH, dev_status, methods=["GET"]),
     Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
 ]

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from broadcast.app import create_app
 from broadcast.settings import (
@@ -34,7 +34,9 @@ from devstack.stack import StackInfo
 from tests.apps import api_in_process
 from tests.auth import bearer
 
-PUBLIC_ROUTES = {"/health/live", "/health/ready", "/api/openapi.json"}
+PUBLIC_ROUTES = {"/health/live", "/health/ready", "/api/openapi.json", "/", "/admin", "/inbox", "/dev/status"}
+DEV_ONLY = {"/dev/token"}  # public, but 404 unless the development secret is in use
+STATIC_MOUNTS = {"/static"}  # the pages' CSS and JavaScript
 ALLOWED_ORIGIN = "https://console.example"
 PROBLEM = "application/problem+json"
 SAMPLE = {"id": "00000000-0000-4000-8000-000000000000"}
@@ -55,6 +57,8 @@ def endpoints() -> list[Endpoint]:
     """Every (method, concrete path) the app routes, path parameters filled with a sample value."""
     found: list[Endpoint] = []
     for route in create_app(Settings()).routes:
+        if isinstance(route, Mount) and route.path in STATIC_MOUNTS:
+            continue
         assert isinstance(route, Route), f"unexpected route type {route!r}: extend this test"
         path = re.sub(r"\{(\w+)(:\w+)?\}", lambda m: SAMPLE.get(m.group(1), "x1"), route.path)
         found += [Endpoint(m, path) for m in sorted(route.methods or ()) if m != "HEAD"]
@@ -89,7 +93,7 @@ def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
 
 def test_every_route_is_either_an_api_route_or_explicitly_public() -> None:
     outside = {e.path for e in ENDPOINTS if not e.path.startswith("/api/")}
-    assert outside <= PUBLIC_ROUTES, f"routes outside /api/ must be reviewed and listed as public: {outside}"
+    assert outside <= PUBLIC_ROUTES | DEV_ONLY, f"routes outside /api/ must be reviewed and listed: {outside}"
     assert len(API) >= 20 and len(ADMIN_ONLY) >= 15  # the enumeration found the app's routes
 
 
@@ -238,3 +242,15 @@ async def test_tickets_are_single_use_and_only_for_the_stream(http: httpx.AsyncC
     assert_problem(await http.get("/api/user/sse/connect", params={"ticket": "made-up"}), 401)
     assert_problem(await http.post("/api/user/sse/ticket"), 401)
     assert "." not in body["ticket"] and not body["ticket"].startswith("eyJ"), "an opaque ticket, not a token"
+
+
+async def test_pages_carry_their_csp_and_static_files_are_public(http: httpx.AsyncClient) -> None:
+    for path in ("/admin", "/inbox"):
+        page = await http.get(path)
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        csp = page.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "default-src 'none'" in csp and "unsafe-inline" not in csp
+        assert page.headers["x-content-type-options"] == "nosniff"
+    script = await http.get("/static/broadcast-client.js")
+    assert script.status_code == 200 and "BroadcastClient" in script.text
+    assert (await http.get("/static/../tokens.py")).status_code == 404

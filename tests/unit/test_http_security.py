@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
+import httpx
+from pydantic import SecretStr
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -12,11 +15,12 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message
 
+from broadcast.app import create_app
 from broadcast.domain import Principal
 from broadcast.http_problems import EXCEPTION_HANDLERS
 from broadcast.http_security import AuthGate, BodyLimit
 from broadcast.serve import RedactSecrets
-from broadcast.settings import AuthSettings
+from broadcast.settings import AuthSettings, DatabaseSettings, Settings
 from broadcast.tokens import TokenVerifier, mint
 
 AUTH = AuthSettings()
@@ -150,3 +154,21 @@ def test_the_access_log_never_shows_a_ticket() -> None:
     )
     assert RedactSecrets().filter(record)
     assert "SECRET" not in record.getMessage() and "ticket=[redacted]&b=2" in record.getMessage()
+
+
+async def test_dev_sign_in_exists_only_with_the_dev_secret(tmp_path: Path) -> None:
+    for secret, expected in ((None, 200), ("s" * 40, 404)):
+        auth = AuthSettings() if secret is None else AuthSettings(jwt_secret=SecretStr(secret))
+        settings = Settings(auth=auth, database=DatabaseSettings(url=SecretStr(f"sqlite:///{tmp_path}/{expected}.db")))
+        app = create_app(settings)
+        transport = httpx.ASGITransport(app=app)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=transport, base_url="http://t") as http,
+        ):
+            answer = await http.post("/dev/token", json={"sub": "alice", "roles": ["admin"]})
+            assert answer.status_code == expected, answer.text
+            status = (await http.get("/dev/status")).json()
+            assert status == {"devSignIn": secret is None}
+            if expected == 200:
+                assert (await TokenVerifier(auth).verify(answer.json()["token"])).roles == {"admin"}
