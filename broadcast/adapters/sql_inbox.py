@@ -53,10 +53,17 @@ class SqlInboxStore:
         ]
 
     def _selected(self, user_id: str, now: datetime) -> Any:
+        """The user's SELECTED rows of visible broadcasts, except FAILED ones: a delivery that went to the
+        dead-letter topic is not shown, replayed or listed until an admin redrives it (row back to PENDING)."""
         return (
             select(broadcast_messages, u.id.label("row_id"), u.read_status)
             .join(user_broadcast_messages, u.broadcast_id == b.id)
-            .where(u.user_id == user_id, b.target_type == TargetType.SELECTED.value, _visible(now))
+            .where(
+                u.user_id == user_id,
+                b.target_type == TargetType.SELECTED.value,
+                u.delivery_status != DeliveryStatus.FAILED.value,
+                _visible(now),
+            )
         )
 
     @staticmethod

@@ -45,7 +45,14 @@ async def browser() -> AsyncIterator[Browser]:
 
 @pytest.fixture
 def env(stack: StackInfo, unique_name: str, tmp_path: Path) -> Iterator[dict[str, str]]:
-    yield isolated_env(stack, unique_name, tmp_path, BROADCAST_TESTING__FAULT_DRILL_ENABLED="true")
+    yield isolated_env(
+        stack,
+        unique_name,
+        tmp_path,
+        BROADCAST_TESTING__FAULT_DRILL_ENABLED="true",
+        BROADCAST_CONSUMERS__SELECTED__INITIAL_BACKOFF_SECONDS="0.2",  # a drilled record reaches the DLT fast
+        BROADCAST_CONSUMERS__GROUP__INITIAL_BACKOFF_SECONDS="0.2",
+    )
 
 
 @pytest.fixture
