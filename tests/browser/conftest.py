@@ -20,6 +20,7 @@ from tests.servers import Server, isolated_env, server_factory
 
 __all__ = ["server_factory"]
 
+NETWORK_NOISE = ("Failed to load resource", "net::ERR_", "EventSource")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "screenshots"
 
 
@@ -82,10 +83,15 @@ class Browsers:
 
     async def page(self, user: str, path: str = "/inbox", *roles: str) -> Page:
         page = await (await self.context(user, *roles)).new_page()
-        page.on("console", lambda m: self.errors.append(f"{user}: {m.text}") if m.type == "error" else None)
-        page.on("pageerror", lambda e: self.errors.append(f"{user}: {e}"))
+        page.on("console", lambda m: self._console(user, m.type, m.text))
+        page.on("pageerror", lambda e: self.errors.append(f"{user}: uncaught {e}"))
         await page.goto(path)
         return page
+
+    def _console(self, user: str, kind: str, text: str) -> None:
+        """Console errors, except the network's own (a stream cut on purpose, an offline tab)."""
+        if kind == "error" and not any(n in text for n in NETWORK_NOISE):
+            self.errors.append(f"{user}: console {text}")
 
     async def close(self) -> None:
         for context in self.contexts.values():

@@ -816,6 +816,9 @@
   }
 
   async function bulkAction(action) {
+    if (action === "purge" && !window.confirm("Purge every dead letter matching the filters? This cannot be undone.")) {
+      return;
+    }
     const button = $(action === "redrive" ? "dlt-redrive-all" : "dlt-purge-all");
     const url = action === "redrive" ? "/api/admin/dlt/redrive-all" : "/api/admin/dlt/purge-all";
     button.disabled = true;
@@ -849,6 +852,7 @@
   }
 
   async function purgeLetter(id, button) {
+    if (!window.confirm("Purge dead letter " + id + "? This cannot be undone.")) return;
     button.disabled = true;
     try {
       await api("DELETE", path("/api/admin/dlt/purge", id));
@@ -1046,6 +1050,8 @@
   }
 
   function loadUser() {
+    $("user-name").value = ""; // never carry the previous user's fields over to this one
+    $("user-roles").value = "";
     userRequest("GET", undefined, "Loaded");
   }
 
@@ -1088,6 +1094,12 @@
     $("drill-form").addEventListener("submit", armDrill);
     $("user-form").addEventListener("submit", saveUser);
     $("user-load").addEventListener("click", loadUser);
+    $("user-id").addEventListener("keydown", (event) => {
+      if (event.key === "Enter") {
+        event.preventDefault(); // Enter in the id field loads; only the Save button replaces roles
+        loadUser();
+      }
+    });
     window.addEventListener("storage", (event) => {
       if (event.key === TOKEN_KEY || event.key === null) applySession(); // signed in or out in another tab
     });

@@ -37,6 +37,7 @@
       this.timer = null;
       this.stopped = true;
       this.state = "closed";
+      this.generation = 0; // each open attempt; a stale attempt (superseded while fetching its ticket) gives up
       this._online = () => this._reconnect(0);
       this._offline = () => this._drop();
     }
@@ -89,9 +90,9 @@
       return this.api("POST", "/api/user/messages/read", { broadcastIds });
     }
 
-    /** Forget which broadcasts were shown (after a RESYNC the page re-renders from the inbox). */
+    /** Broadcasts the page already shows (from the inbox): the stream's copies of them are not emitted. */
     remember(broadcastIds) {
-      this.seen = new Set(broadcastIds);
+      for (const id of broadcastIds) this.seen.add(id);
     }
 
     connect() {
@@ -103,6 +104,7 @@
 
     close() {
       this.stopped = true;
+      this.generation++;
       global.removeEventListener("online", this._online);
       global.removeEventListener("offline", this._offline);
       clearTimeout(this.timer);
@@ -126,12 +128,15 @@
 
     async _open() {
       if (this.stopped) return;
+      clearTimeout(this.timer);
+      const generation = ++this.generation;
       this._drop();
-      this._setState(this.lastEventId === null && this.seen.size === 0 ? "connecting" : "reconnecting");
+      this._setState(this.lastEventId === null ? "connecting" : "reconnecting");
       let ticket;
       try {
         ticket = await this.api("POST", "/api/user/sse/ticket");
       } catch (err) {
+        if (generation !== this.generation) return;
         if (err.status === 401) {
           this._emit("unauthorized", err);
           this._setState("closed");
@@ -140,7 +145,7 @@
         this._reconnect(this.retryMs);
         return;
       }
-      if (this.stopped) return;
+      if (this.stopped || generation !== this.generation) return;
       let url = this.baseUrl + ticket.streamUrl;
       if (this.lastEventId) url += "&lastEventId=" + encodeURIComponent(this.lastEventId);
       const source = new EventSource(url);
@@ -149,6 +154,7 @@
         if (event.lastEventId) this.lastEventId = event.lastEventId;
       };
       const parsed = (event) => {
+        if (this.source !== source) return null; // a superseded stream: ignore whatever it still says
         track(event);
         try {
           return JSON.parse(event.data);
@@ -157,8 +163,10 @@
         }
       };
       source.addEventListener("CONNECTED", (event) => {
+        const hello = parsed(event);
+        if (!hello) return;
         this._setState("open");
-        this._emit("connected", parsed(event));
+        this._emit("connected", hello);
       });
       source.addEventListener("MESSAGE", (event) => {
         const message = parsed(event);
@@ -166,17 +174,26 @@
         this.seen.add(message.broadcastId);
         this._emit("message", message);
       });
-      source.addEventListener("READ_RECEIPT", (event) => this._emit("read", parsed(event)));
-      source.addEventListener("MESSAGE_REMOVED", (event) => this._emit("removed", parsed(event)));
-      source.addEventListener("RESYNC", (event) => this._emit("resync", parsed(event)));
+      const relay = (name, emitted) =>
+        source.addEventListener(name, (event) => {
+          const data = parsed(event);
+          if (data) this._emit(emitted, data);
+        });
+      relay("READ_RECEIPT", "read");
+      relay("MESSAGE_REMOVED", "removed");
+      relay("RESYNC", "resync");
       source.addEventListener("CONNECTION_LIMIT_REACHED", (event) => {
-        this._emit("limit", parsed(event));
+        const data = parsed(event);
+        if (!data) return;
+        this._emit("limit", data);
         this._drop();
         this._reconnect(60000);
       });
       for (const name of ["SERVER_SHUTDOWN", "TOKEN_EXPIRED"]) {
         source.addEventListener(name, (event) => {
-          this._emit(name === "TOKEN_EXPIRED" ? "expired" : "shutdown", parsed(event));
+          const data = parsed(event);
+          if (!data) return;
+          this._emit(name === "TOKEN_EXPIRED" ? "expired" : "shutdown", data);
           this._drop();
           this._reconnect(name === "TOKEN_EXPIRED" ? 0 : this.retryMs);
         });

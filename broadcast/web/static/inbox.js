@@ -7,6 +7,8 @@
   const $ = (id) => document.getElementById(id);
   const messages = new Map(); // broadcastId -> {message, element}
   let client = null;
+  let starting = false;
+  let loading = null; // while the inbox loads: stream events wait here, applied after the merge
 
   function text(tag, value, className) {
     const node = document.createElement(tag);
@@ -32,6 +34,7 @@
   }
 
   async function devSignIn() {
+    if (starting) return;
     const roles = $("dev-roles").value.split(",").map((r) => r.trim()).filter(Boolean);
     try {
       const response = await fetch("/dev/token", {
@@ -57,13 +60,14 @@
     start();
   }
 
-  function signOut() {
+  function signOut(reason) {
     localStorage.removeItem(TOKEN_KEY);
     localStorage.removeItem(USER_KEY);
     if (client) client.close();
     client = null;
     clearMessages();
-    showSignIn();
+    $("token").value = "";
+    showSignIn(typeof reason === "string" ? reason : "");
   }
 
   function clearMessages() {
@@ -76,10 +80,13 @@
     const unread = [...messages.values()].filter((m) => !m.message.read).length;
     $("unread-count").textContent = String(unread);
     $("empty").classList.toggle("hidden", messages.size > 0);
-    const urgent = [...messages.values()].filter((m) => !m.message.read && m.message.priority === "URGENT");
+    const urgent = [...messages.values()]
+      .map((m) => m.message)
+      .filter((m) => !m.read && m.priority === "URGENT")
+      .sort((a, b) => (a.createdAt < b.createdAt ? 1 : -1)); // the newest first
     const banner = $("urgent");
     banner.classList.toggle("hidden", urgent.length === 0);
-    banner.textContent = urgent.length ? "URGENT: " + urgent[urgent.length - 1].message.content : "";
+    banner.textContent = urgent.length ? "URGENT: " + urgent[0].content : "";
   }
 
   function messageElement(message) {
@@ -101,7 +108,7 @@
     return item;
   }
 
-  function show(message, fromInbox) {
+  function show(message) {
     const known = messages.get(message.broadcastId);
     if (known) {
       if (message.read && !known.message.read) setRead(message.broadcastId);
@@ -109,11 +116,17 @@
     }
     const element = messageElement(message);
     messages.set(message.broadcastId, { message, element });
-    const list = $("messages");
-    // newest first: a live message goes on top; the inbox page is already newest first
-    if (fromInbox) list.append(element);
-    else list.prepend(element);
+    // newest first, by creation time (live messages and inbox pages may arrive in any order)
+    const later = [...$("messages").children].find((li) => {
+      const other = messages.get(li.dataset.id);
+      return other && other.message.createdAt < message.createdAt;
+    });
+    $("messages").insertBefore(element, later || null);
     render();
+  }
+
+  function whenLoaded(apply) {
+    return (value) => (loading ? loading.push(() => apply(value)) : apply(value));
   }
 
   function setRead(broadcastId) {
@@ -138,21 +151,45 @@
     try {
       await client.markRead([broadcastId]);
     } catch (err) {
+      const known = messages.get(broadcastId);
+      if (known) {
+        known.message.read = false;
+        known.element.classList.add("unread");
+        known.element.querySelector(".mark-read").classList.remove("hidden");
+        render();
+      }
       $("notice").textContent = "Could not mark as read: " + err.message;
     }
   }
 
+  // The inbox is (re)loaded after every CONNECTED and on RESYNC, and merged into the page: messages that
+  // arrived live meanwhile stay; messages the page showed before the load and the inbox no longer has
+  // (cancelled or expired while the stream was away) go; read flags follow the inbox. Stream events that
+  // arrive during the load are applied after the merge, so an older snapshot never undoes them.
   async function loadInbox() {
-    const items = [];
-    let page = await client.inbox();
-    items.push(...page.items);
-    while (page.nextCursor && items.length < 2000) {
-      page = await client.inbox(page.nextCursor);
+    if (loading) return;
+    loading = [];
+    const before = new Set(messages.keys());
+    try {
+      const items = [];
+      let page = await client.inbox();
       items.push(...page.items);
+      while (page.nextCursor && items.length < 2000) {
+        page = await client.inbox(page.nextCursor);
+        items.push(...page.items);
+      }
+      const listed = new Set(items.map((m) => m.broadcastId));
+      if (!page.nextCursor) for (const id of before) if (!listed.has(id)) remove(id);
+      for (const message of items) {
+        show(message);
+        if (message.read) setRead(message.broadcastId);
+      }
+      client.remember(listed);
+    } finally {
+      const queued = loading;
+      loading = null;
+      for (const apply of queued) apply();
     }
-    clearMessages();
-    for (const message of items) show(message, true);
-    client.remember(items.map((m) => m.broadcastId));
   }
 
   function setState(state) {
@@ -166,28 +203,40 @@
       showSignIn();
       return;
     }
+    if (starting) return;
+    starting = true;
+    try {
+      await restart();
+    } finally {
+      starting = false;
+    }
+  }
+
+  async function restart() {
     $("signin").classList.add("hidden");
     $("app").classList.remove("hidden");
     $("signout").classList.remove("hidden");
     $("whoami").textContent = localStorage.getItem(USER_KEY) || "(token)";
     if (client) client.close();
-    client = new BroadcastClient({ token: () => localStorage.getItem(TOKEN_KEY) });
+    clearMessages();
+    const token = localStorage.getItem(TOKEN_KEY);
+    client = new BroadcastClient({ token: () => token }); // this page's identity, until it restarts
+    const reload = () =>
+      loadInbox().catch((err) => {
+        if (err.status === 401) signOut("Your sign-in is no longer valid.");
+        else $("notice").textContent = "Could not load the inbox: " + err.message;
+      });
     client.on("state", setState);
-    client.on("message", (m) => show(m, false));
-    client.on("read", (r) => r && setRead(r.broadcastId));
-    client.on("removed", (r) => r && remove(r.broadcastId));
-    client.on("resync", () => loadInbox().catch((err) => ($("notice").textContent = err.message)));
-    client.on("limit", (l) => ($("notice").textContent = "Too many open tabs (limit " + (l && l.limit) + ")."));
-    client.on("unauthorized", () => showSignIn("Your sign-in is no longer valid."));
-    try {
-      await loadInbox();
-    } catch (err) {
-      if (err.status === 401) {
-        showSignIn("Your sign-in is no longer valid.");
-        return;
-      }
-      $("notice").textContent = "Could not load the inbox: " + err.message;
-    }
+    client.on("connected", () => {
+      $("notice").textContent = "";
+      reload();
+    });
+    client.on("message", whenLoaded((m) => show(m)));
+    client.on("read", whenLoaded((r) => setRead(r.broadcastId)));
+    client.on("removed", whenLoaded((r) => remove(r.broadcastId)));
+    client.on("resync", reload);
+    client.on("limit", (l) => ($("notice").textContent = "Too many open tabs (limit " + l.limit + ")."));
+    client.on("unauthorized", () => signOut("Your sign-in is no longer valid."));
     client.connect();
   }
 
@@ -195,8 +244,12 @@
     $("dev-signin").addEventListener("click", devSignIn);
     $("use-token").addEventListener("click", useToken);
     $("signout").addEventListener("click", signOut);
+    // another tab of this browser signed out or in as someone else: follow it (never act as one user
+    // while showing another)
     window.addEventListener("storage", (event) => {
-      if (event.key === TOKEN_KEY && event.newValue === null) signOut();
+      if (event.key !== TOKEN_KEY) return;
+      if (event.newValue === null) signOut();
+      else start();
     });
     start();
   });
