@@ -46,8 +46,11 @@ def create_app(settings: Settings, roles: frozenset[str] = frozenset(ROLES)) -> 
                 log.info("serving on %s", settings.describe())
             if settings.auth.dev_secret_in_use:
                 log.warning(
-                    "development JWT secret in use: mint a token with `broadcast-server token --sub alice` "
-                    "(add `--role admin` for the admin API) and send it as `Authorization: Bearer <token>`"
+                    "development JWT secret in use: sign in on http://%s:%s/admin or /inbox (development "
+                    "sign-in), or mint a token with `broadcast-server token --sub alice` (add `--role admin` for "
+                    "the admin API) and send it as `Authorization: Bearer <token>`",
+                    settings.server.host,
+                    settings.server.port,
                 )
             yield
 

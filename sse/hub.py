@@ -102,9 +102,12 @@ class Connection:
         """Write or queue ``item``; False (and the connection is dropped) when the client cannot keep up."""
         if self.closed:
             return False
-        if item.broadcast_id is not None and not self._first_time(item.broadcast_id):
-            return True  # already on this connection (catch-up, live path and reconciliation overlap)
-        if self._send is None or self._inflight is not None:
+        started = self._send is not None
+        # Already on this connection (catch-up, live path and reconciliation overlap)? Before the stream
+        # starts, the check waits for ``start``: the catch-up's copy keeps its place in creation order.
+        if started and item.broadcast_id is not None and not self._first_time(item.broadcast_id):
+            return True
+        if not started or self._inflight is not None:
             if len(self._backlog) >= self._limit:
                 self.drop("backlog full")
                 return False
@@ -114,10 +117,12 @@ class Connection:
         return True
 
     def start(self, send: Send, abort: Callable[[], None] | None, head: bytes, items: Iterable[Outgoing]) -> None:
-        """The response has started: write ``head``, the catch-up ``items`` not seen yet, then the backlog."""
+        """The response has started: write ``head``, the catch-up ``items``, then what arrived live meanwhile
+        and is not in the catch-up (so a message keeps its catch-up place, in creation order)."""
         self._send, self._abort = send, abort
         fresh = [i for i in items if i.broadcast_id is None or self._first_time(i.broadcast_id)]
-        queued, self._backlog = self._backlog, []
+        queued = [i for i in self._backlog if i.broadcast_id is None or self._first_time(i.broadcast_id)]
+        self._backlog = []
         self._write([Outgoing(head), *fresh, *queued], final=self._finishing)
 
     def finish(self, farewell: bytes = b"") -> None:

@@ -104,3 +104,12 @@ def server_factory(tmp_path: Path) -> Iterator[list[Server]]:
     yield servers
     for s in servers:
         s.stop()
+
+
+@pytest.fixture
+def server(env: dict[str, str], tmp_path: Path, server_factory: list[Server]) -> Server:
+    """One live server process (all roles) on the requesting module's ``env`` fixture."""
+    started = Server(env, tmp_path)
+    server_factory.append(started)
+    started.wait_live()
+    return started

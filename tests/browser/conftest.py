@@ -16,9 +16,9 @@ from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 from devstack.proc import ensure_binaries
 from devstack.stack import StackInfo
 from tests.auth import token
-from tests.servers import Server, isolated_env, server_factory
+from tests.servers import Server, isolated_env, server, server_factory
 
-__all__ = ["server_factory"]
+__all__ = ["server", "server_factory"]
 
 NETWORK_NOISE = ("Failed to load resource", "net::ERR_", "EventSource")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "screenshots"
@@ -54,14 +54,6 @@ def env(stack: StackInfo, unique_name: str, tmp_path: Path) -> Iterator[dict[str
         BROADCAST_CONSUMERS__SELECTED__INITIAL_BACKOFF_SECONDS="0.2",  # a drilled record reaches the DLT fast
         BROADCAST_CONSUMERS__GROUP__INITIAL_BACKOFF_SECONDS="0.2",
     )
-
-
-@pytest.fixture
-def server(env: dict[str, str], tmp_path: Path, server_factory: list[Server]) -> Server:
-    started = Server(env, tmp_path)
-    server_factory.append(started)
-    started.wait_live()
-    return started
 
 
 class Browsers:
