@@ -4,23 +4,19 @@ from __future__ import annotations
 
 import asyncio
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from broadcast.components import Components
 from broadcast.errors import UnavailableError
+from broadcast.schemas import json_data
 
 CHECK_TIMEOUT_S = 3.0
 
 
-def _json(body: object, status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
-
-
 async def live(request: Request) -> Response:
-    return _json({"status": "up"})
+    return json_data({"status": "up"})
 
 
 async def ready(request: Request) -> Response:
@@ -30,7 +26,7 @@ async def ready(request: Request) -> Response:
     checks = dict(zip(names, results, strict=True))
     failing = sorted(n for n, r in checks.items() if r != "ok")
     body = {"status": "down" if failing else "up", "failing": failing, "checks": checks}
-    return _json(body, 503 if failing else 200)
+    return json_data(body, 503 if failing else 200)
 
 
 async def _run(check: object) -> str:

@@ -19,7 +19,7 @@ from broadcast.domain import Principal
 from broadcast.errors import UnavailableError
 from broadcast.http_body import too_large
 from broadcast.http_problems import HttpProblem, problem
-from broadcast.identity import PRINCIPAL_SCOPE_KEY, forbidden, unauthorized
+from broadcast.identity import PRINCIPAL_SCOPE_KEY, VIA_TICKET_SCOPE_KEY, forbidden, unauthorized
 from broadcast.tokens import InvalidToken, TokenVerifier
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ class AuthGate:
         if who is None:
             log.info("refused SSE ticket on %s: unknown, used or expired", scope["path"])
             raise unauthorized(invalid_token=True)
+        scope[VIA_TICKET_SCOPE_KEY] = True
         return who
 
 
@@ -115,7 +116,12 @@ def _ticket(scope: Scope) -> str | None:
 
 
 class BodyLimit:
-    """At most ``default`` bytes per request body (``per_path`` overrides, e.g. the CSV upload)."""
+    """At most ``default`` bytes per request body (``per_path`` overrides, e.g. the CSV upload).
+
+    A declared ``Content-Length`` is checked up front (the server then delivers exactly that many bytes);
+    only a chunked body, which has no length to trust, is counted as it arrives. A request without a body
+    (every stream, every GET) passes through untouched: no wrapper sits on its per-event writes.
+    """
 
     def __init__(self, app: ASGIApp, default: int, per_path: Mapping[str, int]) -> None:
         self.app, self._default, self._per_path = app, default, dict(per_path)
@@ -128,6 +134,9 @@ class BodyLimit:
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
             await _reply(send, too_large(limit))
+            return
+        if declared is not None or _header(scope, b"transfer-encoding") is None:
+            await self.app(scope, receive, send)
             return
         received = 0
         responding = False

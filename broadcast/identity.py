@@ -14,6 +14,7 @@ from broadcast.domain import Principal
 from broadcast.http_problems import HttpProblem
 
 PRINCIPAL_SCOPE_KEY = "broadcast.principal"
+VIA_TICKET_SCOPE_KEY = "broadcast.via_ticket"  # set when a stream was opened with an SSE ticket
 REALM = 'Bearer realm="broadcast"'
 
 
@@ -45,6 +46,11 @@ async def acting_admin(request: Request) -> str:
     if request.app.state.admin_role not in who.roles:
         raise forbidden()
     return who.sub
+
+
+def via_ticket(request: Request) -> bool:
+    """Whether this request signed in with a single-use SSE ticket (already counted when it was issued)."""
+    return bool(request.scope.get(VIA_TICKET_SCOPE_KEY))
 
 
 async def acting_user(request: Request) -> str:

@@ -248,3 +248,8 @@ class ImportOut(CamelModel):
 def json_response(model: CamelModel, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     """``model`` serialized once (camelCase, ISO-8601 datetimes) as ``application/json``."""
     return Response(model.to_json(), status_code=status, media_type="application/json", headers=headers)
+
+
+def json_data(body: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """Plain data (dicts, lists, strings) as ``application/json``, for answers without a wire model."""
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)

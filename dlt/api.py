@@ -14,7 +14,6 @@ import base64
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import orjson
 from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import Response
@@ -26,7 +25,7 @@ from broadcast.http_body import read_model
 from broadcast.http_context import components
 from broadcast.http_problems import HttpProblem
 from broadcast.identity import acting_admin
-from broadcast.schemas import RequestModel
+from broadcast.schemas import RequestModel, json_data
 from dlt.model import AuditEntry, DeadLetter, DeadLetterFilter, DeadLetterStatus
 from dlt.recoverer import header_int
 from dlt.service import BulkResult
@@ -42,10 +41,6 @@ INT_HEADERS = {
     constants.DLT_ORIGINAL_OFFSET,
     constants.DLT_ORIGINAL_TIMESTAMP,
 }
-
-
-def _json(body: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
 def _digits(raw: str, what: str) -> int:
@@ -172,7 +167,7 @@ async def list_messages(request: Request) -> Response:
     if not 1 <= limit <= max_page:
         raise ValidationError(f"limit must be between 1 and {max_page}")
     page = await components(request).dead_letter_store.page(where, cursor, limit)
-    return _json({"items": [_summary(x) for x in page.items], "nextCursor": page.next_cursor})
+    return json_data({"items": [_summary(x) for x in page.items], "nextCursor": page.next_cursor})
 
 
 async def get_message(request: Request) -> Response:
@@ -189,13 +184,13 @@ async def get_message(request: Request) -> Response:
         headers=[_header(k, v) for k, v in letter.headers],
         audit=[_audit(a) for a in await c.dead_letter_store.audit_trail(letter.id)],
     )
-    return _json(body)
+    return json_data(body)
 
 
 async def summary(request: Request) -> Response:
     await acting_admin(request)
     rows = await components(request).dead_letter_store.summary(_filter(request))
-    return _json(
+    return json_data(
         {
             "total": sum(r.count for r in rows),
             "groups": [
@@ -218,26 +213,26 @@ async def redrive(request: Request) -> Response:
         done = await components(request).dead_letters.redrive(letter_id, actor)
     except ValidationError as exc:
         raise HttpProblem(422, "Cannot redrive", str(exc)) from None
-    return _json({"id": letter_id, "status": DeadLetterStatus.REDRIVEN.value, "alreadyRedriven": not done})
+    return json_data({"id": letter_id, "status": DeadLetterStatus.REDRIVEN.value, "alreadyRedriven": not done})
 
 
 async def redrive_all(request: Request) -> Response:
     actor = await acting_admin(request)
     result = await components(request).dead_letters.redrive_all(_filter(request), actor)
-    return _json({**_bulk(result, "redriven"), "alreadyRedriven": result.skipped})
+    return json_data({**_bulk(result, "redriven"), "alreadyRedriven": result.skipped})
 
 
 async def purge(request: Request) -> Response:
     actor = await acting_admin(request)
     letter_id = _letter_id(request)
     await components(request).dead_letters.purge(letter_id, actor)
-    return _json({"id": letter_id, "purged": True})
+    return json_data({"id": letter_id, "purged": True})
 
 
 async def purge_all(request: Request) -> Response:
     actor = await acting_admin(request)
     result = await components(request).dead_letters.purge_all(_filter(request), actor)
-    return _json(_bulk(result, "purged"))
+    return json_data(_bulk(result, "purged"))
 
 
 class ArmDrillRequest(RequestModel):
@@ -261,14 +256,14 @@ async def arm_drill(request: Request) -> Response:
         raise ValidationError(f"expiresInSeconds must be at most {c.settings.testing.max_drill_seconds}")
     expires_at = datetime.now(UTC) + timedelta(seconds=body.expires_in_seconds)
     drill = await c.drills.arm(actor, body.broadcast_id, expires_at)
-    return _json(_drill(drill.id, drill.broadcast_id, drill.armed_by, drill.armed_at, drill.expires_at), 201)
+    return json_data(_drill(drill.id, drill.broadcast_id, drill.armed_by, drill.armed_at, drill.expires_at), 201)
 
 
 async def armed_drills(request: Request) -> Response:
     await acting_admin(request)
     _drill_enabled(request)
     drills = await components(request).drills.armed(datetime.now(UTC))
-    return _json({"armed": [_drill(d.id, d.broadcast_id, d.armed_by, d.armed_at, d.expires_at) for d in drills]})
+    return json_data({"armed": [_drill(d.id, d.broadcast_id, d.armed_by, d.armed_at, d.expires_at) for d in drills]})
 
 
 def _drill(drill_id: int, broadcast_id: str | None, by: str, at: datetime, expires: datetime) -> dict[str, Any]:

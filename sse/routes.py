@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -13,8 +12,8 @@ from starlette.routing import Route
 from broadcast.errors import BroadcastError, ConflictError, ValidationError
 from broadcast.http_body import read_model
 from broadcast.http_context import components
-from broadcast.identity import acting_user, principal
-from broadcast.schemas import MarkReadRequest
+from broadcast.identity import acting_user, principal, via_ticket
+from broadcast.schemas import MarkReadRequest, json_data
 from sse.frames import EventName, frame
 from sse.hub import Connection
 from sse.messages import from_broadcast
@@ -36,7 +35,7 @@ async def ticket(request: Request) -> Response:
     c.admission.rate(who.sub, request.client.host if request.client else None)
     ttl = c.settings.auth.ticket_ttl_seconds
     issued = await c.tickets.issue(who, ttl)
-    return _json({"ticket": issued, "expiresInSeconds": ttl, "streamUrl": f"{CONNECT_PATH}?ticket={issued}"}, 201)
+    return json_data({"ticket": issued, "expiresInSeconds": ttl, "streamUrl": f"{CONNECT_PATH}?ticket={issued}"}, 201)
 
 
 async def connect(request: Request) -> Response:
@@ -44,7 +43,8 @@ async def connect(request: Request) -> Response:
     user_id = who.sub
     c = components(request)
     settings = c.settings.sse
-    c.admission.rate(user_id, request.client.host if request.client else None)
+    if not via_ticket(request):  # a ticket's stream open was counted when the ticket was issued
+        c.admission.rate(user_id, request.client.host if request.client else None)
     user = await c.users.get(user_id)
     roles = user.roles if user else frozenset()
     raw_cursor = request.headers.get("last-event-id") or request.query_params.get("lastEventId")
@@ -83,10 +83,6 @@ async def _close(request: Request, connection: Connection) -> None:
             await c.presence.leave(connection.user_id, c.settings.server.instance_id)
 
 
-def _json(body: object, status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
-
-
 async def inbox(request: Request) -> Response:
     user_id = await acting_user(request)
     c = components(request)
@@ -100,7 +96,7 @@ async def inbox(request: Request) -> Response:
             raise ValidationError("invalid cursor")
         items = items[ids.index(cursor) + 1 :]
     page = items[:limit]
-    return _json(
+    return json_data(
         {
             "items": [from_broadcast(i.broadcast, i.read) for i in page],
             "nextCursor": page[-1].broadcast.id if len(items) > limit else None,
@@ -114,7 +110,7 @@ async def unread(request: Request) -> Response:
     c = components(request)
     user = await c.users.get(user_id)
     items = [i for i in await c.inbox.inbox(user_id, user.roles if user else frozenset()) if not i.read]
-    return _json({"count": len(items), "items": [from_broadcast(i.broadcast) for i in items]})
+    return json_data({"count": len(items), "items": [from_broadcast(i.broadcast) for i in items]})
 
 
 async def mark_read(request: Request) -> Response:
@@ -128,7 +124,7 @@ async def mark_read(request: Request) -> Response:
     if events_:
         await c.outbox.append(events_)
         c.outbox_wakeup.set()
-    return _json({"read": newly})
+    return json_data({"read": newly})
 
 
 def _limit(raw: str) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import orjson
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.requests import Request
 from starlette.responses import FileResponse, RedirectResponse, Response
@@ -21,7 +20,7 @@ from starlette.staticfiles import StaticFiles
 from broadcast.errors import NotFoundError
 from broadcast.http_body import read_model
 from broadcast.http_context import components
-from broadcast.schemas import ROLE_PATTERN
+from broadcast.schemas import ROLE_PATTERN, json_data
 from broadcast.tokens import mint
 
 HERE = Path(__file__).parent
@@ -66,12 +65,12 @@ async def dev_token(request: Request) -> Response:
     body = await read_model(request, DevTokenRequest, 4_096)
     token = mint(settings.auth, body.sub, body.roles, DEV_TOKEN_TTL_S)
     answer = {"token": token, "sub": body.sub, "roles": body.roles, "expiresInSeconds": DEV_TOKEN_TTL_S}
-    return Response(orjson.dumps(answer), media_type="application/json", headers={"Cache-Control": "no-store"})
+    return json_data(answer, headers={"Cache-Control": "no-store"})
 
 
 async def dev_status(request: Request) -> Response:
     enabled = components(request).settings.auth.dev_secret_in_use
-    return Response(orjson.dumps({"devSignIn": enabled}), media_type="application/json")
+    return json_data({"devSignIn": enabled})
 
 
 routes: list[BaseRoute] = [

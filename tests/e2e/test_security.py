@@ -172,6 +172,15 @@ async def test_connecting_too_fast_is_429_with_retry_after(server: Server) -> No
         assert int(response.headers["retry-after"]) >= 1
         other = await http.post(server.base + "/api/user/sse/ticket", headers=bearer("frank"))
         assert other.status_code == 201, "the limit is per user"
+    for _ in range(5):  # a stream opened with a ticket is one open: counted at the ticket, not again
+        async with SseClient(server.base, "gus", ticket=await ticket_for(server.base, "gus")) as gus:
+            assert gus.events[0].event == "CONNECTED"
+    # counted twice, those 5 opens would have taken 10 of the 6 (+ refill) tokens; now about 1 is left
+    async with httpx.AsyncClient(timeout=10) as http:
+        more = [
+            (await http.post(server.base + "/api/user/sse/ticket", headers=bearer("gus"))).status_code for _ in range(4)
+        ]
+    assert 429 in more and more.count(201) <= 2, more
 
 
 # --------------------------------------------------------------------------- Kafka SASL/SCRAM

@@ -232,7 +232,7 @@ async def test_security_headers_and_the_cors_allow_list(http: httpx.AsyncClient)
     assert health.headers["x-content-type-options"] == "nosniff"
 
 
-async def test_tickets_are_single_use_and_only_for_the_stream(http: httpx.AsyncClient) -> None:
+async def test_tickets_are_opaque_and_work_only_on_the_stream(http: httpx.AsyncClient) -> None:
     issued = await http.post("/api/user/sse/ticket", headers=ALICE)
     assert issued.status_code == 201, issued.text
     body = issued.json()

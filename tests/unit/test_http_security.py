@@ -82,6 +82,8 @@ async def call(
     root_path: str = "",
 ) -> tuple[int, bytes]:
     headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
+    if chunks:
+        headers.append((b"transfer-encoding", b"chunked"))  # no length: the body cap has to count
     pending = list(chunks or [])
     scope = {
         "type": "http",
