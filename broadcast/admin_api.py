@@ -25,6 +25,7 @@ from broadcast.domain import Broadcast, BroadcastStatus, NewBroadcast, TargetTyp
 from broadcast.errors import NotFoundError, ValidationError
 from broadcast.http_body import bounded_stream, media_type, read_model, too_large, validated
 from broadcast.http_context import components
+from broadcast.http_observe import correlation_id
 from broadcast.http_problems import HttpProblem
 from broadcast.identity import acting_admin
 from broadcast.schemas import (
@@ -52,9 +53,10 @@ _ROLE = re.compile(ROLE_PATTERN)
 
 
 def _request_tokens(request: Request) -> tuple[str | None, str]:
-    """The Idempotency-Key (if any) and the correlation id (given, or a new one), checked before the body."""
+    """The Idempotency-Key (if any) and the correlation id (given, or the request's new one), checked before
+    the body: a malformed one is a 400 here rather than silently replaced."""
     key = _token_header(request, "Idempotency-Key")
-    return key, _token_header(request, "X-Correlation-ID") or uuid.uuid4().hex
+    return key, _token_header(request, "X-Correlation-ID") or correlation_id(request.scope)
 
 
 def _token_header(request: Request, name: str) -> str | None:
@@ -105,7 +107,9 @@ async def _create(
         correlation_id=correlation_id,
     )
     headers = {"Location": f"{PREFIX}/{broadcast.id}", "X-Correlation-ID": correlation_id}
-    if not created:
+    if created:
+        components(request).metrics.broadcasts_created.labels(broadcast.target_type.value).inc()
+    else:
         headers["Idempotent-Replayed"] = "true"
     return json_response(_out(broadcast, recipients), 201 if created else 200, headers)
 

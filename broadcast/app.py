@@ -11,10 +11,11 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import Scope
 
-from broadcast import admin_api, health, openapi, web
+from broadcast import admin_api, health, http_observe, openapi, web
 from broadcast.admin_api import CSV_PATH, csv_body_limit
 from broadcast.components import Components, open_components
 from broadcast.domain import Principal
+from broadcast.http_observe import Correlation, RequestTimer
 from broadcast.http_problems import EXCEPTION_HANDLERS
 from broadcast.http_security import AuthGate, BodyLimit, SecurityHeaders
 from broadcast.jwks import JwksKeys
@@ -55,7 +56,15 @@ def create_app(settings: Settings, roles: frozenset[str] = frozenset(ROLES)) -> 
             yield
 
     app = Starlette(
-        routes=[*health.routes, *admin_api.routes, *dlt_api.routes, *sse_routes.routes, *openapi.routes, *web.routes],
+        routes=[
+            *health.routes,
+            *http_observe.routes,
+            *admin_api.routes,
+            *dlt_api.routes,
+            *sse_routes.routes,
+            *openapi.routes,
+            *web.routes,
+        ],
         middleware=_middleware(settings),
         exception_handlers=dict(EXCEPTION_HANDLERS),
         lifespan=lifespan,
@@ -78,12 +87,12 @@ async def _redeem(scope: Scope, ticket: str) -> Principal | None:
 
 
 def _middleware(settings: Settings) -> list[Middleware]:
-    """Outermost first: security headers on everything, CORS (preflights answer before auth), body cap,
-    then authentication."""
+    """Outermost first: the correlation id (on every answer, refusals too), security headers, CORS
+    (preflights answer before auth), API timing, body cap, then authentication."""
     auth = settings.auth
     verifier = TokenVerifier(auth, JwksKeys(auth.jwks_url, auth.algorithm) if auth.jwks_url else None)
     limits = settings.limits
-    stack = [Middleware(SecurityHeaders)]
+    stack = [Middleware(Correlation), Middleware(SecurityHeaders)]
     if settings.server.cors_origins:
         stack.append(
             Middleware(
@@ -96,6 +105,7 @@ def _middleware(settings: Settings) -> list[Middleware]:
                 max_age=600,
             )
         )
+    stack.append(Middleware(RequestTimer))
     stack.append(Middleware(BodyLimit, default=limits.max_body_bytes, per_path={CSV_PATH: csv_body_limit(limits)}))
     stack.append(Middleware(AuthGate, verifier=verifier, admin_role=auth.admin_role, redeem=_redeem))
     return stack

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError as SettingsError
 
-from broadcast import constants
+from broadcast import constants, logs
 from broadcast.errors import BroadcastError
 from broadcast.settings import Settings
 from broadcast.workers import ROLES
@@ -40,11 +40,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from broadcast.serve import run
 
     settings = _load_settings(args)
+    logs.configure(settings.observability.log_format, settings.server.log_level)
     logging.getLogger(__name__).info("roles: %s", ",".join(sorted(args.roles)))
     config = uvicorn.Config(
         create_app(settings, args.roles),
         host=settings.server.host,
         port=settings.server.port,
+        log_config=None,  # our handler on the root logger (logs.configure) formats uvicorn's lines too
         log_level=settings.server.log_level,
         lifespan="on",
         timeout_graceful_shutdown=10,
@@ -105,6 +107,15 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from broadcast import status
+
+    settings = _load_settings(args)
+    urls = args.url or [f"http://{settings.server.host}:{settings.server.port}"]
+    token = settings.observability.metrics_token
+    return status.run(urls, token.get_secret_value() if token else None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="broadcast-server",
@@ -138,6 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     token.set_defaults(func=cmd_token)
 
+    status = sub.add_parser("status", help="summarise running instances: readiness, lag, backlog, dead letters")
+    status.add_argument(
+        "--url",
+        action="append",
+        help="an instance's base URL (repeatable; default from BROADCAST_SERVER__HOST/PORT)",
+    )
+    status.set_defaults(func=cmd_status)
+
     from devstack.cli import register
 
     register(sub)
@@ -145,8 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    logs.configure()
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)

@@ -25,6 +25,7 @@ from broadcast.adapters.sql_engine import SqlHealth, create_engine
 from broadcast.adapters.sql_inbox import SqlInboxStore
 from broadcast.adapters.sql_stores import SqlOutboxStore, SqlUserStore
 from broadcast.lifecycle import Lifecycle
+from broadcast.metrics import Metrics
 from broadcast.ports import (
     BroadcastStore,
     Bus,
@@ -69,6 +70,7 @@ class Components:
     drills: DrillStore
     tickets: TicketStore
     admission: Admission
+    metrics: Metrics
     health: dict[str, Health] = field(default_factory=dict)
 
 
@@ -85,7 +87,7 @@ async def open_components(settings: Settings) -> AsyncIterator[Components]:
             event_log = MemoryEventLog(settings.kafka.partitions)
         else:
             kafka = await stack.enter_async_context(KafkaEventLog(settings.kafka))
-            health["kafka"] = KafkaHealth(kafka)
+            health["kafka"] = KafkaHealth(kafka, wedge_s=settings.observability.producer_wedge_seconds)
             event_log = kafka
 
         bus: Bus
@@ -112,9 +114,13 @@ async def open_components(settings: Settings) -> AsyncIterator[Components]:
         lifecycle = Lifecycle(broadcasts, users, settings.kafka, settings.limits, on_outbox=wakeup.set)
         marker = DeliveredMarker(inbox, settings.sse.delivered_flush_seconds)
         sse = settings.sse
-        hub = Hub(sse.queue_size, sse.max_connections_per_user, sse.send_timeout_seconds, marker.add)
+        metrics = Metrics(settings.server.instance_id)
+        hub = Hub(sse.queue_size, sse.max_connections_per_user, sse.send_timeout_seconds, marker.add, metrics.stream)
+        metrics.watch_streams(hub.counts)
         dead_letter_store = SqlDeadLetterStore(engine)
-        dead_letters = DeadLetterService(dead_letter_store, event_log.publisher(), settings.kafka, wakeup.set)
+        dead_letters = DeadLetterService(
+            dead_letter_store, event_log.publisher(), settings.kafka, wakeup.set, metrics=metrics
+        )
         yield Components(
             settings=settings,
             event_log=event_log,
@@ -134,5 +140,6 @@ async def open_components(settings: Settings) -> AsyncIterator[Components]:
             drills=SqlDrillStore(engine),
             tickets=tickets,
             admission=Admission(settings.limits, slots, settings.server.instance_id, sse.max_connections_per_user),
+            metrics=metrics,
             health=health,
         )

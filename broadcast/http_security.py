@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from broadcast import logs
 from broadcast.domain import Principal
 from broadcast.errors import UnavailableError
 from broadcast.http_body import too_large
@@ -64,7 +65,8 @@ class AuthGate:
             await _reply(send, HttpProblem(503, "Service unavailable", "sign-in cannot be checked now; retry"))
             return
         scope[PRINCIPAL_SCOPE_KEY] = who
-        await self.app(scope, receive, send)
+        with logs.bound(user=who.sub):
+            await self.app(scope, receive, send)
 
     async def _authenticate(self, scope: Scope) -> Principal:
         header = _header(scope, b"authorization")

@@ -345,6 +345,7 @@ def _health_schemas() -> dict[str, Schema]:
             "required": ["status", "failing", "checks"],
             "properties": {
                 "status": {"enum": ["up", "down"]},
+                "instance": {"type": "string"},
                 "failing": {"type": "array", "items": {"type": "string"}},
                 "checks": {"type": "object", "additionalProperties": {"type": "string"}},
             },
@@ -844,6 +845,21 @@ def _public_paths() -> dict[str, Schema]:
                 "Every dependency answers in time",
                 tag,
                 {200: _ok(ref("Ready")), 503: _ok(ref("Ready"), "A dependency is failing (see `failing`)")},
+                secured=False,
+            ),
+        },
+        "/metrics": {
+            "get": _operation(
+                "metrics",
+                "Prometheus metrics of this instance (needs the metrics bearer token when one is configured)",
+                tag,
+                {
+                    200: {
+                        "description": "Prometheus text format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+                (401,),
                 secured=False,
             ),
         },

@@ -138,6 +138,11 @@ class EventLog(Protocol):
         """
         ...
 
+    async def lag(self, group_id: str, topics: Sequence[str]) -> dict[TopicPartition, int]:
+        """Per partition of ``topics``: end offset minus ``group_id``'s committed offset (minus the log
+        start where the group has committed nothing). Raises ``UnavailableError`` when it cannot tell."""
+        ...
+
 
 # --------------------------------------------------------------------------- database stores
 class UserStore(Protocol):
@@ -179,6 +184,10 @@ class OutboxStore(Protocol):
     async def purge_published(self, older_than: timedelta) -> int: ...
 
     async def backlog(self) -> int: ...
+
+    async def oldest_unpublished(self) -> datetime | None:
+        """When the oldest row not yet published was written (None when everything is published)."""
+        ...
 
 
 class BroadcastStore(Protocol):
@@ -251,6 +260,10 @@ class InboxStore(Protocol):
         ...
 
     async def mark_delivered(self, pairs: Sequence[tuple[str, str]]) -> int: ...
+
+    async def pending_count(self) -> int:
+        """SELECTED rows still PENDING, across all users."""
+        ...
 
 
 # --------------------------------------------------------------------------- bus and presence (Redis)

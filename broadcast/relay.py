@@ -15,9 +15,11 @@ import logging
 import time
 from datetime import timedelta
 
+from broadcast.domain import ClaimedOutboxEvent
 from broadcast.errors import BroadcastError, PublishError
 from broadcast.loops import pause
-from broadcast.ports import EventPublisher, OutboxStore, OutgoingRecord
+from broadcast.metrics import NO_METRICS, Metrics
+from broadcast.ports import EventPublisher, OutboxStore, OutgoingRecord, RecordPosition
 from broadcast.settings import RelaySettings
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,9 @@ class OutboxRelay:
         settings: RelaySettings,
         owner: str,
         wakeup: asyncio.Event | None = None,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
+        self._metrics = metrics
         self._outbox = outbox
         self._publisher = publisher
         self._settings = settings
@@ -74,6 +78,7 @@ class OutboxRelay:
         acknowledged: list[int] = []
         for lane, batch in zip(lanes, batches, strict=True):
             outcomes = [next(results) for _ in batch]
+            self._count(batch, outcomes)
             failed_at = next((i for i, o in enumerate(outcomes) if isinstance(o, PublishError)), len(batch))
             acknowledged += [r.id for r in batch[:failed_at]]  # a key's later rows never overtake a failed one
             if failed_at < len(batch):
@@ -83,6 +88,13 @@ class OutboxRelay:
                 await self._outbox.record_failure([batch[failed_at].id], str(outcomes[failed_at]))
         await self._outbox.mark_published(acknowledged)
         return len(acknowledged)
+
+    def _count(self, rows: list[ClaimedOutboxEvent], outcomes: list[RecordPosition | PublishError]) -> None:
+        by_topic: dict[str, list[int]] = {}
+        for row, outcome in zip(rows, outcomes, strict=True):
+            by_topic.setdefault(row.event.topic, [0, 0])[isinstance(outcome, PublishError)] += 1
+        for topic, (acknowledged, failed) in by_topic.items():
+            self._metrics.produced(topic, acknowledged, failed)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Publish until ``stop`` is set; sleeps on the wake-up event when idle, backs off on errors."""

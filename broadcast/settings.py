@@ -203,6 +203,26 @@ class TestingSettings(BaseModel):
     max_drill_seconds: int = Field(default=3_600, ge=1)
 
 
+class ObservabilitySettings(BaseModel):
+    """Logs, metrics and readiness thresholds."""
+
+    model_config = {"extra": "forbid"}
+
+    # "auto": human-readable text on a terminal, one JSON object per line otherwise.
+    log_format: Literal["auto", "json", "text"] = "auto"
+    # One INFO line per delivery record handled (with correlation, broadcast and user ids); off = DEBUG.
+    delivery_log: bool = True
+    # How often the shared gauges (outbox, pending, dead letters, consumer lag, readiness) are sampled.
+    sample_seconds: float = Field(default=10.0, gt=0)
+    # Readiness: the producer has had no acknowledgement while publishing failed for this long ("wedged").
+    producer_wedge_seconds: float = Field(default=60.0, gt=0)
+    # Readiness: a listener holds records it has not advanced on (a handler in hand, or lag on its
+    # partitions with nothing handled) for this long.
+    consumer_stall_seconds: float = Field(default=120.0, gt=0)
+    # When set, GET /metrics requires "Authorization: Bearer <metrics_token>".
+    metrics_token: SecretStr | None = None
+
+
 class AuthSettings(BaseModel):
     """Bearer-token verification and SSE tickets. The dev secret is refused when ``environment=production``.
 
@@ -262,6 +282,7 @@ class Settings(BaseSettings):
     sse: SseSettings = Field(default_factory=SseSettings)
     consumers: ConsumerSettings = Field(default_factory=ConsumerSettings)
     testing: TestingSettings = Field(default_factory=TestingSettings)
+    observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
 
     @model_validator(mode="after")
     def _no_dev_secret_in_production(self) -> Settings:

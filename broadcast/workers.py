@@ -2,7 +2,8 @@
 
 All loops share one stop event; on shutdown each gets ``STOP_TIMEOUT_S`` to finish, then is cancelled,
 so a wedged dependency (e.g. Kafka unreachable) can never hang the process. A loop that crashes is
-logged at once (readiness reporting comes with the observability issue).
+logged at once and turns readiness red (``loops``); listeners that stop advancing turn ``consumers`` red.
+The gauge sampler runs in every process, whatever its roles.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Protocol
 from broadcast import constants
 from broadcast.components import Components
 from broadcast.errors import ValidationError
+from broadcast.observe import ConsumersHealth, LoopsHealth, Sampler
 from broadcast.relay import OutboxRelay
 from broadcast.scheduler import Scheduler
 from broadcast.settings import RetrySettings
@@ -43,6 +45,7 @@ async def running(components: Components, roles: frozenset[str]) -> AsyncIterato
     settings = components.settings
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
+    containers: list[ListenerContainer] = []
 
     def start(name: str, loop: Loop) -> None:
         task = asyncio.create_task(loop.run(stop), name=name)
@@ -58,6 +61,7 @@ async def running(components: Components, roles: frozenset[str]) -> AsyncIterato
                 settings.relay,
                 owner=settings.server.instance_id,
                 wakeup=components.outbox_wakeup,
+                metrics=components.metrics,
             ),
         )
     if "scheduler" in roles:
@@ -68,15 +72,22 @@ async def running(components: Components, roles: frozenset[str]) -> AsyncIterato
         for loop in _stream_loops(components):
             start(type(loop).__name__, loop)
     if "consumers" in roles:
-        for container in _delivery_containers(components):
-            start(container.listener.name, container)
+        containers += _delivery_containers(components)
     if "dlt" in roles:
-        container = _dlt_container(components)
+        containers.append(_dlt_container(components))
+    for container in containers:
         start(container.listener.name, container)
+    start("sampler", _sampler(components))
+    observability = settings.observability
+    components.health["loops"] = LoopsHealth(tasks)
+    if containers:
+        components.health["consumers"] = ConsumersHealth(containers, observability.consumer_stall_seconds)
     log.info("running roles: %s", ",".join(sorted(roles)))
     try:
         yield
     finally:
+        for name in ("loops", "consumers"):
+            components.health.pop(name, None)
         stop.set()
         _, late = await asyncio.wait(tasks, timeout=STOP_TIMEOUT_S) if tasks else (set(), set())
         for task in late:
@@ -88,6 +99,16 @@ async def running(components: Components, roles: frozenset[str]) -> AsyncIterato
 def _report_crash(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and (exc := task.exception()) is not None:
         log.error("background loop %s crashed", task.get_name(), exc_info=exc)
+
+
+def _sampler(c: Components) -> Sampler:
+    kafka = c.settings.kafka
+    groups = {
+        kafka.consumer_group: [kafka.topic(t) for t in constants.BASE_TOPICS],
+        kafka.dlt_consumer_group: [kafka.topic(constants.dlt_topic(t)) for t in constants.BASE_TOPICS],
+    }
+    interval = c.settings.observability.sample_seconds
+    return Sampler(c.metrics, c.outbox, c.inbox, c.dead_letter_store, c.event_log, groups, c.health, interval)
 
 
 def _stream_loops(c: Components) -> list[Loop]:
@@ -114,8 +135,9 @@ def _delivery_containers(c: Components) -> list[ListenerContainer]:
     for good goes to ``<topic>-dlt`` (``DeadLetterPublishingRecoverer``)."""
     settings, kafka = c.settings, c.settings.kafka
     drill = DrillSwitch(c.drills) if settings.testing.fault_drill_enabled else None
-    handlers = DeliveryHandlers(c.inbox, c.presence, c.bus, drill)
-    recoverer = DeadLetterPublishingRecoverer(c.event_log.publisher(), kafka.consumer_group)
+    level = logging.INFO if settings.observability.delivery_log else logging.DEBUG
+    handlers = DeliveryHandlers(c.inbox, c.presence, c.bus, drill, level)
+    recoverer = DeadLetterPublishingRecoverer(c.event_log.publisher(), kafka.consumer_group, metrics=c.metrics)
     return [
         ListenerContainer(
             c.event_log,
@@ -126,11 +148,13 @@ def _delivery_containers(c: Components) -> list[ListenerContainer]:
                 handlers.on_selected,
             ),
             error_handler(settings.consumers.selected, recoverer),
+            metrics=c.metrics,
         ),
         ListenerContainer(
             c.event_log,
             Listener("delivery-group", (kafka.topic(constants.GROUP_TOPIC),), kafka.consumer_group, handlers.on_group),
             error_handler(settings.consumers.group, recoverer),
+            metrics=c.metrics,
         ),
     ]
 
@@ -139,7 +163,8 @@ def _dlt_container(c: Components) -> ListenerContainer:
     """The DLT listener: both dead-letter topics into the DLT store, in a consumer group of its own."""
     kafka, consumers = c.settings.kafka, c.settings.consumers
     topics = tuple(kafka.topic(constants.dlt_topic(t)) for t in constants.BASE_TOPICS)
-    handler = DeadLetterHandler(c.dead_letter_store)
+    handler = DeadLetterHandler(c.dead_letter_store, c.metrics)
     listener = Listener("dead-letters", topics, kafka.dlt_consumer_group, handler.on_record)
     # nothing is "not retryable" here: the DLT store is the last stop, a letter is never dropped
-    return ListenerContainer(c.event_log, listener, error_handler(consumers.dlt, log_and_skip, not_retryable=()))
+    handling = error_handler(consumers.dlt, log_and_skip, not_retryable=())
+    return ListenerContainer(c.event_log, listener, handling, metrics=c.metrics)

@@ -27,8 +27,10 @@ import logging
 import time
 from collections.abc import Mapping
 
+from broadcast import constants, logs
 from broadcast.errors import UnavailableError
 from broadcast.loops import pause
+from broadcast.metrics import NO_METRICS, Metrics
 from broadcast.ports import EventLog, EventRecord, EventSubscription, TopicPartition
 from consumers.errors import Decision, DefaultErrorHandler, ErrorHandler, Retry
 from consumers.listener import AckMode, Listener
@@ -48,12 +50,14 @@ class ListenerContainer:
         *,
         commit_timeout_s: float = 10.0,
         finish_timeout_s: float = 10.0,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         self.event_log = event_log
         self.listener = listener
         self.error_handler: ErrorHandler = error_handler or DefaultErrorHandler()
         self.commit_timeout_s = commit_timeout_s
         self.finish_timeout_s = finish_timeout_s
+        self.metrics = metrics
         self._members = [_Member(self, index) for index in range(listener.concurrency)]
         self._running = False
         self._stop = asyncio.Event()
@@ -72,6 +76,18 @@ class ListenerContainer:
     @property
     def commit_failures(self) -> int:
         return sum(m.commit_failures for m in self._members)
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    def stalled(self, stall_s: float) -> str | None:
+        """Why this container is not making progress, or None: not running, a member not in its group,
+        fetching failing, a record in hand or retried for longer than ``stall_s``."""
+        if not self._running:
+            return "not running"
+        problems = [p for m in self._members if (p := m.stalled(stall_s)) is not None]
+        return "; ".join(problems) or None
 
     # -- running
     async def run(self, stop: asyncio.Event) -> None:
@@ -102,6 +118,13 @@ class ListenerContainer:
             await task
 
 
+def _correlation_id(record: EventRecord) -> str | None:
+    for key, value in record.headers:
+        if key == constants.HEADER_CORRELATION_ID:
+            return value.decode("utf-8", errors="replace")[:200]
+    return None
+
+
 class _Acknowledgment:
     """The ``Acknowledgment`` of one record: commits the offset after it, now."""
 
@@ -128,6 +151,10 @@ class _Member:
         self.index = index
         self.handled = 0
         self.commit_failures = 0
+        self._started = time.monotonic()
+        self._joined = False
+        self._in_hand_since: float | None = None
+        self._stuck_since: float | None = None  # fetch failing, or a record being retried, since
         self._sub: EventSubscription | None = None
         self._pending: dict[TopicPartition, int] = {}
         self._failures: dict[TopicPartition, tuple[int, int]] = {}  # partition -> (offset, attempts)
@@ -139,12 +166,24 @@ class _Member:
     def assignment(self) -> frozenset[TopicPartition]:
         return self._sub.assignment() if self._sub is not None else frozenset()
 
+    def stalled(self, stall_s: float) -> str | None:
+        now, name = time.monotonic(), f"{self.listener.name}[{self.index}]"
+        if not self._joined and now - self._started > stall_s:
+            return f"{name} has not joined group {self.listener.group_id} after {now - self._started:.0f} s"
+        if self._in_hand_since is not None and now - self._in_hand_since > stall_s:
+            return f"{name} has been handling one record for {now - self._in_hand_since:.0f} s"
+        if self._stuck_since is not None and now - self._stuck_since > stall_s:
+            return f"{name} has made no progress for {now - self._stuck_since:.0f} s (fetch failing or record retried)"
+        return None
+
     async def run(self, stop: asyncio.Event) -> None:
         listener = self.listener
+        self._started = time.monotonic()
         async with self.container.event_log.subscribe(
             listener.topics, listener.group_id, on_revoked=self._on_revoked, on_assigned=self._on_assigned
         ) as sub:
             self._sub = sub
+            self._joined = True
             try:
                 await self._consume_until_stopped(stop)
             finally:
@@ -179,8 +218,11 @@ class _Member:
                 records = await self._sub.fetch(self.listener.max_poll_records, self._resume_due())
             except UnavailableError as exc:
                 log.warning("listener %s: fetch failed, retrying: %s", self.listener.name, exc)
+                self._stuck_since = self._stuck_since or time.monotonic()
                 await pause(stop, ERROR_BACKOFF_S)
                 continue
+            if not self._failures:
+                self._stuck_since = None
             if records:
                 await self._process(records, stop)
                 await self._commit_pending()
@@ -199,26 +241,34 @@ class _Member:
         """Handle one record; False when it is to be retried (the partition was sought back to it)."""
         manual = self.listener.ack_mode is AckMode.MANUAL_IMMEDIATE
         self._idle.clear()
+        self._in_hand_since = time.monotonic()
         try:
             try:
-                if self.listener.acknowledging_handler is not None:
-                    await self.listener.acknowledging_handler(record, _Acknowledgment(self, tp, record.offset))
-                elif self.listener.handler is not None:
-                    await self.listener.handler(record)
+                with logs.bound(correlation=_correlation_id(record)):
+                    if self.listener.acknowledging_handler is not None:
+                        await self.listener.acknowledging_handler(record, _Acknowledgment(self, tp, record.offset))
+                    elif self.listener.handler is not None:
+                        await self.listener.handler(record)
             except Exception as exc:
-                decision = await self._recover(record, tp, exc)
+                with logs.bound(correlation=_correlation_id(record)):
+                    decision = await self._recover(record, tp, exc)
                 if isinstance(decision, Retry):
+                    self._stuck_since = self._stuck_since or time.monotonic()
                     self._rewind(tp, record.offset, generation, decision.after_s)
                     return False
                 if manual:  # recovered: commit past it, as Spring does after a recoverer
                     await self.commit({tp: record.offset + 1})
             else:
                 self.handled += 1
+            self.container.metrics.records_consumed.labels(record.topic).inc()
             if not manual:
                 self._pending[tp] = record.offset + 1
             self._failures.pop(tp, None)
+            if not self._failures:
+                self._stuck_since = None
             return True
         finally:
+            self._in_hand_since = None
             self._idle.set()
 
     async def _recover(self, record: EventRecord, tp: TopicPartition, exc: Exception) -> Decision:

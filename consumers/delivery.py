@@ -12,8 +12,9 @@ import logging
 
 import orjson
 
-from broadcast import constants, envelope
+from broadcast import constants, envelope, logs
 from broadcast.domain import EventType, TargetType
+from broadcast.envelope import MessageDeliveryEvent
 from broadcast.errors import ValidationError
 from broadcast.ports import Bus, EventRecord, InboxStore, Presence
 from dlt.drill import DrillSwitch
@@ -26,17 +27,50 @@ log = logging.getLogger(__name__)
 class DeliveryHandlers:
     """The record handlers of the two delivery listeners."""
 
-    def __init__(self, inbox: InboxStore, presence: Presence, bus: Bus, drill: DrillSwitch | None = None) -> None:
+    def __init__(
+        self,
+        inbox: InboxStore,
+        presence: Presence,
+        bus: Bus,
+        drill: DrillSwitch | None = None,
+        log_level: int = logging.INFO,
+    ) -> None:
         self._inbox = inbox
         self._presence = presence
         self._bus = bus
         self._drill = drill  # only when the fault drill is enabled: it fails armed broadcasts on purpose
+        self._log_level = log_level  # of the one line per handled record
 
     async def on_selected(self, record: EventRecord) -> None:
         event = envelope.decode(record.value)
         user_id = event.user_id
         if user_id is None:
             raise ValidationError("selected-topic event without userId")
+        with logs.bound(correlation=event.correlation_id, broadcast=event.broadcast_id, user=user_id):
+            instances = await self._selected(record, event, user_id)
+            self._log(record, event, instances)
+
+    def _log(self, record: EventRecord, event: MessageDeliveryEvent, instances: int | None) -> None:
+        if log.isEnabledFor(self._log_level):
+            if instances is None:
+                outcome = "nothing to push"
+            elif instances == 0 and event.user_id is not None and event.event_type is EventType.CREATED:
+                outcome = "user not connected, stays PENDING"
+            else:
+                outcome = f"pushed to {instances} instance(s)"
+            log.log(
+                self._log_level,
+                "delivery %s %s: %s (%s-%d@%d)",
+                event.event_type.value,
+                event.broadcast_id,
+                outcome,
+                record.topic,
+                record.partition,
+                record.offset,
+            )
+
+    async def _selected(self, record: EventRecord, event: MessageDeliveryEvent, user_id: str) -> int | None:
+        """Handle one selected-topic event; the number of instances it was pushed to (None: nothing to do)."""
         if event.event_type is EventType.CREATED:
             snapshot = event.broadcast
             if snapshot is None:
@@ -49,20 +83,37 @@ class DeliveryHandlers:
                 row_id = await self._inbox.row_for(event.broadcast_id, user_id)
                 delivers, event_id = [event.broadcast_id, user_id], f"s{row_id}"
             data = frame(EventName.MESSAGE, from_event(event), event_id)
-            await self._to_user(user_id, data, delivers, event.broadcast_id)
-        elif event.event_type is EventType.READ:
+            return await self._to_user(user_id, data, delivers, event.broadcast_id, snapshot.created_at.timestamp())
+        if event.event_type is EventType.READ:
             data = frame(EventName.READ_RECEIPT, {"broadcastId": event.broadcast_id})
-            await self._to_user(user_id, data, None, None)
+            return await self._to_user(user_id, data, None, None)
+        return None
 
-    async def _to_user(self, user_id: str, data: bytes, delivers: list[str] | None, broadcast_id: str | None) -> None:
+    async def _to_user(
+        self, user_id: str, data: bytes, delivers: list[str] | None, broadcast_id: str | None, at: float = 0.0
+    ) -> int:
         payload = orjson.dumps(
-            {"kind": "user", "user": user_id, "frame": data.decode(), "delivers": delivers, "broadcast": broadcast_id}
+            {
+                "kind": "user",
+                "user": user_id,
+                "frame": data.decode(),
+                "delivers": delivers,
+                "broadcast": broadcast_id,
+                "at": at,
+            }
         )
-        for instance in await self._presence.instances(user_id):
+        instances = await self._presence.instances(user_id)
+        for instance in instances:
             await self._bus.publish(constants.instance_channel(instance), payload)
+        return len(instances)
 
     async def on_group(self, record: EventRecord) -> None:
         event = envelope.decode(record.value)
+        with logs.bound(correlation=event.correlation_id, broadcast=event.broadcast_id):
+            pushed = await self._group(record, event)
+            self._log(record, event, pushed)
+
+    async def _group(self, record: EventRecord, event: MessageDeliveryEvent) -> int | None:
         snapshot = event.broadcast
         if event.event_type is EventType.CREATED:
             if snapshot is None or snapshot.target_type is TargetType.SELECTED:
@@ -77,11 +128,12 @@ class DeliveryHandlers:
                 "frame": data.decode(),
                 "broadcast": event.broadcast_id,
                 "counts": not snapshot.fire_and_forget,  # written to a stream = a delivery, for the stats
+                "at": snapshot.created_at.timestamp(),
             }
         elif event.event_type in (EventType.CANCELLED, EventType.EXPIRED):
             reason = event.event_type.value
             data = frame(EventName.MESSAGE_REMOVED, {"broadcastId": event.broadcast_id, "reason": reason})
             payload = {"kind": "all", "frame": data.decode()}
         else:
-            return
-        await self._bus.publish(constants.REDIS_GROUP_CHANNEL, orjson.dumps(payload))
+            return None
+        return await self._bus.publish(constants.REDIS_GROUP_CHANNEL, orjson.dumps(payload))

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 
 from broadcast import constants, envelope
 from broadcast.errors import ValidationError
+from broadcast.metrics import NO_METRICS, Metrics
 from broadcast.ports import EventRecord
 from dlt.model import DeadLetter, DeadLetterStore
 from dlt.recoverer import header_int
@@ -79,8 +80,9 @@ def read_dead_letter(record: EventRecord) -> DeadLetter | None:
 class DeadLetterHandler:
     """The record handler of the DLT listener."""
 
-    def __init__(self, store: DeadLetterStore) -> None:
+    def __init__(self, store: DeadLetterStore, metrics: Metrics = NO_METRICS) -> None:
         self._store = store
+        self._metrics = metrics
         self.stored = 0
 
     async def on_record(self, record: EventRecord) -> None:
@@ -89,6 +91,7 @@ class DeadLetterHandler:
             return
         if await self._store.save(letter):
             self.stored += 1
+            self._metrics.dlt_records.labels(record.topic, letter.exception_fqcn or "unknown").inc()
             log.warning(
                 "dead letter stored: %s-%d@%d from %s (%s)",
                 record.topic,

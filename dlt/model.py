@@ -96,6 +96,10 @@ class DeadLetterStore(Protocol):
 
     async def summary(self, where: DeadLetterFilter) -> list[SummaryRow]: ...
 
+    async def count_by_status(self) -> dict[str, int]:
+        """Letters per status (every status named, zeros included)."""
+        ...
+
     async def redrive(self, letter: DeadLetter, event: OutboxEvent, actor: str) -> bool:
         """In one transaction: NEW -> REDRIVEN, ``event`` into the outbox, the user's FAILED row back to
         PENDING (or the group failure counter down by one), an audit entry. False (and nothing written

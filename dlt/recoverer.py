@@ -15,6 +15,8 @@ import traceback
 from collections.abc import Callable
 
 from broadcast import constants
+from broadcast.errors import PublishError
+from broadcast.metrics import NO_METRICS, Metrics
 from broadcast.ports import EventPublisher, EventRecord
 from consumers.errors import fqcn
 
@@ -62,19 +64,26 @@ class DeadLetterPublishingRecoverer:
     """A ``Recoverer`` (see ``consumers.errors``) for the listeners of one consumer group."""
 
     def __init__(
-        self, publisher: EventPublisher, group_id: str, destination: Callable[[str], str] = constants.dlt_topic
+        self,
+        publisher: EventPublisher,
+        group_id: str,
+        destination: Callable[[str], str] = constants.dlt_topic,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         self._publisher = publisher
         self._group_id = group_id
         self._destination = destination
+        self._metrics = metrics
         self.published = 0
 
     async def __call__(self, record: EventRecord, exc: Exception) -> None:
-        await self._publisher.publish(
-            self._destination(record.topic),
-            record.key,
-            record.value,
-            dead_letter_headers(record, exc, self._group_id),
-            partition=record.partition,
-        )
+        topic = self._destination(record.topic)
+        try:
+            await self._publisher.publish(
+                topic, record.key, record.value, dead_letter_headers(record, exc, self._group_id), record.partition
+            )
+        except PublishError:
+            self._metrics.produced(topic, 0, 1)
+            raise
+        self._metrics.produced(topic, 1)
         self.published += 1

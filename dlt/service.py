@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from broadcast import constants, envelope
 from broadcast.domain import OutboxEvent
 from broadcast.errors import NotFoundError, PublishError, UnavailableError, ValidationError
+from broadcast.metrics import NO_METRICS, Metrics
 from broadcast.ports import EventPublisher, OutgoingRecord
 from broadcast.settings import KafkaSettings
 from dlt.model import DeadLetter, DeadLetterFilter, DeadLetterStatus, DeadLetterStore
@@ -48,7 +49,9 @@ class DeadLetterService:
         publisher: EventPublisher,
         kafka: KafkaSettings,
         on_outbox: Callable[[], None] = lambda: None,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
+        self._redrives = metrics.redrives
         self._store = store
         self._publisher = publisher
         self._targets = {kafka.topic(constants.SELECTED_TOPIC), kafka.topic(constants.GROUP_TOPIC)}
@@ -97,8 +100,10 @@ class DeadLetterService:
             event = self.redrive_event(letter)
         except ValidationError as exc:
             await self._store.audit(actor, "REDRIVE", letter_id, "REFUSED", {"reason": str(exc)})
+            self._redrives.labels("refused").inc()
             raise
         done = await self._store.redrive(letter, event, actor)
+        self._redrives.labels("redriven" if done else "already_redriven").inc()
         if done:
             self._on_outbox()
         return done
@@ -117,12 +122,15 @@ class DeadLetterService:
                 except ValidationError as exc:
                     result.fail(letter.id, str(exc))
                     await self._store.audit(actor, "REDRIVE_ALL", letter.id, "REFUSED", {"reason": str(exc)})
+                    self._redrives.labels("refused").inc()
                     continue
                 try:
                     redriven = await self._store.redrive(letter, event, actor)
                 except (ValidationError, UnavailableError) as exc:  # this one fails; the others still go
                     result.fail(letter.id, str(exc))
+                    self._redrives.labels("failed").inc()
                     continue
+                self._redrives.labels("redriven" if redriven else "already_redriven").inc()
                 if redriven:
                     result.done += 1
                 else:

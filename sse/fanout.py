@@ -64,14 +64,14 @@ class BusListener:
         try:
             payload = orjson.loads(message.payload)
             data = payload["frame"].encode()
+            created = float(payload.get("at") or 0.0)
             if payload["kind"] == "user":
-                item = Outgoing(data, payload.get("broadcast"), counts=bool(payload.get("delivers")))
+                item = Outgoing(data, payload.get("broadcast"), counts=bool(payload.get("delivers")), created=created)
                 return self._hub.to_user(payload["user"], item)
             if payload["kind"] == "group":
                 matches = _group_matches(payload["targetType"], frozenset(payload["roles"]))
-                return self._hub.to_matching(
-                    matches, Outgoing(data, payload["broadcast"], counts=payload.get("counts", True))
-                )
+                counts = payload.get("counts", True)
+                return self._hub.to_matching(matches, Outgoing(data, payload["broadcast"], counts, created=created))
             return self._hub.to_matching(None, Outgoing(data))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             log.error("malformed bus message on %s dropped: %r", message.channel, exc)
@@ -90,7 +90,7 @@ class Reconciler:
         """One query (per few hundred users) for the PENDING rows of everyone connected here."""
         pushed = 0
         for user_id, item in await self._inbox.pending_for(self._hub.users(), RECONCILE_BATCH):
-            outgoing = Outgoing(item_frame(item), item.broadcast.id, counts=True)
+            outgoing = Outgoing(item_frame(item), item.broadcast.id, counts=True, path="reconciliation")
             if self._hub.to_user(user_id, outgoing):
                 pushed += 1
         self.pushed += pushed

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from broadcast.errors import ConflictError
+from broadcast.metrics import NO_METRICS, StreamStats
 
 log = logging.getLogger(__name__)
 SEEN_LIMIT = 2_048  # broadcast ids remembered per connection to skip repeats (catch-up, live, reconciliation)
@@ -27,11 +28,17 @@ Delivered = Callable[[tuple[str, str]], None]
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
-    """Bytes for connections; a MESSAGE names its broadcast, and ``counts`` when writing it is a delivery."""
+    """Bytes for connections; a MESSAGE names its broadcast, and ``counts`` when writing it is a delivery.
+
+    ``path`` says how it came (``live``, ``reconnect`` catch-up, ``reconciliation``) and ``created`` is its
+    broadcast's creation time (epoch seconds, 0 unknown), for the delivery metrics.
+    """
 
     data: bytes
     broadcast_id: str | None = None
     counts: bool = False
+    path: str = "live"
+    created: float = 0.0
 
 
 def _ignore(_: tuple[str, str]) -> None:
@@ -57,6 +64,7 @@ class Connection:
         "_on_drop",
         "_send",
         "_send_timeout",
+        "_stats",
         "_timer",
         "_waiting",
         "closed",
@@ -76,6 +84,7 @@ class Connection:
         send_timeout: float,
         delivered: Delivered = _ignore,
         on_drop: Callable[[], None] = lambda: None,
+        stats: StreamStats = NO_METRICS.stream,
     ) -> None:
         self.id = connection_id
         self.user_id = user_id
@@ -87,13 +96,14 @@ class Connection:
         self._send_timeout = send_timeout
         self._delivered = delivered
         self._on_drop = on_drop
+        self._stats = stats
         self._send: Send | None = None
         self._abort: Callable[[], None] | None = None
         self._backlog: list[Outgoing] = []
         self._finishing = False
         self._ended = False
         self._inflight: Coroutine[Any, Any, None] | None = None
-        self._inflight_delivers: list[tuple[str, str]] = []
+        self._inflight_delivers: list[Outgoing] = []
         self._waiting: asyncio.Future[Any] | None = None
         self._timer: asyncio.TimerHandle | None = None
 
@@ -109,7 +119,7 @@ class Connection:
             return True
         if not started or self._inflight is not None:
             if len(self._backlog) >= self._limit:
-                self.drop("backlog full")
+                self.drop("backlog full", "backlog_full")
                 return False
             self._backlog.append(item)
             return True
@@ -136,11 +146,13 @@ class Connection:
             queued, self._backlog = self._backlog, []
             self._write(queued, final=True)
 
-    def drop(self, reason: str) -> None:
-        """Abort a client that cannot keep up: its socket is closed at once, unsent bytes discarded."""
+    def drop(self, reason: str, kind: str = "backlog_full") -> None:
+        """Abort a client that cannot keep up: its socket is closed at once, unsent bytes discarded.
+        ``kind`` is the metrics' reason: ``backlog_full``, ``send_timeout`` or ``write_failed``."""
         if self.dropped:
             return
         log.warning("dropping slow connection %d of %s (%s)", self.id, self.user_id, reason)
+        self._stats.dropped(kind)
         self.closed = self.dropped = True
         self._backlog.clear()
         self._discard_inflight()
@@ -167,7 +179,7 @@ class Connection:
         assert self._send is not None
         body = items[0].data if len(items) == 1 else b"".join(i.data for i in items)
         self._ended = final
-        self._inflight_delivers = [(i.broadcast_id, self.user_id) for i in items if i.counts and i.broadcast_id]
+        self._inflight_delivers = [i for i in items if i.counts and i.broadcast_id]
         sending = self._send({"type": "http.response.body", "body": body, "more_body": not final})
         self._inflight = sending if isinstance(sending, Coroutine) else _awaiting(sending)
         self._step()
@@ -185,7 +197,7 @@ class Connection:
         except Exception as exc:  # the transport refused the write: the client is gone
             self._inflight = None
             log.info("write to connection %d of %s failed: %r", self.id, self.user_id, exc)
-            self.drop("write failed")
+            self.drop("write failed", "write_failed")
             return
         loop = asyncio.get_running_loop()
         if isinstance(yielded, asyncio.Future):  # e.g. waiting for the socket to drain
@@ -195,21 +207,30 @@ class Connection:
         else:  # a bare yield: try again on the next loop iteration
             loop.call_soon(self._step)
         if self._timer is None:
-            self._timer = loop.call_later(self._send_timeout, self.drop, f"send timeout {self._send_timeout} s")
+            self._timer = loop.call_later(
+                self._send_timeout, self.drop, f"send timeout {self._send_timeout} s", "send_timeout"
+            )
 
     def _written(self) -> None:
         self._inflight = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        for pair in self._inflight_delivers:
-            self._delivered(pair)
-        self._inflight_delivers = []
+        if self._inflight_delivers:
+            self._report(self._inflight_delivers)
+            self._inflight_delivers = []
         if self._backlog:
             queued, self._backlog = self._backlog, []
             self._write(queued, final=self._finishing)
         elif self._finishing and not self._ended:
             self._write([], final=True)
+
+    def _report(self, items: list[Outgoing]) -> None:
+        """Written: tell the delivered-marks batcher, count each delivery (and time the live ones)."""
+        for item in items:
+            assert item.broadcast_id is not None
+            self._delivered((item.broadcast_id, self.user_id))
+            self._stats.delivered(item.path, item.created)
 
     def _discard_inflight(self) -> None:
         if self._timer is not None:
@@ -227,8 +248,14 @@ class Hub:
     """All SSE connections of this process."""
 
     def __init__(
-        self, queue_size: int, max_per_user: int, send_timeout: float = 10.0, delivered: Delivered = _ignore
+        self,
+        queue_size: int,
+        max_per_user: int,
+        send_timeout: float = 10.0,
+        delivered: Delivered = _ignore,
+        stats: StreamStats = NO_METRICS.stream,
     ) -> None:
+        self._stats = stats
         self._queue_size = queue_size
         self._max_per_user = max_per_user
         self._send_timeout = send_timeout
@@ -244,7 +271,14 @@ class Hub:
                 del self._by_user[user_id]
             raise ConflictError(f"user already has {self._max_per_user} open streams")
         connection = Connection(
-            next(self._ids), user_id, roles, self._queue_size, self._send_timeout, self._delivered, self._count_drop
+            next(self._ids),
+            user_id,
+            roles,
+            self._queue_size,
+            self._send_timeout,
+            self._delivered,
+            self._count_drop,
+            self._stats,
         )
         connections.add(connection)
         return connection
@@ -264,6 +298,10 @@ class Hub:
 
     def users(self) -> list[str]:
         return list(self._by_user)
+
+    def counts(self) -> tuple[int, int]:
+        """(open streams, distinct users) on this instance."""
+        return sum(len(cs) for cs in self._by_user.values()), len(self._by_user)
 
     def connections(self, user_id: str | None = None) -> Iterable[Connection]:
         if user_id is not None:

@@ -83,7 +83,7 @@ def _in_order(items: list[InboxItem]) -> list[InboxItem]:
 
 def outgoing(item: InboxItem, user_id: str) -> Outgoing:
     """A catch-up item as bytes for the hub; writing it counts as a delivery."""
-    return Outgoing(item_frame(item), item.broadcast.id, counts=True)
+    return Outgoing(item_frame(item), item.broadcast.id, counts=True, path="reconnect")
 
 
 def head(connection: Connection, instance_id: str, resync: bool) -> bytes:

@@ -8,9 +8,10 @@ rebalance callbacks and commit failures (``CommitFailedError``) reach callers in
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
@@ -21,6 +22,9 @@ from aiokafka.structs import TopicPartition as KafkaTopicPartition
 from broadcast.errors import CommitFailedError, PublishError, UnavailableError
 from broadcast.ports import EventRecord, OutgoingRecord, RebalanceCallback, RecordPosition, TopicPartition
 from broadcast.settings import KafkaSettings
+
+if TYPE_CHECKING:
+    from broadcast.adapters.kafka_lag import KafkaLag
 
 
 def client_options(settings: KafkaSettings) -> dict[str, Any]:
@@ -54,6 +58,8 @@ class KafkaEventLog:
         self._settings = settings
         self._publish_timeout_s = settings.publish_timeout_seconds
         self._producer: AIOKafkaProducer | None = None
+        self.watch = ProducerWatch()
+        self._lag: KafkaLag | None = None
 
     async def __aenter__(self) -> KafkaEventLog:
         producer = AIOKafkaProducer(
@@ -72,6 +78,8 @@ class KafkaEventLog:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
+        if self._lag is not None:
+            await self._lag.close()
         if self._producer is not None:
             await self._producer.stop()
             self._producer = None
@@ -99,7 +107,9 @@ class KafkaEventLog:
                     topic, value=value, key=key, partition=partition, headers=list(headers) or None
                 )
         except (KafkaError, TimeoutError) as exc:
+            self.watch.failed()
             raise PublishError(f"publish to {topic} not acknowledged: {exc!r}") from exc
+        self.watch.acknowledged()
         return RecordPosition(metadata.topic, metadata.partition, metadata.offset)
 
     async def publish_many(self, records: Sequence[OutgoingRecord]) -> list[RecordPosition | PublishError]:
@@ -155,7 +165,18 @@ class KafkaEventLog:
                     if isinstance(outcome, PublishError)
                     else RecordPosition(topic, partition, outcome + relative)
                 )
+        if any(isinstance(r, RecordPosition) for r in results):
+            self.watch.acknowledged()
+        elif results:
+            self.watch.failed()
         return results
+
+    async def lag(self, group_id: str, topics: Sequence[str]) -> dict[TopicPartition, int]:
+        if self._lag is None:
+            from broadcast.adapters.kafka_lag import KafkaLag
+
+            self._lag = KafkaLag(self._settings)
+        return await self._lag.lag(group_id, topics)
 
     async def partitions_for(self, topic: str) -> int:
         producer = self._require_producer()
@@ -298,15 +319,44 @@ class KafkaSubscription:
         return [tp for tp in (KafkaTopicPartition(p.topic, p.partition) for p in partitions) if tp in held]
 
 
-class KafkaHealth:
-    """Readiness: the producer is started and a metadata round trip names at least one live broker."""
+class ProducerWatch:
+    """Whether the producer still gets acknowledgements: the time publishing began failing, if it is."""
 
-    def __init__(self, log: KafkaEventLog, timeout_s: float = 3.0) -> None:
+    def __init__(self) -> None:
+        self.failing_since: float | None = None
+        self.last_ack: float | None = None
+
+    def acknowledged(self) -> None:
+        self.failing_since, self.last_ack = None, time.monotonic()
+
+    def failed(self) -> None:
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+
+    def wedged_for(self) -> float:
+        """Seconds publishing has failed without a single acknowledgement (0 when it is not failing)."""
+        return 0.0 if self.failing_since is None else time.monotonic() - self.failing_since
+
+
+class KafkaHealth:
+    """Readiness: the producer is started, its sender task alive, publishing not failing for longer than
+    ``wedge_s`` (an idempotent producer can wedge: every send times out while metadata still answers),
+    and a metadata round trip names at least one live broker."""
+
+    def __init__(self, log: KafkaEventLog, timeout_s: float = 3.0, wedge_s: float = 60.0) -> None:
         self._log = log
         self._timeout_s = timeout_s
+        self._wedge_s = wedge_s
 
     async def check(self) -> None:
         producer = self._log._require_producer()
+        sender = getattr(getattr(producer, "_sender", None), "_sender_task", None)
+        if sender is not None and sender.done():
+            raise UnavailableError("kafka producer wedged: its sender task has stopped")
+        if (failing := self._log.watch.wedged_for()) > self._wedge_s:
+            raise UnavailableError(
+                f"kafka producer wedged: no acknowledgement for {failing:.0f} s of failing publishes"
+            )
         try:
             async with asyncio.timeout(self._timeout_s):
                 cluster = await producer.client.fetch_all_metadata()

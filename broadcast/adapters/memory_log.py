@@ -94,6 +94,12 @@ class MemoryEventLog:
             member.positions = {}
             await group.rebalance()
 
+    async def lag(self, group_id: str, topics: Sequence[str]) -> dict[TopicPartition, int]:
+        committed = self._groups[group_id].committed if group_id in self._groups else {}
+        return {
+            tp: len(self._topic(tp.topic)[tp.partition]) - committed.get(tp, 0) for tp in self._all_partitions(topics)
+        }
+
     def _wake(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()

@@ -108,3 +108,6 @@ class MemoryOutboxStore:
 
     async def backlog(self) -> int:
         return sum(1 for r in self._rows.values() if r.published_at is None)
+
+    async def oldest_unpublished(self) -> datetime | None:
+        return min((r.created_at for r in self._rows.values() if r.published_at is None), default=None)

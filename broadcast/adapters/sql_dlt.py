@@ -142,6 +142,12 @@ class SqlDeadLetterStore:
             SummaryRow(r[0], r[1], int(r[2]), utc(r[3]) if r[3] else None) for r in await read_all(self._engine, query)
         ]
 
+    async def count_by_status(self) -> dict[str, int]:
+        query = select(d.status, func.count()).group_by(d.status)
+        counts = dict.fromkeys((s.value for s in DeadLetterStatus), 0)
+        counts.update({str(r[0]): int(r[1]) for r in await read_all(self._engine, query)})
+        return counts
+
     async def redrive(self, letter: DeadLetter, event: OutboxEvent, actor: str) -> bool:
         assert letter.id is not None
         async with translated(), self._engine.begin() as conn:

@@ -216,6 +216,14 @@ class SqlInboxStore:
             raise translate(exc) from exc
         return newly
 
+    async def pending_count(self) -> int:
+        query = (
+            select(func.count())
+            .select_from(user_broadcast_messages)
+            .where(u.delivery_status == DeliveryStatus.PENDING.value)
+        )
+        return int((await read_all(self._engine, query))[0][0])
+
     async def mark_delivered(self, pairs: Sequence[tuple[str, str]]) -> int:
         """(broadcast id, user id) pairs written to a live stream: a SELECTED row goes PENDING → DELIVERED, a
         group broadcast gets its DELIVERED row (what the stats count); repeats change nothing. One upsert

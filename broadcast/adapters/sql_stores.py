@@ -210,6 +210,15 @@ class SqlOutboxStore:
         except (SQLAlchemyError, OSError) as exc:
             raise translate(exc) from exc
 
+    async def oldest_unpublished(self) -> datetime | None:
+        query = select(func.min(outbox_events.c.created_at)).where(outbox_events.c.published_at.is_(None))
+        try:
+            async with self._engine.connect() as conn:
+                oldest = (await conn.execute(query)).scalar_one()
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc) from exc
+        return utc(oldest) if oldest is not None else None
+
     async def _execute(self, stmt: Any) -> None:
         try:
             async with self._engine.begin() as conn:

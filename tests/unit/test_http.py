@@ -37,7 +37,9 @@ async def test_live_and_ready_answer(client: httpx.AsyncClient) -> None:
     assert live.status_code == 200 and live.json() == {"status": "up"}
     ready = await client.get("/health/ready")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "up", "failing": [], "checks": {"database": "ok"}}
+    body = ready.json()
+    assert body["status"] == "up" and body["failing"] == [] and body["instance"]
+    assert body["checks"] == {"database": "ok", "loops": "ok", "consumers": "ok"}
 
 
 async def test_unknown_route_is_a_problem_document(client: httpx.AsyncClient) -> None:
