@@ -109,7 +109,7 @@ class _StreamCollector(Collector):
             ("broadcast_sse_connections", "SSE streams open on this instance", streams),
             ("broadcast_sse_users", "Distinct users with a stream open on this instance", users),
         ):
-            gauge = GaugeMetricFamily(name, doc, labels=["instance"])
+            gauge = GaugeMetricFamily(name, doc, labels=["server"])  # Prometheus owns `instance`
             gauge.add_metric([self._instance], value)
             yield gauge
 
