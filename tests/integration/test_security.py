@@ -34,7 +34,16 @@ from devstack.stack import StackInfo
 from tests.apps import api_in_process
 from tests.auth import bearer
 
-PUBLIC_ROUTES = {"/health/live", "/health/ready", "/api/openapi.json", "/", "/admin", "/inbox", "/dev/status"}
+PUBLIC_ROUTES = {
+    "/health/live",
+    "/health/ready",
+    "/metrics",  # public unless BROADCAST_OBSERVABILITY__METRICS_TOKEN is set (tests/unit/test_observability.py)
+    "/api/openapi.json",
+    "/",
+    "/admin",
+    "/inbox",
+    "/dev/status",
+}
 DEV_ONLY = {"/dev/token"}  # public, but 404 unless the development secret is in use
 STATIC_MOUNTS = {"/static"}  # the pages' CSS and JavaScript
 ALLOWED_ORIGIN = "https://console.example"
