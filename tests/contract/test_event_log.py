@@ -270,3 +270,19 @@ async def test_a_paused_partition_is_not_fetched_until_resumed_and_explicit_part
         assert (late.partition, late.value) == (0, b"p0")
     many = await publisher.publish_many([OutgoingRecord(topic, b"k", b"x", partition=2)])
     assert not isinstance(many[0], PublishError) and many[0].partition == 2
+
+
+async def test_lag_is_end_minus_committed_per_partition(event_log: LogUnderTest, unique_name: str) -> None:
+    publisher = event_log.log.publisher()
+    topic, other, group = event_log.topics[0], event_log.topics[1], f"{unique_name}-lag"
+    for i in range(7):
+        await publisher.publish(topic, b"k", f"m{i}".encode(), partition=i % 2)
+    lag = await event_log.log.lag(group, [topic, other])
+    expected = {TopicPartition(topic, 0): 4, TopicPartition(topic, 1): 3, TopicPartition(topic, 2): 0}
+    assert lag == {**expected, **{TopicPartition(other, p): 0 for p in range(PARTITIONS)}}  # nothing committed yet
+    async with event_log.log.subscribe([topic], group) as sub:
+        records = await drain(sub, 7)
+        await sub.commit({TopicPartition(topic, 0): 4, TopicPartition(topic, 1): 1})
+    assert {r.value for r in records} == {f"m{i}".encode() for i in range(7)}
+    after = await event_log.log.lag(group, [topic])
+    assert after == {TopicPartition(topic, 0): 0, TopicPartition(topic, 1): 2, TopicPartition(topic, 2): 0}
