@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import pytest
@@ -254,6 +254,9 @@ class FailingCommits:
 
     def publisher(self) -> MemoryEventLog:
         return self.inner
+
+    async def lag(self, group_id: str, topics: Sequence[str]) -> dict[TopicPartition, int]:
+        return await self.inner.lag(group_id, topics)
 
     @asynccontextmanager
     async def _subscribe(
