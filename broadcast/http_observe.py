@@ -29,6 +29,7 @@ from broadcast.metrics import Metrics
 CORRELATION_SCOPE_KEY = "broadcast.correlation_id"
 CORRELATION_HEADER = b"x-correlation-id"
 MAX_CORRELATION_CHARS = 200
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNTIMED = frozenset({"/api/user/sse/connect", "/metrics"})
 
 
@@ -90,7 +91,8 @@ class RequestTimer:
             metrics = self._metrics or _metrics_of(scope)
             if metrics is not None:
                 route = _template(scope, self._routes)
-                metrics.http_duration.labels(scope["method"], route, str(status)).observe(time.perf_counter() - started)
+                method = scope["method"] if scope["method"] in METHODS else "OTHER"  # bounded label values
+                metrics.http_duration.labels(method, route, str(status)).observe(time.perf_counter() - started)
 
 
 def _metrics_of(scope: Scope) -> Metrics | None:

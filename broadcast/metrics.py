@@ -88,7 +88,9 @@ class _StreamCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         stats = self._stats
         deliveries = CounterMetricFamily(
-            "broadcast_deliveries", "MESSAGE events written to an SSE stream, by path", labels=["path"]
+            "broadcast_deliveries",
+            "Tracked MESSAGE events written to an SSE stream, by path (fire-and-forget ones are not tracked)",
+            labels=["path"],
         )
         for path, count in sorted(stats.deliveries.items()):
             deliveries.add_metric([path], count)

@@ -108,7 +108,7 @@ class Sampler:
             self._guarded("outbox", self._sample_outbox()),
             self._guarded("pending", self._sample_pending()),
             self._guarded("dead_letters", self._sample_dead_letters()),
-            self._guarded("consumer_lag", self._sample_lag()),
+            *(self._guarded("consumer_lag", self._sample_lag(group, topics)) for group, topics in self._groups.items()),
             self._guarded("readiness", readiness(self._health, self._metrics)),
         )
 
@@ -119,6 +119,9 @@ class Sampler:
         except (BroadcastError, TimeoutError) as exc:
             self._metrics.sample_errors.labels(source).inc()
             log.debug("sampling %s failed: %s", source, exc)
+        except Exception:  # anything else must not end the sampler (and freeze every gauge)
+            self._metrics.sample_errors.labels(source).inc()
+            log.warning("sampling %s failed unexpectedly", source, exc_info=True)
 
     async def _sample_outbox(self) -> None:
         self._metrics.outbox_backlog.set(await self._outbox.backlog())
@@ -133,11 +136,9 @@ class Sampler:
         for status, count in (await self._dead_letters.count_by_status()).items():
             self._metrics.dlt_letters.labels(status).set(count)
 
-    async def _sample_lag(self) -> None:
-        gauge = self._metrics.consumer_lag
-        for group, topics in self._groups.items():
-            for tp, lag in sorted((await self._event_log.lag(group, topics)).items()):
-                gauge.labels(group, tp.topic, str(tp.partition)).set(lag)
+    async def _sample_lag(self, group: str, topics: Sequence[str]) -> None:
+        for tp, lag in sorted((await self._event_log.lag(group, topics)).items()):
+            self._metrics.consumer_lag.labels(group, tp.topic, str(tp.partition)).set(lag)
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

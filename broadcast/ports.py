@@ -186,7 +186,8 @@ class OutboxStore(Protocol):
     async def backlog(self) -> int: ...
 
     async def oldest_unpublished(self) -> datetime | None:
-        """When the oldest row not yet published was written (None when everything is published)."""
+        """Since when the longest-waiting due row has been due (its ``not_before``, else when it was
+        written); None when nothing due is unpublished. Rows scheduled for later are not waiting yet."""
         ...
 
 

@@ -183,7 +183,6 @@ class _Member:
             listener.topics, listener.group_id, on_revoked=self._on_revoked, on_assigned=self._on_assigned
         ) as sub:
             self._sub = sub
-            self._joined = True
             try:
                 await self._consume_until_stopped(stop)
             finally:
@@ -342,6 +341,7 @@ class _Member:
     # -- rebalance callbacks (run in the task that drives the rebalance)
     async def _on_revoked(self, partitions: frozenset[TopicPartition]) -> None:
         self._generation += 1
+        self._joined, self._started = False, time.monotonic()  # rejoining: the clock of ``stalled`` restarts
         if not self._idle.is_set():
             try:
                 async with asyncio.timeout(self.container.finish_timeout_s):
@@ -358,6 +358,7 @@ class _Member:
 
     async def _on_assigned(self, partitions: frozenset[TopicPartition]) -> None:
         self._generation += 1
+        self._joined = True  # called after every successful join, even with no partitions
         for tp in set(self._pending) - partitions:
             del self._pending[tp]
         for tp in set(self._failures) - partitions:

@@ -9,6 +9,7 @@ fans out to its matching connections. The bus is at-most-once; reconciliation co
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 
 import orjson
 
@@ -22,6 +23,16 @@ from sse.frames import EventName, frame, micros
 from sse.messages import from_event
 
 log = logging.getLogger(__name__)
+
+
+LATE_PUBLISH_S = 60.0
+
+
+def _due_at(created: datetime, record_ms: int) -> float:
+    """When a broadcast became due, for the end-to-end latency: its creation, unless its record was produced
+    much later (a scheduled broadcast, a redriven dead letter), then the record's time."""
+    created_s, produced_s = created.timestamp(), record_ms / 1000
+    return produced_s if produced_s - created_s > LATE_PUBLISH_S else created_s
 
 
 class DeliveryHandlers:
@@ -83,7 +94,9 @@ class DeliveryHandlers:
                 row_id = await self._inbox.row_for(event.broadcast_id, user_id)
                 delivers, event_id = [event.broadcast_id, user_id], f"s{row_id}"
             data = frame(EventName.MESSAGE, from_event(event), event_id)
-            return await self._to_user(user_id, data, delivers, event.broadcast_id, snapshot.created_at.timestamp())
+            return await self._to_user(
+                user_id, data, delivers, event.broadcast_id, _due_at(snapshot.created_at, record.timestamp_ms)
+            )
         if event.event_type is EventType.READ:
             data = frame(EventName.READ_RECEIPT, {"broadcastId": event.broadcast_id})
             return await self._to_user(user_id, data, None, None)
@@ -128,7 +141,7 @@ class DeliveryHandlers:
                 "frame": data.decode(),
                 "broadcast": event.broadcast_id,
                 "counts": not snapshot.fire_and_forget,  # written to a stream = a delivery, for the stats
-                "at": snapshot.created_at.timestamp(),
+                "at": _due_at(snapshot.created_at, record.timestamp_ms),
             }
         elif event.event_type in (EventType.CANCELLED, EventType.EXPIRED):
             reason = event.event_type.value

@@ -64,15 +64,19 @@ class KafkaLag:
                 await admin.start()
                 await offsets.start()
             except BaseException:
-                await admin.close()
-                await offsets.stop()
+                try:
+                    await admin.close()
+                finally:
+                    await offsets.stop()
                 raise
             self._admin, self._offsets = admin, offsets
         return self._admin, self._offsets
 
     async def close(self) -> None:
         admin, offsets, self._admin, self._offsets = self._admin, self._offsets, None, None
-        if admin is not None:
-            await admin.close()
-        if offsets is not None:
-            await offsets.stop()
+        try:
+            if admin is not None:
+                await admin.close()
+        finally:
+            if offsets is not None:
+                await offsets.stop()

@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, KafkaTimeoutError, RequestTimedOutError
 from aiokafka.partitioner import murmur2
 from aiokafka.structs import OffsetAndMetadata
 from aiokafka.structs import TopicPartition as KafkaTopicPartition
@@ -22,6 +22,8 @@ from aiokafka.structs import TopicPartition as KafkaTopicPartition
 from broadcast.errors import CommitFailedError, PublishError, UnavailableError
 from broadcast.ports import EventRecord, OutgoingRecord, RebalanceCallback, RecordPosition, TopicPartition
 from broadcast.settings import KafkaSettings
+
+TIMEOUTS = (TimeoutError, KafkaTimeoutError, RequestTimedOutError)  # what a wedged producer looks like
 
 if TYPE_CHECKING:
     from broadcast.adapters.kafka_lag import KafkaLag
@@ -107,7 +109,8 @@ class KafkaEventLog:
                     topic, value=value, key=key, partition=partition, headers=list(headers) or None
                 )
         except (KafkaError, TimeoutError) as exc:
-            self.watch.failed()
+            if isinstance(exc, TIMEOUTS):
+                self.watch.failed()
             raise PublishError(f"publish to {topic} not acknowledged: {exc!r}") from exc
         self.watch.acknowledged()
         return RecordPosition(metadata.topic, metadata.partition, metadata.offset)
@@ -121,6 +124,7 @@ class KafkaEventLog:
         """
         producer = self._require_producer()
         results: list[RecordPosition | PublishError] = [PublishError("not sent before the timeout")] * len(records)
+        timed_out = False
         sent: list[tuple[asyncio.Future[Any], str, int, list[tuple[int, int]]]] = []
         try:
             async with asyncio.timeout(self._publish_timeout_s):
@@ -153,7 +157,7 @@ class KafkaEventLog:
                     )
                 await asyncio.wait([future for future, *_ in sent])
         except TimeoutError:
-            pass
+            timed_out = True
         except KafkaError as exc:
             failure = PublishError(f"publish refused: {exc!r}")
             results = [failure] * len(records)
@@ -167,7 +171,7 @@ class KafkaEventLog:
                 )
         if any(isinstance(r, RecordPosition) for r in results):
             self.watch.acknowledged()
-        elif results:
+        elif timed_out or any(_timed_out(future) for future, *_ in sent):
             self.watch.failed()
         return results
 
@@ -221,6 +225,10 @@ def _partition(key: bytes | None, partitions: int, index: int) -> int:
     if key is None:
         return index % partitions
     return int(murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+def _timed_out(future: asyncio.Future[Any]) -> bool:
+    return not future.done() or (not future.cancelled() and isinstance(future.exception(), TIMEOUTS))
 
 
 def _outcome(future: asyncio.Future[Any], topic: str, timeout_s: float) -> int | PublishError:
@@ -320,22 +328,32 @@ class KafkaSubscription:
 
 
 class ProducerWatch:
-    """Whether the producer still gets acknowledgements: the time publishing began failing, if it is."""
+    """Whether the producer still gets acknowledgements: since when publishes have been timing out, if
+    they still are. Only timeouts count (a record the broker refuses, e.g. too large, says nothing about
+    the producer), and a failure streak with no failure in the last ``recent_s`` is over, so a producer
+    that failed once and then had nothing to send is not wedged."""
 
-    def __init__(self) -> None:
+    def __init__(self, recent_s: float = 30.0) -> None:
+        self.recent_s = recent_s
         self.failing_since: float | None = None
+        self.last_failed: float | None = None
         self.last_ack: float | None = None
 
     def acknowledged(self) -> None:
         self.failing_since, self.last_ack = None, time.monotonic()
 
     def failed(self) -> None:
+        now = time.monotonic()
         if self.failing_since is None:
-            self.failing_since = time.monotonic()
+            self.failing_since = now
+        self.last_failed = now
 
     def wedged_for(self) -> float:
-        """Seconds publishing has failed without a single acknowledgement (0 when it is not failing)."""
-        return 0.0 if self.failing_since is None else time.monotonic() - self.failing_since
+        """Seconds publishes have timed out without a single acknowledgement (0 when they do not)."""
+        now = time.monotonic()
+        if self.failing_since is None or self.last_failed is None or now - self.last_failed > self.recent_s:
+            return 0.0
+        return now - self.failing_since
 
 
 class KafkaHealth:

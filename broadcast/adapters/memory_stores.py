@@ -110,4 +110,10 @@ class MemoryOutboxStore:
         return sum(1 for r in self._rows.values() if r.published_at is None)
 
     async def oldest_unpublished(self) -> datetime | None:
-        return min((r.created_at for r in self._rows.values() if r.published_at is None), default=None)
+        now = datetime.now(UTC)
+        due = [
+            r.event.not_before or r.created_at
+            for r in self._rows.values()
+            if r.published_at is None and (r.event.not_before is None or r.event.not_before <= now)
+        ]
+        return min(due, default=None)

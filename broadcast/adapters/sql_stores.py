@@ -211,7 +211,12 @@ class SqlOutboxStore:
             raise translate(exc) from exc
 
     async def oldest_unpublished(self) -> datetime | None:
-        query = select(func.min(outbox_events.c.created_at)).where(outbox_events.c.published_at.is_(None))
+        o, now = outbox_events.c, datetime.now(UTC)
+        query = (
+            select(func.min(func.coalesce(o.not_before, o.created_at), type_=o.created_at.type))
+            .where(o.published_at.is_(None))
+            .where(o.not_before.is_(None) | (o.not_before <= now))
+        )
         try:
             async with self._engine.connect() as conn:
                 oldest = (await conn.execute(query)).scalar_one()

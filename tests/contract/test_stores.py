@@ -85,11 +85,15 @@ async def test_an_expired_lease_frees_the_lane(stores: tuple[UserStore, OutboxSt
 async def test_rows_not_yet_due_wait_and_published_rows_leave(stores: tuple[UserStore, OutboxStore]) -> None:
     _, outbox = stores
     later = datetime.now(UTC) + timedelta(hours=1)
+    before = datetime.now(UTC)
     ids = await outbox.append([event(1, key="a"), replace(event(2, key="a"), not_before=later), event(3, key="b")])
+    oldest = await outbox.oldest_unpublished()
+    assert oldest is not None and before - timedelta(seconds=5) <= oldest <= datetime.now(UTC)
     due = await drain(outbox)
     assert sorted(due) == [ids[0], ids[2]]
     await outbox.mark_published(due)
     assert await outbox.backlog() == 1
+    assert await outbox.oldest_unpublished() is None  # the one left is scheduled for later: not waiting
     assert await outbox.claim_lanes("relay-z", 100, LEASE) == []
     assert await outbox.purge_published(timedelta(0)) == 2
     assert await outbox.backlog() == 1

@@ -7,7 +7,8 @@ import asyncio
 import io
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -19,13 +20,15 @@ from pydantic import SecretStr
 from broadcast import logs
 from broadcast.adapters.kafka_log import ProducerWatch
 from broadcast.adapters.memory_log import MemoryEventLog
+from broadcast.adapters.memory_stores import MemoryOutboxStore
 from broadcast.app import create_app
 from broadcast.errors import UnavailableError
 from broadcast.metrics import FastHistogram, Metrics
-from broadcast.observe import ConsumersHealth, LoopsHealth, readiness
+from broadcast.observe import ConsumersHealth, LoopsHealth, Sampler, readiness
 from broadcast.ports import EventRecord, TopicPartition
 from broadcast.settings import DatabaseSettings, ObservabilitySettings, Settings
 from consumers.container import ListenerContainer
+from consumers.delivery import _due_at
 from consumers.errors import BackOff, DefaultErrorHandler, log_and_skip
 from consumers.listener import Listener
 from sse.hub import Hub, Outgoing
@@ -234,15 +237,60 @@ async def test_loops_health_names_the_loop_that_ended_and_how() -> None:
     alive.cancel()
 
 
-def test_the_producer_watch_reports_how_long_publishing_has_failed() -> None:
-    watch = ProducerWatch()
+async def test_the_producer_watch_reports_a_failure_streak_only_while_it_lasts() -> None:
+    watch = ProducerWatch(recent_s=0.2)
     assert watch.wedged_for() == 0
     watch.failed()
-    first = watch.failing_since
+    await asyncio.sleep(0.1)
     watch.failed()
-    assert watch.failing_since == first and watch.wedged_for() >= 0  # the first failure starts the clock
+    assert watch.wedged_for() >= 0.1  # the first failure of the streak starts the clock
     watch.acknowledged()
     assert watch.wedged_for() == 0 and watch.last_ack is not None
+    watch.failed()
+    await asyncio.sleep(0.3)  # no failure since: nothing is being published, the streak is over
+    assert watch.wedged_for() == 0
+
+
+def test_latency_counts_from_creation_unless_the_record_was_produced_much_later() -> None:
+    created = datetime(2026, 1, 1, tzinfo=UTC)
+    prompt = int(created.timestamp() * 1000) + 300
+    scheduled = int(created.timestamp() * 1000) + 3_600_000
+    assert _due_at(created, prompt) == created.timestamp()
+    assert _due_at(created, scheduled) == scheduled / 1000
+
+
+async def test_the_sampler_survives_any_failing_source() -> None:
+    metrics = Metrics()
+
+    class Broken:
+        async def lag(self, group_id: str, topics: Sequence[str]) -> dict[TopicPartition, int]:
+            raise AssertionError("a library bug")
+
+    outbox = MemoryOutboxStore()
+
+    class Inbox:
+        async def pending_count(self) -> int:
+            return 4
+
+    class Letters:
+        async def count_by_status(self) -> dict[str, int]:
+            raise ValueError("odd row")
+
+    sampler = Sampler(metrics, outbox, Inbox(), Letters(), Broken(), {"g": ["t"]}, {}, 0.05)  # type: ignore[arg-type]
+    stop = asyncio.Event()
+    task = asyncio.create_task(sampler.run(stop))
+    await asyncio.sleep(0.2)
+    assert not task.done()
+    stop.set()
+    await task
+    errors = {
+        s.labels["source"]: s.value
+        for f in metrics.registry.collect()
+        for s in f.samples
+        if s.name.endswith("sample_errors_total")
+    }
+    assert errors["consumer_lag"] >= 2 and errors["dead_letters"] >= 2 and "pending" not in errors
+    assert metrics.pending._value.get() == 4
 
 
 async def test_memory_lag_counts_from_the_committed_offset() -> None:
