@@ -21,7 +21,7 @@ def test_embedded_default_serves_health_and_stops_cleanly(server_factory: list[S
     server.wait_live()
     ready = httpx.get(server.base + "/health/ready", timeout=5)
     assert ready.status_code == 200, ready.text
-    assert ready.json()["checks"] == {"database": "ok"}
+    assert ready.json()["checks"] == {"database": "ok", "loops": "ok", "consumers": "ok"}
     assert server.stop() == 0
     assert "embedded default: single process" in server.log.read_text()
     assert (tmp_path / "broadcast.db").exists()
@@ -52,7 +52,8 @@ def test_stack_env_serves_on_kafka_postgres_and_redis(
     server.wait_live()
     ready = httpx.get(server.base + "/health/ready", timeout=10)
     assert ready.status_code == 200, ready.text
-    assert ready.json()["checks"] == {"database": "ok", "kafka": "ok", "redis": "ok"}
+    checks = ready.json()["checks"]
+    assert checks == {"database": "ok", "kafka": "ok", "redis": "ok", "loops": "ok", "consumers": "ok"}
 
     created = httpx.post(
         server.base + "/api/admin/broadcasts",
