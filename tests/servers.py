@@ -37,6 +37,19 @@ def cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProce
     )
 
 
+def fast_retries(attempts: int, max_backoff_s: float = 1.0) -> dict[str, str]:
+    """Variables making the delivery listeners give a failing record up after ``attempts``, quickly."""
+    return {
+        f"BROADCAST_CONSUMERS__{listener}__{name}": value
+        for listener in ("SELECTED", "GROUP")
+        for name, value in (
+            ("MAX_ATTEMPTS", str(attempts)),
+            ("INITIAL_BACKOFF_SECONDS", "0.2"),
+            ("MAX_BACKOFF_SECONDS", str(max_backoff_s)),
+        )
+    }
+
+
 def isolated_env(info: StackInfo, unique_name: str, cwd: Path, **overrides: str) -> dict[str, str]:
     """Variables for servers on the real stack with a schema, topics, consumer group and Redis prefix of
     their own (migrated and provisioned here), and fast loops; ``overrides`` add or replace variables."""

@@ -25,7 +25,7 @@ from broadcast import constants
 from devstack import proc
 from devstack.stack import StackInfo
 from tests.auth import bearer
-from tests.servers import Server, isolated_env
+from tests.servers import Server, fast_retries, isolated_env
 from tests.sse_client import SseClient
 from tests.topics import default_partition, read_topic
 
@@ -46,11 +46,7 @@ SPRING_HEADERS = {
 
 @pytest.fixture
 def env(stack: StackInfo, unique_name: str, tmp_path: Path) -> Iterator[dict[str, str]]:
-    fast = {
-        f"BROADCAST_CONSUMERS__{listener}__{name}": value
-        for listener in ("SELECTED", "GROUP")
-        for name, value in (("MAX_ATTEMPTS", "3"), ("INITIAL_BACKOFF_SECONDS", "0.2"), ("MAX_BACKOFF_SECONDS", "1"))
-    }
+    fast = fast_retries(3)
     yield isolated_env(stack, unique_name, tmp_path, BROADCAST_TESTING__FAULT_DRILL_ENABLED="true", **fast)
 
 

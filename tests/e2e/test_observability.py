@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from devstack import postgres
 from devstack.stack import StackInfo
 from tests.auth import bearer
-from tests.servers import Server, isolated_env
+from tests.servers import Server, fast_retries, isolated_env
 from tests.sse_client import SseClient
 
 ADMIN = bearer("admin", "admin")
@@ -28,11 +28,7 @@ Samples = list[tuple[str, dict[str, str], float]]
 
 @pytest.fixture
 def env(stack: StackInfo, unique_name: str, tmp_path: Path) -> Iterator[dict[str, str]]:
-    fast = {
-        f"BROADCAST_CONSUMERS__{listener}__{name}": value
-        for listener in ("SELECTED", "GROUP")
-        for name, value in (("MAX_ATTEMPTS", "2"), ("INITIAL_BACKOFF_SECONDS", "0.2"), ("MAX_BACKOFF_SECONDS", "0.5"))
-    }
+    fast = fast_retries(2, max_backoff_s=0.5)
     yield isolated_env(
         stack,
         unique_name,
