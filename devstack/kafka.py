@@ -120,9 +120,17 @@ def ports(node: int) -> list[int]:
 def cluster_id() -> str:
     """The cluster id shared by the three nodes, created once and kept in the state dir."""
     path = paths.kafka_dir() / "cluster.id"
-    if not path.exists():
-        path.write_text(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=") + "\n")
+    if not path.exists() or path.read_text().startswith("-"):
+        path.write_text(new_cluster_id() + "\n")
     return path.read_text().strip()
+
+
+def new_cluster_id() -> str:
+    """A base64url UUID that does not start with ``-`` (the storage tool would read it as an option; Kafka's
+    own ``random-uuid`` skips those too). One in 64 random ids does."""
+    while (cid := base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")).startswith("-"):
+        pass
+    return cid
 
 
 def _write_configs() -> None:
