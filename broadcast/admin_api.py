@@ -25,7 +25,7 @@ from broadcast.domain import Broadcast, BroadcastStatus, NewBroadcast, TargetTyp
 from broadcast.errors import NotFoundError, ValidationError
 from broadcast.http_body import bounded_stream, media_type, read_model, too_large, validated
 from broadcast.http_context import components
-from broadcast.http_observe import correlation_id
+from broadcast.http_observe import correlation_id, printable_token
 from broadcast.http_problems import HttpProblem
 from broadcast.identity import acting_admin
 from broadcast.schemas import (
@@ -64,7 +64,7 @@ def _token_header(request: Request, name: str) -> str | None:
     value = request.headers.get(name)
     if value is None:
         return None
-    if not 1 <= len(value) <= MAX_TOKEN_CHARS or not all(" " <= c <= "~" for c in value):
+    if not printable_token(value, MAX_TOKEN_CHARS):
         raise ValidationError(f"{name} must be 1-{MAX_TOKEN_CHARS} printable ASCII characters")
     return value
 

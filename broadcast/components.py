@@ -13,7 +13,8 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
 from broadcast.adapters import sql_migrate
-from broadcast.adapters.kafka_log import KafkaEventLog, KafkaHealth
+from broadcast.adapters.kafka_health import KafkaHealth
+from broadcast.adapters.kafka_log import KafkaEventLog
 from broadcast.adapters.memory_bus import MemoryBus, MemoryPresence
 from broadcast.adapters.memory_log import MemoryEventLog
 from broadcast.adapters.memory_sessions import MemorySlots, MemoryTickets

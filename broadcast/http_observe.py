@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from broadcast import logs
 from broadcast.components import Components
 from broadcast.http_problems import HttpProblem
-from broadcast.http_security import route_path
+from broadcast.http_security import request_header, route_path
 from broadcast.metrics import Metrics
 
 CORRELATION_SCOPE_KEY = "broadcast.correlation_id"
@@ -33,8 +33,9 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 UNTIMED = frozenset({"/api/user/sse/connect", "/metrics"})
 
 
-def valid_correlation_id(value: str | None) -> bool:
-    return value is not None and 1 <= len(value) <= MAX_CORRELATION_CHARS and all(" " <= c <= "~" for c in value)
+def printable_token(value: str, max_chars: int = MAX_CORRELATION_CHARS) -> bool:
+    """1..``max_chars`` printable ASCII characters: what a correlation id or an Idempotency-Key may be."""
+    return 1 <= len(value) <= max_chars and all(" " <= c <= "~" for c in value)
 
 
 def correlation_id(scope: Scope) -> str:
@@ -51,8 +52,8 @@ class Correlation:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == CORRELATION_HEADER), None)
-        cid = given if given is not None and valid_correlation_id(given) else uuid.uuid4().hex
+        given = request_header(scope, CORRELATION_HEADER)
+        cid = given if given is not None and printable_token(given) else uuid.uuid4().hex
         scope[CORRELATION_SCOPE_KEY] = cid
 
         async def with_id(message: Message) -> None:

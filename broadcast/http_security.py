@@ -69,7 +69,7 @@ class AuthGate:
             await self.app(scope, receive, send)
 
     async def _authenticate(self, scope: Scope) -> Principal:
-        header = _header(scope, b"authorization")
+        header = request_header(scope, b"authorization")
         if header is not None:
             scheme, _, token = header.partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
@@ -98,7 +98,8 @@ def route_path(scope: Scope) -> str:
     return path[len(root) :] if root and path.startswith(root) else path
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
+def request_header(scope: Scope, name: bytes) -> str | None:
+    """The first value of request header ``name`` (lower-case bytes), as text."""
     for key, value in scope.get("headers", ()):
         if key == name:
             return str(value.decode("latin-1"))
@@ -133,11 +134,11 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         limit = self._per_path.get(route_path(scope), self._default)
-        declared = _header(scope, b"content-length")
+        declared = request_header(scope, b"content-length")
         if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
             await _reply(send, too_large(limit))
             return
-        if declared is not None or _header(scope, b"transfer-encoding") is None:
+        if declared is not None or request_header(scope, b"transfer-encoding") is None:
             await self.app(scope, receive, send)
             return
         received = 0

@@ -26,6 +26,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from broadcast import constants, logs
 from broadcast.errors import UnavailableError
@@ -34,6 +35,9 @@ from broadcast.metrics import NO_METRICS, Metrics
 from broadcast.ports import EventLog, EventRecord, EventSubscription, TopicPartition
 from consumers.errors import Decision, DefaultErrorHandler, ErrorHandler, Retry
 from consumers.listener import AckMode, Listener
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter
 
 log = logging.getLogger(__name__)
 ERROR_BACKOFF_S = 1.0
@@ -58,6 +62,7 @@ class ListenerContainer:
         self.commit_timeout_s = commit_timeout_s
         self.finish_timeout_s = finish_timeout_s
         self.metrics = metrics
+        self._consumed: dict[str, Counter] = {}
         self._members = [_Member(self, index) for index in range(listener.concurrency)]
         self._running = False
         self._stop = asyncio.Event()
@@ -76,6 +81,13 @@ class ListenerContainer:
     @property
     def commit_failures(self) -> int:
         return sum(m.commit_failures for m in self._members)
+
+    def consumed(self, topic: str) -> Counter:
+        """``records_consumed{topic}``, its child looked up once per topic (not once per record)."""
+        child = self._consumed.get(topic)
+        if child is None:
+            child = self._consumed[topic] = self.metrics.records_consumed.labels(topic)
+        return child
 
     @property
     def running(self) -> bool:
@@ -242,15 +254,16 @@ class _Member:
         self._idle.clear()
         self._in_hand_since = time.monotonic()
         try:
-            try:
-                with logs.bound(correlation=_correlation_id(record)):
+            with logs.bound(correlation=_correlation_id(record)):  # the handler's and error handler's lines
+                try:
                     if self.listener.acknowledging_handler is not None:
                         await self.listener.acknowledging_handler(record, _Acknowledgment(self, tp, record.offset))
                     elif self.listener.handler is not None:
                         await self.listener.handler(record)
-            except Exception as exc:
-                with logs.bound(correlation=_correlation_id(record)):
+                    decision = None
+                except Exception as exc:
                     decision = await self._recover(record, tp, exc)
+            if decision is not None:
                 if isinstance(decision, Retry):
                     self._stuck_since = self._stuck_since or time.monotonic()
                     self._rewind(tp, record.offset, generation, decision.after_s)
@@ -259,7 +272,7 @@ class _Member:
                     await self.commit({tp: record.offset + 1})
             else:
                 self.handled += 1
-            self.container.metrics.records_consumed.labels(record.topic).inc()
+            self.container.consumed(record.topic).inc()
             if not manual:
                 self._pending[tp] = record.offset + 1
             self._failures.pop(tp, None)

@@ -8,22 +8,20 @@ rebalance callbacks and commit failures (``CommitFailedError``) reach callers in
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
-from aiokafka.errors import KafkaError, KafkaTimeoutError, RequestTimedOutError
+from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 from aiokafka.structs import OffsetAndMetadata
 from aiokafka.structs import TopicPartition as KafkaTopicPartition
 
+from broadcast.adapters.kafka_health import TIMEOUTS, ProducerWatch
 from broadcast.errors import CommitFailedError, PublishError, UnavailableError
 from broadcast.ports import EventRecord, OutgoingRecord, RebalanceCallback, RecordPosition, TopicPartition
 from broadcast.settings import KafkaSettings
-
-TIMEOUTS = (TimeoutError, KafkaTimeoutError, RequestTimedOutError)  # what a wedged producer looks like
 
 if TYPE_CHECKING:
     from broadcast.adapters.kafka_lag import KafkaLag
@@ -325,60 +323,3 @@ class KafkaSubscription:
         """Those of ``partitions`` still assigned (aiokafka refuses the others)."""
         held = self._consumer.assignment()
         return [tp for tp in (KafkaTopicPartition(p.topic, p.partition) for p in partitions) if tp in held]
-
-
-class ProducerWatch:
-    """Whether the producer still gets acknowledgements: since when publishes have been timing out, if
-    they still are. Only timeouts count (a record the broker refuses, e.g. too large, says nothing about
-    the producer), and a failure streak with no failure in the last ``recent_s`` is over, so a producer
-    that failed once and then had nothing to send is not wedged."""
-
-    def __init__(self, recent_s: float = 30.0) -> None:
-        self.recent_s = recent_s
-        self.failing_since: float | None = None
-        self.last_failed: float | None = None
-        self.last_ack: float | None = None
-
-    def acknowledged(self) -> None:
-        self.failing_since, self.last_ack = None, time.monotonic()
-
-    def failed(self) -> None:
-        now = time.monotonic()
-        if self.failing_since is None:
-            self.failing_since = now
-        self.last_failed = now
-
-    def wedged_for(self) -> float:
-        """Seconds publishes have timed out without a single acknowledgement (0 when they do not)."""
-        now = time.monotonic()
-        if self.failing_since is None or self.last_failed is None or now - self.last_failed > self.recent_s:
-            return 0.0
-        return now - self.failing_since
-
-
-class KafkaHealth:
-    """Readiness: the producer is started, its sender task alive, publishing not failing for longer than
-    ``wedge_s`` (an idempotent producer can wedge: every send times out while metadata still answers),
-    and a metadata round trip names at least one live broker."""
-
-    def __init__(self, log: KafkaEventLog, timeout_s: float = 3.0, wedge_s: float = 60.0) -> None:
-        self._log = log
-        self._timeout_s = timeout_s
-        self._wedge_s = wedge_s
-
-    async def check(self) -> None:
-        producer = self._log._require_producer()
-        sender = getattr(getattr(producer, "_sender", None), "_sender_task", None)
-        if sender is not None and sender.done():
-            raise UnavailableError("kafka producer wedged: its sender task has stopped")
-        if (failing := self._log.watch.wedged_for()) > self._wedge_s:
-            raise UnavailableError(
-                f"kafka producer wedged: no acknowledgement for {failing:.0f} s of failing publishes"
-            )
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                cluster = await producer.client.fetch_all_metadata()
-        except (KafkaError, TimeoutError) as exc:
-            raise UnavailableError(f"kafka metadata unavailable: {type(exc).__name__}") from exc
-        if not cluster.brokers():
-            raise UnavailableError("kafka reports no brokers")

@@ -16,7 +16,7 @@ from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 from devstack.proc import ensure_binaries
 from devstack.stack import StackInfo
 from tests.auth import token
-from tests.servers import Server, isolated_env, server, server_factory
+from tests.servers import Server, fast_retries, isolated_env, server, server_factory
 
 __all__ = ["server", "server_factory"]
 
@@ -51,8 +51,7 @@ def env(stack: StackInfo, unique_name: str, tmp_path: Path) -> Iterator[dict[str
         unique_name,
         tmp_path,
         BROADCAST_TESTING__FAULT_DRILL_ENABLED="true",
-        BROADCAST_CONSUMERS__SELECTED__INITIAL_BACKOFF_SECONDS="0.2",  # a drilled record reaches the DLT fast
-        BROADCAST_CONSUMERS__GROUP__INITIAL_BACKOFF_SECONDS="0.2",
+        **fast_retries(3, max_backoff_s=10.0),  # a drilled record reaches the DLT fast
     )
 
 

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from broadcast import logs
-from broadcast.adapters.kafka_log import ProducerWatch
+from broadcast.adapters.kafka_health import ProducerWatch
 from broadcast.adapters.memory_log import MemoryEventLog
 from broadcast.adapters.memory_stores import MemoryOutboxStore
 from broadcast.app import create_app
