@@ -75,6 +75,7 @@ def create_app(settings: Settings, roles: frozenset[str] = frozenset(ROLES)) -> 
         """Called on SIGTERM before the server stops: tell every stream, then end them."""
         components = getattr(app.state, "components", None)
         if components is not None:
+            components.shutdown.begin()
             components.hub.shutdown(frame(EventName.SERVER_SHUTDOWN, {"reconnectInMs": RETRY_MS}))
 
     app.state.begin_shutdown = begin_shutdown

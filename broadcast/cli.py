@@ -38,6 +38,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from broadcast.app import create_app
     from broadcast.serve import run
+    from broadcast.shutdown import ShutdownClock
 
     settings = _load_settings(args)
     logs.configure(settings.observability.log_format, settings.server.log_level)
@@ -49,7 +50,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         log_config=None,  # our handler on the root logger (logs.configure) formats uvicorn's lines too
         log_level=settings.server.log_level,
         lifespan="on",
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=ShutdownClock(settings.server.shutdown_grace_seconds).http_drain_s(),
     )
     started = run(config)
     return 0 if started else 1

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
+from broadcast import constants
 from broadcast.adapters import sql_migrate
 from broadcast.adapters.kafka_health import KafkaHealth
 from broadcast.adapters.kafka_log import KafkaEventLog
@@ -40,6 +41,7 @@ from broadcast.ports import (
     UserStore,
 )
 from broadcast.settings import Settings
+from broadcast.shutdown import ShutdownClock
 from dlt.model import DeadLetterStore, DrillStore
 from dlt.service import DeadLetterService
 from sse.admission import Admission
@@ -72,6 +74,7 @@ class Components:
     tickets: TicketStore
     admission: Admission
     metrics: Metrics
+    shutdown: ShutdownClock
     health: dict[str, Health] = field(default_factory=dict)
 
 
@@ -88,7 +91,12 @@ async def open_components(settings: Settings) -> AsyncIterator[Components]:
             event_log = MemoryEventLog(settings.kafka.partitions)
         else:
             kafka = await stack.enter_async_context(KafkaEventLog(settings.kafka))
-            health["kafka"] = KafkaHealth(kafka, wedge_s=settings.observability.producer_wedge_seconds)
+            health["kafka"] = KafkaHealth(
+                kafka,
+                wedge_s=settings.observability.producer_wedge_seconds,
+                topics=tuple(settings.kafka.topic(name) for name in constants.BASE_TOPICS),
+                min_insync=settings.kafka.min_insync_replicas,
+            )
             event_log = kafka
 
         bus: Bus
@@ -142,5 +150,6 @@ async def open_components(settings: Settings) -> AsyncIterator[Components]:
             tickets=tickets,
             admission=Admission(settings.limits, slots, settings.server.instance_id, sse.max_connections_per_user),
             metrics=metrics,
+            shutdown=ShutdownClock(settings.server.shutdown_grace_seconds),
             health=health,
         )

@@ -15,6 +15,7 @@ Label values are bounded sets (topics, target types, paths, routes, checks): nev
 
 from __future__ import annotations
 
+import asyncio
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
@@ -79,6 +80,14 @@ def _no_streams() -> tuple[int, int]:
     return 0, 0
 
 
+def _tasks() -> int:
+    """Tasks of the running loop (a scrape runs on it); 0 when collected outside a loop."""
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:
+        return 0
+
+
 class _StreamCollector(Collector):
     def __init__(self, stats: StreamStats, instance: str) -> None:
         self._stats = stats
@@ -110,6 +119,7 @@ class _StreamCollector(Collector):
         for name, doc, value in (
             ("broadcast_sse_connections", "SSE streams open on this instance", streams),
             ("broadcast_sse_users", "Distinct users with a stream open on this instance", users),
+            ("broadcast_event_loop_tasks", "asyncio tasks alive in this process (a leak grows it)", _tasks()),
         ):
             gauge = GaugeMetricFamily(name, doc, labels=["server"])  # Prometheus owns `instance`
             gauge.add_metric([self._instance], value)

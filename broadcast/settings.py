@@ -28,6 +28,10 @@ class ServerSettings(BaseModel):
     port: int = Field(default=8080, ge=0, le=65535)
     instance_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # SIGTERM to exit: streams get SERVER_SHUTDOWN and end, requests in flight finish, background loops
+    # stop (consumers commit and leave their group), then the producer flushes; a loop still running when
+    # the budget is spent is cancelled. Set the orchestrator's kill timeout above it.
+    shutdown_grace_seconds: float = Field(default=25.0, ge=2, le=600)
     # Browser origins allowed to call the API cross-origin (exact "scheme://host[:port]"); none by default.
     cors_origins: list[str] = Field(default_factory=list)
 

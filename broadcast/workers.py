@@ -1,9 +1,10 @@
 """The background roles of a process: outbox relay, scheduler, delivery consumers, the SSE feeding loops.
 
-All loops share one stop event; on shutdown each gets ``STOP_TIMEOUT_S`` to finish, then is cancelled,
-so a wedged dependency (e.g. Kafka unreachable) can never hang the process. A loop that crashes is
-logged at once and turns readiness red (``loops``); listeners that stop advancing turn ``consumers`` red.
-The gauge sampler runs in every process, whatever its roles.
+All loops share one stop event; on shutdown they get what is left of the shutdown budget
+(``broadcast/shutdown.py``) to finish, then are cancelled, so a wedged dependency (e.g. Kafka
+unreachable) can never hang the process. A loop that crashes is logged at once and turns readiness red
+(``loops``); listeners that stop advancing turn ``consumers`` red. The gauge sampler runs in every
+process, whatever its roles.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from sse.fanout import BusListener, Heartbeat, PresenceKeeper, Reconciler
 
 log = logging.getLogger(__name__)
 ROLES = ("api", "relay", "consumers", "dlt", "scheduler")
-STOP_TIMEOUT_S = 15.0
 
 
 class Loop(Protocol):
@@ -89,9 +89,10 @@ async def running(components: Components, roles: frozenset[str]) -> AsyncIterato
         for name in ("loops", "consumers"):
             components.health.pop(name, None)
         stop.set()
-        _, late = await asyncio.wait(tasks, timeout=STOP_TIMEOUT_S) if tasks else (set(), set())
+        budget = components.shutdown.loops_budget_s()
+        _, late = await asyncio.wait(tasks, timeout=budget) if tasks else (set(), set())
         for task in late:
-            log.warning("background loop %s did not stop within %s s; cancelling it", task.get_name(), STOP_TIMEOUT_S)
+            log.warning("background loop %s did not stop within %.1f s; cancelling it", task.get_name(), budget)
             task.cancel()
         await asyncio.gather(*late, return_exceptions=True)
 

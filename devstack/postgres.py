@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Literal
 
 from devstack import paths, proc
 
@@ -181,13 +182,17 @@ def ready() -> bool:
         return False
 
 
-def stop() -> None:
-    """Fast shutdown with pg_ctl (falls back to SIGTERM/SIGKILL of the recorded postmaster pid)."""
+def stop(mode: Literal["smart", "fast", "immediate"] = "fast") -> None:
+    """Stop with ``pg_ctl -m <mode>`` (falls back to SIGTERM/SIGKILL of the recorded postmaster pid).
+
+    ``fast`` rolls back open transactions and checkpoints; ``immediate`` aborts every process without a
+    checkpoint, like a crash (the next start runs crash recovery).
+    """
     running = pid()
     if running is None:
         return
     result = _run(
-        [str(bin_dir() / "pg_ctl"), "-D", str(data_dir()), "-m", "fast", "-w", "-t", "30", "stop"],
+        [str(bin_dir() / "pg_ctl"), "-D", str(data_dir()), "-m", mode, "-w", "-t", "30", "stop"],
         check=False,
     )
     if result.returncode != 0:

@@ -7,7 +7,9 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
+from aiokafka.cluster import ClusterMetadata
 from aiokafka.errors import KafkaError, KafkaTimeoutError, RequestTimedOutError
+from aiokafka.structs import PartitionMetadata
 
 from broadcast.errors import UnavailableError
 
@@ -49,12 +51,23 @@ class ProducerWatch:
 class KafkaHealth:
     """Readiness: the producer is started, its sender task alive, publishing not failing for longer than
     ``wedge_s`` (an idempotent producer can wedge: every send times out while metadata still answers),
-    and a metadata round trip names at least one live broker."""
+    a metadata round trip names at least one live broker, and every partition of ``topics`` has at least
+    ``min_insync`` in-sync replicas (with fewer, every ``acks=all`` publish to it is refused with
+    ``NOT_ENOUGH_REPLICAS``: the outbox keeps the broadcasts, but nothing reaches users until it recovers)."""
 
-    def __init__(self, log: KafkaEventLog, timeout_s: float = 3.0, wedge_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        log: KafkaEventLog,
+        timeout_s: float = 3.0,
+        wedge_s: float = 60.0,
+        topics: tuple[str, ...] = (),
+        min_insync: int = 1,
+    ) -> None:
         self._log = log
         self._timeout_s = timeout_s
         self._wedge_s = wedge_s
+        self._topics = topics
+        self._min_insync = min_insync
 
     async def check(self) -> None:
         producer = self._log._require_producer()
@@ -72,3 +85,21 @@ class KafkaHealth:
             raise UnavailableError(f"kafka metadata unavailable: {type(exc).__name__}") from exc
         if not cluster.brokers():
             raise UnavailableError("kafka reports no brokers")
+        short = under_min_insync(cluster, self._topics, self._min_insync)
+        if short:
+            raise UnavailableError(
+                f"kafka: {len(short)} partition(s) with fewer than min.insync.replicas={self._min_insync} in-sync "
+                f"replicas ({', '.join(short[:5])}): publishing to them fails with NOT_ENOUGH_REPLICAS"
+            )
+
+
+def under_min_insync(cluster: ClusterMetadata, topics: tuple[str, ...], min_insync: int) -> list[str]:
+    """``topic-partition`` of every partition of ``topics`` whose in-sync replica set (as the last metadata
+    response reported it) is smaller than ``min_insync``, or that has no leader."""
+    partitions: dict[str, dict[int, PartitionMetadata]] = getattr(cluster, "_partitions", {})
+    short = []
+    for topic in topics:
+        for number, meta in sorted(partitions.get(topic, {}).items()):
+            if meta.leader < 0 or len(meta.isr) < min_insync:
+                short.append(f"{topic}-{number}")
+    return short

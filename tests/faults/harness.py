@@ -1,0 +1,416 @@
+"""The verifying harness of the fault suite: numbered broadcasts in, what each client saw out.
+
+* ``Fleet``: the live app instances (real ``broadcast-server run`` processes); clients and the publisher
+  pick their instance from it, so a killed instance's clients move to another one, as behind a balancer.
+* ``Publisher``: numbered broadcasts (``#<seq>``), SELECTED to some users or ALL, at a steady pace,
+  round-robin over the live instances; remembers which ones the API acknowledged (201) and how every
+  other one was refused (status, content type), since a refusal is owed nothing but a clear answer.
+* ``Subscriber``: what a browser's ``EventSource`` does, over a bare socket so a thousand of them are
+  cheap: it reconnects on its own after the stream ends or fails, sends ``Last-Event-ID``, and on
+  ``RESYNC`` refetches its inbox. It records every MESSAGE with its SSE id.
+* ``verdict``: every acknowledged broadcast reached every entitled subscriber exactly once as the client
+  sees it (after dropping repeats of an SSE id it already has), SELECTED ones in per-user order. Repeats
+  the server sent under the same id are counted separately (``resent``): a client drops them.
+* ``Probe``: a process's RSS, file descriptors, event-loop tasks and open streams, to check they return
+  to their baseline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.auth import bearer, token
+from tests.servers import Server
+
+ADMIN = bearer("admin", "admin")
+Audience = frozenset[str] | None  # None: ALL
+
+
+class Fleet:
+    """The app instances of a scenario, by name; ``live()`` those whose process still runs."""
+
+    def __init__(self, env: dict[str, str], cwd: Path, factory: list[Server]) -> None:
+        self.env, self.cwd, self.factory = env, cwd, factory
+        self.servers: dict[str, Server] = {}
+
+    def start(self, name: str, roles: str | None = None, **overrides: str) -> Server:
+        server = Server({**self.env, **overrides}, self.cwd, roles=roles, name=name)
+        self.factory.append(server)
+        self.servers[name] = server
+        server.wait_live()
+        return server
+
+    def live(self) -> list[Server]:
+        return [s for s in self.servers.values() if s.proc.poll() is None]
+
+    def bases(self) -> list[str]:
+        return [s.base for s in self.live()]
+
+
+@dataclass(frozen=True)
+class Sent:
+    seq: int
+    id: str
+    audience: Audience
+    acked_at: float
+
+    def entitles(self, user: str) -> bool:
+        return self.audience is None or user in self.audience
+
+
+@dataclass(frozen=True)
+class Refusal:
+    seq: int
+    status: int | None  # None: no HTTP answer (connection refused or reset, timeout)
+    content_type: str
+    detail: str
+
+
+Plan = Callable[[int], Audience]
+
+
+def alternating(users: Sequence[str], all_every: int = 4) -> Plan:
+    """Every ``all_every``-th broadcast goes to ALL, the others to one user each in turn."""
+    return lambda seq: None if seq % all_every == all_every - 1 else frozenset([users[seq % len(users)]])
+
+
+class Publisher:
+    """Posts numbered broadcasts, one every ``interval_s``, to the fleet's live instances in turn; the
+    numbers go on across ``run`` calls, so one publisher can cover the phases of a scenario."""
+
+    def __init__(self, fleet: Fleet, plan: Plan, interval_s: float = 0.05, timeout_s: float = 15.0) -> None:
+        self.fleet, self.plan, self.interval_s, self.timeout_s = fleet, plan, interval_s, timeout_s
+        self.acked: list[Sent] = []
+        self.refused: list[Refusal] = []
+        self.task: asyncio.Task[None] | None = None
+        self.next_seq = 0
+        self._until = 0
+
+    @property
+    def attempted(self) -> int:
+        return len(self.acked) + len(self.refused)
+
+    def start(self, count: int = 1_000_000) -> Publisher:
+        """Post ``count`` broadcasts in the background (until ``halt``)."""
+        self.task = asyncio.create_task(self.run(count))
+        return self
+
+    def halt(self) -> None:
+        """Post nothing after the broadcast in flight."""
+        self._until = self.next_seq
+
+    async def finish(self, timeout_s: float = 120.0) -> None:
+        assert self.task is not None
+        await asyncio.wait_for(self.task, timeout_s)
+
+    async def run(self, count: int) -> None:
+        self._until = self.next_seq + count
+        turn = itertools.count()
+        async with httpx.AsyncClient(timeout=self.timeout_s) as http:
+            while self.next_seq < self._until:
+                seq, self.next_seq = self.next_seq, self.next_seq + 1
+                audience = self.plan(seq)
+                body: dict[str, Any] = {"content": f"#{seq}", "targetType": "ALL"}
+                if audience is not None:
+                    body = {"content": f"#{seq}", "targetType": "SELECTED", "targetIds": sorted(audience)}
+                bases = self.fleet.bases()
+                if not bases:
+                    self.refused.append(Refusal(seq, None, "", "no live instance"))
+                else:
+                    await self._post(http, bases[next(turn) % len(bases)], seq, audience, body)
+                await asyncio.sleep(self.interval_s)
+
+    async def _post(self, http: httpx.AsyncClient, base: str, seq: int, audience: Audience, body: Any) -> None:
+        try:
+            response = await http.post(base + "/api/admin/broadcasts", json=body, headers=ADMIN)
+        except httpx.HTTPError as exc:
+            self.refused.append(Refusal(seq, None, "", repr(exc)[:200]))
+            return
+        if response.status_code == 201:
+            self.acked.append(Sent(seq, response.json()["id"], audience, time.monotonic()))
+        else:
+            kind = response.headers.get("content-type", "")
+            self.refused.append(Refusal(seq, response.status_code, kind, response.text[:300]))
+
+    async def reached(self, attempts: int, timeout_s: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.attempted < attempts:
+            assert time.monotonic() < deadline, f"only {self.attempted}/{attempts} posts within {timeout_s} s"
+            assert self.task is None or not self.task.done() or self.attempted >= attempts, "publisher ended early"
+            await asyncio.sleep(0.02)
+
+    def answered_statuses(self) -> dict[int | None, int]:
+        counts: dict[int | None, int] = {}
+        for refusal in self.refused:
+            counts[refusal.status] = counts.get(refusal.status, 0) + 1
+        return counts
+
+
+@dataclass
+class Seen:
+    event_id: str
+    broadcast_id: str
+    connection: int
+    at: float
+
+
+@dataclass
+class Subscriber:
+    """One user's ``EventSource``: connects to ``fleet`` (its ``home`` instance first), reads events,
+    reconnects by itself ``retry_s`` (jittered) after the stream ends, with ``Last-Event-ID``."""
+
+    fleet: Fleet
+    user: str
+    home: int = 0
+    retry_s: float = 0.5
+    seen: list[Seen] = field(default_factory=list)
+    inbox_ids: set[str] = field(default_factory=set)
+    events: dict[str, int] = field(default_factory=dict)  # event name -> count
+    connections: int = 0
+    refusals: list[str] = field(default_factory=list)  # non-200 answers to a connect
+    last_event_id: str | None = None
+    connected: asyncio.Event = field(default_factory=asyncio.Event)
+    base: str | None = None  # the instance of the current connection
+    _task: asyncio.Task[None] | None = None
+    _token: str = ""
+
+    def start(self) -> Subscriber:
+        self._token = token(self.user)
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def broadcast_ids(self) -> set[str]:
+        return {s.broadcast_id for s in self.seen} | self.inbox_ids
+
+    async def _run(self) -> None:
+        attempt = 0
+        while True:
+            bases = self.fleet.bases()
+            if bases:
+                self.base = bases[(self.home + attempt) % len(bases)]
+                with contextlib.suppress(OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                    if await self._stream(self.base):
+                        attempt = -1  # the stream was up: after it ends, start from the first live instance
+            self.connected.clear()
+            attempt += 1
+            await asyncio.sleep(self.retry_s * random.uniform(0.5, 1.5))
+
+    async def _stream(self, base: str) -> bool:
+        host, port = base.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port), limit=1 << 20)
+        try:
+            resume = f"Last-Event-ID: {self.last_event_id}\r\n" if self.last_event_id else ""
+            writer.write(
+                f"GET /api/user/sse/connect HTTP/1.0\r\nHost: {host}\r\nAuthorization: Bearer {self._token}\r\n"
+                f"Accept: text/event-stream\r\n{resume}\r\n".encode()
+            )
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            if status != 200:
+                self.refusals.append(f"{status}: {(await reader.read(300)).decode(errors='replace')}")
+                return False
+            self.connections += 1
+            while True:
+                self._handle(await reader.readuntil(b"\n\n"), base)
+        finally:
+            writer.close()
+
+    def _handle(self, block: bytes, base: str) -> None:
+        fields: dict[str, str] = {}
+        for line in block.decode().split("\n"):
+            key, sep, value = line.partition(":")
+            if sep and key:
+                fields[key] = value.removeprefix(" ")
+        name = fields.get("event")
+        if name is None:
+            return  # a heartbeat comment or the retry hint
+        self.events[name] = self.events.get(name, 0) + 1
+        if name == "CONNECTED":
+            self.connected.set()
+        elif name == "MESSAGE":
+            event_id = fields["id"]
+            self.seen.append(
+                Seen(event_id, str(orjson.loads(fields["data"])["broadcastId"]), self.connections, time.monotonic())
+            )
+            self.last_event_id = event_id
+        elif name == "RESYNC":
+            asyncio.get_running_loop().create_task(self._refetch(base))
+
+    async def _refetch(self, base: str) -> None:
+        """What a client does on RESYNC: read its whole inbox (every page)."""
+        cursor: str | None = None
+        async with httpx.AsyncClient(timeout=15, headers={"Authorization": f"Bearer {self._token}"}) as http:
+            while True:
+                params = {"cursor": cursor} if cursor else {}
+                page = (await http.get(base + "/api/user/messages", params=params)).json()
+                self.inbox_ids.update(str(item["broadcastId"]) for item in page["items"])
+                if not (cursor := page.get("nextCursor")):
+                    return
+
+
+async def subscribe(fleet: Fleet, users: Iterable[str], timeout_s: float = 60.0, **options: Any) -> list[Subscriber]:
+    """Start a subscriber per user (spread over the live instances) and wait until each is connected."""
+    subs = [Subscriber(fleet, user, home=n, **options).start() for n, user in enumerate(users)]
+    await asyncio.wait_for(asyncio.gather(*(s.connected.wait() for s in subs)), timeout_s)
+    return subs
+
+
+async def close_all(subs: Iterable[Subscriber]) -> None:
+    await asyncio.gather(*(s.close() for s in subs))
+
+
+@dataclass
+class Verdict:
+    attempted: int
+    acked: int
+    refused: int
+    expected: int  # deliveries owed: acknowledged broadcasts x entitled subscribers
+    delivered: int  # distinct owed broadcasts the subscribers ended up with (live, on reconnect or inbox)
+    lost: int
+    duplicates: int  # the same broadcast shown twice: under two different SSE ids
+    resent: int  # repeats of an SSE id the client already had (it drops them)
+    out_of_order: int  # subscribers whose SELECTED messages arrived out of per-user order
+    misdelivered: int  # broadcasts a subscriber got although not entitled to them
+    via_inbox: int  # owed broadcasts found only through a RESYNC refetch
+    reconnects: int
+    lost_examples: list[str]
+
+    def line(self) -> str:
+        return (
+            f"sent {self.attempted} (acknowledged {self.acked}, refused {self.refused}); owed {self.expected} "
+            f"deliveries, received {self.delivered}, lost {self.lost}, duplicated {self.duplicates}, "
+            f"resent-and-dropped {self.resent}, out of order {self.out_of_order}, misdelivered "
+            f"{self.misdelivered}, via inbox {self.via_inbox}, reconnects {self.reconnects}"
+        )
+
+    def assert_clean(self) -> None:
+        assert (self.lost, self.duplicates, self.out_of_order, self.misdelivered) == (0, 0, 0, 0), (
+            f"{self.line()}; lost e.g. {self.lost_examples[:5]}"
+        )
+
+
+def verdict(publisher: Publisher, subs: Sequence[Subscriber]) -> Verdict:
+    acked = {s.id: s for s in publisher.acked}
+    expected = delivered = lost = duplicates = resent = out_of_order = misdelivered = via_inbox = 0
+    lost_examples: list[str] = []
+    for sub in subs:
+        by_event_id: dict[str, str] = {}
+        for s in sub.seen:
+            if s.event_id in by_event_id:
+                resent += 1
+            else:
+                by_event_id[s.event_id] = s.broadcast_id
+        shown = list(by_event_id.values())  # what the client shows, in arrival order
+        duplicates += len(shown) - len(set(shown))
+        owed = {i for i, s in acked.items() if s.entitles(sub.user)}
+        got = set(shown) | sub.inbox_ids
+        expected += len(owed)
+        delivered += len(owed & got)
+        via_inbox += len((owed & sub.inbox_ids) - set(shown))
+        missing = owed - got
+        lost += len(missing)
+        lost_examples += [f"{sub.user}:#{acked[i].seq}" for i in sorted(missing, key=lambda i: acked[i].seq)[:2]]
+        misdelivered += sum(1 for i in set(shown) if i in acked and not acked[i].entitles(sub.user))
+        mine = [acked[i].seq for i in dict.fromkeys(shown) if i in acked and acked[i].audience is not None]
+        out_of_order += mine != sorted(mine)
+    return Verdict(
+        publisher.attempted,
+        len(publisher.acked),
+        len(publisher.refused),
+        expected,
+        delivered,
+        lost,
+        duplicates,
+        resent,
+        out_of_order,
+        misdelivered,
+        via_inbox,
+        sum(max(0, s.connections - 1) for s in subs),
+        lost_examples,
+    )
+
+
+async def settled(publisher: Publisher, subs: Sequence[Subscriber], timeout_s: float) -> Verdict:
+    """Wait until nothing acknowledged is missing (or ``timeout_s``), then a short quiet period in which a
+    late repeat would show; the verdict then."""
+    deadline = time.monotonic() + timeout_s
+    while verdict(publisher, subs).lost and time.monotonic() < deadline:  # noqa: ASYNC110 - polling on purpose
+        await asyncio.sleep(0.25)
+    await asyncio.sleep(1.5)
+    return verdict(publisher, subs)
+
+
+def report(scenario: str, injected: str, result: Verdict, extra: str = "") -> None:
+    print(f"\n[{scenario}] injected: {injected}\n[{scenario}] verified: {result.line()}{'; ' + extra if extra else ''}")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    rss_mib: float
+    fds: int
+    tasks: int
+    streams: int
+
+    def __str__(self) -> str:
+        return f"RSS {self.rss_mib:.1f} MiB, {self.fds} fds, {self.tasks} tasks, {self.streams} streams"
+
+
+class Probe:
+    """Resource readings of one server process: /proc for RSS and descriptors, /metrics for the rest."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    async def snapshot(self) -> Snapshot:
+        pid = self.server.proc.pid
+        status = Path(f"/proc/{pid}/status").read_text()  # noqa: ASYNC240 - procfs answers at once
+        rss_kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+        async with httpx.AsyncClient(timeout=10) as http:
+            text = (await http.get(self.server.base + "/metrics")).text
+        values = {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name in ("broadcast_event_loop_tasks", "broadcast_sse_connections")
+        }
+        return Snapshot(
+            rss_kib / 1024,
+            len(os.listdir(f"/proc/{pid}/fd")),
+            int(values["broadcast_event_loop_tasks"]),
+            int(values["broadcast_sse_connections"]),
+        )
+
+    async def back_to(self, baseline: Snapshot, timeout_s: float = 30.0, slack: int = 3) -> Snapshot:
+        """Wait until streams are back to the baseline's and tasks and descriptors within ``slack`` of it
+        (a sampler round or a pooled connection may be in flight); fails naming the last reading."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            now = await self.snapshot()
+            if (
+                now.streams == baseline.streams
+                and now.tasks <= baseline.tasks + slack
+                and now.fds <= baseline.fds + slack
+            ):
+                return now
+            assert time.monotonic() < deadline, f"not back to baseline ({baseline}) within {timeout_s} s: {now}"
+            await asyncio.sleep(0.5)

@@ -1,0 +1,181 @@
+"""Kafka brokers failing under load (scenarios 1 and 8 of the fault suite).
+
+Two app instances (all roles) on the real 3-node cluster; numbered broadcasts flow (SELECTED, mostly to
+the user on the hot partition, and ALL) while brokers are killed, paused or taken away two at a time.
+Every acknowledged broadcast must reach every entitled subscriber exactly once, in per-user order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
+
+from broadcast import constants
+from devstack.stack import StackInfo, kafka_node_pid, kill_kafka_node, start_kafka_node
+from tests.faults.harness import Fleet, Probe, Publisher, alternating, close_all, report, settled, subscribe
+from tests.servers import Server
+from tests.topics import default_partition
+
+NODES = (1, 2, 3)
+HOT = "alice"  # most SELECTED traffic goes to her: her partition is the hot one
+USERS = [HOT, "bob", HOT, "carol"]
+
+
+async def partition_leader(bootstrap: str, topic: str, partition: int) -> int:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    await asyncio.wait_for(admin.start(), 30)
+    try:
+        for _ in range(60):  # a just-created topic, or one whose leader just died, may have none yet
+            try:
+                [described] = await asyncio.wait_for(admin.describe_topics([topic]), 15)
+            except (KafkaError, TimeoutError):  # asked a node that is down: the next try asks another
+                await asyncio.sleep(0.5)
+                continue
+            leaders = [p["leader"] for p in described["partitions"] if p["partition"] == partition]
+            if described["error_code"] == 0 and leaders and leaders[0] >= 0:
+                return int(leaders[0])
+            await asyncio.sleep(0.5)
+    finally:
+        await admin.close()
+    raise AssertionError(f"no leader for {topic}-{partition}")
+
+
+def restart_missing_nodes() -> None:
+    """Start every stopped node at once (one at a time could wait on a quorum that is not there)."""
+    threads = [threading.Thread(target=start_kafka_node, args=(n,)) for n in NODES if kafka_node_pid(n) is None]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+async def two_instances(env: dict[str, str], tmp_path: Path, server_factory: list[Server]) -> Fleet:
+    fleet = Fleet(env, tmp_path, server_factory)
+    for name in ("app-a", "app-b"):
+        fleet.start(name)
+    return fleet
+
+
+async def test_the_hot_partitions_leader_killed_three_times_in_a_row(
+    stack: StackInfo, env: dict[str, str], tmp_path: Path, server_factory: list[Server]
+) -> None:
+    fleet = await two_instances(env, tmp_path, server_factory)
+    probe = Probe(fleet.servers["app-a"])
+    baseline = await probe.snapshot()
+    subs = await subscribe(fleet, sorted(set(USERS)))
+    topic = env["BROADCAST_KAFKA__TOPIC_PREFIX"] + constants.SELECTED_TOPIC
+    hot = default_partition(HOT.encode(), 10)
+    publisher = Publisher(fleet, alternating(USERS)).start()
+    killed: list[int] = []
+    try:
+        for _ in range(3):
+            await publisher.reached(publisher.attempted + 30)
+            leader = await partition_leader(stack.kafka_bootstrap, topic, hot)
+            await asyncio.to_thread(kill_kafka_node, leader)  # SIGKILL
+            killed.append(leader)
+            await publisher.reached(publisher.attempted + 40)  # publishing goes on with the node down
+            await asyncio.wait_for(asyncio.to_thread(start_kafka_node, leader), 120)
+        await publisher.reached(publisher.attempted + 30)
+    finally:
+        publisher.halt()
+        await asyncio.to_thread(restart_missing_nodes)
+    await publisher.finish()
+    result = await settled(publisher, subs, 60)
+    await close_all(subs)
+    after = await probe.back_to(baseline)
+    report(
+        "broker SIGKILL x3",
+        f"SIGKILL of the leader of {topic}-{hot}, three times (nodes {killed}), each restarted",
+        result,
+        f"app-a {baseline} -> {after}",
+    )
+    result.assert_clean()
+    assert result.refused == 0, publisher.refused[:5]  # the outbox accepts while a broker is down
+
+
+async def test_the_hot_partitions_leader_paused_and_resumed(
+    stack: StackInfo, env: dict[str, str], tmp_path: Path, server_factory: list[Server]
+) -> None:
+    fleet = await two_instances(env, tmp_path, server_factory)
+    subs = await subscribe(fleet, sorted(set(USERS)))
+    topic = env["BROADCAST_KAFKA__TOPIC_PREFIX"] + constants.SELECTED_TOPIC
+    hot = default_partition(HOT.encode(), 10)
+    leader = await partition_leader(stack.kafka_bootstrap, topic, hot)
+    publisher = Publisher(fleet, alternating(USERS)).start()
+    try:
+        await publisher.reached(40)
+        await asyncio.to_thread(kill_kafka_node, leader, signal.SIGSTOP)
+        paused = time.monotonic()
+        await asyncio.sleep(10)  # longer than broker.session.timeout.ms (4 s): it is fenced, leaders move
+        new_leader = await partition_leader(stack.kafka_bootstrap, topic, hot)
+    finally:
+        await asyncio.to_thread(kill_kafka_node, leader, signal.SIGCONT)
+    paused_for = time.monotonic() - paused
+    await publisher.reached(publisher.attempted + 60)
+    publisher.halt()
+    await publisher.finish()
+    result = await settled(publisher, subs, 60)
+    await close_all(subs)
+    report(
+        "broker SIGSTOP",
+        f"SIGSTOP of node {leader} (leader of {topic}-{hot}) for {paused_for:.1f} s, then SIGCONT; "
+        f"leader meanwhile {new_leader}",
+        result,
+    )
+    result.assert_clean()
+    assert new_leader != leader, "the paused broker must lose the partition's leadership"
+
+
+async def ready(base: str) -> tuple[int, dict[str, str]]:
+    async with httpx.AsyncClient(timeout=15) as http:
+        response = await http.get(base + "/health/ready")
+    return response.status_code, response.json()["checks"]
+
+
+async def test_two_brokers_down_is_reported_and_the_outbox_drains_after_recovery(
+    stack: StackInfo, env: dict[str, str], tmp_path: Path, server_factory: list[Server]
+) -> None:
+    wedge = {"BROADCAST_OBSERVABILITY__PRODUCER_WEDGE_SECONDS": "5"}  # readiness red after 5 s of failures
+    fleet = await two_instances({**env, **wedge}, tmp_path, server_factory)
+    subs = await subscribe(fleet, sorted(set(USERS)))
+    publisher = Publisher(fleet, alternating(USERS), 0.05)
+    await publisher.run(20)
+    survivor = 1
+    try:
+        for node in NODES:
+            if node != survivor:
+                await asyncio.to_thread(kill_kafka_node, node)
+        down = time.monotonic()
+        first = len(publisher.acked)
+        await publisher.run(30)  # the outbox is in PostgreSQL: the API still acknowledges durably
+        during = publisher.acked[first:]
+        while (answer := await ready(fleet.bases()[0]))[0] == 200 and time.monotonic() - down < 45:  # noqa: ASYNC110
+            await asyncio.sleep(0.5)
+        status, checks = answer
+        reported_after = time.monotonic() - down
+        early = [s.id for s in during if any(s.id in sub.broadcast_ids() for sub in subs)]
+    finally:
+        await asyncio.to_thread(restart_missing_nodes)
+    recovered = time.monotonic()
+    await publisher.run(20)
+    result = await settled(publisher, subs, 90)
+    drained_after = time.monotonic() - recovered
+    await close_all(subs)
+    report(
+        "two brokers down",
+        f"SIGKILL of nodes {[n for n in NODES if n != survivor]} (quorum lost), {len(during)} broadcasts "
+        "acknowledged meanwhile, then both restarted",
+        result,
+        f"readiness {status} after {reported_after:.1f} s ({checks.get('kafka')}); delivered from PostgreSQL "
+        f"by reconciliation while Kafka was down {len(early)}; everything {drained_after:.1f} s after the restart",
+    )
+    assert status == 503 and checks["kafka"] != "ok", checks
+    result.assert_clean()
+    assert result.refused == 0, publisher.refused[:5]
