@@ -115,6 +115,8 @@ class RedisSettings(BaseModel):
     url: SecretStr | None = None
     key_prefix: str = "broadcast:"
     presence_ttl_seconds: int = Field(default=30, ge=2)
+    # Connections per process (the bus subscription holds one); callers wait for a free one beyond that.
+    max_connections: int = Field(default=32, ge=2, le=10_000)
 
     @property
     def embedded(self) -> bool:

@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
@@ -21,19 +21,25 @@ from broadcast.ports import BusMessage
 from broadcast.settings import RedisSettings
 
 HEARTBEAT_CHUNK = 1_000
+POOL_WAIT_S = 5.0
 
 
 def create_client(settings: RedisSettings) -> Redis:
-    """A pooled client; the composition root closes it (``aclose``)."""
+    """A client on a bounded pool (``max_connections``; a caller waits up to ``POOL_WAIT_S`` for a free
+    connection instead of opening one more, so a reconnect storm cannot open thousands); the composition
+    root closes it (``aclose``, which closes the pool too)."""
     if settings.url is None:
         raise UnavailableError("Redis URL is not configured")
-    return Redis.from_url(
+    pool = BlockingConnectionPool.from_url(
         settings.url.get_secret_value(),
+        max_connections=settings.max_connections,
+        timeout=POOL_WAIT_S,
         socket_timeout=5,
         socket_connect_timeout=5,
         health_check_interval=15,
         retry_on_timeout=True,
     )
+    return Redis.from_pool(pool)
 
 
 class RedisBusSubscription:

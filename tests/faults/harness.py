@@ -49,9 +49,14 @@ class Fleet:
     def start(self, name: str, roles: str | None = None, **overrides: str) -> Server:
         server = Server({**self.env, **overrides}, self.cwd, roles=roles, name=name)
         self.factory.append(server)
-        self.servers[name] = server
         server.wait_live()
+        self.servers[name] = server  # in rotation once it answers
         return server
+
+    def retire(self, name: str) -> int:
+        """Take ``name`` out of rotation (as a balancer does first), then SIGTERM it; its exit code."""
+        server = self.servers.pop(name)
+        return server.stop()
 
     def live(self) -> list[Server]:
         return [s for s in self.servers.values() if s.proc.poll() is None]
@@ -375,6 +380,26 @@ class Snapshot:
         return f"RSS {self.rss_mib:.1f} MiB, {self.fds} fds, {self.tasks} tasks, {self.streams} streams"
 
 
+def peers(server: Server) -> dict[str, int]:
+    """The process's TCP sockets by the port at the other end (e.g. 15432 PostgreSQL, 16379 Redis)."""
+    pid = server.proc.pid
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    counts: dict[str, int] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            parts = line.split()
+            if parts[9] in inodes:
+                local, remote = (int(p.rsplit(":", 1)[1], 16) for p in parts[1:3])
+                key = f"listen:{local}" if remote == 0 else str(remote if remote < 32768 else f"client->{local}")
+                counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 class Probe:
     """Resource readings of one server process: /proc for RSS and descriptors, /metrics for the rest."""
 
@@ -400,17 +425,21 @@ class Probe:
             int(values["broadcast_sse_connections"]),
         )
 
-    async def back_to(self, baseline: Snapshot, timeout_s: float = 30.0, slack: int = 3) -> Snapshot:
-        """Wait until streams are back to the baseline's and tasks and descriptors within ``slack`` of it
-        (a sampler round or a pooled connection may be in flight); fails naming the last reading."""
+    async def back_to(self, baseline: Snapshot, timeout_s: float = 30.0, slack: int = 3, pools: int = 0) -> Snapshot:
+        """Wait until streams are back to the baseline's, tasks within ``slack`` of it (a sampler round may
+        be in flight) and descriptors within ``slack + pools`` (connection pools that grew under load keep
+        their idle connections, up to their bounds); fails naming the last reading and the sockets."""
         deadline = time.monotonic() + timeout_s
         while True:
             now = await self.snapshot()
             if (
                 now.streams == baseline.streams
                 and now.tasks <= baseline.tasks + slack
-                and now.fds <= baseline.fds + slack
+                and now.fds <= baseline.fds + slack + pools
             ):
                 return now
-            assert time.monotonic() < deadline, f"not back to baseline ({baseline}) within {timeout_s} s: {now}"
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"not back to baseline ({baseline}) within {timeout_s} s: {now}; {peers(self.server)}"
+                )
             await asyncio.sleep(0.5)

@@ -1,0 +1,289 @@
+"""App instances failing under load (scenarios 2, 3, 4, 5, 10 and 12 of the fault suite).
+
+Real ``broadcast-server run`` processes on the real stack; subscribers behave like ``EventSource`` (they
+reconnect by themselves, to whichever instance is alive, with ``Last-Event-ID``). Every acknowledged
+broadcast must reach every entitled subscriber exactly once, in per-user order; SELECTED recipients who
+are not connected keep a PENDING row, which the broadcast's stats must account for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.faults.harness import (
+    ADMIN,
+    Audience,
+    Fleet,
+    Probe,
+    Publisher,
+    Subscriber,
+    alternating,
+    close_all,
+    report,
+    settled,
+    subscribe,
+)
+from tests.servers import Server
+from tests.waiting import wait_until
+
+PARTITIONS = 10
+
+
+def users(count: int, prefix: str = "u") -> list[str]:
+    return [f"{prefix}{n:05d}" for n in range(count)]
+
+
+def with_one_big(small: list[str], big: frozenset[str], at: int) -> Any:
+    """The ``alternating`` plan over ``small``, except broadcast number ``at``, which goes to ``big``."""
+    plan = alternating(small)
+
+    def choose(seq: int) -> Audience:
+        return big if seq == at else plan(seq)
+
+    return choose
+
+
+async def stats(base: str, broadcast_id: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(timeout=15) as http:
+        response = await http.get(f"{base}/api/admin/broadcasts/{broadcast_id}/stats", headers=ADMIN)
+    assert response.status_code == 200, response.text
+    result: dict[str, Any] = response.json()
+    return result
+
+
+def last_assignment(log: Path, listener: str = "delivery-selected") -> set[int] | None:
+    """The partitions the last "assigned" line of ``listener`` in a server log names (None: none yet)."""
+    lines = [line for line in log.read_text().splitlines() if f"listener {listener} member 0: assigned" in line]
+    return {int(p) for p in re.findall(r"partition=(\d+)", lines[-1])} if lines else None
+
+
+def on(subs: list[Subscriber], server: Server) -> list[Subscriber]:
+    return [s for s in subs if s.base == server.base]
+
+
+async def test_an_instance_killed_during_a_10k_recipient_broadcast(
+    env: dict[str, str], tmp_path: Path, server_factory: list[Server]
+) -> None:
+    fleet = Fleet(env, tmp_path, server_factory)
+    victim, survivor = fleet.start("app-a"), fleet.start("app-b")
+    recipients = users(10_000)
+    online = recipients[:200]  # the rest are offline: their rows stay PENDING
+    subs = await subscribe(fleet, online)
+    held = len(on(subs, victim))
+    publisher = Publisher(fleet, with_one_big(online[:20], frozenset(recipients), at=30), 0.05).start()
+    await publisher.reached(31)
+    [big] = [s for s in publisher.acked if s.seq == 30]
+    await wait_until(lambda: sum(big.id in s.broadcast_ids() for s in subs) >= 20, 60, "the big one flowing")
+    reached_before = sum(big.id in s.broadcast_ids() for s in subs)
+    victim.proc.kill()  # SIGKILL: its streams, its consumer members and its relay lanes die at once
+    await asyncio.to_thread(victim.proc.wait, 10)
+    killed = time.monotonic()
+    await publisher.reached(publisher.attempted + 60)
+    publisher.halt()
+    await publisher.finish()
+    result = await settled(publisher, subs, 90)
+    all_back = max(s.seen[-1].at for s in subs if s.seen) - killed
+    counts = await stats(survivor.base, big.id)
+    await close_all(subs)
+    report(
+        "app SIGKILL during 10k broadcast",
+        f"SIGKILL of app-a holding {held} of {len(subs)} streams and half the partitions, with the "
+        f"10,000-recipient broadcast delivered to {reached_before}/{len(subs)} online users so far",
+        result,
+        f"stats of the big one {counts['targeted']} targeted / {counts['delivered']} delivered / "
+        f"{counts['pending']} pending; last event {all_back:.1f} s after the kill",
+    )
+    result.assert_clean()
+    assert held > 0 and result.reconnects >= held, "the killed instance's clients must have reconnected"
+    assert counts["targeted"] == 10_000 and counts["delivered"] + counts["pending"] == 10_000, counts
+    assert counts["delivered"] >= len(online), counts
+
+
+async def test_a_rolling_restart_under_load(env: dict[str, str], tmp_path: Path, server_factory: list[Server]) -> None:
+    fleet = Fleet(env, tmp_path, server_factory)
+    for name in ("app-a", "app-b"):
+        fleet.start(name)
+    subs = await subscribe(fleet, users(20))
+    publisher = Publisher(fleet, alternating(users(20)), 0.05).start()
+    exits = []
+    for old, new in (("app-a", "app-a2"), ("app-b", "app-b2")):
+        await publisher.reached(publisher.attempted + 40)
+        started = time.monotonic()
+        code = await asyncio.to_thread(fleet.retire, old)  # out of rotation, SIGTERM, wait for the exit
+        exits.append((old, code, round(time.monotonic() - started, 1)))
+        await asyncio.to_thread(fleet.start, new)
+    await publisher.reached(publisher.attempted + 40)
+    publisher.halt()
+    await publisher.finish()
+    result = await settled(publisher, subs, 60)
+    shutdowns = sum(s.events.get("SERVER_SHUTDOWN", 0) for s in subs)
+    await close_all(subs)
+    report(
+        "rolling restart",
+        "SIGTERM of app-a, a new instance started, then the same for app-b, while broadcasts flowed",
+        result,
+        f"exits (instance, code, seconds) {exits}; SERVER_SHUTDOWN events seen {shutdowns}",
+    )
+    result.assert_clean()
+    assert [code for _, code, _ in exits] == [0, 0]
+    assert result.refused == 0, publisher.refused[:5]  # the balancer only sends to live instances
+    assert shutdowns >= len(subs), "every stream is told before its instance goes"
+
+
+async def test_a_kill_between_the_sse_write_and_the_delivered_update(
+    env: dict[str, str], tmp_path: Path, server_factory: list[Server]
+) -> None:
+    fleet = Fleet(env, tmp_path, server_factory)
+    # app-a writes to its streams at once but records DELIVERED only every 60 s: a SIGKILL lands between
+    victim = fleet.start("app-a", BROADCAST_SSE__DELIVERED_FLUSH_SECONDS="60")
+    subs = await subscribe(fleet, users(10))  # all on app-a, the only instance yet
+    fleet.start("app-b")
+    publisher = Publisher(fleet, alternating(users(10), all_every=1_000), 0.02)
+    await publisher.run(40)
+    acked_on_a = {s.id for s in publisher.acked}
+    await wait_until(lambda: all(len(s.seen) >= 4 for s in subs), 30, "every user's messages on app-a")
+    before = [await stats(fleet.servers["app-b"].base, i) for i in sorted(acked_on_a)[:5]]
+    victim.proc.kill()
+    await asyncio.to_thread(victim.proc.wait, 10)
+    await publisher.run(20)
+    result = await settled(publisher, subs, 60)
+    survivor = fleet.servers["app-b"].base
+    await asyncio.sleep(1)  # app-b's own DELIVERED flush (0.2 s)
+    after = [await stats(survivor, s.id) for s in publisher.acked]
+    still_pending = sum(c["pending"] for c in after)
+    await close_all(subs)
+    report(
+        "kill between SSE write and DELIVERED",
+        f"SIGKILL of app-a after it wrote {len(acked_on_a)} SELECTED messages to its streams, none marked "
+        f"DELIVERED yet (e.g. pending {[c['pending'] for c in before]})",
+        result,
+        f"after the reconnect to app-b: {still_pending} of {len(after)} rows still PENDING",
+    )
+    assert all(c["pending"] == 1 for c in before), "the kill must land before the DELIVERED update"
+    result.assert_clean()
+    assert still_pending == 0, "a row the client proved it has (Last-Event-ID) must end up DELIVERED"
+
+
+async def test_a_rebalance_while_a_batch_is_processing(
+    env: dict[str, str], tmp_path: Path, server_factory: list[Server]
+) -> None:
+    fleet = Fleet(env, tmp_path, server_factory)
+    for name in ("app-a", "app-b"):
+        fleet.start(name)
+    recipients = users(10_000)
+    online = recipients[:100]
+    subs = await subscribe(fleet, online)
+    publisher = Publisher(fleet, with_one_big(online[:20], frozenset(recipients), at=10), 0.05).start()
+    await publisher.reached(11)
+    [big] = [s for s in publisher.acked if s.seq == 10]
+    await wait_until(lambda: any(big.id in s.broadcast_ids() for s in subs), 60, "the batch being consumed")
+    third = await asyncio.to_thread(fleet.start, "app-c")  # joins the group: every member is rebalanced
+    joined = await wait_until(lambda: bool(last_assignment(third.log)), 60, "app-c's first assignment")
+    await publisher.reached(publisher.attempted + 40)
+    publisher.halt()
+    await publisher.finish()
+    result = await settled(publisher, subs, 90)
+    counts = await stats(third.base, big.id)
+    await close_all(subs)
+    taken_over = third.log.read_text().count(f'"broadcast_id":"{big.id}"')  # its delivery log lines
+    report(
+        "rebalance mid-batch",
+        f"app-c started while the 10,000-record batch was being consumed; it was assigned "
+        f"{sorted(last_assignment(third.log) or ())} after {joined:.1f} s and handled {taken_over} of the batch",
+        result,
+        f"stats of the batch {counts['targeted']} targeted / {counts['delivered']} delivered / "
+        f"{counts['pending']} pending",
+    )
+    assert taken_over > 0, "app-c must have joined while records of the batch were still unprocessed"
+    result.assert_clean()
+    assert counts["targeted"] == 10_000 and counts["delivered"] + counts["pending"] == 10_000, counts
+
+
+THOUSAND = 1_000
+POOLS = 32 + 20  # Redis's pool bound (settings.redis.max_connections) and PostgreSQL's (pool 10 + overflow 10)
+
+
+async def test_a_thousand_clients_reconnect_at_once_after_an_instance_dies(
+    env: dict[str, str], tmp_path: Path, server_factory: list[Server]
+) -> None:
+    fleet = Fleet(env, tmp_path, server_factory)
+    victim = fleet.start("app-a")
+    people = users(THOUSAND)
+    subs = await subscribe(fleet, people, timeout_s=120)  # all on app-a
+    survivor = fleet.start("app-b")
+    publisher = Publisher(fleet, alternating(people, all_every=3), 0.05).start()
+    await publisher.reached(20)
+    await wait_until(lambda: bool(last_assignment(survivor.log)), 60, "app-b in the group")
+    probe = Probe(survivor)
+    baseline = await probe.snapshot()  # warm: consuming, its Kafka clients connected
+    victim.proc.kill()
+    await asyncio.to_thread(victim.proc.wait, 10)
+    killed = time.monotonic()
+    await wait_until(lambda: all(s.connected.is_set() and s.base == survivor.base for s in subs), 120, "all back")
+    back = time.monotonic() - killed
+    peak = await probe.snapshot()
+    await publisher.reached(publisher.attempted + 40)
+    publisher.halt()
+    await publisher.finish()
+    result = await settled(publisher, subs, 90)
+    refusals = [r for s in subs for r in s.refusals]
+    await close_all(subs)
+    after = await probe.back_to(baseline, pools=POOLS)
+    log = survivor.log.read_text()
+    pool_errors = log.count("QueuePool limit") + log.count("TimeoutError")
+    report(
+        "1000 clients reconnect",
+        f"SIGKILL of app-a holding {THOUSAND} streams; they reconnect to app-b at once with Last-Event-ID",
+        result,
+        f"all back {back:.1f} s after the kill; connects refused {len(refusals)}; pool errors {pool_errors}; "
+        f"app-b {baseline} -> {peak} -> {after}",
+    )
+    result.assert_clean()
+    assert pool_errors == 0, "the database pool must not run dry on a reconnect storm"
+    assert peak.streams == THOUSAND
+
+
+async def test_graceful_shutdown_with_a_thousand_open_streams(
+    env: dict[str, str], tmp_path: Path, server_factory: list[Server]
+) -> None:
+    grace = 10.0
+    fleet = Fleet(env, tmp_path, server_factory)
+    leaving = fleet.start("app-a", BROADCAST_SERVER__SHUTDOWN_GRACE_SECONDS=str(grace))
+    people = users(THOUSAND)
+    subs = await subscribe(fleet, people, timeout_s=120)
+    staying = fleet.start("app-b")
+    await wait_until(lambda: bool(last_assignment(staying.log)), 60, "app-b in the group")
+    publisher = Publisher(fleet, alternating(people[:50]), 0.02).start()
+    await publisher.reached(60)
+    started = time.monotonic()
+    code = await asyncio.to_thread(fleet.retire, "app-a")  # SIGTERM while broadcasts are in flight
+    took = time.monotonic() - started
+    took_over = await wait_until(
+        lambda: last_assignment(staying.log) == set(range(PARTITIONS)), 30, "app-b owning every partition"
+    )
+    await publisher.reached(publisher.attempted + 40)
+    publisher.halt()
+    await publisher.finish()
+    result = await settled(publisher, subs, 60)
+    told = sum(1 for s in subs if s.events.get("SERVER_SHUTDOWN"))
+    log = leaving.log.read_text()
+    await close_all(subs)
+    report(
+        "graceful shutdown",
+        f"SIGTERM of app-a holding {THOUSAND} streams and half the partitions while broadcasts flowed",
+        result,
+        f"exit code {code} after {took:.1f} s (grace {grace:.0f} s); SERVER_SHUTDOWN to {told} streams; "
+        f"app-b owned every partition {took_over:.1f} s after the exit; "
+        f"loops cancelled: {log.count('did not stop within')}",
+    )
+    assert code == 0 and took < grace, f"exit {code} after {took:.1f} s"
+    assert told == THOUSAND
+    assert "did not stop within" not in log, "every loop must stop by itself within the budget"
+    assert "revoked" in log.split("SERVER_SHUTDOWN")[-1] or "revoked" in log, "the consumers left the group"
+    result.assert_clean()
