@@ -29,7 +29,7 @@ from consumers.listener import Listener
 from dlt.consumer import DeadLetterHandler
 from dlt.drill import DrillSwitch
 from dlt.recoverer import DeadLetterPublishingRecoverer
-from sse.fanout import BusListener, Heartbeat, PresenceKeeper, Reconciler
+from sse.fanout import BusGaps, BusListener, Heartbeat, PresenceKeeper, Reconciler
 
 log = logging.getLogger(__name__)
 ROLES = ("api", "relay", "consumers", "dlt", "scheduler")
@@ -115,9 +115,10 @@ def _sampler(c: Components) -> Sampler:
 def _stream_loops(c: Components) -> list[Loop]:
     """What keeps this instance's SSE streams fed (see ``sse/fanout.py``)."""
     settings, me = c.settings, c.settings.server.instance_id
+    gaps = BusGaps()
     return [
-        BusListener(c.bus, c.hub, me, c.reconcile_now),
-        Reconciler(c.inbox, c.hub, settings.sse.reconcile_seconds, c.reconcile_now),
+        BusListener(c.bus, c.hub, me, c.reconcile_now, gaps),
+        Reconciler(c.inbox, c.hub, settings.sse.reconcile_seconds, c.reconcile_now, gaps),
         PresenceKeeper(c.presence, c.admission, c.hub, me, settings.redis.presence_ttl_seconds / 3),
         Heartbeat(c.hub, settings.sse.heartbeat_seconds),
         c.marker,

@@ -3,7 +3,9 @@
 - ``BusListener``: subscribes to this instance's channel and the group channel, hands each message's
   pre-encoded frame to the hub; resubscribes on its own after a Redis outage (and asks for a
   reconciliation, since pub/sub dropped whatever was sent meanwhile).
-- ``Reconciler``: every few seconds, sends connected users their PENDING rows the live path missed.
+- ``Reconciler``: every few seconds, sends connected users their PENDING rows the live path missed; after
+  the bus listener resubscribes (``BusGaps``), also the ALL/ROLE broadcasts created since shortly before
+  the subscription was last known working, since group messages have no PENDING row to fall back on.
 - ``Heartbeat``: a comment frame on every stream every ~15 s.
 - ``PresenceKeeper``: heartbeats presence for every locally connected user (entries expire otherwise).
 - ``DeliveredMarker``: batches "written to a live stream" marks into PENDING → DELIVERED updates.
@@ -13,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import orjson
 
@@ -28,6 +32,24 @@ from sse.messages import item_frame
 
 log = logging.getLogger(__name__)
 RECONCILE_BATCH = 5_000  # rows per sweep, oldest first, across every user connected here
+# How far before the last working moment of a lost subscription group broadcasts are replayed: a group
+# record consumed (and published to nobody) during the gap was usually created shortly before it.
+GAP_LOOKBACK_S = 120.0
+
+
+class BusGaps:
+    """Since when the bus may have dropped group messages for this instance: the bus listener adds a gap
+    when it resubscribes after losing its subscription; the reconciler takes it and replays."""
+
+    def __init__(self) -> None:
+        self.since: datetime | None = None
+
+    def add(self, since: datetime) -> None:
+        self.since = since if self.since is None else min(self.since, since)
+
+    def take(self) -> datetime | None:
+        since, self.since = self.since, None
+        return since
 
 
 def _group_matches(target_type: str, roles: frozenset[str]) -> Callable[[Connection], bool] | None:
@@ -37,22 +59,33 @@ def _group_matches(target_type: str, roles: frozenset[str]) -> Callable[[Connect
     return lambda connection: bool(connection.roles & roles)
 
 
+def _holding(roles: frozenset[str]) -> Callable[[Connection], bool]:
+    return lambda connection: connection.roles == roles
+
+
 class BusListener:
-    def __init__(self, bus: Bus, hub: Hub, instance_id: str, reconcile_now: asyncio.Event) -> None:
+    def __init__(
+        self, bus: Bus, hub: Hub, instance_id: str, reconcile_now: asyncio.Event, gaps: BusGaps | None = None
+    ) -> None:
         self._bus = bus
         self._hub = hub
         self._channels = [constants.instance_channel(instance_id), constants.REDIS_GROUP_CHANNEL]
         self._reconcile_now = reconcile_now
+        self._gaps = gaps or BusGaps()
         self.subscribed = asyncio.Event()
+        self._working_at: float | None = None  # wall time the subscription last answered
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
                 async with self._bus.subscribe(self._channels) as subscription:
+                    if self._working_at is not None:  # a re-subscription: group messages may be lost
+                        self._gaps.add(datetime.fromtimestamp(self._working_at - GAP_LOOKBACK_S, tz=UTC))
                     self.subscribed.set()
                     self._reconcile_now.set()
                     while not stop.is_set():
                         message = await subscription.get(timeout_s=1.0)
+                        self._working_at = time.time()
                         if message is not None:
                             self.dispatch(message)
             except BroadcastError as exc:
@@ -79,21 +112,44 @@ class BusListener:
 
 
 class Reconciler:
-    def __init__(self, inbox: InboxStore, hub: Hub, interval_s: float, now: asyncio.Event) -> None:
+    def __init__(
+        self, inbox: InboxStore, hub: Hub, interval_s: float, now: asyncio.Event, gaps: BusGaps | None = None
+    ) -> None:
         self._inbox = inbox
         self._hub = hub
         self._interval_s = interval_s
         self._now = now
+        self._gaps = gaps or BusGaps()
         self.pushed = 0
 
     async def run_once(self) -> int:
-        """One query (per few hundred users) for the PENDING rows of everyone connected here."""
+        """One query (per few hundred users) for the PENDING rows of everyone connected here; after a bus
+        gap, one query per distinct role set for the group broadcasts since it."""
         pushed = 0
         for user_id, item in await self._inbox.pending_for(self._hub.users(), RECONCILE_BATCH):
             outgoing = Outgoing(item_frame(item), item.broadcast.id, counts=True, path="reconciliation")
             if self._hub.to_user(user_id, outgoing):
                 pushed += 1
+        if (since := self._gaps.take()) is not None:
+            try:
+                pushed += await self._replay_group(since)
+            except BroadcastError:
+                self._gaps.add(since)  # the next round tries again
+                raise
         self.pushed += pushed
+        return pushed
+
+    async def _replay_group(self, since: datetime) -> int:
+        """ALL/ROLE broadcasts created after ``since`` to the connections they match; a connection skips
+        the ones it already has (``Connection.seen``), so only what the gap swallowed is written."""
+        pushed = 0
+        for roles in {c.roles for c in self._hub.connections()}:
+            holding = _holding(roles)
+            for item in await self._inbox.group("", roles, since):
+                outgoing = Outgoing(item_frame(item), item.broadcast.id, counts=True, path="reconciliation")
+                pushed += self._hub.to_matching(holding, outgoing)
+        if pushed:
+            log.info("replayed group broadcasts since %s after a bus gap (%d offers)", since.isoformat(), pushed)
         return pushed
 
     async def run(self, stop: asyncio.Event) -> None:

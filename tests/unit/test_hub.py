@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
 
 import orjson
 import pytest
 
+from broadcast.domain import Broadcast, BroadcastStatus, InboxItem, Priority, TargetType
 from broadcast.errors import ConflictError
-from sse.fanout import Heartbeat
+from broadcast.ports import InboxStore
+from sse.fanout import BusGaps, Heartbeat, Reconciler
 from sse.frames import HEARTBEAT, Cursor, frame, parse_cursor
 from sse.hub import Connection, Hub, Outgoing
+from sse.messages import item_frame
 
 
 class Socket:
@@ -178,3 +183,45 @@ def test_a_frame_is_one_data_line_whatever_the_content_holds() -> None:
     lines = encoded.decode().splitlines()  # the strictest splitter: also breaks at U+2028/9 and NEL
     assert lines == ["event: MESSAGE", "id: s1", lines[2], ""] and lines[2].startswith("data: {")
     assert orjson.loads(lines[2][6:]) == {"content": hostile}
+
+
+class GroupOnly:
+    """An inbox with only group broadcasts: what ``Reconciler`` reads after a bus gap."""
+
+    def __init__(self, items: list[InboxItem]) -> None:
+        self.items = items
+        self.asked: list[tuple[frozenset[str], datetime | None]] = []
+
+    async def pending_for(self, user_ids: Sequence[str], limit: int) -> list[tuple[str, InboxItem]]:
+        return []
+
+    async def group(self, user_id: str, roles: frozenset[str], since: datetime | None) -> list[InboxItem]:
+        self.asked.append((roles, since))
+        return [i for i in self.items if since is None or i.broadcast.created_at > since]
+
+
+def group_item(n: int, created: datetime) -> InboxItem:
+    broadcast = Broadcast(
+        f"b{n}", "admin", f"#{n}", TargetType.ALL, (), Priority.NORMAL, None, BroadcastStatus.ACTIVE, False, 0,
+        created, created,
+    )  # fmt: skip
+    return InboxItem(broadcast, None, False)
+
+
+async def test_after_a_bus_gap_the_reconciler_replays_group_broadcasts_each_connection_lacks() -> None:
+    now = datetime.now(UTC)
+    old, missed = group_item(1, now - timedelta(minutes=10)), group_item(2, now - timedelta(seconds=5))
+    hub = Hub(queue_size=8, max_per_user=5)
+    (alice, alice_socket), (_, bob_socket) = started(hub, "alice"), started(hub, "bob", frozenset({"ops"}))
+    alice.offer(Outgoing(item_frame(missed), "b2", counts=True))  # alice got it before the gap; bob did not
+    inbox, gaps = GroupOnly([old, missed]), BusGaps()
+    reconciler = Reconciler(cast(InboxStore, inbox), hub, 1.0, asyncio.Event(), gaps)
+    await reconciler.run_once()
+    assert inbox.asked == [], "no gap, no group query"
+    gaps.add(now - timedelta(seconds=60))
+    await reconciler.run_once()
+    assert [b"#2" in body for body in bob_socket.bodies] == [False, True], "bob gets what the gap swallowed"
+    assert sum(b"#2" in body for body in alice_socket.bodies) == 1, "alice, who had it, gets no repeat"
+    assert not any(b"#1" in body for body in alice_socket.bodies + bob_socket.bodies), "nothing before the gap"
+    assert {roles for roles, _ in inbox.asked} == {frozenset(), frozenset({"ops"})}, "one query per role set"
+    assert gaps.take() is None, "the gap is consumed"

@@ -14,11 +14,13 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
+from aiokafka.cluster import ClusterMetadata
+from aiokafka.structs import PartitionMetadata
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from broadcast import logs
-from broadcast.adapters.kafka_health import ProducerWatch
+from broadcast.adapters.kafka_health import ProducerWatch, under_min_insync
 from broadcast.adapters.memory_log import MemoryEventLog
 from broadcast.adapters.memory_stores import MemoryOutboxStore
 from broadcast.app import create_app
@@ -301,3 +303,18 @@ async def test_memory_lag_counts_from_the_committed_offset() -> None:
     async with log.subscribe(["t"], "g") as sub:
         await sub.commit({TopicPartition("t", 0): 2})
     assert await log.lag("g", ["t"]) == {TopicPartition("t", 0): 1, TopicPartition("t", 1): 2}
+
+
+def test_partitions_under_min_insync_replicas_are_named() -> None:
+    cluster = ClusterMetadata()
+    cluster._partitions = {  # what a metadata response leaves there
+        "sel": {
+            0: PartitionMetadata("sel", 0, 1, [1, 2, 3], [1, 2, 3], None),
+            1: PartitionMetadata("sel", 1, 2, [2, 3, 1], [2], None),  # ISR shrunk to one
+            2: PartitionMetadata("sel", 2, -1, [3, 1, 2], [], None),  # no leader
+        },
+        "other": {0: PartitionMetadata("other", 0, 1, [1], [1], None)},
+    }
+    assert under_min_insync(cluster, ("sel",), 2) == ["sel-1", "sel-2"]
+    assert under_min_insync(cluster, ("sel",), 1) == ["sel-2"]
+    assert under_min_insync(cluster, ("missing",), 2) == []
