@@ -1,5 +1,5 @@
 # Targets named in README.md. `make test` is the one command CI runs (through .ci/run).
-.PHONY: run test lint stack-up stack-down stack-status clean
+.PHONY: run test test-faults lint stack-up stack-down stack-status clean
 
 VENV := .venv
 BIN := $(VENV)/bin
@@ -14,6 +14,9 @@ run: $(BIN)/broadcast-server  ## the server, embedded default (SQLite, in-proces
 
 test:  ## everything: installs, starts the real stack, ruff, mypy --strict, import-linter, pytest
 	bash scripts/test.sh
+
+test-faults:  ## the quality gates and only the fault suite, printing what each scenario injected and verified
+	bash scripts/test.sh -s tests/faults
 
 lint: $(BIN)/broadcast-server  ## the quality gates without the stack
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy && $(BIN)/lint-imports

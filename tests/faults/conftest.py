@@ -3,6 +3,7 @@ healthy again after every test (whatever the test stopped is started again, and 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +12,19 @@ import pytest
 from devstack.stack import StackInfo, status, up
 from tests.servers import isolated_env, server_factory
 
-__all__ = ["env", "healthy_stack", "server_factory"]
+__all__ = ["env", "fault_scale", "healthy_stack", "server_factory"]
+
+SCALE_VARIABLE = "BROADCAST_FAULT_SCALE"
+
+
+@pytest.fixture(scope="session")
+def fault_scale() -> int:
+    """How many times the longest scenarios repeat their injection or multiply their load (kill cycles,
+    restart rounds, clients, poison records): 1 in the full suite, more when asked with
+    ``BROADCAST_FAULT_SCALE=N`` (e.g. ``BROADCAST_FAULT_SCALE=5 make test-faults``)."""
+    raw = os.environ.get(SCALE_VARIABLE, "1")
+    assert raw.isdigit() and int(raw) >= 1, f"{SCALE_VARIABLE} must be a positive integer, not {raw!r}"
+    return int(raw)
 
 
 @pytest.fixture

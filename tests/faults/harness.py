@@ -369,15 +369,22 @@ def report(scenario: str, injected: str, result: Verdict, extra: str = "") -> No
     print(f"\n[{scenario}] injected: {injected}\n[{scenario}] verified: {result.line()}{'; ' + extra if extra else ''}")
 
 
+KAFKA_PORTS = ("11092", "12092", "13092")
+
+
 @dataclass(frozen=True)
 class Snapshot:
     rss_mib: float
     fds: int
     tasks: int
     streams: int
+    kafka: int  # connections to brokers: each has a reader task in aiokafka, and failovers add some
 
     def __str__(self) -> str:
-        return f"RSS {self.rss_mib:.1f} MiB, {self.fds} fds, {self.tasks} tasks, {self.streams} streams"
+        return (
+            f"RSS {self.rss_mib:.1f} MiB, {self.fds} fds, {self.tasks} tasks, {self.streams} streams, "
+            f"{self.kafka} Kafka connections"
+        )
 
 
 def peers(server: Server) -> dict[str, int]:
@@ -418,24 +425,28 @@ class Probe:
             for sample in family.samples
             if sample.name in ("broadcast_event_loop_tasks", "broadcast_sse_connections")
         }
+        sockets = peers(self.server)
         return Snapshot(
             rss_kib / 1024,
             len(os.listdir(f"/proc/{pid}/fd")),
             int(values["broadcast_event_loop_tasks"]),
             int(values["broadcast_sse_connections"]),
+            sum(sockets.get(port, 0) for port in KAFKA_PORTS),
         )
 
     async def back_to(self, baseline: Snapshot, timeout_s: float = 30.0, slack: int = 3, pools: int = 0) -> Snapshot:
         """Wait until streams are back to the baseline's, tasks within ``slack`` of it (a sampler round may
-        be in flight) and descriptors within ``slack + pools`` (connection pools that grew under load keep
-        their idle connections, up to their bounds); fails naming the last reading and the sockets."""
+        be in flight) plus one per extra Kafka connection (a client that met a failover keeps connections
+        to more brokers, each with its reader task), and descriptors within ``slack + pools`` (connection
+        pools that grew under load keep their idle connections, up to their bounds); fails naming the last
+        reading and the sockets."""
         deadline = time.monotonic() + timeout_s
         while True:
             now = await self.snapshot()
             if (
                 now.streams == baseline.streams
-                and now.tasks <= baseline.tasks + slack
-                and now.fds <= baseline.fds + slack + pools
+                and now.tasks <= baseline.tasks + slack + max(0, now.kafka - baseline.kafka)
+                and now.fds <= baseline.fds + slack + pools + max(0, now.kafka - baseline.kafka)
             ):
                 return now
             if time.monotonic() > deadline:

@@ -74,6 +74,24 @@ async def test_a_missing_dlt_topic_keeps_the_record_uncommitted_until_the_dead_l
     )
 
 
+async def settled_group(log: Path, quiet_s: float = 3.0) -> int:
+    """Wait until both delivery listeners are assigned and no further assignment came for ``quiet_s``
+    (the second listener's join rebalances the first); the number of "assigned" lines then."""
+    listeners = ("delivery-selected", "delivery-group")
+    await wait_until(
+        lambda: all(f"listener {n} member 0: assigned" in log.read_text() for n in listeners), 60, "both assigned"
+    )
+    while True:
+        count = assigned(log)
+        await asyncio.sleep(quiet_s)
+        if assigned(log) == count:
+            return count
+
+
+def assigned(log: Path) -> int:
+    return log.read_text().count(": assigned ")
+
+
 async def test_a_stopped_database_is_retried_not_dead_lettered_and_nothing_is_lost(
     env: dict[str, str], tmp_path: Path, server_factory: list[Server]
 ) -> None:
@@ -88,8 +106,7 @@ async def test_a_stopped_database_is_retried_not_dead_lettered_and_nothing_is_lo
     writer.wait_live()
     consumer.wait_live()
     async with SseClient(consumer.base, "alice") as alice:
-        await asyncio.sleep(3)  # the consumer's group has settled
-        assigned_before = consumer.log.read_text().count(": assigned ")
+        assigned_before = await settled_group(consumer.log)
         consumer.proc.send_signal(signal.SIGSTOP)  # the consumer sees the record only once the database is down
         try:
             async with httpx.AsyncClient(timeout=20) as http:

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
+import signal
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
+import pytest
 
 from tests.auth import bearer, token
 from tests.servers import Server
@@ -157,43 +160,35 @@ async def test_a_consumer_instance_killed_mid_stream_loses_and_repeats_nothing(
 
 
 class FrozenClient:
-    """A raw HTTP/1.0 SSE connection with a tiny receive buffer that stops reading after CONNECTED."""
+    """A separate reader process (``tests/faults/reader.py``) on one SSE stream, SIGSTOPped once the
+    stream is up: its socket's small receive buffer fills and the server's writes block."""
 
-    def __init__(self, port: int, user: str) -> None:
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
-        self.sock.settimeout(10)
-        self.sock.connect(("127.0.0.1", port))
-        request = (
-            f"GET /api/user/sse/connect HTTP/1.0\r\nAuthorization: Bearer {token(user)}\r\n"
-            "Accept: text/event-stream\r\n\r\n"
+    def __init__(self, port: int, user: str, folder: Path) -> None:
+        self.out = folder / f"{user}.sse"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.faults.reader", str(port), token(user), str(self.out)]
         )
-        self.sock.sendall(request.encode())
-        self.received = bytearray()
-        while b"event: CONNECTED" not in self.received:
-            chunk = self.sock.recv(4096)
-            assert chunk, f"stream ended before CONNECTED: {bytes(self.received)!r}"
-            self.received += chunk
+        deadline = time.monotonic() + 20
+        while not (self.out.exists() and b"event: CONNECTED" in self.out.read_bytes()):
+            assert self.proc.poll() is None and time.monotonic() < deadline, "the reader never got CONNECTED"
+            time.sleep(0.05)
+        self.proc.send_signal(signal.SIGSTOP)
+        self.port = int(self.out.with_suffix(".port").read_text())
 
     def drain(self, timeout_s: float) -> bool:
-        """Read everything (the client wakes up); True if the server ended the stream within ``timeout_s``."""
-        deadline = time.monotonic() + timeout_s
-        self.sock.settimeout(1.0)
-        while time.monotonic() < deadline:
-            try:
-                chunk = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            except ConnectionResetError:
-                return True
-            if not chunk:
-                return True
-            self.received += chunk
-        return False
+        """SIGCONT: the reader reads again; True if the server ended the stream (the reader exited) in time."""
+        self.proc.send_signal(signal.SIGCONT)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return False
+        return True
 
     def message_ids(self) -> list[tuple[str, str]]:
         """(SSE id, broadcast id) of every complete MESSAGE event received."""
-        body = bytes(self.received).split(b"\r\n\r\n", 1)[1]
+        body = self.out.read_bytes().split(b"\r\n\r\n", 1)[1]
         *complete, _partial = body.split(b"\n\n")
         found = []
         for event in complete:
@@ -204,6 +199,17 @@ class FrozenClient:
 
 
 FROZEN = 8
+
+
+@pytest.fixture
+def readers() -> Iterator[list[FrozenClient]]:
+    """Frozen clients a test starts; any still running (stopped or not) is killed at teardown."""
+    started: list[FrozenClient] = []
+    yield started
+    for client in started:
+        if client.proc.poll() is None:
+            client.proc.kill()
+            client.proc.wait()
 
 
 def server_sockets(server_port: int, client_ports: list[int]) -> list[int]:
@@ -225,13 +231,14 @@ def rss_kib(pid: int) -> int:
 
 
 async def test_a_frozen_client_is_dropped_and_resumes_without_a_gap(
-    env: dict[str, str], tmp_path: Path, server_factory: list[Server]
+    env: dict[str, str], tmp_path: Path, server_factory: list[Server], readers: list[FrozenClient]
 ) -> None:
     small = {**env, "BROADCAST_SSE__QUEUE_SIZE": "8", "BROADCAST_SSE__SEND_TIMEOUT_SECONDS": "2"}
     server = start(small, tmp_path, server_factory)
     big = "x" * 9_990  # near the 10,000-character limit: each event is ~10 KB on the wire
     async with SseClient(server.base, "bob") as bob:  # a healthy reader alongside: never dropped
-        frozen = [await asyncio.to_thread(FrozenClient, server.port, f"frozen{n}") for n in range(FROZEN)]
+        frozen = [await asyncio.to_thread(FrozenClient, server.port, f"frozen{n}", tmp_path) for n in range(FROZEN)]
+        readers.extend(frozen)
         warm = Sender(server.base, lambda n: {"content": f"w{n}", "targetType": "ALL"}, 5, 0.0)
         await warm.run()
         await received_all(bob, warm.acknowledged, 20)
@@ -247,11 +254,9 @@ async def test_a_frozen_client_is_dropped_and_resumes_without_a_gap(
         sent_s = time.monotonic() - started
         await received_all(bob, sender.acknowledged, 30)
         rss_after = rss_kib(server.proc.pid)
-        held = server_sockets(server.port, [c.sock.getsockname()[1] for c in frozen])
+        held = server_sockets(server.port, [c.port for c in frozen])
         assert held == [], f"the server still holds dropped sockets (client ports {held}): it must abort them"
         ended = [await asyncio.to_thread(c.drain, 15) for c in frozen]  # SIGCONT: the client reads again
-        for client in frozen:
-            client.sock.close()
         assert all(ended), "the server must end a stream it dropped"
         everything = warm.acknowledged + sender.acknowledged
         resumed = []

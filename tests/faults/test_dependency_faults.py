@@ -176,7 +176,8 @@ async def test_redis_restarted_or_paused_during_fan_out(
     )
     result.assert_clean()
     assert result.refused == 0, publisher.refused[:3]  # the outbox is PostgreSQL: writes go on
-    assert paths.get("live", 0) - live_before >= owed_late, "live delivery must resume, not only reconciliation"
+    # the reconciler (every 1 s here) may win the race for a few rows; most must go the live way again
+    assert paths.get("live", 0) - live_before >= 0.8 * owed_late, "live delivery must resume, not only reconciliation"
 
 
 def latencies(publisher: Publisher, subs: list[Subscriber], seqs: range) -> list[float]:
@@ -202,8 +203,9 @@ POISON = 40
 
 
 async def test_poison_records_at_a_steady_rate_among_good_traffic(
-    stack: StackInfo, env: dict[str, str], tmp_path: Path, server_factory: list[Server]
+    stack: StackInfo, env: dict[str, str], tmp_path: Path, server_factory: list[Server], fault_scale: int
 ) -> None:
+    poison = POISON * fault_scale
     fleet = await two_instances(env, tmp_path, server_factory)
     subs = await subscribe(fleet, USERS)
     topic = env["BROADCAST_KAFKA__TOPIC_PREFIX"] + constants.SELECTED_TOPIC
@@ -213,23 +215,25 @@ async def test_poison_records_at_a_steady_rate_among_good_traffic(
     producer = AIOKafkaProducer(bootstrap_servers=stack.kafka_bootstrap, acks="all", enable_idempotence=True)
     await producer.start()
     try:
-        publisher.start(100)  # and the same with a poison record every 0.25 s on the users' partitions
-        for n in range(POISON):
+        publisher.start(100 * fault_scale)  # and the same with a poison record every 0.25 s on the users' partitions
+        for n in range(poison):
             user = USERS[n % len(USERS)].encode()
             await producer.send_and_wait(topic, b"\xff not an event %d" % n, key=user)
             await asyncio.sleep(0.25)
     finally:
         await producer.stop()
     await publisher.finish()
-    stormy = range(60, 160)
+    stormy = range(60, 60 + 100 * fault_scale)
     result = await settled(publisher, subs, 60)
     await close_all(subs)
     letters: list[dict[str, Any]] = []
     async with httpx.AsyncClient(timeout=15) as http:
         deadline = time.monotonic() + 60
-        while len(letters) < POISON and time.monotonic() < deadline:
+        while len(letters) < poison and time.monotonic() < deadline:
             await asyncio.sleep(0.5)
-            page = await http.get(fleet.bases()[0] + "/api/admin/dlt/messages?limit=500", headers=ADMIN)
+            page = await http.get(
+                fleet.bases()[0] + "/api/admin/dlt/messages?limit=500", headers=ADMIN
+            )  # one page: scale ≤ 12
             letters = page.json()["items"]
         await asyncio.sleep(2)  # a repeat would land by now
         letters = (await http.get(fleet.bases()[0] + "/api/admin/dlt/messages?limit=500", headers=ADMIN)).json()[
@@ -239,14 +243,14 @@ async def test_poison_records_at_a_steady_rate_among_good_traffic(
     before, during = latencies(publisher, subs, calm), latencies(publisher, subs, stormy)
     report(
         "poison records",
-        f"{POISON} undecodable records on {topic}, one every 0.25 s, keyed like the users' messages",
+        f"{poison} undecodable records on {topic}, one every 0.25 s, keyed like the users' messages",
         result,
         f"dead letters {len(letters)} for {len(offsets)} distinct offsets; delivery latency p50/p99 "
         f"{statistics.median(before) * 1000:.0f}/{percentile(before, 0.99) * 1000:.0f} ms before, "
         f"{statistics.median(during) * 1000:.0f}/{percentile(during, 0.99) * 1000:.0f} ms among the poison",
     )
     result.assert_clean()
-    assert len(letters) == len(offsets) == POISON, "each poison record dead-lettered exactly once"
+    assert len(letters) == len(offsets) == poison, "each poison record dead-lettered exactly once"
     # a blocked partition (retries, backoff) would hold good records for seconds; not-retryable errors
     # go to the DLT on the first failure, so good traffic must not wait behind them
     assert percentile(during, 0.99) < 3.0, f"good traffic held up behind poison: p99 {percentile(during, 0.99):.1f} s"
