@@ -38,18 +38,23 @@ GAP_LOOKBACK_S = 120.0
 
 
 class BusGaps:
-    """Since when the bus may have dropped group messages for this instance: the bus listener adds a gap
-    when it resubscribes after losing its subscription; the reconciler takes it and replays."""
+    """Since when the bus may have dropped group messages for this instance, and which connections were
+    open then (ids up to ``upto``; newer ones had their own catch-up): the bus listener adds a gap when
+    it resubscribes after losing its subscription; the reconciler takes it and replays."""
 
     def __init__(self) -> None:
         self.since: datetime | None = None
+        self.upto = 0
 
-    def add(self, since: datetime) -> None:
+    def add(self, since: datetime, upto: int) -> None:
         self.since = since if self.since is None else min(self.since, since)
+        self.upto = max(self.upto, upto)
 
-    def take(self) -> datetime | None:
-        since, self.since = self.since, None
-        return since
+    def take(self) -> tuple[datetime, int] | None:
+        if self.since is None:
+            return None
+        gap, self.since, self.upto = (self.since, self.upto), None, 0
+        return gap
 
 
 def _group_matches(target_type: str, roles: frozenset[str]) -> Callable[[Connection], bool] | None:
@@ -59,8 +64,8 @@ def _group_matches(target_type: str, roles: frozenset[str]) -> Callable[[Connect
     return lambda connection: bool(connection.roles & roles)
 
 
-def _holding(roles: frozenset[str]) -> Callable[[Connection], bool]:
-    return lambda connection: connection.roles == roles
+def _holding(roles: frozenset[str], upto: int) -> Callable[[Connection], bool]:
+    return lambda connection: connection.roles == roles and connection.id <= upto
 
 
 class BusListener:
@@ -76,11 +81,15 @@ class BusListener:
         self._working_at: float | None = None  # wall time the subscription last answered
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._working_at = time.time()  # a first subscription that fails is a gap from here
+        first = True
         while not stop.is_set():
             try:
                 async with self._bus.subscribe(self._channels) as subscription:
-                    if self._working_at is not None:  # a re-subscription: group messages may be lost
-                        self._gaps.add(datetime.fromtimestamp(self._working_at - GAP_LOOKBACK_S, tz=UTC))
+                    if not first:  # a re-subscription: group messages may have been lost meanwhile
+                        since = datetime.fromtimestamp(self._working_at - GAP_LOOKBACK_S, tz=UTC)
+                        self._gaps.add(since, self._hub.last_id)
+                    first = False
                     self.subscribed.set()
                     self._reconcile_now.set()
                     while not stop.is_set():
@@ -90,6 +99,7 @@ class BusListener:
                             self.dispatch(message)
             except BroadcastError as exc:
                 self.subscribed.clear()
+                first = False
                 log.warning("bus subscription lost, resubscribing: %s", exc)
                 await pause(stop, 1.0)
 
@@ -130,23 +140,25 @@ class Reconciler:
             outgoing = Outgoing(item_frame(item), item.broadcast.id, counts=True, path="reconciliation")
             if self._hub.to_user(user_id, outgoing):
                 pushed += 1
-        if (since := self._gaps.take()) is not None:
+        if (gap := self._gaps.take()) is not None:
             try:
-                pushed += await self._replay_group(since)
+                pushed += await self._replay_group(*gap)
             except BroadcastError:
-                self._gaps.add(since)  # the next round tries again
+                self._gaps.add(*gap)  # the next round tries again
                 raise
         self.pushed += pushed
         return pushed
 
-    async def _replay_group(self, since: datetime) -> int:
-        """ALL/ROLE broadcasts created after ``since`` to the connections they match; a connection skips
-        the ones it already has (``Connection.seen``), so only what the gap swallowed is written."""
+    async def _replay_group(self, since: datetime, upto: int) -> int:
+        """ALL/ROLE broadcasts created after ``since`` to the connections open during the gap (ids up to
+        ``upto``) they match; a connection skips the ones it already has (``Connection.seen``), so only
+        what the gap swallowed is written."""
         pushed = 0
-        for roles in {c.roles for c in self._hub.connections()}:
-            holding = _holding(roles)
+        for roles in {c.roles for c in self._hub.connections() if c.id <= upto}:
+            holding = _holding(roles, upto)
             for item in await self._inbox.group("", roles, since):
-                outgoing = Outgoing(item_frame(item), item.broadcast.id, counts=True, path="reconciliation")
+                counts = not item.broadcast.fire_and_forget  # as on the live path
+                outgoing = Outgoing(item_frame(item), item.broadcast.id, counts=counts, path="reconciliation")
                 pushed += self._hub.to_matching(holding, outgoing)
         if pushed:
             log.info("replayed group broadcasts since %s after a bus gap (%d offers)", since.isoformat(), pushed)

@@ -262,7 +262,12 @@ class Hub:
         self._delivered = delivered  # told of each (broadcast id, user id) MESSAGE written to a stream
         self._by_user: dict[str, set[Connection]] = {}
         self._ids = itertools.count(1)
+        self.last_id = 0  # the id of the newest connection (ids grow: older connections have smaller ones)
         self.dropped = 0
+
+    def _next_id(self) -> int:
+        self.last_id = next(self._ids)
+        return self.last_id
 
     def open(self, user_id: str, roles: frozenset[str]) -> Connection:
         connections = self._by_user.setdefault(user_id, set())
@@ -271,7 +276,7 @@ class Hub:
                 del self._by_user[user_id]
             raise ConflictError(f"user already has {self._max_per_user} open streams")
         connection = Connection(
-            next(self._ids),
+            self._next_id(),
             user_id,
             roles,
             self._queue_size,

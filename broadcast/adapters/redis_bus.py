@@ -43,11 +43,23 @@ def create_client(settings: RedisSettings) -> Redis:
 
 
 class RedisBusSubscription:
+    """One subscription. redis-py reconnects a pub/sub connection by itself (and subscribes again), which
+    would hide that messages published meanwhile are gone: a reconnect ends the subscription instead, so
+    the caller resubscribes knowingly (and can make up for the gap)."""
+
     def __init__(self, pubsub: PubSub, prefix: str) -> None:
         self._pubsub = pubsub
         self._prefix = prefix
+        self._reconnected = False
+        if pubsub.connection is not None:
+            pubsub.connection.register_connect_callback(self._on_reconnect)
+
+    def _on_reconnect(self, _connection: object) -> None:
+        self._reconnected = True
 
     async def get(self, timeout_s: float = 1.0) -> BusMessage | None:
+        if self._reconnected:
+            raise UnavailableError("redis subscription reconnected: messages published meanwhile are lost")
         try:
             message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout_s)
         except RedisError as exc:

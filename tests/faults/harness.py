@@ -190,6 +190,8 @@ class Subscriber:
     connected: asyncio.Event = field(default_factory=asyncio.Event)
     base: str | None = None  # the instance of the current connection
     _task: asyncio.Task[None] | None = None
+    _refetches: set[asyncio.Task[None]] = field(default_factory=set)
+    refetch_errors: list[str] = field(default_factory=list)
     _token: str = ""
 
     def start(self) -> Subscriber:
@@ -259,18 +261,25 @@ class Subscriber:
             )
             self.last_event_id = event_id
         elif name == "RESYNC":
-            asyncio.get_running_loop().create_task(self._refetch(base))
+            task = asyncio.get_running_loop().create_task(self._refetch(base))
+            self._refetches.add(task)
+            task.add_done_callback(self._refetches.discard)
 
     async def _refetch(self, base: str) -> None:
-        """What a client does on RESYNC: read its whole inbox (every page)."""
+        """What a client does on RESYNC: read its whole inbox (every page); a failure is recorded."""
         cursor: str | None = None
-        async with httpx.AsyncClient(timeout=15, headers={"Authorization": f"Bearer {self._token}"}) as http:
-            while True:
-                params = {"cursor": cursor} if cursor else {}
-                page = (await http.get(base + "/api/user/messages", params=params)).json()
-                self.inbox_ids.update(str(item["broadcastId"]) for item in page["items"])
-                if not (cursor := page.get("nextCursor")):
-                    return
+        try:
+            async with httpx.AsyncClient(timeout=15, headers={"Authorization": f"Bearer {self._token}"}) as http:
+                while True:
+                    params = {"cursor": cursor} if cursor else {}
+                    response = await http.get(base + "/api/user/messages", params=params)
+                    response.raise_for_status()
+                    page = response.json()
+                    self.inbox_ids.update(str(item["broadcastId"]) for item in page["items"])
+                    if not (cursor := page.get("nextCursor")):
+                        return
+        except (httpx.HTTPError, KeyError, ValueError) as exc:
+            self.refetch_errors.append(repr(exc)[:200])
 
 
 async def subscribe(fleet: Fleet, users: Iterable[str], timeout_s: float = 60.0, **options: Any) -> list[Subscriber]:
@@ -297,6 +306,7 @@ class Verdict:
     out_of_order: int  # subscribers whose SELECTED messages arrived out of per-user order
     misdelivered: int  # broadcasts a subscriber got although not entitled to them
     via_inbox: int  # owed broadcasts found only through a RESYNC refetch
+    resyncs: int  # RESYNC events (the server could not prove a resume complete)
     reconnects: int
     lost_examples: list[str]
 
@@ -305,13 +315,18 @@ class Verdict:
             f"sent {self.attempted} (acknowledged {self.acked}, refused {self.refused}); owed {self.expected} "
             f"deliveries, received {self.delivered}, lost {self.lost}, duplicated {self.duplicates}, "
             f"resent-and-dropped {self.resent}, out of order {self.out_of_order}, misdelivered "
-            f"{self.misdelivered}, via inbox {self.via_inbox}, reconnects {self.reconnects}"
+            f"{self.misdelivered}, via inbox {self.via_inbox} (RESYNC {self.resyncs}), reconnects {self.reconnects}"
         )
 
-    def assert_clean(self) -> None:
+    def assert_clean(self, resync_allowed: bool = False) -> None:
+        """Nothing lost, nothing shown twice, per-user order kept, nobody got another's message; and,
+        unless ``resync_allowed``, every stream proved its resumes complete (no RESYNC, nothing that only
+        the inbox refetch found)."""
         assert (self.lost, self.duplicates, self.out_of_order, self.misdelivered) == (0, 0, 0, 0), (
             f"{self.line()}; lost e.g. {self.lost_examples[:5]}"
         )
+        if not resync_allowed:
+            assert (self.resyncs, self.via_inbox) == (0, 0), self.line()
 
 
 def verdict(publisher: Publisher, subs: Sequence[Subscriber]) -> Verdict:
@@ -350,6 +365,7 @@ def verdict(publisher: Publisher, subs: Sequence[Subscriber]) -> Verdict:
         out_of_order,
         misdelivered,
         via_inbox,
+        sum(s.events.get("RESYNC", 0) for s in subs),
         sum(max(0, s.connections - 1) for s in subs),
         lost_examples,
     )
@@ -370,6 +386,7 @@ def report(scenario: str, injected: str, result: Verdict, extra: str = "") -> No
 
 
 KAFKA_PORTS = ("11092", "12092", "13092")
+POOLS = 32 + 20  # descriptors pools may keep: Redis's bound (redis.max_connections) + PostgreSQL's (10 + 10)
 
 
 @dataclass(frozen=True)

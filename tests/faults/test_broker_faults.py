@@ -19,7 +19,7 @@ from aiokafka.errors import KafkaError
 
 from broadcast import constants
 from devstack.stack import StackInfo, kafka_node_pid, kill_kafka_node, start_kafka_node
-from tests.faults.harness import Fleet, Probe, Publisher, alternating, close_all, report, settled, subscribe
+from tests.faults.harness import POOLS, Fleet, Probe, Publisher, alternating, close_all, report, settled, subscribe
 from tests.servers import Server
 from tests.topics import default_partition
 
@@ -89,7 +89,7 @@ async def test_the_hot_partitions_leader_killed_three_times_in_a_row(
     await publisher.finish()
     result = await settled(publisher, subs, 60)
     await close_all(subs)
-    after = await probe.back_to(baseline)
+    after = await probe.back_to(baseline, pools=POOLS)
     report(
         "broker SIGKILL x3",
         f"SIGKILL of the leader of {topic}-{hot}, {len(killed)} times in a row (nodes {killed}), each restarted",
@@ -104,6 +104,8 @@ async def test_the_hot_partitions_leader_paused_and_resumed(
     stack: StackInfo, env: dict[str, str], tmp_path: Path, server_factory: list[Server]
 ) -> None:
     fleet = await two_instances(env, tmp_path, server_factory)
+    probe = Probe(fleet.servers["app-a"])
+    baseline = await probe.snapshot()
     subs = await subscribe(fleet, sorted(set(USERS)))
     topic = env["BROADCAST_KAFKA__TOPIC_PREFIX"] + constants.SELECTED_TOPIC
     hot = default_partition(HOT.encode(), 10)
@@ -123,11 +125,13 @@ async def test_the_hot_partitions_leader_paused_and_resumed(
     await publisher.finish()
     result = await settled(publisher, subs, 60)
     await close_all(subs)
+    after = await probe.back_to(baseline, pools=POOLS)
     report(
         "broker SIGSTOP",
         f"SIGSTOP of node {leader} (leader of {topic}-{hot}) for {paused_for:.1f} s, then SIGCONT; "
         f"leader meanwhile {new_leader}",
         result,
+        f"app-a {baseline} -> {after}",
     )
     result.assert_clean()
     assert new_leader != leader, "the paused broker must lose the partition's leadership"

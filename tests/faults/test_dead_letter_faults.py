@@ -81,11 +81,13 @@ async def settled_group(log: Path, quiet_s: float = 3.0) -> int:
     await wait_until(
         lambda: all(f"listener {n} member 0: assigned" in log.read_text() for n in listeners), 60, "both assigned"
     )
+    deadline = time.monotonic() + 60
     while True:
         count = assigned(log)
         await asyncio.sleep(quiet_s)
         if assigned(log) == count:
             return count
+        assert time.monotonic() < deadline, "the consumer group never settled"
 
 
 def assigned(log: Path) -> int:

@@ -170,7 +170,10 @@ class FrozenClient:
         )
         deadline = time.monotonic() + 20
         while not (self.out.exists() and b"event: CONNECTED" in self.out.read_bytes()):
-            assert self.proc.poll() is None and time.monotonic() < deadline, "the reader never got CONNECTED"
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError("the reader never got CONNECTED")
             time.sleep(0.05)
         self.proc.send_signal(signal.SIGSTOP)
         self.port = int(self.out.with_suffix(".port").read_text())

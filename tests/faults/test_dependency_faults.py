@@ -23,8 +23,10 @@ from devstack import postgres
 from devstack.stack import StackInfo, pause_redis, resume_redis, start_redis, stop_redis
 from tests.faults.harness import (
     ADMIN,
+    POOLS,
     Audience,
     Fleet,
+    Probe,
     Publisher,
     Subscriber,
     alternating,
@@ -75,6 +77,8 @@ async def test_a_postgresql_restart_during_writes_relay_and_consumption(
 ) -> None:
     fleet = await two_instances(env, tmp_path, server_factory)
     pids = {s.proc.pid for s in fleet.live()}
+    probe = Probe(fleet.servers["app-a"])
+    baseline = await probe.snapshot()
     subs = await subscribe(fleet, USERS)
     publisher = Publisher(fleet, in_threes, 0.05).start()
     try:
@@ -92,6 +96,7 @@ async def test_a_postgresql_restart_during_writes_relay_and_consumption(
     await publisher.finish()
     result = await settled(publisher, subs, 60)
     await close_all(subs)
+    after = await probe.back_to(baseline, pools=POOLS)
     base = fleet.bases()[0]
     stored = await all_broadcasts(base)
     selected = [b for b in stored if b["targetType"] == "SELECTED"]
@@ -104,7 +109,8 @@ async def test_a_postgresql_restart_during_writes_relay_and_consumption(
         f"pg_ctl stop -m {mode} during API writes, relay and consumption; down {down_for:.1f} s",
         result,
         f"refusals by status {refusals} ({outage_refusals} during the outage); {len(stored)} broadcasts stored, "
-        f"{len(short)} SELECTED ones short of their 3 rows; same app processes: {same_processes}",
+        f"{len(short)} SELECTED ones short of their 3 rows; same app processes: {same_processes}; app-a "
+        f"{baseline} -> {after}",
     )
     assert outage_refusals > 0, "the outage must have met API writes"
     assert all(r.status == 503 and r.content_type.startswith(PROBLEM) for r in publisher.refused), publisher.refused[:3]
@@ -142,6 +148,8 @@ async def test_redis_restarted_or_paused_during_fan_out(
     fault: str, env: dict[str, str], tmp_path: Path, server_factory: list[Server]
 ) -> None:
     fleet = await two_instances(env, tmp_path, server_factory)
+    probe = Probe(fleet.servers["app-a"])
+    baseline = await probe.snapshot()
     subs = await subscribe(fleet, USERS)
     publisher = Publisher(fleet, alternating(USERS, all_every=3), 0.05).start()
     try:
@@ -167,12 +175,14 @@ async def test_redis_restarted_or_paused_during_fan_out(
     owed_late = sum(1 for s in late for sub in subs if s.entitles(sub.user))
     resubscribed = sum("bus subscription lost, resubscribing" in s.log.read_text() for s in fleet.live())
     await close_all(subs)
+    after = await probe.back_to(baseline, pools=POOLS)
     report(
         f"Redis {fault}",
         "Redis stopped and started again (state lost)" if fault == "restart" else "Redis SIGSTOPped for 8 s",
         result,
         f"ready {ready_after:.1f} s after; deliveries by path {paths}; live deliveries after recovery "
-        f"{paths.get('live', 0) - live_before:.0f} of {owed_late} owed; instances that resubscribed {resubscribed}",
+        f"{paths.get('live', 0) - live_before:.0f} of {owed_late} owed; instances that resubscribed {resubscribed}; "
+        f"app-a {baseline} -> {after}",
     )
     result.assert_clean()
     assert result.refused == 0, publisher.refused[:3]  # the outbox is PostgreSQL: writes go on
@@ -207,6 +217,8 @@ async def test_poison_records_at_a_steady_rate_among_good_traffic(
 ) -> None:
     poison = POISON * fault_scale
     fleet = await two_instances(env, tmp_path, server_factory)
+    probe = Probe(fleet.servers["app-a"])
+    baseline = await probe.snapshot()
     subs = await subscribe(fleet, USERS)
     topic = env["BROADCAST_KAFKA__TOPIC_PREFIX"] + constants.SELECTED_TOPIC
     publisher = Publisher(fleet, alternating(USERS, all_every=5), 0.05)
@@ -226,6 +238,7 @@ async def test_poison_records_at_a_steady_rate_among_good_traffic(
     stormy = range(60, 60 + 100 * fault_scale)
     result = await settled(publisher, subs, 60)
     await close_all(subs)
+    after = await probe.back_to(baseline, pools=POOLS)
     letters: list[dict[str, Any]] = []
     async with httpx.AsyncClient(timeout=15) as http:
         deadline = time.monotonic() + 60
@@ -247,7 +260,8 @@ async def test_poison_records_at_a_steady_rate_among_good_traffic(
         result,
         f"dead letters {len(letters)} for {len(offsets)} distinct offsets; delivery latency p50/p99 "
         f"{statistics.median(before) * 1000:.0f}/{percentile(before, 0.99) * 1000:.0f} ms before, "
-        f"{statistics.median(during) * 1000:.0f}/{percentile(during, 0.99) * 1000:.0f} ms among the poison",
+        f"{statistics.median(during) * 1000:.0f}/{percentile(during, 0.99) * 1000:.0f} ms among the poison; "
+        f"app-a {baseline} -> {after}",
     )
     result.assert_clean()
     assert len(letters) == len(offsets) == poison, "each poison record dead-lettered exactly once"
