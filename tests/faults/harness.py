@@ -381,6 +381,16 @@ async def settled(publisher: Publisher, subs: Sequence[Subscriber], timeout_s: f
     return verdict(publisher, subs)
 
 
+async def samples(fleet: Fleet, name: str) -> list[tuple[dict[str, str], float]]:
+    """(labels, value) of every sample named ``name`` in the /metrics of the fleet's live instances."""
+    found: list[tuple[dict[str, str], float]] = []
+    async with httpx.AsyncClient(timeout=10) as http:
+        for base in fleet.bases():
+            for family in text_string_to_metric_families((await http.get(base + "/metrics")).text):
+                found += [(sample.labels, sample.value) for sample in family.samples if sample.name == name]
+    return found
+
+
 def report(scenario: str, injected: str, result: Verdict, extra: str = "") -> None:
     print(f"\n[{scenario}] injected: {injected}\n[{scenario}] verified: {result.line()}{'; ' + extra if extra else ''}")
 

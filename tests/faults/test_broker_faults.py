@@ -19,7 +19,18 @@ from aiokafka.errors import KafkaError
 
 from broadcast import constants
 from devstack.stack import StackInfo, kafka_node_pid, kill_kafka_node, start_kafka_node
-from tests.faults.harness import POOLS, Fleet, Probe, Publisher, alternating, close_all, report, settled, subscribe
+from tests.faults.harness import (
+    POOLS,
+    Fleet,
+    Probe,
+    Publisher,
+    alternating,
+    close_all,
+    report,
+    samples,
+    settled,
+    subscribe,
+)
 from tests.servers import Server
 from tests.topics import default_partition
 
@@ -165,11 +176,13 @@ async def test_two_brokers_down_is_reported_and_the_outbox_drains_after_recovery
         status, checks = answer
         reported_after = time.monotonic() - down
         early = [s.id for s in during if any(s.id in sub.broadcast_ids() for sub in subs)]
+        produce_errors = sum(value for _, value in await samples(fleet, "broadcast_produce_errors_total"))
     finally:
         await asyncio.to_thread(restart_missing_nodes)
     recovered = time.monotonic()
     await publisher.run(20)
     result = await settled(publisher, subs, 90)
+    loud = sum(s.log.read_text().count("wait for the next round") for s in fleet.live())
     drained_after = time.monotonic() - recovered
     await close_all(subs)
     report(
@@ -178,8 +191,10 @@ async def test_two_brokers_down_is_reported_and_the_outbox_drains_after_recovery
         "acknowledged meanwhile, then both restarted",
         result,
         f"readiness {status} after {reported_after:.1f} s ({checks.get('kafka')}); delivered from PostgreSQL "
-        f"by reconciliation while Kafka was down {len(early)}; everything {drained_after:.1f} s after the restart",
+        f"by reconciliation while Kafka was down {len(early)}; everything {drained_after:.1f} s after the restart; "
+        f"produce errors counted while down {produce_errors:.0f}; relay warnings {loud}",
     )
     assert status == 503 and checks["kafka"] != "ok", checks
+    assert produce_errors > 0 and loud > 0, "failed publishes must be counted and logged, not retried silently"
     result.assert_clean()
     assert result.refused == 0, publisher.refused[:5]

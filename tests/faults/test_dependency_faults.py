@@ -16,7 +16,6 @@ from typing import Any, Literal
 import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
-from prometheus_client.parser import text_string_to_metric_families
 
 from broadcast import constants
 from devstack import postgres
@@ -32,6 +31,7 @@ from tests.faults.harness import (
     alternating,
     close_all,
     report,
+    samples,
     settled,
     subscribe,
 )
@@ -122,14 +122,8 @@ async def test_a_postgresql_restart_during_writes_relay_and_consumption(
 
 async def deliveries_by_path(fleet: Fleet) -> dict[str, float]:
     totals: dict[str, float] = {}
-    async with httpx.AsyncClient(timeout=10) as http:
-        for base in fleet.bases():
-            text = (await http.get(base + "/metrics")).text
-            for family in text_string_to_metric_families(text):
-                for sample in family.samples:
-                    if sample.name == "broadcast_deliveries_total":
-                        path = sample.labels["path"]
-                        totals[path] = totals.get(path, 0.0) + sample.value
+    for labels, value in await samples(fleet, "broadcast_deliveries_total"):
+        totals[labels["path"]] = totals.get(labels["path"], 0.0) + value
     return totals
 
 
