@@ -80,12 +80,18 @@ def _no_streams() -> tuple[int, int]:
     return 0, 0
 
 
-def _tasks() -> int:
-    """Tasks of the running loop (a scrape runs on it); 0 when collected outside a loop."""
+def _tasks() -> dict[str, int]:
+    """Tasks of the running loop (a scrape runs on it) by origin: the Kafka client's own (one reader per
+    broker connection, fetches in flight: they come and go) and the rest; empty outside a loop."""
     try:
-        return len(asyncio.all_tasks())
+        tasks = asyncio.all_tasks()
     except RuntimeError:
-        return 0
+        return {}
+    counts = {"app": 0, "kafka_client": 0}
+    for task in tasks:
+        code = getattr(task.get_coro(), "cr_code", None)
+        counts["kafka_client" if "aiokafka" in getattr(code, "co_filename", "") else "app"] += 1
+    return counts
 
 
 class _StreamCollector(Collector):
@@ -119,11 +125,18 @@ class _StreamCollector(Collector):
         for name, doc, value in (
             ("broadcast_sse_connections", "SSE streams open on this instance", streams),
             ("broadcast_sse_users", "Distinct users with a stream open on this instance", users),
-            ("broadcast_event_loop_tasks", "asyncio tasks alive in this process (a leak grows it)", _tasks()),
         ):
             gauge = GaugeMetricFamily(name, doc, labels=["server"])  # Prometheus owns `instance`
             gauge.add_metric([self._instance], value)
             yield gauge
+        tasks = GaugeMetricFamily(
+            "broadcast_event_loop_tasks",
+            "asyncio tasks alive in this process by origin (app, kafka_client); a leak grows app",
+            labels=["server", "origin"],
+        )
+        for origin, count in sorted(_tasks().items()):
+            tasks.add_metric([self._instance, origin], count)
+        yield tasks
 
 
 class Metrics:

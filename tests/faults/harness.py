@@ -403,9 +403,9 @@ POOLS = 32 + 20  # descriptors pools may keep: Redis's bound (redis.max_connecti
 class Snapshot:
     rss_mib: float
     fds: int
-    tasks: int
+    tasks: int  # the app's own (the Kafka client's tasks come and go with fetches and connections)
     streams: int
-    kafka: int  # connections to brokers: each has a reader task in aiokafka, and failovers add some
+    kafka: int  # connections to brokers (a failover leaves connections to more of them)
 
     def __str__(self) -> str:
         return (
@@ -446,33 +446,33 @@ class Probe:
         rss_kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
         async with httpx.AsyncClient(timeout=10) as http:
             text = (await http.get(self.server.base + "/metrics")).text
-        values = {
-            sample.name: sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-            if sample.name in ("broadcast_event_loop_tasks", "broadcast_sse_connections")
-        }
+        values: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "broadcast_event_loop_tasks":
+                    values[f"tasks_{sample.labels['origin']}"] = sample.value
+                elif sample.name == "broadcast_sse_connections":
+                    values["streams"] = sample.value
         sockets = peers(self.server)
         return Snapshot(
             rss_kib / 1024,
             len(os.listdir(f"/proc/{pid}/fd")),
-            int(values["broadcast_event_loop_tasks"]),
-            int(values["broadcast_sse_connections"]),
+            int(values["tasks_app"]),
+            int(values["streams"]),
             sum(sockets.get(port, 0) for port in KAFKA_PORTS),
         )
 
     async def back_to(self, baseline: Snapshot, timeout_s: float = 30.0, slack: int = 3, pools: int = 0) -> Snapshot:
-        """Wait until streams are back to the baseline's, tasks within ``slack`` of it (a sampler round may
-        be in flight) plus one per extra Kafka connection (a client that met a failover keeps connections
-        to more brokers, each with its reader task), and descriptors within ``slack + pools`` (connection
-        pools that grew under load keep their idle connections, up to their bounds); fails naming the last
-        reading and the sockets."""
+        """Wait until streams are back to the baseline's, the app's tasks within ``slack`` of it (a sampler
+        round may be in flight), and descriptors within ``slack + pools`` plus extra Kafka connections
+        (pools that grew under load keep idle connections up to their bounds; a client that met a failover
+        keeps connections to more brokers); fails naming the last reading and the sockets."""
         deadline = time.monotonic() + timeout_s
         while True:
             now = await self.snapshot()
             if (
                 now.streams == baseline.streams
-                and now.tasks <= baseline.tasks + slack + max(0, now.kafka - baseline.kafka)
+                and now.tasks <= baseline.tasks + slack
                 and now.fds <= baseline.fds + slack + pools + max(0, now.kafka - baseline.kafka)
             ):
                 return now
