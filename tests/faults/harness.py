@@ -22,6 +22,7 @@ import contextlib
 import itertools
 import os
 import random
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,14 @@ class Fleet:
         self.servers[name] = server  # in rotation once it answers
         return server
 
+    @classmethod
+    def of(cls, env: dict[str, str], cwd: Path, factory: list[Server], *names: str) -> Fleet:
+        """A fleet with an instance (all roles) started for each of ``names``."""
+        fleet = cls(env, cwd, factory)
+        for name in names:
+            fleet.start(name)
+        return fleet
+
     def retire(self, name: str) -> int:
         """Take ``name`` out of rotation (as a balancer does first), then SIGTERM it; its exit code."""
         server = self.servers.pop(name)
@@ -63,6 +72,12 @@ class Fleet:
 
     def bases(self) -> list[str]:
         return [s.base for s in self.live()]
+
+
+def last_assignment(log: Path, listener: str = "delivery-selected") -> set[int] | None:
+    """The partitions the last "assigned" line of ``listener`` in a server log names (None: none yet)."""
+    lines = [line for line in log.read_text().splitlines() if f"listener {listener} member 0: assigned" in line]
+    return {int(p) for p in re.findall(r"partition=(\d+)", lines[-1])} if lines else None
 
 
 @dataclass(frozen=True)
@@ -384,11 +399,21 @@ async def settled(publisher: Publisher, subs: Sequence[Subscriber], timeout_s: f
 async def samples(fleet: Fleet, name: str) -> list[tuple[dict[str, str], float]]:
     """(labels, value) of every sample named ``name`` in the /metrics of the fleet's live instances."""
     found: list[tuple[dict[str, str], float]] = []
-    async with httpx.AsyncClient(timeout=10) as http:
-        for base in fleet.bases():
-            for family in text_string_to_metric_families((await http.get(base + "/metrics")).text):
-                found += [(sample.labels, sample.value) for sample in family.samples if sample.name == name]
+    for base in fleet.bases():
+        found += await base_samples(base, name)
     return found
+
+
+async def base_samples(base: str, *names: str) -> list[tuple[dict[str, str], float]]:
+    """(labels, value) of every sample named one of ``names`` in one instance's /metrics."""
+    async with httpx.AsyncClient(timeout=10) as http:
+        text = (await http.get(base + "/metrics")).text
+    return [
+        ({**sample.labels, "__name__": sample.name}, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name in names
+    ]
 
 
 def report(scenario: str, injected: str, result: Verdict, extra: str = "") -> None:
@@ -444,21 +469,20 @@ class Probe:
         pid = self.server.proc.pid
         status = Path(f"/proc/{pid}/status").read_text()  # noqa: ASYNC240 - procfs answers at once
         rss_kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
-        async with httpx.AsyncClient(timeout=10) as http:
-            text = (await http.get(self.server.base + "/metrics")).text
-        values: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == "broadcast_event_loop_tasks":
-                    values[f"tasks_{sample.labels['origin']}"] = sample.value
-                elif sample.name == "broadcast_sse_connections":
-                    values["streams"] = sample.value
+        tasks = streams = 0.0
+        for labels, value in await base_samples(
+            self.server.base, "broadcast_event_loop_tasks", "broadcast_sse_connections"
+        ):
+            if labels["__name__"] == "broadcast_sse_connections":
+                streams = value
+            elif labels["origin"] == "app":
+                tasks = value
         sockets = peers(self.server)
         return Snapshot(
             rss_kib / 1024,
             len(os.listdir(f"/proc/{pid}/fd")),
-            int(values["tasks_app"]),
-            int(values["streams"]),
+            int(tasks),
+            int(streams),
             sum(sockets.get(port, 0) for port in KAFKA_PORTS),
         )
 

@@ -9,7 +9,6 @@ are not connected keep a PENDING row, which the broadcast's stats must account f
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +27,7 @@ from tests.faults.harness import (
     Subscriber,
     alternating,
     close_all,
+    last_assignment,
     report,
     settled,
     subscribe,
@@ -58,12 +58,6 @@ async def stats(base: str, broadcast_id: str) -> dict[str, Any]:
     assert response.status_code == 200, response.text
     result: dict[str, Any] = response.json()
     return result
-
-
-def last_assignment(log: Path, listener: str = "delivery-selected") -> set[int] | None:
-    """The partitions the last "assigned" line of ``listener`` in a server log names (None: none yet)."""
-    lines = [line for line in log.read_text().splitlines() if f"listener {listener} member 0: assigned" in line]
-    return {int(p) for p in re.findall(r"partition=(\d+)", lines[-1])} if lines else None
 
 
 def handled_since(log: Path, broadcast_id: str, since: datetime) -> int:
@@ -124,9 +118,7 @@ async def test_an_instance_killed_during_a_10k_recipient_broadcast(
 async def test_a_rolling_restart_under_load(
     env: dict[str, str], tmp_path: Path, server_factory: list[Server], fault_scale: int
 ) -> None:
-    fleet = Fleet(env, tmp_path, server_factory)
-    for name in ("app-a", "app-b"):
-        fleet.start(name)
+    fleet = Fleet.of(env, tmp_path, server_factory, "app-a", "app-b")
     subs = await subscribe(fleet, users(20))
     publisher = Publisher(fleet, alternating(users(20)), 0.05).start()
     exits = []
@@ -193,9 +185,7 @@ async def test_a_kill_between_the_sse_write_and_the_delivered_update(
 async def test_a_rebalance_while_a_batch_is_processing(
     env: dict[str, str], tmp_path: Path, server_factory: list[Server]
 ) -> None:
-    fleet = Fleet(env, tmp_path, server_factory)
-    for name in ("app-a", "app-b"):
-        fleet.start(name)
+    fleet = Fleet.of(env, tmp_path, server_factory, "app-a", "app-b")
     recipients = users(10_000)
     online = recipients[:100]
     subs = await subscribe(fleet, online)

@@ -67,17 +67,10 @@ def restart_missing_nodes() -> None:
         thread.join()
 
 
-async def two_instances(env: dict[str, str], tmp_path: Path, server_factory: list[Server]) -> Fleet:
-    fleet = Fleet(env, tmp_path, server_factory)
-    for name in ("app-a", "app-b"):
-        fleet.start(name)
-    return fleet
-
-
 async def test_the_hot_partitions_leader_killed_three_times_in_a_row(
     stack: StackInfo, env: dict[str, str], tmp_path: Path, server_factory: list[Server], fault_scale: int
 ) -> None:
-    fleet = await two_instances(env, tmp_path, server_factory)
+    fleet = Fleet.of(env, tmp_path, server_factory, "app-a", "app-b")
     probe = Probe(fleet.servers["app-a"])
     baseline = await probe.snapshot()
     subs = await subscribe(fleet, sorted(set(USERS)))
@@ -114,7 +107,7 @@ async def test_the_hot_partitions_leader_killed_three_times_in_a_row(
 async def test_the_hot_partitions_leader_paused_and_resumed(
     stack: StackInfo, env: dict[str, str], tmp_path: Path, server_factory: list[Server]
 ) -> None:
-    fleet = await two_instances(env, tmp_path, server_factory)
+    fleet = Fleet.of(env, tmp_path, server_factory, "app-a", "app-b")
     probe = Probe(fleet.servers["app-a"])
     baseline = await probe.snapshot()
     subs = await subscribe(fleet, sorted(set(USERS)))
@@ -158,7 +151,7 @@ async def test_two_brokers_down_is_reported_and_the_outbox_drains_after_recovery
     stack: StackInfo, env: dict[str, str], tmp_path: Path, server_factory: list[Server]
 ) -> None:
     wedge = {"BROADCAST_OBSERVABILITY__PRODUCER_WEDGE_SECONDS": "5"}  # readiness red after 5 s of failures
-    fleet = await two_instances({**env, **wedge}, tmp_path, server_factory)
+    fleet = Fleet.of({**env, **wedge}, tmp_path, server_factory, "app-a", "app-b")
     subs = await subscribe(fleet, sorted(set(USERS)))
     publisher = Publisher(fleet, alternating(USERS), 0.05)
     await publisher.run(20)

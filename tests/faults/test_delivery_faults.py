@@ -10,7 +10,6 @@ records are in ``test_broker_faults``, ``test_app_faults`` and ``test_dependency
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import orjson
 import pytest
 
 from tests.auth import bearer, token
+from tests.faults.harness import last_assignment
 from tests.servers import Server
 from tests.sse_client import SseClient
 from tests.topics import default_partition
@@ -109,12 +109,6 @@ def check_once(client: SseClient, acknowledged: list[str], in_order: bool = True
         wanted = set(acknowledged)
         assert [b for b in first_seen if b in wanted] == acknowledged, f"per-user order broken ({raw} raw dupl.)"
     return raw
-
-
-def last_assignment(log: Path, listener: str) -> set[int] | None:
-    """The partitions the last "assigned" line of ``listener`` in a server log names (None: none yet)."""
-    lines = [line for line in log.read_text().splitlines() if f"listener {listener} member 0: assigned" in line]
-    return {int(p) for p in re.findall(r"partition=(\d+)", lines[-1])} if lines else None
 
 
 async def test_a_consumer_instance_killed_mid_stream_loses_and_repeats_nothing(

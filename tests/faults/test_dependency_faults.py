@@ -41,13 +41,6 @@ USERS = ["alice", "bob", "carol", "dave", "erin", "frank"]
 PROBLEM = "application/problem+json"
 
 
-async def two_instances(env: dict[str, str], tmp_path: Path, server_factory: list[Server]) -> Fleet:
-    fleet = Fleet(env, tmp_path, server_factory)
-    for name in ("app-a", "app-b"):
-        fleet.start(name)
-    return fleet
-
-
 def in_threes(seq: int) -> Audience:
     """SELECTED to three users at a time (a half-written broadcast would show fewer rows), every 4th ALL."""
     return None if seq % 4 == 3 else frozenset(USERS[(seq + k) % len(USERS)] for k in range(3))
@@ -75,7 +68,7 @@ async def targeted(base: str, broadcast_id: str) -> int:
 async def test_a_postgresql_restart_during_writes_relay_and_consumption(
     mode: Literal["fast", "immediate"], env: dict[str, str], tmp_path: Path, server_factory: list[Server]
 ) -> None:
-    fleet = await two_instances(env, tmp_path, server_factory)
+    fleet = Fleet.of(env, tmp_path, server_factory, "app-a", "app-b")
     pids = {s.proc.pid for s in fleet.live()}
     probe = Probe(fleet.servers["app-a"])
     baseline = await probe.snapshot()
@@ -141,7 +134,7 @@ async def ready_everywhere(fleet: Fleet, timeout_s: float) -> float:
 async def test_redis_restarted_or_paused_during_fan_out(
     fault: str, env: dict[str, str], tmp_path: Path, server_factory: list[Server]
 ) -> None:
-    fleet = await two_instances(env, tmp_path, server_factory)
+    fleet = Fleet.of(env, tmp_path, server_factory, "app-a", "app-b")
     probe = Probe(fleet.servers["app-a"])
     baseline = await probe.snapshot()
     subs = await subscribe(fleet, USERS)
@@ -210,7 +203,7 @@ async def test_poison_records_at_a_steady_rate_among_good_traffic(
     stack: StackInfo, env: dict[str, str], tmp_path: Path, server_factory: list[Server], fault_scale: int
 ) -> None:
     poison = POISON * fault_scale
-    fleet = await two_instances(env, tmp_path, server_factory)
+    fleet = Fleet.of(env, tmp_path, server_factory, "app-a", "app-b")
     probe = Probe(fleet.servers["app-a"])
     baseline = await probe.snapshot()
     subs = await subscribe(fleet, USERS)
