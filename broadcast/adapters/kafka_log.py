@@ -19,6 +19,7 @@ from aiokafka.structs import OffsetAndMetadata
 from aiokafka.structs import TopicPartition as KafkaTopicPartition
 
 from broadcast.adapters.kafka_health import TIMEOUTS, ProducerWatch
+from broadcast.adapters.kafka_producer import ProducerSlot, breaks_session
 from broadcast.errors import CommitFailedError, PublishError, UnavailableError
 from broadcast.ports import EventRecord, OutgoingRecord, RebalanceCallback, RecordPosition, TopicPartition
 from broadcast.settings import KafkaSettings
@@ -57,40 +58,41 @@ class KafkaEventLog:
     def __init__(self, settings: KafkaSettings) -> None:
         self._settings = settings
         self._publish_timeout_s = settings.publish_timeout_seconds
-        self._producer: AIOKafkaProducer | None = None
+        self._slot = ProducerSlot(self._new_producer, self._publish_timeout_s, _describe(settings))
         self.watch = ProducerWatch()
         self._lag: KafkaLag | None = None
 
-    async def __aenter__(self) -> KafkaEventLog:
-        producer = AIOKafkaProducer(
+    def _new_producer(self) -> AIOKafkaProducer:
+        return AIOKafkaProducer(
             **client_options(self._settings),
             acks="all",
             enable_idempotence=True,
             linger_ms=self._settings.producer_linger_ms,
             max_batch_size=self._settings.producer_batch_bytes,
         )
-        try:
-            await asyncio.wait_for(producer.start(), self._publish_timeout_s)
-        except (KafkaError, TimeoutError, OSError) as exc:
-            await producer.stop()
-            raise UnavailableError(f"cannot connect to Kafka at {_describe(self._settings)}: {exc!r}") from exc
-        self._producer = producer
+
+    async def __aenter__(self) -> KafkaEventLog:
+        await self._slot.start()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         if self._lag is not None:
             await self._lag.close()
-        if self._producer is not None:
-            await self._producer.stop()
-            self._producer = None
+        await self._slot.stop()
+
+    @property
+    def producer_renewals(self) -> int:
+        """How many times a broken idempotent session was replaced by a new producer."""
+        return self._slot.renewals
 
     def publisher(self) -> KafkaEventLog:
         return self
 
     def _require_producer(self) -> AIOKafkaProducer:
-        if self._producer is None:
+        producer = self._slot.current
+        if producer is None:
             raise UnavailableError("Kafka producer is not started")
-        return self._producer
+        return producer
 
     async def publish(
         self,
@@ -109,6 +111,8 @@ class KafkaEventLog:
         except (KafkaError, TimeoutError) as exc:
             if isinstance(exc, TIMEOUTS):
                 self.watch.failed()
+            if breaks_session(exc):
+                await self._slot.renew(producer, exc)
             raise PublishError(f"publish to {topic} not acknowledged: {exc!r}") from exc
         self.watch.acknowledged()
         return RecordPosition(metadata.topic, metadata.partition, metadata.offset)
@@ -159,6 +163,8 @@ class KafkaEventLog:
         except KafkaError as exc:
             failure = PublishError(f"publish refused: {exc!r}")
             results = [failure] * len(records)
+            if breaks_session(exc):
+                await self._slot.renew(producer, exc)
         for future, topic, partition, members in sent:
             outcome = _outcome(future, topic, self._publish_timeout_s)
             for index, relative in members:
@@ -171,6 +177,9 @@ class KafkaEventLog:
             self.watch.acknowledged()
         elif timed_out or any(_timed_out(future) for future, *_ in sent):
             self.watch.failed()
+        broken = [e for f, *_ in sent if f.done() and not f.cancelled() and breaks_session(e := f.exception())]
+        if broken:
+            await self._slot.renew(producer, broken[0])
         return results
 
     async def lag(self, group_id: str, topics: Sequence[str]) -> dict[TopicPartition, int]:

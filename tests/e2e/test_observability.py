@@ -84,6 +84,14 @@ def log_lines(server: Server) -> list[dict[str, Any]]:
     return lines
 
 
+def delivery_lines(server: Server, broadcast_id: str) -> list[dict[str, Any]]:
+    return [
+        line
+        for line in log_lines(server)
+        if line["logger"] == "consumers.delivery" and line.get("broadcast_id") == broadcast_id
+    ]
+
+
 async def test_counters_and_histograms_observe_a_broadcast(server: Server, env: dict[str, str]) -> None:
     selected_topic = env["BROADCAST_KAFKA__TOPIC_PREFIX"] + "broadcast-user-service-selected"
     group_topic = env["BROADCAST_KAFKA__TOPIC_PREFIX"] + "broadcast-user-service-group"
@@ -224,10 +232,14 @@ async def test_the_correlation_id_reaches_the_sse_event_the_delivery_log_and_the
         broadcast_id = response.json()["id"]
         [event] = await alice.wait_for(lambda e: e.event == "MESSAGE")
     assert event.data["broadcastId"] == broadcast_id and event.data["correlationId"] == "trace-7f3a"
-    lines = log_lines(server)
-    deliveries = [
-        line for line in lines if line["logger"] == "consumers.delivery" and line.get("broadcast_id") == broadcast_id
-    ]
+    # the consumer writes its line after the push returns: the event can reach the browser first
+    deadline = time.monotonic() + 15
+    while True:
+        if delivery_lines(server, broadcast_id) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)  # long enough for a second line, if there were one
+    deliveries = delivery_lines(server, broadcast_id)
     assert len(deliveries) == 1, deliveries
     assert deliveries[0]["correlation_id"] == "trace-7f3a" and deliveries[0]["user_id"] == "alice"
     assert "pushed to 1 instance" in deliveries[0]["message"]
