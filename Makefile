@@ -1,5 +1,5 @@
 # Targets named in README.md. `make test` is the one command CI runs (through .ci/run).
-.PHONY: run test test-faults lint stack-up stack-down stack-status clean
+.PHONY: run test test-faults bench lint stack-up stack-down stack-status clean
 
 VENV := .venv
 BIN := $(VENV)/bin
@@ -17,6 +17,9 @@ test:  ## everything: installs, starts the real stack, ruff, mypy --strict, impo
 
 test-faults:  ## the quality gates and only the fault suite, printing what each scenario injected and verified
 	bash scripts/test.sh -s tests/faults
+
+bench: $(BIN)/broadcast-server  ## the benchmark suite (starts the real stack): make bench [SCENARIOS="idle fanout"] [BENCH_ARGS=--smoke]
+	$(BIN)/broadcast-server bench $(SCENARIOS) $(BENCH_ARGS)
 
 lint: $(BIN)/broadcast-server  ## the quality gates without the stack
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy && $(BIN)/lint-imports

@@ -69,7 +69,11 @@ class PerRowStore(SqlBroadcastStore):
 
 
 async def one_run(
-    n: int, make_store: Callable[[Any], SqlBroadcastStore], info: stack.StackInfo, tag: str
+    n: int,
+    make_store: Callable[[Any], SqlBroadcastStore],
+    info: stack.StackInfo,
+    tag: str,
+    recipients: list[str] | None = None,
 ) -> dict[str, float]:
     schema = f"bench_{tag}_{time.monotonic_ns() % 10**9}"
     database = DatabaseSettings(url=SecretStr(info.postgres_url), schema_name=schema)
@@ -79,7 +83,7 @@ async def one_run(
         await sql_migrate.upgrade(engine, database)
         await ensure_topics(kafka, [kafka.topic(constants.SELECTED_TOPIC)])
         lifecycle = Lifecycle(make_store(engine), SqlUserStore(engine), kafka, LimitsSettings())
-        recipients = [f"user-{i:07d}" for i in range(n)]
+        recipients = recipients or [f"user-{i:07d}" for i in range(n)]
         async with KafkaEventLog(kafka) as log:
             relay = OutboxRelay(SqlOutboxStore(engine), log, RelaySettings(lanes_per_claim=32), owner="bench")
             outbox = SqlOutboxStore(engine)

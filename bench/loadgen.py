@@ -230,8 +230,14 @@ class Clients:
         return [pipe.recv() for pipe in self._pipes]
 
     def connect(self, users: list[str], sources: list[str], concurrency: int, timeout: float) -> list[dict[str, Any]]:
+        self.start_connect(users, sources, concurrency, timeout)
+        return self.results()
+
+    def start_connect(self, users: list[str], sources: list[str], concurrency: int, timeout: float) -> None:
+        """Start connecting without waiting (several ``Clients`` can then connect at once); ``results()``."""
         k = len(self._pipes)
-        return self._all("connect", [(users[i::k], sources, concurrency, timeout) for i in range(k)])
+        for i, pipe in enumerate(self._pipes):
+            pipe.send(("connect", (users[i::k], sources, concurrency, timeout)))
 
     def arm(self, marker: bytes) -> None:
         self._all("arm", [(marker,)] * len(self._pipes))

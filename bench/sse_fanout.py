@@ -12,7 +12,7 @@ Measured per server, each in its own process (clients in 2 other processes, raw 
 Variants: ``ours`` is the real app in embedded mode (``python -m broadcast run --roles
 api,relay,consumers,scheduler``, no Kafka/Redis: SQLite, in-process log and bus), POST
 ``/api/admin/broadcasts`` — its latency includes the outbox relay and consumer hop. ``baseline`` is
-``bench/baseline_sse.py`` under ``uvicorn.run`` (uvloop), POST ``/publish``; ``baseline-asyncio`` is the
+``bench/baseline/server.py`` under ``uvicorn.run`` (uvloop), POST ``/publish``; ``baseline-asyncio`` is the
 same on the stdlib loop (diagnostic: ours runs on uvloop too). ``ours-quiet`` (diagnostic, not
 default) is ours with the reconciliation sweep made hourly.
 
@@ -84,7 +84,7 @@ VARIANTS = {
 
 
 def _baseline(port: int, loop: str) -> list[str]:
-    return [sys.executable, "-m", "bench.baseline_sse", "--port", str(port), "--loop", loop]
+    return [sys.executable, "-m", "bench.baseline.server", "--port", str(port), "--loop", loop]
 
 
 def rss_kb(pid: int) -> int:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from pydantic import ValidationError as SettingsError
 
@@ -158,15 +160,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.set_defaults(func=cmd_status)
 
+    sub.add_parser(
+        "bench",
+        add_help=False,
+        help="run the benchmark suite (from a source checkout): bench [scenario ...] [--smoke] [--repeat R]",
+    )
+
     from devstack.cli import register
 
     register(sub)
     return parser
 
 
+def cmd_bench(argv: Sequence[str]) -> int:
+    """``bench/`` is not installed with the package: it runs from the checkout this module lives in."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "bench" / "suite.py").is_file():
+        print("the benchmark suite runs from a source checkout (bench/ beside broadcast/)", file=sys.stderr)
+        return 2
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    suite = importlib.import_module("bench.suite")
+    code: int = suite.main(list(argv))
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logs.configure()
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["bench"]:  # its own parser: every option after "bench" is the suite's
+        return cmd_bench(arguments[1:])
+    args = build_parser().parse_args(arguments)
     try:
         code: int = args.func(args)
     except SettingsError as exc:

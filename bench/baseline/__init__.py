@@ -1,0 +1,1 @@
+"""The naive baseline the benchmark suite measures ours against (one small Starlette app)."""

@@ -1,0 +1,82 @@
+"""The benchmark suite's reporting: verdicts against DESIGN §7, ratios, the table, the files it writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import suite
+from bench.suite import Context, Measure, Outcome, Series
+
+
+@pytest.mark.parametrize(
+    ("ours", "better", "verdict"),
+    [
+        (40.0, "lower", "goal"),
+        (120.0, "lower", "met"),
+        (375.0, "lower", "MISSED by 50%"),
+        (60_000.0, "higher", "goal"),
+        (12_000.0, "higher", "met"),
+        (5_000.0, "higher", "MISSED by 50%"),
+    ],
+)
+def test_a_measure_says_whether_it_meets_the_must_or_the_goal(ours: float, better: str, verdict: str) -> None:
+    must, goal = (250.0, 50.0) if better == "lower" else (10_000.0, 50_000.0)
+    measure = Measure("m", "ms", ours, None, better, must, goal)  # type: ignore[arg-type]
+    assert measure.verdict() == verdict
+
+
+def test_ratios_are_ours_over_the_baseline_and_absent_without_one() -> None:
+    assert Measure("p99", "ms", 30.0, 120.0).ratio == 0.25
+    assert Measure("p99", "ms", 30.0, None).ratio is None
+    assert Measure("p99", "ms", float("nan"), 120.0).ratio is None
+    assert Measure("p99", "ms", 30.0, 0.0).ratio is None
+    assert Measure("untargeted", "ms", 30.0, 10.0).verdict() == ""
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert (suite.percentile(values, 0.5), suite.percentile(values, 0.99), suite.percentile(values, 1.0)) == (
+        50.0,
+        99.0,
+        100.0,
+    )
+    assert suite.percentile([], 0.5) != suite.percentile([], 0.5)  # NaN
+    assert suite.median([1.0, float("nan"), 3.0]) == 2.0
+
+
+def test_a_run_writes_the_table_json_markdown_and_a_plot_per_scenario(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def lines(ctx: Context) -> Outcome:
+        assert ctx.smoke and ctx.repeat == 1
+        return Outcome(
+            "demo",
+            "a demonstration",
+            [Measure("p99", "ms", 30.0, 120.0, must=250, goal=50)],
+            [Series("ours", [1, 2], [3, 4]), Series("baseline", [1, 2], [5, 6])],
+        )
+
+    def bars(ctx: Context) -> Outcome:
+        return Outcome("bars", "no series", [Measure("rate", "1/s", 2.0, 1.0, "higher")])
+
+    def broken(ctx: Context) -> Outcome:
+        raise RuntimeError("boom")
+
+    scenarios = {"demo": lines, "bars": bars, "broken": broken}
+    monkeypatch.setattr(suite, "SCENARIOS", dict.fromkeys(scenarios, "x:y"))
+    monkeypatch.setattr(suite, "_load", lambda name: scenarios[name])
+    code = suite.main(["--smoke", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert code == 1 and "FAILED scenario broken: RuntimeError('boom')" in printed
+    assert "0.25x" in printed and "goal" in printed and "2.00x" in printed
+    [result] = list(tmp_path.glob("*.json"))
+    data = json.loads(result.read_text())
+    assert [o["scenario"] for o in data["outcomes"]] == ["demo", "bars"] and data["failures"] == {
+        "broken": "RuntimeError('boom')"
+    }
+    assert data["machine"]["cpus"] >= 1 and data["machine"]["python"].startswith("3.")
+    assert sorted(p.name.split("-smoke-")[1] for p in tmp_path.glob("*.png")) == ["bars.png", "demo.png"]
+    assert "| demo | p99 | ms | 30.0 | 120.0 | 0.25x | 250.0 | 50.0 | goal |" in next(tmp_path.glob("*.md")).read_text()
