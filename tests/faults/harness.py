@@ -68,7 +68,10 @@ class Fleet:
         return server.stop()
 
     def live(self) -> list[Server]:
-        return [s for s in self.servers.values() if s.proc.poll() is None]
+        # a snapshot first: ``retire`` runs in a worker thread (asyncio.to_thread) and may pop an instance
+        # while the publisher, on the event loop, asks for the live ones ("dictionary changed size")
+        servers = list(self.servers.values())
+        return [s for s in servers if s.proc.poll() is None]
 
     def bases(self) -> list[str]:
         return [s.base for s in self.live()]
@@ -169,7 +172,9 @@ class Publisher:
         deadline = time.monotonic() + timeout_s
         while self.attempted < attempts:
             assert time.monotonic() < deadline, f"only {self.attempted}/{attempts} posts within {timeout_s} s"
-            assert self.task is None or not self.task.done() or self.attempted >= attempts, "publisher ended early"
+            if self.task is not None and self.task.done():
+                failure = None if self.task.cancelled() else self.task.exception()
+                raise AssertionError(f"publisher ended early at {self.attempted}/{attempts}: {failure!r}")
             await asyncio.sleep(0.02)
 
     def answered_statuses(self) -> dict[int | None, int]:
