@@ -53,7 +53,7 @@ class Size:
     concurrency: int = 200  # opens in flight per client process before the storm
 
 
-FULL = Size(10_000, pre_s=10, tail_s=5, back_timeout_s=120, quiet_s=10, drain_timeout_s=120, open_timeout_s=240)
+FULL = Size(10_000, pre_s=10, tail_s=5, back_timeout_s=360, quiet_s=10, drain_timeout_s=120, open_timeout_s=300)
 SMOKE = Size(100, pre_s=3, tail_s=2, back_timeout_s=20, quiet_s=2, drain_timeout_s=10, open_timeout_s=30)
 
 
