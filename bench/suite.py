@@ -278,6 +278,29 @@ def plot(outcome: Outcome, path: Path) -> None:
     plt.close(fig)
 
 
+def outcome_from(data: dict[str, Any]) -> Outcome:
+    """An ``Outcome`` read back from a results file."""
+    fields = {**data, "measures": [Measure(**m) for m in data["measures"]]}
+    fields["series"] = [Series(**line) for line in data["series"]]
+    return Outcome(**fields)
+
+
+def _merged(
+    path: Path, fresh: list[Outcome], failures: dict[str, str], info: dict[str, Any]
+) -> tuple[list[Outcome], dict[str, str]]:
+    """The day's earlier outcomes with ``fresh`` in their place, in the suite's order; the commands noted."""
+    if not path.exists():
+        return fresh, failures
+    earlier = json.loads(path.read_text())
+    by_name = {o["scenario"]: outcome_from(o) for o in earlier["outcomes"]}
+    by_name.update({o.scenario: o for o in fresh})
+    for outcome in fresh:
+        outcome.notes.append(f"re-run on its own: `{info['command']}`")
+    kept_failures = {k: v for k, v in earlier.get("failures", {}).items() if k not in by_name} | failures
+    info["command"] = f"{earlier['command']}; then {info['command']}"
+    return [by_name[name] for name in SCENARIOS if name in by_name], kept_failures
+
+
 def _load(name: str) -> Callable[[Context], Outcome]:
     module, function = SCENARIOS[name].split(":")
     scenario: Callable[[Context], Outcome] = getattr(importlib.import_module(module), function)
@@ -297,6 +320,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and short windows: keeps the code alive")
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure (medians reported)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON, Markdown and PNGs go")
+    parser.add_argument(
+        "--merge", action="store_true", help="keep the other scenarios of the day's results; replace the ones run"
+    )
     args = parser.parse_args(argv)
     names = args.scenarios or list(SCENARIOS)
     unknown = [n for n in names if n not in SCENARIOS]
@@ -334,6 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table(outcomes))
     for name, error in failures.items():
         print(f"FAILED scenario {name}: {error}")
+    if args.merge:
+        outcomes, failures = _merged(args.out / f"{date}.json", outcomes, failures, info)
     result = {**info, "outcomes": [asdict(o) for o in outcomes], "failures": failures}
     (args.out / f"{date}.json").write_text(json.dumps(result, indent=2, default=str))
     (args.out / f"{date}.md").write_text(markdown(outcomes, info))

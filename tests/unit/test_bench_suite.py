@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -80,3 +81,28 @@ def test_a_run_writes_the_table_json_markdown_and_a_plot_per_scenario(
     assert data["machine"]["cpus"] >= 1 and data["machine"]["python"].startswith("3.")
     assert sorted(p.name.split("-smoke-")[1] for p in tmp_path.glob("*.png")) == ["bars.png", "demo.png"]
     assert "| demo | p99 | ms | 30.0 | 120.0 | 0.25x | 250.0 | 50.0 | goal |" in next(tmp_path.glob("*.md")).read_text()
+
+
+def test_a_merged_rerun_replaces_its_scenario_and_keeps_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def first(ctx: Context) -> Outcome:
+        return Outcome("first", "kept", [Measure("p99", "ms", 30.0, 120.0)], [Series("ours", [1], [2])])
+
+    def flaky(ctx: Context) -> Outcome:
+        raise RuntimeError("timed out")
+
+    def fixed(ctx: Context) -> Outcome:
+        return Outcome("second", "re-run", [Measure("rate", "1/s", 2.0, 1.0, "higher")])
+
+    scenarios: dict[str, Any] = {"first": first, "second": flaky}
+    monkeypatch.setattr(suite, "SCENARIOS", dict.fromkeys(scenarios, "x:y"))
+    monkeypatch.setattr(suite, "_load", lambda name: scenarios[name])
+    assert suite.main(["--smoke", "--out", str(tmp_path)]) == 1
+    scenarios["second"] = fixed
+    assert suite.main(["second", "--smoke", "--merge", "--out", str(tmp_path)]) == 0
+    [result] = list(tmp_path.glob("*.json"))
+    data = json.loads(result.read_text())
+    assert [o["scenario"] for o in data["outcomes"]] == ["first", "second"] and data["failures"] == {}
+    assert data["outcomes"][0]["measures"][0]["ours"] == 30.0 and "re-run" in data["outcomes"][1]["notes"][-1]
+    assert "; then " in data["command"] and "| second | rate |" in next(tmp_path.glob("*.md")).read_text()
