@@ -28,7 +28,6 @@ import http.client
 import json
 import os
 import resource
-import signal
 import socket
 import statistics
 import subprocess
@@ -43,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.loadgen import DEV_AUTH, Clients, Target
+from bench.servers import cpu_s, rss_kb
+from bench.servers import stop_process as stop
 from broadcast.tokens import mint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,18 +88,6 @@ def _baseline(port: int, loop: str) -> list[str]:
     return [sys.executable, "-m", "bench.baseline.server", "--port", str(port), "--loop", loop]
 
 
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
-
-
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -136,16 +125,6 @@ def start(variant: Variant, port: int, scratch: Path) -> subprocess.Popen[bytes]
             time.sleep(0.2)
     stop(proc)
     raise RuntimeError(f"{variant.name} did not become ready: {log.name}")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def pct(values: list[float], q: float) -> float:

@@ -30,7 +30,6 @@ the window's end. Medians over the runs are reported.
 from __future__ import annotations
 
 import asyncio
-import signal
 import subprocess
 import sys
 import time
@@ -44,6 +43,7 @@ from pydantic import SecretStr
 from sqlalchemy import text
 
 from bench.servers import cpu_s, ours, stack_env
+from bench.servers import stop_process as stop
 from bench.suite import ROOT, Context, Measure, Outcome, Series, median
 from broadcast import constants
 from broadcast.adapters.kafka_lag import KafkaLag
@@ -280,16 +280,6 @@ def start_baseline(ctx: Context, env: Env, group: str, index: int) -> subprocess
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 async def run_baseline(ctx: Context, env: Env, index: int, n: int, limits: Limits) -> Run:
