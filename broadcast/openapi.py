@@ -271,6 +271,10 @@ def _user_schemas() -> dict[str, Schema]:
             "createdAt": {"type": "string", "format": "date-time"},
             "expiresAt": _NULLABLE_TIME,
             "read": {"type": "boolean"},
+            "correlationId": {
+                **_NULLABLE_STRING,
+                "description": "The X-Correlation-ID of the admin request that created the broadcast",
+            },
         },
     }
     return {

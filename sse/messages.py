@@ -29,7 +29,7 @@ class _Shown(Protocol):
     def expires_at(self) -> datetime | None: ...
 
 
-def _payload(broadcast_id: str, shown: _Shown, read: bool) -> dict[str, Any]:
+def _payload(broadcast_id: str, shown: _Shown, read: bool, correlation_id: str | None) -> dict[str, Any]:
     return {
         "broadcastId": broadcast_id,
         "content": shown.content,
@@ -40,17 +40,18 @@ def _payload(broadcast_id: str, shown: _Shown, read: bool) -> dict[str, Any]:
         "createdAt": shown.created_at.isoformat(),
         "expiresAt": shown.expires_at.isoformat() if shown.expires_at else None,
         "read": read,
+        "correlationId": correlation_id,
     }
 
 
 def from_broadcast(broadcast: Broadcast, read: bool = False) -> dict[str, Any]:
-    return _payload(broadcast.id, broadcast, read)
+    return _payload(broadcast.id, broadcast, read, broadcast.correlation_id)
 
 
 def from_event(event: MessageDeliveryEvent) -> dict[str, Any]:
     snapshot = event.broadcast
     assert snapshot is not None, "CREATED events carry the broadcast"
-    return {**_payload(event.broadcast_id, snapshot, False), "correlationId": event.correlation_id}
+    return _payload(event.broadcast_id, snapshot, False, event.correlation_id)
 
 
 def cursor_of(item: InboxItem) -> Cursor:

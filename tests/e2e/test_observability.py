@@ -84,6 +84,13 @@ def log_lines(server: Server) -> list[dict[str, Any]]:
     return lines
 
 
+def online_deliveries(samples: Samples) -> float:
+    """Deliveries to a connected user: the live path or a reconciliation round (not a connect's catch-up)."""
+    return value(samples, "broadcast_deliveries_total", path="live") + value(
+        samples, "broadcast_deliveries_total", path="reconciliation"
+    )
+
+
 def delivery_lines(server: Server, broadcast_id: str) -> list[dict[str, Any]]:
     return [
         line
@@ -101,10 +108,12 @@ async def test_counters_and_histograms_observe_a_broadcast(server: Server, env: 
         selected = await post(server.base, {"content": "hi", "targetType": "SELECTED", "targetIds": ["alice", "bob"]})
         everyone = await post(server.base, {"content": "all", "targetType": "ALL"})
         await alice.wait_for(lambda e: e.event == "MESSAGE", count=2)
+        # alice's SELECTED row may reach her by a reconciliation round (1 s here) before the Kafka consumer
+        # pushes it on a slow machine: either way it is delivered once and counted once
         after = await eventually(
             server.base,
             lambda s: (
-                value(s, "broadcast_deliveries_total", path="live") >= 2
+                online_deliveries(s) == 2
                 and value(s, "broadcast_pending_deliveries") == 1
                 and value(s, "broadcast_consumer_lag", topic=selected_topic) == 0
                 and value(s, "broadcast_outbox_backlog") == 0
@@ -121,9 +130,11 @@ async def test_counters_and_histograms_observe_a_broadcast(server: Server, env: 
     assert value(after, "broadcast_records_consumed_total", topic=selected_topic) == 2
     assert value(after, "broadcast_records_consumed_total", topic=group_topic) == 1
     assert value(after, "broadcast_outbox_oldest_age_seconds") == 0
-    # end-to-end latency: both live deliveries observed, each well under the top bucket
-    assert value(after, "broadcast_delivery_latency_seconds_count") == 2
-    assert value(after, "broadcast_delivery_latency_seconds_bucket", le="10.0") == 2
+    # end-to-end latency: every live delivery observed (reconciliation is not timed), each well under the top
+    live = value(after, "broadcast_deliveries_total", path="live")
+    assert live >= 1  # the ALL broadcast has no row to reconcile: it can only go the live way
+    assert value(after, "broadcast_delivery_latency_seconds_count") == live
+    assert value(after, "broadcast_delivery_latency_seconds_bucket", le="10.0") == live
     assert 0 < value(after, "broadcast_delivery_latency_seconds_sum") < 20
     # admin API latency, by route template and status
     assert (
@@ -141,7 +152,7 @@ async def test_counters_and_histograms_observe_a_broadcast(server: Server, env: 
             ),
             "bob's delivery on connect and no pending row left",
         )
-    assert value(reconnected, "broadcast_delivery_latency_seconds_count") == 2  # only live deliveries are timed
+    assert value(reconnected, "broadcast_delivery_latency_seconds_count") == live  # only live deliveries are timed
     assert value(reconnected, "broadcast_dlt_letters", status="NEW") == 0
 
 

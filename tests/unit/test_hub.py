@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -227,3 +228,16 @@ async def test_after_a_bus_gap_the_reconciler_replays_group_broadcasts_each_conn
     assert not any(b"#1" in body for body in alice_socket.bodies + bob_socket.bodies), "nothing before the gap"
     assert {roles for roles, _ in inbox.asked} == {frozenset(), frozenset({"ops"})}, "one query per role set"
     assert gaps.take() is None, "the gap is consumed"
+
+
+def test_a_message_from_the_database_carries_the_correlation_id_as_the_live_one_does() -> None:
+    """Reconciliation and catch-up frames are built from the stored broadcast; a browser tracing a broadcast
+    must see the admin request's correlation id whichever way the message came."""
+
+    def data(frame_bytes: bytes) -> Any:
+        return orjson.loads(next(ln for ln in frame_bytes.decode().splitlines() if ln.startswith("data:"))[5:])
+
+    created = datetime.now(UTC)
+    traced = replace(group_item(3, created).broadcast, correlation_id="trace-9")
+    assert data(item_frame(InboxItem(traced, 7, False)))["correlationId"] == "trace-9"
+    assert data(item_frame(group_item(4, created)))["correlationId"] is None
