@@ -53,6 +53,10 @@ class KafkaSettings(BaseModel):
     replication_factor: int = Field(default=constants.TOPIC_REPLICATION_FACTOR, ge=1)
     min_insync_replicas: int = Field(default=constants.TOPIC_MIN_INSYNC_REPLICAS, ge=1)
     request_timeout_ms: int = Field(default=30_000, ge=1_000)
+    # Every client refreshes its cluster metadata at least this often (aiokafka's default is 5 minutes):
+    # the bound on how long a client can keep asking a broker that is no longer a partition's leader
+    # (see broadcast/adapters/kafka_offsets.py). One small request per client per period.
+    metadata_max_age_ms: int = Field(default=30_000, ge=1_000)
     # How long one publish (or one relay round's pipelined publish) may wait for acknowledgements; the
     # relay's lane lease must outlast it (RelaySettings.lease_seconds, default 3x).
     publish_timeout_seconds: float = Field(default=10.0, gt=0)

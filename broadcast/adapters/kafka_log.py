@@ -19,6 +19,7 @@ from aiokafka.structs import OffsetAndMetadata
 from aiokafka.structs import TopicPartition as KafkaTopicPartition
 
 from broadcast.adapters.kafka_health import TIMEOUTS, ProducerWatch
+from broadcast.adapters.kafka_offsets import refresh_metadata_on_stale_leader
 from broadcast.adapters.kafka_producer import ProducerSlot, breaks_session
 from broadcast.errors import CommitFailedError, PublishError, UnavailableError
 from broadcast.ports import EventRecord, OutgoingRecord, RebalanceCallback, RecordPosition, TopicPartition
@@ -35,6 +36,7 @@ def client_options(settings: KafkaSettings) -> dict[str, Any]:
         "client_id": settings.client_id,
         "security_protocol": settings.security_protocol,
         "request_timeout_ms": settings.request_timeout_ms,
+        "metadata_max_age_ms": settings.metadata_max_age_ms,
     }
     if settings.sasl_mechanism:
         options["sasl_mechanism"] = settings.sasl_mechanism
@@ -221,6 +223,7 @@ class KafkaEventLog:
         except KafkaError as exc:
             await consumer.stop()
             raise UnavailableError(f"cannot start consumer for group {group_id}: {exc!r}") from exc
+        refresh_metadata_on_stale_leader(consumer)
         try:
             yield KafkaSubscription(consumer)
         finally:
