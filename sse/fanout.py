@@ -99,6 +99,7 @@ class BusListener:
                             self.dispatch(message)
             except BroadcastError as exc:
                 self.subscribed.clear()
+                self._hub.seen_clock.hold()  # until the reconciler replayed the gap: forget nothing meanwhile
                 first = False
                 log.warning("bus subscription lost, resubscribing: %s", exc)
                 await pause(stop, 1.0)
@@ -146,6 +147,7 @@ class Reconciler:
             except BroadcastError:
                 self._gaps.add(*gap)  # the next round tries again
                 raise
+            self._hub.seen_clock.release()  # replayed: the connections may forget old ids again
         self.pushed += pushed
         return pushed
 

@@ -19,9 +19,9 @@ from typing import Any
 
 from broadcast.errors import ConflictError
 from broadcast.metrics import NO_METRICS, StreamStats
+from sse.seen import SeenClock, SeenIds
 
 log = logging.getLogger(__name__)
-SEEN_LIMIT = 2_048  # broadcast ids remembered per connection to skip repeats (catch-up, live, reconciliation)
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Delivered = Callable[[tuple[str, str]], None]
 
@@ -85,13 +85,14 @@ class Connection:
         delivered: Delivered = _ignore,
         on_drop: Callable[[], None] = lambda: None,
         stats: StreamStats = NO_METRICS.stream,
+        clock: SeenClock | None = None,
     ) -> None:
         self.id = connection_id
         self.user_id = user_id
         self.roles = roles
         self.closed = False
         self.dropped = False
-        self.seen: dict[str, None] = {}
+        self.seen = SeenIds(clock or SeenClock())  # broadcasts written here lately (repeats are skipped)
         self._limit = limit
         self._send_timeout = send_timeout
         self._delivered = delivered
@@ -168,12 +169,7 @@ class Connection:
 
     # ------------------------------------------------------------------ stepping the send coroutine in place
     def _first_time(self, broadcast_id: str) -> bool:
-        if broadcast_id in self.seen:
-            return False
-        self.seen[broadcast_id] = None
-        if len(self.seen) > SEEN_LIMIT:
-            del self.seen[next(iter(self.seen))]
-        return True
+        return self.seen.first_time(broadcast_id)
 
     def _write(self, items: list[Outgoing], final: bool = False) -> None:
         assert self._send is not None
@@ -261,6 +257,7 @@ class Hub:
         self._send_timeout = send_timeout
         self._delivered = delivered  # told of each (broadcast id, user id) MESSAGE written to a stream
         self._by_user: dict[str, set[Connection]] = {}
+        self.seen_clock = SeenClock()  # held by the bus listener while a gap is open (see sse/seen.py)
         self._ids = itertools.count(1)
         self.last_id = 0  # the id of the newest connection (ids grow: older connections have smaller ones)
         self.dropped = 0
@@ -284,6 +281,7 @@ class Hub:
             self._delivered,
             self._count_drop,
             self._stats,
+            self.seen_clock,
         )
         connections.add(connection)
         return connection

@@ -147,7 +147,9 @@ class SseStream(Response):
             if self._connection.dropped:  # fell behind during catch-up: reconnect and resume
                 await send({"type": "http.response.body", "body": RETRY, "more_body": False})
                 return
-            self._connection.start(send, abort_of(scope), self._head, self._items)
+            items, self._items = self._items, []  # written now: a long-lived stream must not keep them
+            self._connection.start(send, abort_of(scope), self._head, items)
+            del items
             try:
                 async with asyncio.timeout(None if self._expires_at is None else self._expires_at - time.time()):
                     await _disconnected(receive)

@@ -1,0 +1,81 @@
+"""Which broadcasts a connection already has, remembered for minutes, not for ever.
+
+A broadcast can reach one connection more than once: its catch-up and the live path overlap at connect,
+a reconciliation round can offer a PENDING row the live path wrote a moment ago, and after a bus gap the
+reconciler replays the group broadcasts of the gap. The repeats all come within minutes of the first
+copy, so a connection remembers the ids it wrote in two generations of ``SEEN_PERIOD_S`` (at most
+``SEEN_LIMIT`` ids): an id is known for between one and two periods, then forgotten.
+
+Before, every connection kept its last 2,048 ids whatever their age: about 50 KB per connection once that
+many broadcasts had been sent (25 bytes an id), 2 GB for 40,000 streams, and RSS that grew with every
+broadcast until then (the churn benchmark's drift).
+
+While the bus has a gap open (``SeenClock.hold``, from the moment the subscription is lost until the
+reconciler has replayed the gap), generations do not turn, so nothing written before the gap is
+forgotten before the replay that could repeat it; ``SEEN_LIMIT`` still bounds memory.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+SEEN_PERIOD_S = 300.0
+SEEN_LIMIT = 2_048  # ids per connection at most (two generations of half of it)
+
+
+class SeenClock:
+    """The generation number every connection's ``SeenIds`` turns by; one per hub."""
+
+    def __init__(self, period_s: float = SEEN_PERIOD_S, now: Callable[[], float] = time.monotonic) -> None:
+        self._period_s = period_s
+        self._now = now
+        self._held: int | None = None
+
+    @property
+    def generation(self) -> int:
+        return self._held if self._held is not None else int(self._now() // self._period_s)
+
+    def hold(self) -> None:
+        """Stop turning generations (a bus gap is open): nothing written since is forgotten."""
+        if self._held is None:
+            self._held = self.generation
+
+    def release(self) -> None:
+        self._held = None
+
+    @property
+    def held(self) -> bool:
+        return self._held is not None
+
+
+class SeenIds:
+    """The broadcast ids one connection wrote in the current and the previous generation."""
+
+    __slots__ = ("_clock", "_current", "_generation", "_previous")
+
+    def __init__(self, clock: SeenClock) -> None:
+        self._clock = clock
+        self._generation = clock.generation
+        # dicts, not sets: a compact dict costs about half a set's memory per id
+        self._previous: dict[str, None] = {}
+        self._current: dict[str, None] = {}
+
+    def first_time(self, broadcast_id: str) -> bool:
+        """True (and remembered) unless the connection already wrote ``broadcast_id``."""
+        if broadcast_id in self._current or broadcast_id in self._previous:
+            return False
+        generation = self._clock.generation
+        if generation != self._generation:
+            self._previous = self._current if generation == self._generation + 1 else {}
+            self._current, self._generation = {}, generation
+        elif len(self._current) >= SEEN_LIMIT // 2:  # many in one period: turn early, memory stays bounded
+            self._previous, self._current = self._current, {}
+        self._current[broadcast_id] = None
+        return True
+
+    def __contains__(self, broadcast_id: object) -> bool:
+        return broadcast_id in self._current or broadcast_id in self._previous
+
+    def __len__(self) -> int:
+        return len(self._current) + len(self._previous)

@@ -1,0 +1,97 @@
+"""A connection remembers the broadcasts it wrote for minutes (repeats skipped), then forgets them; memory
+per connection stays bounded whatever the broadcast rate; a stream does not keep its catch-up."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import tracemalloc
+from collections.abc import MutableMapping
+from typing import Any
+
+from sse.hub import Hub, Outgoing
+from sse.seen import SEEN_LIMIT, SeenClock, SeenIds
+from sse.stream import SseStream
+
+
+class FakeTime:
+    def __init__(self) -> None:
+        self.now = 900.0  # the start of a 300 s generation
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_an_id_is_refused_for_at_least_one_period_and_forgotten_after_two() -> None:
+    time = FakeTime()
+    seen = SeenIds(SeenClock(300, time))
+    assert seen.first_time("b1") and not seen.first_time("b1")
+    time.now += 299
+    assert not seen.first_time("b1"), "within the period: a repeat"
+    time.now += 300
+    assert seen.first_time("b2") and "b1" in seen, "one period later: still known"
+    time.now += 300
+    assert seen.first_time("b3") and "b1" not in seen and "b2" in seen
+    time.now += 1_000
+    assert seen.first_time("b4") and len(seen) == 1, "a long silence forgets everything before it"
+
+
+def test_a_held_clock_forgets_nothing_until_released() -> None:
+    time = FakeTime()
+    clock = SeenClock(300, time)
+    seen = SeenIds(clock)
+    seen.first_time("before the gap")
+    clock.hold()
+    time.now += 3_600
+    assert seen.first_time("during the gap") and not seen.first_time("before the gap")
+    clock.release()
+    time.now += 600
+    assert seen.first_time("after") and "before the gap" not in seen
+
+
+def test_many_broadcasts_in_one_period_stay_within_the_limit_and_the_latest_are_known() -> None:
+    seen = SeenIds(SeenClock(300, FakeTime()))
+    ids = [f"b{n}" for n in range(10 * SEEN_LIMIT)]
+    assert all(seen.first_time(i) for i in ids)
+    assert len(seen) <= SEEN_LIMIT
+    assert not any(seen.first_time(i) for i in ids[-SEEN_LIMIT // 2 :]), "the latest half-limit is always known"
+
+
+async def test_a_stream_lets_go_of_its_catch_up_once_written() -> None:
+    """200 streams with 100 catch-up messages of 2 KB each (40 MB): once written, they must not stay."""
+    hub = Hub(queue_size=64, max_per_user=5)
+    gone, all_started = asyncio.Event(), asyncio.Event()
+    started = 0
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        nonlocal started
+        started += message["type"] == "http.response.start"
+        if started == 200:
+            all_started.set()
+
+    async def receive() -> dict[str, Any]:
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def ended() -> None:
+        return None
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tasks = []
+        for n in range(200):
+            items = [Outgoing(bytes(2_048), f"b{n}-{i}", counts=True) for i in range(100)]
+            stream = SseStream(hub.open(f"u{n}", frozenset()), b"head", items, ended)
+            del items
+            tasks.append(asyncio.create_task(stream({"type": "http"}, receive, send)))
+            del stream
+        await all_started.wait()
+        await asyncio.sleep(0)  # the last stream's start() after its response.start
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+        gone.set()
+        await asyncio.gather(*tasks)
+    assert held < 8_000_000, f"{held / 1e6:.1f} MB still held by 200 open streams after their catch-up"
