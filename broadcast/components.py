@@ -47,6 +47,7 @@ from dlt.service import DeadLetterService
 from sse.admission import Admission
 from sse.fanout import DeliveredMarker
 from sse.hub import Hub
+from sse.seen import SeenClock
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +122,18 @@ async def open_components(settings: Settings) -> AsyncIterator[Components]:
         wakeup = asyncio.Event()
         inbox = SqlInboxStore(engine)
         lifecycle = Lifecycle(broadcasts, users, settings.kafka, settings.limits, on_outbox=wakeup.set)
-        marker = DeliveredMarker(inbox, settings.sse.delivered_flush_seconds)
+        seen_clock = SeenClock()
+        marker = DeliveredMarker(inbox, settings.sse.delivered_flush_seconds, seen_clock)
         sse = settings.sse
         metrics = Metrics(settings.server.instance_id)
-        hub = Hub(sse.queue_size, sse.max_connections_per_user, sse.send_timeout_seconds, marker.add, metrics.stream)
+        hub = Hub(
+            sse.queue_size,
+            sse.max_connections_per_user,
+            sse.send_timeout_seconds,
+            marker.add,
+            metrics.stream,
+            seen_clock,
+        )
         metrics.watch_streams(hub.counts)
         dead_letter_store = SqlDeadLetterStore(engine)
         dead_letters = DeadLetterService(

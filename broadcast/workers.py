@@ -116,9 +116,10 @@ def _stream_loops(c: Components) -> list[Loop]:
     """What keeps this instance's SSE streams fed (see ``sse/fanout.py``)."""
     settings, me = c.settings, c.settings.server.instance_id
     gaps = BusGaps()
+    listener = BusListener(c.bus, c.hub, me, c.reconcile_now, gaps)
     return [
-        BusListener(c.bus, c.hub, me, c.reconcile_now, gaps),
-        Reconciler(c.inbox, c.hub, settings.sse.reconcile_seconds, c.reconcile_now, gaps),
+        listener,
+        Reconciler(c.inbox, c.hub, settings.sse.reconcile_seconds, c.reconcile_now, gaps, listener.subscribed),
         PresenceKeeper(c.presence, c.admission, c.hub, me, settings.redis.presence_ttl_seconds / 3),
         Heartbeat(c.hub, settings.sse.heartbeat_seconds),
         c.marker,

@@ -29,6 +29,7 @@ from sse.admission import Admission
 from sse.frames import HEARTBEAT
 from sse.hub import Connection, Hub, Outgoing
 from sse.messages import item_frame
+from sse.seen import BUS_GAP, DELIVERY_MARKS, SeenClock
 
 log = logging.getLogger(__name__)
 RECONCILE_BATCH = 5_000  # rows per sweep, oldest first, across every user connected here
@@ -99,7 +100,7 @@ class BusListener:
                             self.dispatch(message)
             except BroadcastError as exc:
                 self.subscribed.clear()
-                self._hub.seen_clock.hold()  # until the reconciler replayed the gap: forget nothing meanwhile
+                self._hub.seen_clock.hold(BUS_GAP)  # until the gap is replayed: connections forget nothing
                 first = False
                 log.warning("bus subscription lost, resubscribing: %s", exc)
                 await pause(stop, 1.0)
@@ -124,13 +125,20 @@ class BusListener:
 
 class Reconciler:
     def __init__(
-        self, inbox: InboxStore, hub: Hub, interval_s: float, now: asyncio.Event, gaps: BusGaps | None = None
+        self,
+        inbox: InboxStore,
+        hub: Hub,
+        interval_s: float,
+        now: asyncio.Event,
+        gaps: BusGaps | None = None,
+        subscribed: asyncio.Event | None = None,
     ) -> None:
         self._inbox = inbox
         self._hub = hub
         self._interval_s = interval_s
         self._now = now
         self._gaps = gaps or BusGaps()
+        self._subscribed = subscribed  # the bus listener's: a gap is still open while it is clear
         self.pushed = 0
 
     async def run_once(self) -> int:
@@ -147,7 +155,8 @@ class Reconciler:
             except BroadcastError:
                 self._gaps.add(*gap)  # the next round tries again
                 raise
-            self._hub.seen_clock.release()  # replayed: the connections may forget old ids again
+            if self._gaps.since is None and (self._subscribed is None or self._subscribed.is_set()):
+                self._hub.seen_clock.release(BUS_GAP)  # replayed, and no gap open since: forget old ids again
         self.pushed += pushed
         return pushed
 
@@ -214,9 +223,10 @@ class Heartbeat:
 
 
 class DeliveredMarker:
-    def __init__(self, inbox: InboxStore, interval_s: float) -> None:
+    def __init__(self, inbox: InboxStore, interval_s: float, seen_clock: SeenClock | None = None) -> None:
         self._inbox = inbox
         self._interval_s = interval_s
+        self._seen_clock = seen_clock or SeenClock()  # held while marks fail (the rows stay PENDING)
         self._pending: set[tuple[str, str]] = set()
         self.marked = 0
 
@@ -230,6 +240,10 @@ class DeliveredMarker:
         except BroadcastError as exc:
             log.warning("could not mark %d deliveries, retrying: %s", len(batch), exc)
             self._pending.update(batch)
+            # the reconciler will offer these rows again: their connections must not forget them meanwhile
+            self._seen_clock.hold(DELIVERY_MARKS)
+            return
+        self._seen_clock.release(DELIVERY_MARKS)
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

@@ -250,6 +250,7 @@ class Hub:
         send_timeout: float = 10.0,
         delivered: Delivered = _ignore,
         stats: StreamStats = NO_METRICS.stream,
+        seen_clock: SeenClock | None = None,
     ) -> None:
         self._stats = stats
         self._queue_size = queue_size
@@ -257,7 +258,7 @@ class Hub:
         self._send_timeout = send_timeout
         self._delivered = delivered  # told of each (broadcast id, user id) MESSAGE written to a stream
         self._by_user: dict[str, set[Connection]] = {}
-        self.seen_clock = SeenClock()  # held by the bus listener while a gap is open (see sse/seen.py)
+        self.seen_clock = seen_clock or SeenClock()  # held while repeats could come from further back
         self._ids = itertools.count(1)
         self.last_id = 0  # the id of the newest connection (ids grow: older connections have smaller ones)
         self.dropped = 0

@@ -4,15 +4,20 @@ A broadcast can reach one connection more than once: its catch-up and the live p
 a reconciliation round can offer a PENDING row the live path wrote a moment ago, and after a bus gap the
 reconciler replays the group broadcasts of the gap. The repeats all come within minutes of the first
 copy, so a connection remembers the ids it wrote in two generations of ``SEEN_PERIOD_S`` (at most
-``SEEN_LIMIT`` ids): an id is known for between one and two periods, then forgotten.
+``SEEN_LIMIT`` ids): an id is known for between one and two periods, then forgotten (when the connection
+next writes a new one).
 
 Before, every connection kept its last 2,048 ids whatever their age: about 50 KB per connection once that
 many broadcasts had been sent (25 bytes an id), 2 GB for 40,000 streams, and RSS that grew with every
 broadcast until then (the churn benchmark's drift).
 
-While the bus has a gap open (``SeenClock.hold``, from the moment the subscription is lost until the
-reconciler has replayed the gap), generations do not turn, so nothing written before the gap is
-forgotten before the replay that could repeat it; ``SEEN_LIMIT`` still bounds memory.
+Generations do not turn while a repeat could still come from further back (``SeenClock.hold``):
+- ``"bus gap"``: from the moment the bus listener loses its subscription until the reconciler has replayed
+  the gap and the listener is subscribed again, since the replay re-offers what the gap may have dropped;
+- ``"delivery marks"``: while written deliveries could not be marked DELIVERED (the database is down),
+  since the reconciler re-offers their still-PENDING rows once it can read again.
+When the last hold is released the clock goes on from where it stopped, so a connection forgets nothing
+at that moment (what the replay just wrote included). ``SEEN_LIMIT`` bounds memory meanwhile.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from collections.abc import Callable
 
 SEEN_PERIOD_S = 300.0
 SEEN_LIMIT = 2_048  # ids per connection at most (two generations of half of it)
+BUS_GAP = "bus gap"
+DELIVERY_MARKS = "delivery marks"
 
 
 class SeenClock:
@@ -30,23 +37,32 @@ class SeenClock:
     def __init__(self, period_s: float = SEEN_PERIOD_S, now: Callable[[], float] = time.monotonic) -> None:
         self._period_s = period_s
         self._now = now
+        self._offset = 0  # generations skipped while held, so the count goes on from where it stopped
         self._held: int | None = None
+        self._holders: set[str] = set()
+
+    def _running(self) -> int:
+        return int(self._now() // self._period_s) + self._offset
 
     @property
     def generation(self) -> int:
-        return self._held if self._held is not None else int(self._now() // self._period_s)
+        return self._held if self._held is not None else self._running()
 
-    def hold(self) -> None:
-        """Stop turning generations (a bus gap is open): nothing written since is forgotten."""
+    def hold(self, reason: str) -> None:
+        """Stop turning generations until ``release(reason)`` (and every other hold's release)."""
         if self._held is None:
-            self._held = self.generation
+            self._held = self._running()
+        self._holders.add(reason)
 
-    def release(self) -> None:
-        self._held = None
+    def release(self, reason: str) -> None:
+        self._holders.discard(reason)
+        if self._held is not None and not self._holders:
+            self._offset += self._held - self._running()
+            self._held = None
 
     @property
-    def held(self) -> bool:
-        return self._held is not None
+    def held(self) -> frozenset[str]:
+        return frozenset(self._holders)
 
 
 class SeenIds:

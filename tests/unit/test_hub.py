@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -11,13 +12,15 @@ from typing import Any, cast
 import orjson
 import pytest
 
+from broadcast.adapters.memory_bus import MemoryBus, MemorySubscriptionQueue
 from broadcast.domain import Broadcast, BroadcastStatus, InboxItem, Priority, TargetType
-from broadcast.errors import ConflictError
+from broadcast.errors import ConflictError, UnavailableError
 from broadcast.ports import InboxStore
-from sse.fanout import BusGaps, Heartbeat, Reconciler
+from sse.fanout import BusGaps, BusListener, DeliveredMarker, Heartbeat, Reconciler
 from sse.frames import HEARTBEAT, Cursor, frame, parse_cursor
 from sse.hub import Connection, Hub, Outgoing
 from sse.messages import item_frame
+from sse.seen import BUS_GAP, DELIVERY_MARKS, SeenClock
 
 
 class Socket:
@@ -219,7 +222,7 @@ async def test_after_a_bus_gap_the_reconciler_replays_group_broadcasts_each_conn
     reconciler = Reconciler(cast(InboxStore, inbox), hub, 1.0, asyncio.Event(), gaps)
     await reconciler.run_once()
     assert inbox.asked == [], "no gap, no group query"
-    hub.seen_clock.hold()  # what the bus listener does when it loses its subscription
+    hub.seen_clock.hold(BUS_GAP)  # what the bus listener does when it loses its subscription
     gaps.add(now - timedelta(seconds=60), hub.last_id)
     _, carol_socket = started(hub, "carol")  # connected after the resubscribe: her own catch-up covered her
     await reconciler.run_once()
@@ -243,3 +246,60 @@ def test_a_message_from_the_database_carries_the_correlation_id_as_the_live_one_
     traced = replace(group_item(3, created).broadcast, correlation_id="trace-9")
     assert data(item_frame(InboxItem(traced, 7, False)))["correlationId"] == "trace-9"
     assert data(item_frame(group_item(4, created)))["correlationId"] is None
+
+
+async def test_the_seen_clock_stays_held_while_the_bus_is_down_again_after_a_replay() -> None:
+    """Gap 1 is replayed while the subscription is lost a second time: the hold must outlast gap 2."""
+    hub, gaps, subscribed = Hub(queue_size=8, max_per_user=5), BusGaps(), asyncio.Event()
+    reconciler = Reconciler(cast(InboxStore, GroupOnly([])), hub, 1.0, asyncio.Event(), gaps, subscribed)
+    hub.seen_clock.hold(BUS_GAP)
+    gaps.add(datetime.now(UTC) - timedelta(seconds=60), hub.last_id)  # resubscribed, then lost again:
+    await reconciler.run_once()  # ``subscribed`` is clear
+    assert hub.seen_clock.held == {BUS_GAP}
+    subscribed.set()
+    gaps.add(datetime.now(UTC) - timedelta(seconds=30), hub.last_id)  # gap 2, resubscribed
+    await reconciler.run_once()
+    assert not hub.seen_clock.held
+
+
+async def test_failing_delivery_marks_hold_the_seen_clock_until_a_flush_succeeds() -> None:
+    class Flaky:
+        fail = True
+
+        async def mark_delivered(self, pairs: Sequence[tuple[str, str]]) -> int:
+            if self.fail:
+                raise UnavailableError("database down")
+            return len(pairs)
+
+    inbox, clock = Flaky(), SeenClock()
+    marker = DeliveredMarker(cast(InboxStore, inbox), 0.2, clock)
+    marker.add(("b1", "alice"))
+    await marker.flush()
+    assert clock.held == {DELIVERY_MARKS}, "the row stays PENDING: the reconciler will offer it again"
+    inbox.fail = False
+    await marker.flush()
+    assert not clock.held and marker.marked == 1
+
+
+async def test_a_lost_bus_subscription_holds_the_seen_clock_and_records_a_gap() -> None:
+    class FlakyBus(MemoryBus):
+        failures = 1
+
+        @asynccontextmanager
+        async def subscribe(self, channels: Sequence[str]) -> AsyncIterator[MemorySubscriptionQueue]:
+            if self.failures:
+                self.failures -= 1
+                raise UnavailableError("redis down")
+            async with super().subscribe(channels) as sub:
+                yield sub
+
+    hub, gaps, stop = Hub(queue_size=8, max_per_user=5), BusGaps(), asyncio.Event()
+    listener = BusListener(FlakyBus(), hub, "i1", asyncio.Event(), gaps)
+    running = asyncio.create_task(listener.run(stop))
+    try:
+        await asyncio.wait_for(listener.subscribed.wait(), 10)
+    finally:
+        stop.set()
+        await running
+    assert hub.seen_clock.held == {BUS_GAP}, "held from the loss until the reconciler replays the gap"
+    assert gaps.take() is not None

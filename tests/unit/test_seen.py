@@ -10,7 +10,7 @@ from collections.abc import MutableMapping
 from typing import Any
 
 from sse.hub import Hub, Outgoing
-from sse.seen import SEEN_LIMIT, SeenClock, SeenIds
+from sse.seen import BUS_GAP, DELIVERY_MARKS, SEEN_LIMIT, SeenClock, SeenIds
 from sse.stream import SseStream
 
 
@@ -36,17 +36,27 @@ def test_an_id_is_refused_for_at_least_one_period_and_forgotten_after_two() -> N
     assert seen.first_time("b4") and len(seen) == 1, "a long silence forgets everything before it"
 
 
-def test_a_held_clock_forgets_nothing_until_released() -> None:
+def test_a_held_clock_forgets_nothing_until_every_hold_is_released_and_then_goes_on_from_there() -> None:
     time = FakeTime()
     clock = SeenClock(300, time)
     seen = SeenIds(clock)
     seen.first_time("before the gap")
-    clock.hold()
+    clock.hold(BUS_GAP)
+    clock.hold(DELIVERY_MARKS)
     time.now += 3_600
-    assert seen.first_time("during the gap") and not seen.first_time("before the gap")
-    clock.release()
+    assert seen.first_time("replayed") and not seen.first_time("before the gap")
+    clock.release(BUS_GAP)
     time.now += 600
-    assert seen.first_time("after") and "before the gap" not in seen
+    assert not seen.first_time("before the gap"), "the marks' hold still stands"
+    clock.release(DELIVERY_MARKS)
+    # a replayed broadcast can still come live (the consumer publishes its backlog once Redis is back):
+    # releasing after a long hold must not forget what the replay just wrote
+    assert seen.first_time("new after the release") and not seen.first_time("replayed")
+    time.now += 300
+    assert seen.first_time("a period later") and not seen.first_time("replayed")
+    time.now += 300
+    assert seen.first_time("two periods later") and "before the gap" not in seen and "replayed" not in seen
+    assert clock.held == frozenset()
 
 
 def test_many_broadcasts_in_one_period_stay_within_the_limit_and_the_latest_are_known() -> None:
