@@ -22,6 +22,7 @@ at that moment (what the replay just wrote included). ``SEEN_LIMIT`` bounds memo
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 
@@ -87,7 +88,9 @@ class SeenIds:
             self._current, self._generation = {}, generation
         elif len(self._current) >= SEEN_LIMIT // 2:  # many in one period: turn early, memory stays bounded
             self._previous, self._current = self._current, {}
-        self._current[broadcast_id] = None
+        # interned: one copy of an id for every connection, whether it came live (already one shared object)
+        # or in a catch-up (a string of each connection's own, read from the database)
+        self._current[sys.intern(broadcast_id)] = None
         return True
 
     def __contains__(self, broadcast_id: object) -> bool:

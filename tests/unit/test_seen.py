@@ -105,3 +105,26 @@ async def test_a_stream_lets_go_of_its_catch_up_once_written() -> None:
         gone.set()
         await asyncio.gather(*tasks)
     assert held < 8_000_000, f"{held / 1e6:.1f} MB still held by 200 open streams after their catch-up"
+
+
+async def test_catch_up_ids_cost_a_connection_its_dict_slots_not_a_copy_of_each_id() -> None:
+    """Each connection's catch-up reads its own copies of the broadcast ids from the database; remembering
+    them must not keep a copy per connection (500 connections x 120 ids: 14 KB each before interning)."""
+    hub = Hub(queue_size=64, max_per_user=5)
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        return None
+
+    ids = [f"{n:08d}-0000-4000-8000-{n:012d}" for n in range(120)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for user in range(500):
+            items = [Outgoing(b"x", "".join(list(i)), counts=True) for i in ids]  # fresh strings, equal values
+            hub.open(f"u{user}", frozenset()).start(send, None, b"head", items)
+            del items
+        gc.collect()
+        per_connection = (tracemalloc.get_traced_memory()[0] - before) / 500
+    finally:
+        tracemalloc.stop()
+    assert per_connection < 8_000, f"{per_connection / 1024:.1f} KB per connection for 120 catch-up ids"
