@@ -14,20 +14,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import resource
 import socket
 import struct
 import time
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from typing import Any
 
+from bench.workers import WorkerPool
 from broadcast.settings import AuthSettings
 from broadcast.tokens import mint
 
 DEV_AUTH = AuthSettings()
 
 LINGER_RESET = struct.pack("ii", 1, 0)  # close with RST: no TIME_WAIT left on the client's ports
+
+
+def reset(transport: asyncio.Transport | None) -> None:
+    """Close a client connection at once with RST (SO_LINGER 0), unless it is already closing."""
+    if transport is not None and not transport.is_closing():
+        sock = transport.get_extra_info("socket")
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        transport.abort()
 
 
 @dataclass(frozen=True)
@@ -88,11 +96,7 @@ class Stream(asyncio.Protocol):
         self.waiter = None
 
     def abort(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            sock = self.transport.get_extra_info("socket")
-            with contextlib.suppress(OSError, AttributeError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
-            self.transport.abort()
+        reset(self.transport)
 
 
 class Worker:
@@ -173,61 +177,11 @@ class Worker:
         self.streams.clear()
 
 
-async def _serve(pipe: Connection, target: Target) -> None:
-    loop = asyncio.get_running_loop()
-    worker = Worker(target)
-    while True:
-        command, args = await loop.run_in_executor(None, pipe.recv)
-        if command == "connect":
-            pipe.send(await worker.connect(*args))
-        elif command == "arm":
-            worker.arm(args[0])
-            pipe.send("armed")
-        elif command == "collect":
-            pipe.send(await worker.collect(*args))
-        elif command == "close":
-            worker.close()
-            await asyncio.sleep(0.2)
-            pipe.send("closed")
-            return
-
-
-def worker_main(pipe: Connection, target: Target) -> None:
-    """Process entry point: raise the fd limit, then obey the parent's commands until ``close``."""
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    try:
-        import uvloop
-
-        uvloop.run(_serve(pipe, target))
-    except ImportError:
-        asyncio.run(_serve(pipe, target))
-
-
-class Clients:
+class Clients(WorkerPool):
     """The parent's handle on its worker processes; users are split evenly between them."""
 
     def __init__(self, target: Target, processes: int) -> None:
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("spawn")
-        self._pipes: list[Connection] = []
-        self._procs: list[Any] = []
-        for _ in range(processes):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=worker_main, args=(child, target), daemon=True)
-            proc.start()
-            self._pipes.append(parent)
-            self._procs.append(proc)
-
-    @property
-    def pids(self) -> list[int]:
-        return [int(p.pid) for p in self._procs]
-
-    def _all(self, command: str, per_worker: list[tuple[Any, ...]]) -> list[Any]:
-        for pipe, args in zip(self._pipes, per_worker, strict=True):
-            pipe.send((command, args))
-        return [pipe.recv() for pipe in self._pipes]
+        super().__init__(Worker, target, processes)
 
     def connect(self, users: list[str], sources: list[str], concurrency: int, timeout: float) -> list[dict[str, Any]]:
         self.start_connect(users, sources, concurrency, timeout)
@@ -235,24 +189,14 @@ class Clients:
 
     def start_connect(self, users: list[str], sources: list[str], concurrency: int, timeout: float) -> None:
         """Start connecting without waiting (several ``Clients`` can then connect at once); ``results()``."""
-        k = len(self._pipes)
-        for i, pipe in enumerate(self._pipes):
-            pipe.send(("connect", (users[i::k], sources, concurrency, timeout)))
+        k = self.size
+        self.send("connect", [(users[i::k], sources, concurrency, timeout) for i in range(k)])
 
     def arm(self, marker: bytes) -> None:
-        self._all("arm", [(marker,)] * len(self._pipes))
+        self.all("arm", marker)
 
     def send_collect(self, timeout: float) -> None:
-        for pipe in self._pipes:
-            pipe.send(("collect", (timeout,)))
+        self.send("collect", [(timeout,)] * self.size)
 
     def results(self) -> list[dict[str, Any]]:
-        return [pipe.recv() for pipe in self._pipes]
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError, EOFError):
-            self._all("close", [()] * len(self._pipes))
-        for proc in self._procs:
-            proc.join(10)
-            if proc.is_alive():
-                proc.kill()
+        return self.receive()

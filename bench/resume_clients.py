@@ -21,23 +21,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import resource
-import socket
-import struct
 import threading
 import time
 from array import array
 from collections import deque
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from typing import Any
 
 import httpx
 
-from bench.loadgen import DEV_AUTH
+from bench.loadgen import DEV_AUTH, reset
+from bench.workers import WorkerPool
 from broadcast.tokens import mint
 
-LINGER_RESET = struct.pack("ii", 1, 0)  # close with RST: no TIME_WAIT left on the client's ports
 DEFAULT_RETRY_S = 3.0  # EventSource's reconnection time until the server sends ``retry:``
 ERROR_RETRY_S = 1.0  # after a socket error or a timeout while opening
 DIGITS = 6  # the broadcast number after ``<tag>#``, zero-padded
@@ -241,11 +237,7 @@ class Conn(asyncio.Protocol):
 
     def abort(self, deliberate: bool = False) -> None:
         self.deliberate = self.deliberate or deliberate
-        if self.transport is not None and not self.transport.is_closing():
-            sock = self.transport.get_extra_info("socket")
-            with contextlib.suppress(OSError, AttributeError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
-            self.transport.abort()
+        reset(self.transport)
 
 
 class Worker:
@@ -456,85 +448,15 @@ class Worker:
         self.clients.clear()
 
 
-async def _serve(pipe: Connection, setup: Setup) -> None:
-    loop = asyncio.get_running_loop()
-    worker = Worker(setup)
-    while True:
-        command, args = await loop.run_in_executor(None, pipe.recv)
-        if command == "open":
-            pipe.send(await worker.open(*args))
-        elif command == "drop":
-            pipe.send(worker.drop(*args))
-        elif command == "churn":
-            pipe.send(await worker.churn(*args))
-        elif command == "progress":
-            pipe.send(worker.progress(*args))
-        elif command == "report":
-            pipe.send(worker.report(*args))
-        elif command == "counters":
-            pipe.send(worker.counters())
-        elif command == "close":
-            worker.close()
-            await asyncio.sleep(0.2)
-            pipe.send("closed")
-            return
-
-
-def worker_main(pipe: Connection, setup: Setup) -> None:
-    """Process entry point: raise the fd limit, then obey the parent's commands until ``close``."""
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    try:
-        import uvloop
-
-        uvloop.run(_serve(pipe, setup))
-    except ImportError:
-        asyncio.run(_serve(pipe, setup))
-
-
-class ResumeClients:
+class ResumeClients(WorkerPool):
     """The parent's handle on its worker processes; each command goes to every worker with its own args."""
 
     def __init__(self, setup: Setup, processes: int) -> None:
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("spawn")
-        self._pipes: list[Connection] = []
-        self._procs: list[Any] = []
-        for _ in range(processes):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=worker_main, args=(child, setup), daemon=True)
-            proc.start()
-            self._pipes.append(parent)
-            self._procs.append(proc)
-
-    @property
-    def pids(self) -> list[int]:
-        return [int(p.pid) for p in self._procs]
-
-    def send(self, command: str, per_worker: list[tuple[Any, ...]]) -> None:
-        for pipe, args in zip(self._pipes, per_worker, strict=True):
-            pipe.send((command, args))
-
-    def receive(self) -> list[Any]:
-        return [pipe.recv() for pipe in self._pipes]
-
-    def all(self, command: str, *args: Any) -> list[Any]:
-        """The same command and arguments to every worker; their answers."""
-        self.send(command, [args] * len(self._pipes))
-        return self.receive()
+        super().__init__(Worker, setup, processes)
 
     def open(self, specs: list[list[tuple[str, int, str]]], concurrency: int, deadline_s: float) -> list[Any]:
         self.send("open", [(s, concurrency, deadline_s) for s in specs])
         return self.receive()
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError, EOFError):
-            self.all("close")
-        for proc in self._procs:
-            proc.join(10)
-            if proc.is_alive():
-                proc.kill()
 
 
 @dataclass
