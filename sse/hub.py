@@ -322,8 +322,8 @@ class Hub:
         everyone = self.connections()
         return self._offer(everyone if matches is None else [c for c in everyone if matches(c)], item)
 
-    @staticmethod
-    def _offer(connections: Iterable[Connection], item: Outgoing) -> int:
+    def _offer(self, connections: Iterable[Connection], item: Outgoing) -> int:
+        self.seen_clock.tick()  # once per event, so connections read the generation, not the clock
         accepted = 0
         for connection in connections:
             if connection.offer(item):

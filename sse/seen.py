@@ -33,33 +33,35 @@ DELIVERY_MARKS = "delivery marks"
 
 
 class SeenClock:
-    """The generation number every connection's ``SeenIds`` turns by; one per hub."""
+    """The generation every connection's ``SeenIds`` turns by; one per hub. ``generation`` is a plain
+    attribute, advanced by ``tick()`` once per event fanned out (not read from the clock per connection)."""
 
     def __init__(self, period_s: float = SEEN_PERIOD_S, now: Callable[[], float] = time.monotonic) -> None:
         self._period_s = period_s
         self._now = now
         self._offset = 0  # generations skipped while held, so the count goes on from where it stopped
-        self._held: int | None = None
         self._holders: set[str] = set()
+        self.generation = self._running()
 
     def _running(self) -> int:
         return int(self._now() // self._period_s) + self._offset
 
-    @property
-    def generation(self) -> int:
-        return self._held if self._held is not None else self._running()
+    def tick(self) -> None:
+        """Bring ``generation`` up to the time, unless held."""
+        if not self._holders:
+            self.generation = self._running()
 
     def hold(self, reason: str) -> None:
         """Stop turning generations until ``release(reason)`` (and every other hold's release)."""
-        if self._held is None:
-            self._held = self._running()
+        self.tick()
         self._holders.add(reason)
 
     def release(self, reason: str) -> None:
+        if reason not in self._holders:
+            return
         self._holders.discard(reason)
-        if self._held is not None and not self._holders:
-            self._offset += self._held - self._running()
-            self._held = None
+        if not self._holders:
+            self._offset += self.generation - self._running()
 
     @property
     def held(self) -> frozenset[str]:

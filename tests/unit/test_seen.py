@@ -22,17 +22,24 @@ class FakeTime:
         return self.now
 
 
+def later(time: FakeTime, clock: SeenClock, seconds: float) -> None:
+    """Time passes, then an event is fanned out (the hub ticks the clock once per event)."""
+    time.now += seconds
+    clock.tick()
+
+
 def test_an_id_is_refused_for_at_least_one_period_and_forgotten_after_two() -> None:
     time = FakeTime()
-    seen = SeenIds(SeenClock(300, time))
+    clock = SeenClock(300, time)
+    seen = SeenIds(clock)
     assert seen.first_time("b1") and not seen.first_time("b1")
-    time.now += 299
+    later(time, clock, 299)
     assert not seen.first_time("b1"), "within the period: a repeat"
-    time.now += 300
+    later(time, clock, 300)
     assert seen.first_time("b2") and "b1" in seen, "one period later: still known"
-    time.now += 300
+    later(time, clock, 300)
     assert seen.first_time("b3") and "b1" not in seen and "b2" in seen
-    time.now += 1_000
+    later(time, clock, 1_000)
     assert seen.first_time("b4") and len(seen) == 1, "a long silence forgets everything before it"
 
 
@@ -43,18 +50,18 @@ def test_a_held_clock_forgets_nothing_until_every_hold_is_released_and_then_goes
     seen.first_time("before the gap")
     clock.hold(BUS_GAP)
     clock.hold(DELIVERY_MARKS)
-    time.now += 3_600
+    later(time, clock, 3_600)
     assert seen.first_time("replayed") and not seen.first_time("before the gap")
     clock.release(BUS_GAP)
-    time.now += 600
+    later(time, clock, 600)
     assert not seen.first_time("before the gap"), "the marks' hold still stands"
     clock.release(DELIVERY_MARKS)
     # a replayed broadcast can still come live (the consumer publishes its backlog once Redis is back):
     # releasing after a long hold must not forget what the replay just wrote
     assert seen.first_time("new after the release") and not seen.first_time("replayed")
-    time.now += 300
+    later(time, clock, 300)
     assert seen.first_time("a period later") and not seen.first_time("replayed")
-    time.now += 300
+    later(time, clock, 300)
     assert seen.first_time("two periods later") and "before the gap" not in seen and "replayed" not in seen
     assert clock.held == frozenset()
 
@@ -128,3 +135,20 @@ async def test_catch_up_ids_cost_a_connection_its_dict_slots_not_a_copy_of_each_
     finally:
         tracemalloc.stop()
     assert per_connection < 8_000, f"{per_connection / 1024:.1f} KB per connection for 120 catch-up ids"
+
+
+def test_the_hub_turns_its_connections_generations_as_it_fans_out() -> None:
+    time = FakeTime()
+    hub = Hub(queue_size=64, max_per_user=5, seen_clock=SeenClock(300, time))
+    written: list[bytes] = []
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        written.append(message["body"])
+
+    hub.open("alice", frozenset()).start(send, None, b"head", [])
+    hub.to_matching(None, Outgoing(b"#1", "b1", counts=True))
+    hub.to_matching(None, Outgoing(b"#1", "b1", counts=True))
+    time.now += 700  # more than two periods, with no event meanwhile
+    hub.to_matching(None, Outgoing(b"#2", "b2", counts=True))
+    hub.to_matching(None, Outgoing(b"#1", "b1", counts=True))
+    assert written == [b"head", b"#1", b"#2", b"#1"], "a repeat skipped at once, forgotten 700 s later"
