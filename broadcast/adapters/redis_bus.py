@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -90,12 +90,19 @@ class RedisBus:
             await pubsub.subscribe(*(self._prefix + c for c in channels))
             await _confirmed(pubsub, len(channels))
         except (RedisError, TimeoutError) as exc:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await _close(pubsub)
             raise UnavailableError(f"redis subscribe failed: {exc!r}") from exc
         try:
             yield RedisBusSubscription(pubsub, self._prefix)
         finally:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await _close(pubsub)
+
+
+async def _close(pubsub: PubSub) -> None:
+    """Close ``pubsub``. redis-py before 8.2 has no type hints on ``PubSub.aclose``, 8.2 and later have: the
+    method is bound to a typed name so that the call type-checks on both, with no ``type: ignore``."""
+    aclose: Callable[[], Awaitable[None]] = pubsub.aclose
+    await aclose()
 
 
 async def _confirmed(pubsub: PubSub, count: int, timeout_s: float = 5.0) -> None:
