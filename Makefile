@@ -1,12 +1,11 @@
 # Targets named in README.md. `make test` is the one command CI runs (through .ci/run).
-.PHONY: run test test-faults bench lint stack-up stack-down stack-status clean
+.PHONY: run test test-faults bench lint lock deps-upgrade stack-up stack-down stack-status clean
 
 VENV := .venv
 BIN := $(VENV)/bin
 
-$(BIN)/broadcast-server: pyproject.toml
-	python3 -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[dev]'
+$(BIN)/broadcast-server: pyproject.toml requirements/dev.txt  ## .venv from the lock (scripts/venv.sh)
+	bash scripts/venv.sh requirements/dev.txt
 	touch $@
 
 run: $(BIN)/broadcast-server  ## the server, embedded default (SQLite, in-process log and bus)
@@ -23,6 +22,17 @@ bench: $(BIN)/broadcast-server  ## the benchmark suite (starts the real stack): 
 
 lint: $(BIN)/broadcast-server  ## the quality gates without the stack
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy && $(BIN)/lint-imports
+
+lock: $(BIN)/broadcast-server  ## re-lock after editing pyproject.toml's dependencies, keeping the other pins
+	bash scripts/lock.sh
+	bash scripts/venv.sh requirements/dev.txt
+
+deps-upgrade: $(BIN)/broadcast-server  ## re-resolve to the newest versions pyproject.toml allows, install, run the gates and unit tests
+	bash scripts/lock.sh --upgrade
+	bash scripts/venv.sh requirements/dev.txt
+	$(MAKE) lint
+	$(BIN)/pytest -p no:cacheprovider -q tests/unit
+	git diff --stat -- requirements/
 
 stack-up: $(BIN)/broadcast-server
 	$(BIN)/broadcast-server stack up

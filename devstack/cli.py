@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from devstack import paths, stack
+from devstack import paths, stack, tools
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         ),
     )
     parser.set_defaults(func=lambda _args: _usage(parser))
-    commands = parser.add_subparsers(dest="stack_command", metavar="{up,down,status,env}")
+    commands = parser.add_subparsers(dest="stack_command", metavar="{up,down,status,env,tools}")
     up = commands.add_parser("up", help="install what is missing, start everything, wait until ready")
     up.set_defaults(func=cmd_up)
     down = commands.add_parser("down", help="stop everything the stack started (idempotent)")
@@ -30,6 +30,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     status.set_defaults(func=cmd_status)
     env = commands.add_parser("env", help='print export lines; use: eval "$(broadcast-server stack env)"')
     env.set_defaults(func=cmd_env)
+    tools_ = commands.add_parser("tools", help="install the programs the tests drive (promtool, chromium, kcat)")
+    tools_.set_defaults(func=cmd_tools)
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
@@ -56,6 +58,17 @@ def cmd_down(_args: argparse.Namespace) -> int:
     started = time.monotonic()
     stack.down()
     print(f"stack is down ({time.monotonic() - started:.1f}s)")
+    return 0
+
+
+def cmd_tools(_args: argparse.Namespace) -> int:
+    """Install the test suite's programs that are missing (Debian packages)."""
+    try:
+        installed = tools.install()
+    except stack.StackError as exc:
+        print(f"stack tools failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"installed: {' '.join(installed)}" if installed else "test tools present: " + " ".join(tools.TOOLS))
     return 0
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The full test command (README's second command, what CI runs): installs what is missing on a fresh
-# machine (Python venv and packages; Debian packages and Kafka jars through `broadcast-server stack up`),
+# machine (Python venv and packages from the lock; Debian packages and Kafka jars through `broadcast-server stack up`),
 # starts the real stack (3-node Kafka, PostgreSQL, Redis), then runs every quality gate and the whole
 # pytest suite against it. Extra arguments go to pytest.
 set -euo pipefail
@@ -9,28 +9,14 @@ cd "$(dirname "$0")/.."
 log() { printf '\n== %s (%s)\n' "$*" "$(date -u +%H:%M:%S)"; }
 start=$(date +%s)
 
-PY=${PYTHON:-python3}
-if ! "$PY" -c 'import sys; assert sys.version_info[:2] == (3, 11)' 2>/dev/null; then
-  command -v python3.11 >/dev/null && PY=python3.11
-fi
-
-log "python environment"
-if [ ! -x .venv/bin/python ]; then
-  if ! "$PY" -m venv .venv 2>/dev/null; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
-    "$PY" -m venv .venv
-  fi
-fi
-stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
-if [ ! -f "$stamp" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[dev]'
-  rm -f .venv/.installed-* && touch "$stamp"
-fi
+log "python environment (from the lock, requirements/dev.txt)"
+bash scripts/venv.sh requirements/dev.txt
 export PATH="$PWD/.venv/bin:$PATH"
 
 log "local stack (installs Debian packages and Kafka jars when missing)"
 broadcast-server stack up
+log "test tools (promtool, chromium, kcat: Debian packages, installed here and never by a test)"
+broadcast-server stack tools
 
 log "ruff"
 ruff check .

@@ -6,15 +6,14 @@ context of their own (its own localStorage, so its own sign-in); screenshots go 
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 
-from devstack.proc import ensure_binaries
 from devstack.stack import StackInfo
+from devstack.tools import require
 from tests.auth import token
 from tests.servers import Server, fast_retries, isolated_env, server, server_factory
 
@@ -25,10 +24,7 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "screenshots"
 
 
 def chromium_path() -> str:
-    ensure_binaries(["chromium"], ["chromium"])
-    found = shutil.which("chromium")
-    assert found, "chromium is not installed"
-    return found
+    return require("chromium")
 
 
 @pytest.fixture(scope="session")

@@ -22,8 +22,8 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from broadcast import constants
-from devstack import proc
 from devstack.stack import StackInfo
+from devstack.tools import require
 from tests.auth import bearer
 from tests.servers import Server, fast_retries, isolated_env
 from tests.sse_client import SseClient
@@ -77,10 +77,9 @@ def cpu_seconds(pid: int) -> float:
 
 
 def kcat_records(bootstrap: str, name: str) -> list[dict[str, Any]]:
-    """The topic read by an independent client: Debian's kcat, JSON output (installed if missing)."""
-    proc.ensure_binaries(["kcat"], ["kcat"])
+    """The topic read by an independent client: Debian's kcat, JSON output."""
     done = subprocess.run(
-        ["kcat", "-b", bootstrap.split(",")[0], "-C", "-t", name, "-J", "-e", "-o", "beginning", "-q"],
+        [require("kcat"), "-b", bootstrap.split(",")[0], "-C", "-t", name, "-J", "-e", "-o", "beginning", "-q"],
         capture_output=True,
         timeout=60,
         check=True,

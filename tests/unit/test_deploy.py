@@ -5,7 +5,8 @@ Every ``broadcast_*`` name in an alert expression or a dashboard query must be a
 ``broadcast.metrics.Metrics`` exposes: a counter family ``x`` as ``x_total``, a histogram ``x`` as
 ``x_bucket``/``x_sum``/``x_count``, a gauge ``x`` as ``x``. Renaming a metric without updating deploy/ fails
 here, and so does a metric the dashboard does not chart. promtool (Debian's ``prometheus`` package, installed
-when missing, like the stack's other packages) checks the config and rules and runs the rules' unit tests.
+by the test command's setup step, ``broadcast-server stack tools``) checks the config and rules and runs the
+rules' unit tests.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pytest
 import yaml
 
 from broadcast.metrics import Metrics
-from devstack.proc import ensure_binaries
+from devstack.tools import require
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -130,7 +131,7 @@ def container_ports(service: dict[str, Any]) -> set[int]:
 
 
 def promtool(*args: str) -> None:
-    ensure_binaries(["promtool"], ["prometheus"])
+    require("promtool")
     done = subprocess.run(
         ["promtool", *args],
         cwd=ROOT,
