@@ -152,12 +152,14 @@ def _delivery_containers(c: Components) -> list[ListenerContainer]:
             ),
             error_handler(settings.consumers.selected, recoverer),
             metrics=c.metrics,
+            rebalance_log_level=_rebalance_log_level(c),
         ),
         ListenerContainer(
             c.event_log,
             Listener("delivery-group", (kafka.topic(constants.GROUP_TOPIC),), kafka.consumer_group, handlers.on_group),
             error_handler(settings.consumers.group, recoverer),
             metrics=c.metrics,
+            rebalance_log_level=_rebalance_log_level(c),
         ),
     ]
 
@@ -170,4 +172,12 @@ def _dlt_container(c: Components) -> ListenerContainer:
     listener = Listener("dead-letters", topics, kafka.dlt_consumer_group, handler.on_record)
     # nothing is "not retryable" here: the DLT store is the last stop, a letter is never dropped
     handling = error_handler(consumers.dlt, log_and_skip, not_retryable=())
-    return ListenerContainer(c.event_log, listener, handling, metrics=c.metrics)
+    return ListenerContainer(
+        c.event_log, listener, handling, metrics=c.metrics, rebalance_log_level=_rebalance_log_level(c)
+    )
+
+
+def _rebalance_log_level(c: Components) -> int:
+    """INFO on Kafka, where rebalances tell an operator something; DEBUG on the embedded log, where the one
+    member takes every partition at start (three long lines that say nothing)."""
+    return logging.DEBUG if c.settings.kafka.embedded else logging.INFO

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from broadcast import constants, logs
@@ -55,8 +55,12 @@ class ListenerContainer:
         commit_timeout_s: float = 10.0,
         finish_timeout_s: float = 10.0,
         metrics: Metrics = NO_METRICS,
+        rebalance_log_level: int = logging.INFO,
     ) -> None:
         self.event_log = event_log
+        # assignments and revocations: INFO on Kafka (an operator follows rebalances), DEBUG where nothing
+        # rebalances (the embedded log's one member takes every partition at start)
+        self.rebalance_log_level = rebalance_log_level
         self.listener = listener
         self.error_handler: ErrorHandler = error_handler or DefaultErrorHandler()
         self.commit_timeout_s = commit_timeout_s
@@ -367,7 +371,7 @@ class _Member:
             self._failures.pop(tp, None)
             self._paused.pop(tp, None)  # a reassigned partition starts unpaused, at its committed offset
         if partitions:
-            log.info("listener %s member %d: revoked %s", self.listener.name, self.index, sorted(partitions))
+            self._log_rebalance("revoked", partitions)
 
     async def _on_assigned(self, partitions: frozenset[TopicPartition]) -> None:
         self._generation += 1
@@ -376,4 +380,26 @@ class _Member:
             del self._pending[tp]
         for tp in set(self._failures) - partitions:
             del self._failures[tp]
-        log.info("listener %s member %d: assigned %s", self.listener.name, self.index, sorted(partitions))
+        self._log_rebalance("assigned", partitions)
+
+    def _log_rebalance(self, what: str, partitions: frozenset[TopicPartition]) -> None:
+        level = self.container.rebalance_log_level
+        if log.isEnabledFor(level):
+            log.log(level, "listener %s member %d: %s %s", self.listener.name, self.index, what, _spans(partitions))
+
+
+def _spans(partitions: Iterable[TopicPartition]) -> str:
+    """``topic[0-3,7]`` per topic: partitions as ranges, short enough for one log line."""
+    by_topic: dict[str, list[int]] = {}
+    for tp in partitions:
+        by_topic.setdefault(tp.topic, []).append(tp.partition)
+    described = []
+    for topic, numbers in sorted(by_topic.items()):
+        runs: list[list[int]] = []
+        for number in sorted(numbers):
+            if runs and number == runs[-1][-1] + 1:
+                runs[-1].append(number)
+            else:
+                runs.append([number])
+        described.append(f"{topic}[{','.join(str(r[0]) if len(r) == 1 else f'{r[0]}-{r[-1]}' for r in runs)}]")
+    return " ".join(described) or "no partitions"
