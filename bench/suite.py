@@ -1,4 +1,4 @@
-"""The benchmark suite: every scenario of DESIGN.md §7 beside a naive baseline, in one run.
+"""The benchmark suite: every scenario of docs/DESIGN.md §7 beside a naive baseline, in one run.
 
 ``broadcast-server bench [scenario …] [--smoke] [--repeat R]`` (or ``make bench``) runs the named scenarios
 (all when none is named), prints one table (ours, baseline, ratio, the §7 target and whether it is met),

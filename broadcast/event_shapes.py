@@ -1,4 +1,4 @@
-"""The shapes of the events the server writes to its outbox (DESIGN.md §2), built in one place.
+"""The shapes of the events the server writes to its outbox (docs/DESIGN.md §2), built in one place.
 
 - CREATED for SELECTED: one event per recipient on the selected topic, keyed by user id, encoded from a
   shared template (only the user and event ids vary);

@@ -1,7 +1,7 @@
 """The broadcast lifecycle: create, cancel, activate when due, expire — each one database transaction.
 
 A broadcast and everything it implies (SELECTED recipients' PENDING rows, the outbox rows the relay will
-publish) are written together or not at all; nothing here awaits Kafka. Event shapes (DESIGN.md §2):
+publish) are written together or not at all; nothing here awaits Kafka. Event shapes (docs/DESIGN.md §2):
 SELECTED → one CREATED event per recipient on the selected topic keyed by user id; ALL/ROLE → one CREATED
 event on the group topic keyed by broadcast id; CANCELLED and EXPIRED → one group event each. A scheduled
 broadcast's CREATED rows carry ``not_before = scheduledAt``, so they publish when due even if the

@@ -2,7 +2,7 @@
 
 Each node is a combined broker+controller of a static quorum (``controller.quorum.voters``), rendered from
 ``kafka-node.properties``. Nodes are formatted once with a shared cluster id and the SCRAM users, and are
-never reformatted. See /work/shared/KAFKA.md for the facts behind these choices.
+never reformatted. See docs/KAFKA.md for the facts behind these choices.
 """
 
 from __future__ import annotations
