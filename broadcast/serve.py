@@ -19,11 +19,19 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from broadcast import constants
 
-_SECRET_QUERY = re.compile(r"\b(ticket|token|access_token)=[^&\s]*", re.IGNORECASE)
+# parameters whose value is a credential, whatever it looks like
+_SECRET_QUERY = re.compile(
+    r"\b(ticket|token|access_token|id_token|refresh_token|jwt|bearer|authorization|api_?key|password|secret)=[^&\s]*",
+    re.IGNORECASE,
+)
+# a JWT (JWS compact form: a base64url JSON header, always starting ``eyJ``, a payload and a signature), whatever
+# the parameter it came in, in a path segment, or percent-encoded after ``Bearer%20``
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 
 
 class RedactSecrets(logging.Filter):
-    """Access-log lines without the value of ``?ticket=`` (single use, but still a credential)."""
+    """Access-log lines without credentials: the value of ``?ticket=`` (single use, but still a credential) and
+    the like, and any JWT-shaped value wherever it appears in the URL."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
@@ -32,7 +40,7 @@ class RedactSecrets(logging.Filter):
 
 
 def _redacted(text: str) -> str:
-    return _SECRET_QUERY.sub(r"\1=[redacted]", text)
+    return _JWT.sub("[redacted-jwt]", _SECRET_QUERY.sub(r"\1=[redacted]", text))
 
 
 def run(config: uvicorn.Config) -> bool:

@@ -22,6 +22,7 @@ from broadcast.http_security import AuthGate, BodyLimit
 from broadcast.serve import RedactSecrets
 from broadcast.settings import AuthSettings, DatabaseSettings, Settings
 from broadcast.tokens import TokenVerifier, mint
+from tests.auth import token
 
 AUTH = AuthSettings()
 LIMIT = 1_000
@@ -156,6 +157,25 @@ def test_the_access_log_never_shows_a_ticket() -> None:
     )
     assert RedactSecrets().filter(record)
     assert "SECRET" not in record.getMessage() and "ticket=[redacted]&b=2" in record.getMessage()
+
+
+def test_the_access_log_never_shows_a_jwt_whatever_its_parameter() -> None:
+    jwt = token("alice")
+    for url in (
+        f"/x?jwt={jwt}",
+        f"/x?bearer={jwt}&b=2",
+        f"/x?authorization=Bearer%20{jwt}",
+        f"/x?q={jwt}",
+        f"/x/{jwt}/y",
+        "/x?password=hunter2",
+    ):
+        record = logging.LogRecord(
+            "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s"', ("1.2.3.4", "GET", url), None
+        )
+        assert RedactSecrets().filter(record)
+        line = record.getMessage()
+        assert jwt.split(".")[1] not in line and "hunter2" not in line, line
+        assert "[redacted" in line, line
 
 
 async def test_dev_sign_in_exists_only_with_the_dev_secret(tmp_path: Path) -> None:
