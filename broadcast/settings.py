@@ -253,6 +253,11 @@ class AuthSettings(BaseModel):
     admin_role: str = Field(default="admin", min_length=1)
     leeway_seconds: int = Field(default=30, ge=0, le=300)
     max_token_bytes: int = Field(default=8_192, ge=512, le=65_536)
+    # the JOSE ``typ`` header values taken as an access token (RFC 8725 §3.11: explicit typing keeps an ID token,
+    # a logout token or a SET signed by the same issuer from being used as one); compared case-insensitively,
+    # ``application/`` optional. A token without ``typ`` is accepted unless ``require_typ``.
+    accepted_types: tuple[str, ...] = ("JWT", "at+jwt")
+    require_typ: bool = False
     ticket_ttl_seconds: int = Field(default=30, ge=1, le=300)
 
     @model_validator(mode="after")

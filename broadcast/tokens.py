@@ -2,7 +2,9 @@
 
 Verification pins the one configured algorithm (HS256 with a secret, RS256/ES256 with a public key or a
 JWKS URL), requires ``exp``, ``sub``, ``aud`` and ``iss``, compares ``iss`` exactly, checks ``nbf`` when
-present, refuses a ``kid`` it does not know and any token over ``max_token_bytes``. Every refusal is the
+present, refuses a ``kid`` it does not know and any token over ``max_token_bytes``, and refuses a ``typ`` header
+other than ``accepted_types`` (``JWT``, ``at+jwt``: an ``id_token+jwt`` signed by the same issuer is not an
+access token; RFC 8725 §3.11), or a missing one when ``require_typ``. Every refusal is the
 same ``InvalidToken`` to the caller; its message (never the token) is for the log only.
 """
 
@@ -73,6 +75,7 @@ class TokenVerifier:
             raise InvalidToken(f"malformed token: {type(exc).__name__}") from None
         if header.get("alg") != auth.algorithm:
             raise InvalidToken("algorithm not accepted")
+        _check_type(header.get("typ"), auth)
         key = await self._key(header.get("kid"))
         try:
             claims = jwt.decode(
@@ -106,6 +109,22 @@ class TokenVerifier:
         if kid != self._auth.key_id:
             raise InvalidToken("unknown kid")
         return self._static_key
+
+
+def _check_type(typ: object, auth: AuthSettings) -> None:
+    if typ is None:
+        if auth.require_typ:
+            raise InvalidToken("typ header required")
+        return
+    accepted = {_media_type(t) for t in auth.accepted_types}
+    if not isinstance(typ, str) or _media_type(typ) not in accepted:
+        raise InvalidToken("typ not accepted")
+
+
+def _media_type(typ: str) -> str:
+    """RFC 7515 §4.1.9: case-insensitive, ``application/`` may be omitted."""
+    lowered = typ.lower()
+    return lowered.removeprefix("application/")
 
 
 def _subject(sub: object) -> str:

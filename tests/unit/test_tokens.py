@@ -87,6 +87,10 @@ ATTACKS: dict[str, tuple[AuthSettings, Callable[[], str]]] = {
     "not a JWT": (HS, lambda: "hello"),
     "oversized header": (HS, lambda: hs(claims(), headers={"x": "a" * 10_000})),
     "roles not a list": (HS, lambda: hs(claims(roles={"admin": True}))),
+    "an ID token (typ id_token+jwt)": (HS, lambda: hs(claims(), headers={"typ": "id_token+jwt"})),
+    "a logout token (typ logout+jwt)": (HS, lambda: hs(claims(), headers={"typ": "application/logout+jwt"})),
+    "typ not a string": (HS, lambda: hs(claims(), headers={"typ": ["JWT"]})),
+    "no typ where it is required": (AuthSettings(require_typ=True), lambda: hs(claims(), headers={"typ": None})),
     "RS token with the wrong key": (
         RS,
         lambda: jwt.encode(claims(), rsa.generate_private_key(public_exponent=65537, key_size=2048), algorithm="RS256"),
@@ -105,6 +109,11 @@ async def test_a_good_token_gives_the_principal() -> None:
     who = await TokenVerifier(HS).verify(hs(claims(roles=["admin", "ops"])))
     assert (who.sub, who.roles) == ("alice", frozenset({"admin", "ops"}))
     assert who.expires_at > time.time()
+
+
+@pytest.mark.parametrize("typ", ["JWT", "jwt", "at+jwt", "application/at+JWT", None])
+async def test_an_access_token_type_or_none_is_accepted(typ: str | None) -> None:
+    assert (await TokenVerifier(HS).verify(hs(claims(), headers={"typ": typ}))).sub == "alice"
 
 
 async def test_roles_may_be_a_space_separated_string_and_absent() -> None:
