@@ -235,12 +235,23 @@ class BroadcastStore(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class GroupPage:
+    """The newest group broadcasts a query matched, oldest first; ``complete`` is False when older ones were
+    left out (more than the limit matched, or more than the store scans), so a reader must say so (RESYNC)."""
+
+    items: list[InboxItem]
+    complete: bool
+
+
 class InboxStore(Protocol):
     """What each user has, has missed and has read (see ``adapters/sql_inbox.py``)."""
 
     async def row_for(self, broadcast_id: str, user_id: str) -> int: ...
 
-    async def pending(self, user_id: str, limit: int) -> list[InboxItem]: ...
+    async def pending(self, user_id: str, limit: int) -> list[InboxItem]:
+        """The user's newest ``limit`` PENDING rows, oldest first."""
+        ...
 
     async def pending_for(self, user_ids: Sequence[str], limit: int) -> list[tuple[str, InboxItem]]:
         """PENDING rows of any of ``user_ids`` (user id, item), oldest first — one query for many users."""
@@ -252,7 +263,10 @@ class InboxStore(Protocol):
 
     async def row_created_at(self, user_id: str, row_id: int) -> datetime | None: ...
 
-    async def group(self, user_id: str, roles: frozenset[str], since: datetime | None) -> list[InboxItem]: ...
+    async def group(self, user_id: str, roles: frozenset[str], since: datetime | None, limit: int) -> GroupPage:
+        """The user's visible ALL/ROLE broadcasts created after ``since`` (None: the unread ones): the newest
+        ``limit`` of them, oldest first, and whether that is all of them."""
+        ...
 
     async def inbox(self, user_id: str, roles: frozenset[str]) -> list[InboxItem]: ...
 

@@ -172,7 +172,10 @@ class SseSettings(BaseModel):
     max_connections_per_user: int = Field(default=5, ge=1)
     send_timeout_seconds: float = Field(default=10.0, gt=0)
     heartbeat_seconds: float = Field(default=15.0, gt=0)
+    # a connect's catch-up: the newest ``replay_limit`` messages and at most ``replay_bytes`` of frames (at least
+    # one message); past either, RESYNC tells the client to refetch its inbox for the rest
     replay_limit: int = Field(default=1_000, ge=1)
+    replay_bytes: int = Field(default=1_048_576, ge=1_024)
     reconcile_seconds: float = Field(default=5.0, gt=0)
     delivered_flush_seconds: float = Field(default=0.2, gt=0)
 

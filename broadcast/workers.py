@@ -119,7 +119,15 @@ def _stream_loops(c: Components) -> list[Loop]:
     listener = BusListener(c.bus, c.hub, me, c.reconcile_now, gaps)
     return [
         listener,
-        Reconciler(c.inbox, c.hub, settings.sse.reconcile_seconds, c.reconcile_now, gaps, listener.subscribed),
+        Reconciler(
+            c.inbox,
+            c.hub,
+            settings.sse.reconcile_seconds,
+            c.reconcile_now,
+            gaps,
+            listener.subscribed,
+            replay_limit=settings.sse.replay_limit,
+        ),
         PresenceKeeper(c.presence, c.admission, c.hub, me, settings.redis.presence_ttl_seconds / 3),
         Heartbeat(c.hub, settings.sse.heartbeat_seconds),
         c.marker,

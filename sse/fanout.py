@@ -26,7 +26,7 @@ from broadcast.errors import BroadcastError
 from broadcast.loops import pause
 from broadcast.ports import Bus, BusMessage, InboxStore, Presence
 from sse.admission import Admission
-from sse.frames import HEARTBEAT
+from sse.frames import HEARTBEAT, EventName, frame
 from sse.hub import Connection, Hub, Outgoing
 from sse.messages import item_frame
 from sse.seen import BUS_GAP, DELIVERY_MARKS, SeenClock
@@ -36,6 +36,7 @@ RECONCILE_BATCH = 5_000  # rows per sweep, oldest first, across every user conne
 # How far before the last working moment of a lost subscription group broadcasts are replayed: a group
 # record consumed (and published to nobody) during the gap was usually created shortly before it.
 GAP_LOOKBACK_S = 120.0
+GAP_TOO_LONG = "live delivery was interrupted for longer than the server replays: the newest follow; refetch the inbox"
 
 
 class BusGaps:
@@ -132,8 +133,10 @@ class Reconciler:
         now: asyncio.Event,
         gaps: BusGaps | None = None,
         subscribed: asyncio.Event | None = None,
+        replay_limit: int = 1_000,
     ) -> None:
         self._inbox = inbox
+        self._replay_limit = replay_limit
         self._hub = hub
         self._interval_s = interval_s
         self._now = now
@@ -163,11 +166,17 @@ class Reconciler:
     async def _replay_group(self, since: datetime, upto: int) -> int:
         """ALL/ROLE broadcasts created after ``since`` to the connections open during the gap (ids up to
         ``upto``) they match; a connection skips the ones it already has (``Connection.seen``), so only
-        what the gap swallowed is written."""
+        what the gap swallowed is written. More than ``replay_limit``: RESYNC first, then the newest."""
         pushed = 0
         for roles in {c.roles for c in self._hub.connections() if c.id <= upto}:
             holding = _holding(roles, upto)
-            for item in await self._inbox.group("", roles, since):
+            page = await self._inbox.group("", roles, since, self._replay_limit)
+            if not page.complete:
+                self._hub.to_matching(holding, Outgoing(frame(EventName.RESYNC, {"reason": GAP_TOO_LONG})))
+                log.warning(
+                    "a bus gap since %s swallowed more than %d group broadcasts: RESYNC", since, len(page.items)
+                )
+            for item in page.items:
                 counts = not item.broadcast.fire_and_forget  # as on the live path
                 outgoing = Outgoing(item_frame(item), item.broadcast.id, counts=counts, path="reconciliation")
                 pushed += self._hub.to_matching(holding, outgoing)

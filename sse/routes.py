@@ -17,7 +17,7 @@ from broadcast.schemas import MarkReadRequest, json_data
 from sse.frames import EventName, frame
 from sse.hub import Connection
 from sse.messages import from_broadcast
-from sse.stream import HEADERS, SseStream, catch_up, head, outgoing
+from sse.stream import HEADERS, TOO_MANY, SseStream, bounded, catch_up, head
 
 log = logging.getLogger(__name__)
 LIMIT_RETRY = b"retry: 60000\n\n"
@@ -64,8 +64,8 @@ async def connect(request: Request) -> Response:
     except BaseException:
         await _close(request, connection)
         raise
-    start = head(connection, c.settings.server.instance_id, resync)
-    items = [outgoing(item, user_id) for item in backlog]
+    items, trimmed = bounded(backlog, user_id, settings.replay_bytes)
+    start = head(connection, c.settings.server.instance_id, resync or (TOO_MANY if trimmed else None))
     ends_at = who.expires_at + c.settings.auth.leeway_seconds  # as long as the token is accepted
     return SseStream(connection, start, items, lambda: _close(request, connection), ends_at)
 

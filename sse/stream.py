@@ -3,9 +3,11 @@
 Catch-up after ``Last-Event-ID`` replays, in creation order, the user's SELECTED rows after the cursor
 plus every still-PENDING row, and the matching ALL/ROLE broadcasts created after the cursor's moment
 (less ``GROUP_OVERLAP``: group broadcasts arrive out of creation order, so a few are sent again).
-When the cursor cannot be proven complete — not one of ours, another user's row, beyond anything stored,
-or more to replay than ``replay_limit`` — the stream says ``RESYNC`` first (the client refetches its
-inbox) and then sends what is pending. A MESSAGE counts as delivered once it was handed to the socket.
+A fresh connect sends the PENDING rows and the unread ALL/ROLE broadcasts.
+A catch-up is bounded: at most ``replay_limit`` items and ``replay_bytes`` of frames, always the newest.
+When it cannot send everything — the cursor is not provably one of ours (another user's row, beyond
+anything stored, garbage), or there is more than the bounds — the stream says ``RESYNC`` first (the client
+refetches its inbox) and then sends the newest. A MESSAGE counts as delivered once it was handed to the socket.
 """
 
 from __future__ import annotations
@@ -39,27 +41,31 @@ FUTURE_SLACK = timedelta(minutes=1)
 # broadcast that was on its way. A resume also replays the group broadcasts of the GROUP_OVERLAP before
 # the cursor; the client drops the ones it has by their SSE id (the same bytes each time).
 GROUP_OVERLAP = timedelta(seconds=30)
+# RESYNC reasons: the client refetches its inbox (GET /api/user/messages) either way
+UNKNOWN_CURSOR = "cannot resume from the given Last-Event-ID; refetch the inbox"
+TOO_MANY = "more messages than a stream sends at connect: the newest follow; refetch the inbox for the rest"
 
 
 async def catch_up(
     inbox: InboxStore, user_id: str, roles: frozenset[str], raw: str | None, limit: int
-) -> tuple[list[InboxItem], bool]:
-    """What to send right after connect, and whether the client must RESYNC first."""
+) -> tuple[list[InboxItem], str | None]:
+    """What to send right after connect (at most the newest ``limit`` items, in creation order), and why the
+    client must RESYNC first (None: what follows is everything it missed)."""
     try:
         cursor = parse_cursor(raw)
     except ValueError:
-        return await _fresh(inbox, user_id, roles, limit), True
+        return await _fresh(inbox, user_id, roles, limit, UNKNOWN_CURSOR)
     if cursor is None:
-        return await _fresh(inbox, user_id, roles, limit), False
+        return await _fresh(inbox, user_id, roles, limit, None)
     since = await _moment(inbox, user_id, cursor)
     if since is None:
-        return await _fresh(inbox, user_id, roles, limit), True
+        return await _fresh(inbox, user_id, roles, limit, UNKNOWN_CURSOR)
     selected = await inbox.selected_after(user_id, cursor.row_id or 0, None if cursor.row_id else since, limit + 1)
-    group = await inbox.group(user_id, roles, since - GROUP_OVERLAP)
-    items = _in_order(selected + group)
-    if len(items) > limit:
-        return await _fresh(inbox, user_id, roles, limit), True
-    return items, False
+    group = await inbox.group(user_id, roles, since - GROUP_OVERLAP, limit)
+    items = _in_order(selected + group.items)
+    if len(items) > limit or not group.complete:
+        return await _fresh(inbox, user_id, roles, limit, TOO_MANY)
+    return items, None
 
 
 async def _moment(inbox: InboxStore, user_id: str, cursor: Cursor) -> datetime | None:
@@ -71,9 +77,17 @@ async def _moment(inbox: InboxStore, user_id: str, cursor: Cursor) -> datetime |
     return None if moment > datetime.now(UTC) + FUTURE_SLACK else moment
 
 
-async def _fresh(inbox: InboxStore, user_id: str, roles: frozenset[str], limit: int) -> list[InboxItem]:
-    """A new connection: everything PENDING, and the unread ALL/ROLE broadcasts."""
-    return _in_order(await inbox.pending(user_id, limit) + await inbox.group(user_id, roles, None))
+async def _fresh(
+    inbox: InboxStore, user_id: str, roles: frozenset[str], limit: int, resync: str | None
+) -> tuple[list[InboxItem], str | None]:
+    """A new connection: the PENDING rows and the unread ALL/ROLE broadcasts, the newest ``limit`` of them;
+    RESYNC (``TOO_MANY``) when there were more."""
+    pending = await inbox.pending(user_id, limit + 1)
+    group = await inbox.group(user_id, roles, None, limit)
+    items = _in_order(pending + group.items)
+    if len(items) > limit or not group.complete:
+        return items[-limit:], resync or TOO_MANY
+    return items, resync
 
 
 def _in_order(items: list[InboxItem]) -> list[InboxItem]:
@@ -86,14 +100,27 @@ def outgoing(item: InboxItem, user_id: str) -> Outgoing:
     return Outgoing(item_frame(item), item.broadcast.id, counts=True, path="reconnect")
 
 
-def head(connection: Connection, instance_id: str, resync: bool) -> bytes:
-    """What every stream starts with: the retry hint, CONNECTED, and RESYNC when resume was impossible."""
+def bounded(items: list[InboxItem], user_id: str, max_bytes: int) -> tuple[list[Outgoing], bool]:
+    """The catch-up as frames, the newest that fit in ``max_bytes`` (at least one), in creation order; True
+    when older ones were left out."""
+    kept: list[Outgoing] = []
+    size = 0
+    for item in reversed(items):
+        out = outgoing(item, user_id)
+        size += len(out.data)
+        if kept and size > max_bytes:
+            return kept[::-1], True
+        kept.append(out)
+    return kept[::-1], False
+
+
+def head(connection: Connection, instance_id: str, resync: str | None) -> bytes:
+    """What every stream starts with: the retry hint, CONNECTED, and RESYNC with its reason when the catch-up
+    that follows is not everything the client missed."""
     hello = {"connectionId": connection.id, "userId": connection.user_id, "instance": instance_id}
     parts = [RETRY, frame(EventName.CONNECTED, hello)]
     if resync:
-        parts.append(
-            frame(EventName.RESYNC, {"reason": "cannot resume from the given Last-Event-ID; refetch the inbox"})
-        )
+        parts.append(frame(EventName.RESYNC, {"reason": resync}))
     return b"".join(parts)
 
 
@@ -165,4 +192,4 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
-__all__ = ["SseStream", "abort_of", "catch_up", "head", "outgoing"]
+__all__ = ["TOO_MANY", "UNKNOWN_CURSOR", "SseStream", "abort_of", "bounded", "catch_up", "head", "outgoing"]

@@ -21,9 +21,10 @@ from broadcast.adapters.sql_stores import dialect_insert
 from broadcast.adapters.sql_tables import broadcast_messages, user_broadcast_messages
 from broadcast.coalesce import FreshRead
 from broadcast.domain import Broadcast, BroadcastStatus, DeliveryStatus, InboxItem, ReadStatus, TargetType
+from broadcast.ports import GroupPage
 
 GROUP_TYPES = (TargetType.ALL.value, TargetType.ROLE.value)
-GROUP_SCAN_LIMIT = 1_000
+GROUP_SCAN_LIMIT = 1_000  # the newest visible group broadcasts one query looks at; past it, a page is incomplete
 USERS_PER_QUERY = 500
 MARK_CHUNK = 500  # rows per upsert: 7 parameters each, under SQLite's and asyncpg's parameter limits
 
@@ -46,11 +47,16 @@ class SqlInboxStore:
         self._active_group = FreshRead(self._read_active_group)  # many connects at once: one query
 
     async def _read_active_group(self) -> list[Broadcast]:
+        return await self._newest_group(None)
+
+    async def _newest_group(self, since: datetime | None) -> list[Broadcast]:
+        """The newest visible group broadcasts (after ``since``), newest first: at most one more than
+        ``GROUP_SCAN_LIMIT``, so that a caller can tell the scan left older ones out."""
         query = select(broadcast_messages).where(_visible(datetime.now(UTC)), b.target_type.in_(GROUP_TYPES))
-        return [
-            broadcast_from_row(r)
-            for r in await read_all(self._engine, query.order_by(b.created_at).limit(GROUP_SCAN_LIMIT))
-        ]
+        if since is not None:
+            query = query.where(b.created_at > since)
+        newest_first = query.order_by(b.created_at.desc(), b.id.desc()).limit(GROUP_SCAN_LIMIT + 1)
+        return [broadcast_from_row(r) for r in await read_all(self._engine, newest_first)]
 
     def _selected(self, user_id: str, now: datetime) -> Any:
         """The user's SELECTED rows of visible broadcasts, except FAILED ones: a delivery that went to the
@@ -91,9 +97,10 @@ class SqlInboxStore:
             raise translate(exc) from exc
 
     async def pending(self, user_id: str, limit: int) -> list[InboxItem]:
+        """The user's newest ``limit`` PENDING rows, oldest first."""
         now = datetime.now(UTC)
         query = self._selected(user_id, now).where(u.delivery_status == DeliveryStatus.PENDING.value)
-        return self._items(await read_all(self._engine, query.order_by(u.id).limit(limit)))
+        return self._items(await read_all(self._engine, query.order_by(u.id.desc()).limit(limit)))[::-1]
 
     async def pending_for(self, user_ids: Sequence[str], limit: int) -> list[tuple[str, InboxItem]]:
         found: list[tuple[str, InboxItem]] = []
@@ -138,19 +145,15 @@ class SqlInboxStore:
         rows = await read_all(self._engine, select(func.max(u.id)).where(u.user_id == user_id))
         return int(rows[0][0] or 0)
 
-    async def group(self, user_id: str, roles: frozenset[str], since: datetime | None) -> list[InboxItem]:
-        """Visible ALL/ROLE broadcasts for the user, oldest first: created after ``since``, or unread ones."""
-        if since is None:
-            candidates = await self._active_group.get()
-        else:
-            query = select(broadcast_messages).where(
-                _visible(datetime.now(UTC)), b.target_type.in_(GROUP_TYPES), b.created_at > since
-            )
-            rows = await read_all(self._engine, query.order_by(b.created_at).limit(GROUP_SCAN_LIMIT))
-            candidates = [broadcast_from_row(r) for r in rows]
-        mine = [c for c in candidates if matches(c, roles)]
+    async def group(self, user_id: str, roles: frozenset[str], since: datetime | None, limit: int) -> GroupPage:
+        """Visible ALL/ROLE broadcasts for the user: created after ``since``, or the unread ones; the newest
+        ``limit``, oldest first. Incomplete when more matched, or the scan reached ``GROUP_SCAN_LIMIT``."""
+        scanned = await (self._active_group.get() if since is None else self._newest_group(since))
+        complete = len(scanned) <= GROUP_SCAN_LIMIT
+        mine = [c for c in scanned[:GROUP_SCAN_LIMIT] if matches(c, roles)]
         read = await self._read_ids(user_id, [c.id for c in mine])
-        return [InboxItem(c, None, c.id in read) for c in mine if since is not None or c.id not in read]
+        wanted = [InboxItem(c, None, c.id in read) for c in mine if since is not None or c.id not in read]
+        return GroupPage(wanted[:limit][::-1], complete and len(wanted) <= limit)
 
     async def _read_ids(self, user_id: str, broadcast_ids: Sequence[str]) -> set[str]:
         if not broadcast_ids:

@@ -178,3 +178,26 @@ async def test_shutdown_tells_open_streams_and_exits_promptly(server: Server) ->
         code = await asyncio.to_thread(server.proc.wait, 30)
         assert code == 0
         assert asyncio.get_running_loop().time() - started < 15, "open streams must not hold the shutdown"
+
+
+async def test_a_connect_sends_at_most_the_newest_k_and_says_resync_when_there_were_more(
+    env: dict[str, str], tmp_path: Path, server_factory: list[Server]
+) -> None:
+    """Invariant 3 at the client: a stream that cannot send everything says RESYNC, and what it sends is the
+    newest (here K = 3 of 5 unread ALL broadcasts), for a fresh connect and for a resume alike."""
+    started = Server({**env, "BROADCAST_SSE__REPLAY_LIMIT": "3"}, tmp_path)
+    server_factory.append(started)
+    started.wait_live()
+    sent = [(await post(started.base, {"content": f"n{n}", "targetType": "ALL"}))["id"] for n in range(5)]
+    async with SseClient(started.base, "newbie") as newbie:
+        await newbie.wait_for(lambda e: e.event == "MESSAGE", count=3)
+        await asyncio.sleep(0.5)
+        names = [e.event for e in newbie.events if e.event in {"CONNECTED", "RESYNC", "MESSAGE"}]
+        assert names == ["CONNECTED", "RESYNC", "MESSAGE", "MESSAGE", "MESSAGE"], names
+        assert [m.data["broadcastId"] for m in newbie.messages] == sent[-3:], "the newest three, in order"
+        first = newbie.messages[0].id
+    for _ in range(2):
+        await post(started.base, {"content": "later", "targetType": "ALL"})
+    async with SseClient(started.base, "newbie", last_event_id=first) as back:
+        await back.wait_for(lambda e: e.event == "MESSAGE", count=3)
+        assert [e.event for e in back.events if e.event in {"CONNECTED", "RESYNC"}] == ["CONNECTED", "RESYNC"]

@@ -14,6 +14,9 @@ from broadcast.adapters.sql_stores import SqlUserStore
 from broadcast.domain import NewBroadcast, TargetType
 from broadcast.lifecycle import Lifecycle
 from broadcast.settings import KafkaSettings, LimitsSettings
+from sse.frames import Cursor, micros
+from sse.messages import item_frame
+from sse.stream import TOO_MANY, bounded, catch_up, outgoing
 from tests.databases import empty_database
 
 
@@ -79,3 +82,64 @@ async def test_deliveries_and_reads_count_for_selected_and_group_broadcasts_alik
     shown = [i.broadcast.id for i in await inbox.inbox("alice", frozenset())]
     assert sorted(shown) == sorted([everyone.id, chosen.id]), "a read or delivered ALL broadcast is listed once"
     assert [item.broadcast.id for item in await inbox.pending("bob", 10)] == [chosen.id], "group rows never pend"
+
+
+# ----------------------------------------------------------------- catch-up past the limits (invariant 3)
+
+
+async def all_broadcasts(lifecycle: Lifecycle, count: int, label: str) -> list[str]:
+    ids = []
+    for n in range(count):
+        created, _ = await lifecycle.create(NewBroadcast(f"{label} {n}", TargetType.ALL), sender_id="admin")
+        ids.append(created.id)
+    return ids
+
+
+async def test_past_the_group_scan_a_new_user_gets_the_newest_and_a_resync(
+    stores: tuple[Lifecycle, SqlInboxStore],
+) -> None:
+    """1,050 active ALL broadcasts, more than the store scans (1,000): a brand-new user's stream must carry
+    the newest ones, and RESYNC to say the rest is in the inbox; a resume after missing them all too."""
+    lifecycle, inbox = stores
+    (seen,) = await all_broadcasts(lifecycle, 1, "seen")
+    seen_at = (await lifecycle.get(seen)).created_at
+    ids = await all_broadcasts(lifecycle, sql_inbox.GROUP_SCAN_LIMIT + 50, "missed")
+
+    items, resync = await catch_up(inbox, "newbie", frozenset(), None, 1_000)
+    sent = [i.broadcast.id for i in items]
+    assert sent == ids[-1_000:], "the newest 1,000, in creation order"
+    assert resync == TOO_MANY, "the stream cannot send everything: it must say so"
+
+    cursor = Cursor(group_micros=micros(seen_at)).format()
+    items, resync = await catch_up(inbox, "back", frozenset(), cursor, 1_000)
+    assert [i.broadcast.id for i in items] == ids[-1_000:], "a resume after missing 1,050 gets the newest"
+    assert resync == TOO_MANY
+
+
+async def test_a_catch_up_is_bounded_to_the_newest_and_says_when_it_left_some_out(
+    stores: tuple[Lifecycle, SqlInboxStore],
+) -> None:
+    lifecycle, inbox = stores
+    selected = []
+    for n in range(4):
+        created, _ = await lifecycle.create(NewBroadcast(f"s{n}", TargetType.SELECTED, ("alice",)), sender_id="admin")
+        selected.append(created.id)
+    group = await all_broadcasts(lifecycle, 4, "g")
+    everything = selected + group  # created in this order
+
+    items, resync = await catch_up(inbox, "alice", frozenset(), None, 8)
+    assert ([i.broadcast.id for i in items], resync) == (everything, None), "within the limit: all, no RESYNC"
+
+    items, resync = await catch_up(inbox, "alice", frozenset(), None, 5)
+    assert [i.broadcast.id for i in items] == everything[-5:] and resync == TOO_MANY
+    assert [i.broadcast.id for i in await inbox.pending("alice", 2)] == selected[-2:], "newest PENDING rows"
+
+    frames, trimmed = bounded(items, "alice", len(item_frame(items[-1])) + len(item_frame(items[-2])))
+    assert trimmed and len(frames) == 2 and frames[-1].broadcast_id == everything[-1], "bytes bound keeps the newest"
+    assert bounded(items[:1], "alice", 1_024) == ([outgoing(items[0], "alice")], False)
+
+    first, _ = await catch_up(inbox, "alice", frozenset(), None, 8)
+    cursor = Cursor(row_id=first[0].row_id).format()
+    await inbox.mark_delivered([(i, "alice") for i in selected])
+    items, resync = await catch_up(inbox, "alice", frozenset(), cursor, 3)
+    assert resync == TOO_MANY and [i.broadcast.id for i in items] == group[-3:], "resume past the limit: newest"

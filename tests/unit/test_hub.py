@@ -15,7 +15,7 @@ import pytest
 from broadcast.adapters.memory_bus import MemoryBus, MemorySubscriptionQueue
 from broadcast.domain import Broadcast, BroadcastStatus, InboxItem, Priority, TargetType
 from broadcast.errors import ConflictError, UnavailableError
-from broadcast.ports import InboxStore
+from broadcast.ports import GroupPage, InboxStore
 from sse.fanout import BusGaps, BusListener, DeliveredMarker, Heartbeat, Reconciler
 from sse.frames import HEARTBEAT, Cursor, frame, parse_cursor
 from sse.hub import Connection, Hub, Outgoing
@@ -199,9 +199,10 @@ class GroupOnly:
     async def pending_for(self, user_ids: Sequence[str], limit: int) -> list[tuple[str, InboxItem]]:
         return []
 
-    async def group(self, user_id: str, roles: frozenset[str], since: datetime | None) -> list[InboxItem]:
+    async def group(self, user_id: str, roles: frozenset[str], since: datetime | None, limit: int) -> GroupPage:
         self.asked.append((roles, since))
-        return [i for i in self.items if since is None or i.broadcast.created_at > since]
+        found = [i for i in self.items if since is None or i.broadcast.created_at > since]
+        return GroupPage(found[-limit:], len(found) <= limit)
 
 
 def group_item(n: int, created: datetime) -> InboxItem:
@@ -233,6 +234,22 @@ async def test_after_a_bus_gap_the_reconciler_replays_group_broadcasts_each_conn
     assert not any(b"#1" in body for body in alice_socket.bodies + bob_socket.bodies), "nothing before the gap"
     assert {roles for roles, _ in inbox.asked} == {frozenset(), frozenset({"ops"})}, "one query per role set"
     assert gaps.take() is None, "the gap is consumed"
+
+
+async def test_a_bus_gap_that_swallowed_more_than_the_replay_limit_says_resync_and_replays_the_newest() -> None:
+    now = datetime.now(UTC)
+    missed = [group_item(n, now - timedelta(seconds=50 - n)) for n in range(10, 15)]
+    hub = Hub(queue_size=16, max_per_user=5)
+    _, socket = started(hub, "alice")
+    gaps = BusGaps()
+    reconciler = Reconciler(cast(InboxStore, GroupOnly(missed)), hub, 1.0, asyncio.Event(), gaps, replay_limit=3)
+    hub.seen_clock.hold(BUS_GAP)
+    gaps.add(now - timedelta(seconds=60), hub.last_id)
+    await reconciler.run_once()
+    events = [body for body in socket.bodies if body != b"head"]
+    assert b"event: RESYNC" in events[0], "the gap was longer than the replay: the client must be told first"
+    assert [b"#12" in e or b"#13" in e or b"#14" in e for e in events[1:]] == [True] * 3, "then the newest three"
+    assert not any(b"#10" in e or b"#11" in e for e in events), "not the oldest"
 
 
 def test_a_message_from_the_database_carries_the_correlation_id_as_the_live_one_does() -> None:

@@ -4,7 +4,10 @@
 //   client.on("message", (m) => …);         // each broadcast once (deduplicated by broadcastId)
 //   client.on("removed", ({broadcastId}) => …);
 //   client.on("read", ({broadcastId}) => …); // read in another tab
-//   client.on("resync", () => …);            // the stream could not resume: refetch the inbox
+//   client.on("resync", ({reason}) => …);    // the stream cannot send everything you missed: refetch the inbox
+//                                            // (an unknown Last-Event-ID, or more than a connect sends: the
+//                                            // newest SSE__REPLAY_LIMIT (1,000) messages / SSE__REPLAY_BYTES
+//                                            // (1 MiB) follow the RESYNC; GET /api/user/messages has the rest)
 //   client.on("state", (s) => …);            // "connecting" | "open" | "reconnecting" | "closed"
 //   client.connect();
 //   await client.api("GET", "/api/user/messages");
