@@ -39,6 +39,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from broadcast.app import create_app
+    from broadcast.http_guard import guarded_protocol
     from broadcast.serve import run
     from broadcast.shutdown import ShutdownClock
 
@@ -53,6 +54,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         log_level=settings.server.log_level,
         lifespan="on",
         timeout_graceful_shutdown=ShutdownClock(settings.server.shutdown_grace_seconds).http_drain_s(),
+        http=guarded_protocol(
+            settings.server.max_header_bytes,
+            settings.server.header_timeout_seconds,
+            settings.server.max_heads_in_flight,
+        ),
     )
     started = run(config)
     return 0 if started else 1

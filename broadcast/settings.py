@@ -34,6 +34,11 @@ class ServerSettings(BaseModel):
     shutdown_grace_seconds: float = Field(default=25.0, ge=2, le=600)
     # Browser origins allowed to call the API cross-origin (exact "scheme://host[:port]"); none by default.
     cors_origins: list[str] = Field(default_factory=list)
+    # the server's guard on request heads (broadcast/http_guard.py): past the size, 431; not complete in time
+    # after its first byte, 408; more connections sending a head at once, 503 + Retry-After at accept
+    max_header_bytes: int = Field(default=32_768, ge=4_096, le=1_048_576)
+    header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    max_heads_in_flight: int = Field(default=4_096, ge=1)
 
 
 class KafkaSettings(BaseModel):
