@@ -48,13 +48,16 @@ async def _verdict(check: Awaitable[None]) -> str:
 
 
 class LoopsHealth:
-    """Red when a background loop of this process has ended (crashed or killed) while the roles run."""
+    """Red when a background loop of this process has ended (crashed or killed) while the roles run, or is
+    waiting to be restarted after it ended early."""
 
-    def __init__(self, tasks: Sequence[asyncio.Task[None]]) -> None:
+    def __init__(self, tasks: Sequence[asyncio.Task[None]], restarting: Mapping[str, str] | None = None) -> None:
         self._tasks = tasks
+        self._restarting = restarting if restarting is not None else {}
 
     async def check(self) -> None:
         dead = [_ended(t) for t in self._tasks if t.done()]
+        dead += [f"{name} ({why}; restarting)" for name, why in self._restarting.items()]
         if dead:
             raise UnavailableError("background loops stopped: " + "; ".join(dead))
 

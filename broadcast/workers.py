@@ -18,6 +18,7 @@ from typing import Protocol
 from broadcast import constants
 from broadcast.components import Components
 from broadcast.errors import ValidationError
+from broadcast.loops import Supervisor
 from broadcast.observe import ConsumersHealth, LoopsHealth, Sampler
 from broadcast.relay import OutboxRelay
 from broadcast.scheduler import Scheduler
@@ -47,8 +48,10 @@ async def running(components: Components, roles: frozenset[str]) -> AsyncIterato
     tasks: list[asyncio.Task[None]] = []
     containers: list[ListenerContainer] = []
 
+    supervisor = Supervisor(stop)
+
     def start(name: str, loop: Loop) -> None:
-        task = asyncio.create_task(loop.run(stop), name=name)
+        task = asyncio.create_task(supervisor.run(name, loop.run), name=name)  # restarted when it ends early
         task.add_done_callback(_report_crash)
         tasks.append(task)
 
@@ -79,7 +82,7 @@ async def running(components: Components, roles: frozenset[str]) -> AsyncIterato
         start(container.listener.name, container)
     start("sampler", _sampler(components))
     observability = settings.observability
-    components.health["loops"] = LoopsHealth(tasks)
+    components.health["loops"] = LoopsHealth(tasks, supervisor.down)
     if containers:
         components.health["consumers"] = ConsumersHealth(containers, observability.consumer_stall_seconds)
     log.info("running roles: %s", ",".join(sorted(roles)))

@@ -134,6 +134,23 @@ class ListenerContainer:
             await task
 
 
+class HandlerEscapeError(RuntimeError):
+    """A handler raised a ``BaseException`` that is not the container's to propagate (a ``CancelledError`` of
+    its own making, say): the record failed, like any other error, instead of ending the listener."""
+
+    def __init__(self, escaped: BaseException) -> None:
+        super().__init__(f"handler raised {type(escaped).__name__}: {escaped}")
+        self.__cause__ = escaped
+
+
+def _ours_to_raise(exc: BaseException) -> bool:
+    """Process exits, and a cancellation of this task (stop, shutdown), end the listener; nothing else does."""
+    if isinstance(exc, KeyboardInterrupt | SystemExit):
+        return True
+    task = asyncio.current_task()
+    return isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling() > 0
+
+
 def _correlation_id(record: EventRecord) -> str | None:
     for key, value in record.headers:
         if key == constants.HEADER_CORRELATION_ID:
@@ -267,6 +284,15 @@ class _Member:
                     decision = None
                 except Exception as exc:
                     decision = await self._recover(record, tp, exc)
+                except BaseException as exc:
+                    if _ours_to_raise(exc):
+                        raise
+                    log.error(
+                        "listener %s: the handler raised %r; handled as a failure of the record",
+                        self.listener.name,
+                        exc,
+                    )
+                    decision = await self._recover(record, tp, HandlerEscapeError(exc))
             if decision is not None:
                 if isinstance(decision, Retry):
                     self._stuck_since = self._stuck_since or time.monotonic()

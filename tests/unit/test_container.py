@@ -313,3 +313,31 @@ def test_a_listener_must_have_the_handler_its_ack_mode_calls() -> None:
         Listener("x", (TOPIC,), GROUP, handler=plain, ack_mode=AckMode.MANUAL_IMMEDIATE)
     with pytest.raises(ConfigurationError, match="concurrency 0"):
         Listener("x", (TOPIC,), GROUP, handler=plain, concurrency=0)
+
+
+class Escaping(BaseException):
+    """What a careless handler may raise: not an Exception."""
+
+
+@pytest.mark.parametrize("escape", [asyncio.CancelledError, Escaping])
+async def test_a_handler_raising_a_base_exception_fails_its_record_and_the_listener_goes_on(
+    escape: type[BaseException], caplog: pytest.LogCaptureFixture
+) -> None:
+    log = MemoryEventLog(partitions=4)
+    await publish(log, 12)
+    seen: list[bytes] = []
+    raised = False
+
+    async def handle(record: EventRecord) -> None:
+        nonlocal raised
+        if record.value == b"m5" and not raised:
+            raised = True
+            raise escape("handler bug")
+        seen.append(record.value or b"")
+
+    async with ListenerContainer(log, record_listener(handle), FAST_RETRIES) as container:
+        await until(lambda: len(seen) == 12)
+        assert container.running, "the listener is still running"
+    assert sorted(seen) == sorted(f"m{i}".encode() for i in range(12)), "m5 retried and handled; none lost"
+    assert any(r.levelname == "ERROR" and escape.__name__ in r.getMessage() for r in caplog.records)
+    assert await committed(log) == ends(log)
