@@ -5,7 +5,8 @@ LOCKED`` on the lane rows), reads their due rows in id order, publishes them pip
 idempotent ``acks=all`` producer — holding no transaction or lock while it awaits Kafka — marks the
 acknowledged prefix published and gives the lanes back. One owner per lane keeps per-key order; several
 relays (processes) share the lanes. Rows after a failed one in the same lane wait for the next round, so
-a key's later event never overtakes an earlier one. Published rows are purged after a retention period.
+a key's later event never overtakes an earlier one. Published rows are purged after a retention period by a
+loop of their own (``OutboxPurger``), in small batches, so a large purge never holds up publishing.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from broadcast.settings import RelaySettings
 
 log = logging.getLogger(__name__)
 PURGE_EVERY_S = 60.0
+PURGE_BATCH = 2_000  # rows per DELETE: a short transaction, whatever the backlog of published rows
+PURGE_PAUSE_S = 0.05  # between batches, so the relay's and the API's transactions interleave
 ERROR_BACKOFF_S = 1.0
 
 
@@ -98,17 +101,45 @@ class OutboxRelay:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Publish until ``stop`` is set; sleeps on the wake-up event when idle, backs off on errors."""
-        last_purge = time.monotonic()
         while not stop.is_set():
             self._wakeup.clear()  # before the round: a commit during it wakes the next one at once
             try:
                 published = await self.run_once()
-                if time.monotonic() - last_purge > PURGE_EVERY_S:
-                    last_purge = time.monotonic()
-                    await self._outbox.purge_published(timedelta(seconds=self._settings.retention_seconds))
             except BroadcastError as exc:
                 log.warning("outbox relay round failed: %s", exc)
                 published = 0
                 await pause(stop, ERROR_BACKOFF_S)
             if published == 0:
                 await pause(stop, self._settings.idle_poll_seconds, self._wakeup)
+
+
+class OutboxPurger:
+    """Deletes published outbox rows older than ``retention_seconds``: every ``PURGE_EVERY_S``, in batches of
+    ``PURGE_BATCH`` rows, each its own short transaction, until none is left; off the relay's loop."""
+
+    def __init__(self, outbox: OutboxStore, settings: RelaySettings, every_s: float = PURGE_EVERY_S) -> None:
+        self._outbox = outbox
+        self._retention = timedelta(seconds=settings.retention_seconds)
+        self._every_s = every_s
+        self.purged = 0
+
+    async def run_once(self, stop: asyncio.Event) -> int:
+        purged = 0
+        while not stop.is_set():
+            deleted = await self._outbox.purge_published(self._retention, PURGE_BATCH)
+            purged += deleted
+            if deleted < PURGE_BATCH:
+                break
+            await pause(stop, PURGE_PAUSE_S)
+        self.purged += purged
+        return purged
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await pause(stop, self._every_s)
+            try:
+                started = time.monotonic()
+                if purged := await self.run_once(stop):
+                    log.info("purged %d published outbox rows in %.1f s", purged, time.monotonic() - started)
+            except BroadcastError as exc:
+                log.warning("outbox purge failed: %s", exc)

@@ -97,6 +97,9 @@ class DatabaseSettings(BaseModel):
     schema_name: str | None = Field(default=None, pattern=r"^[a-z_][a-z0-9_]{0,62}$")
     pool_size: int = Field(default=10, ge=1)
     max_overflow: int = Field(default=10, ge=0)
+    # PostgreSQL ends a session left idle inside a transaction this long (its locks and snapshot with it):
+    # the app's transactions are short and never await Kafka, so one idle this long is a bug or a stuck task
+    idle_in_transaction_timeout_seconds: float = Field(default=60.0, gt=0)
     echo: bool = False
 
     @field_validator("url")

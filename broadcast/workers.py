@@ -20,7 +20,7 @@ from broadcast.components import Components
 from broadcast.errors import ValidationError
 from broadcast.loops import Supervisor
 from broadcast.observe import ConsumersHealth, LoopsHealth, Sampler
-from broadcast.relay import OutboxRelay
+from broadcast.relay import OutboxPurger, OutboxRelay
 from broadcast.scheduler import Scheduler
 from broadcast.settings import RetrySettings
 from consumers.container import ListenerContainer
@@ -67,6 +67,7 @@ async def running(components: Components, roles: frozenset[str]) -> AsyncIterato
                 metrics=components.metrics,
             ),
         )
+        start("outbox-purger", OutboxPurger(components.outbox, settings.relay))
     if "scheduler" in roles:
         start(
             "scheduler", Scheduler(components.lifecycle, components.broadcasts, settings.relay.scheduler_tick_seconds)

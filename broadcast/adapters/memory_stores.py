@@ -99,9 +99,9 @@ class MemoryOutboxStore:
             self._rows[i].attempts += 1
             self._rows[i].last_error = error
 
-    async def purge_published(self, older_than: timedelta) -> int:
+    async def purge_published(self, older_than: timedelta, limit: int) -> int:
         cutoff = datetime.now(UTC) - older_than
-        old = [i for i, r in self._rows.items() if r.published_at is not None and r.published_at < cutoff]
+        old = [i for i, r in self._rows.items() if r.published_at is not None and r.published_at < cutoff][:limit]
         for i in old:
             del self._rows[i]
         return len(old)

@@ -27,9 +27,12 @@ def create_engine(settings: DatabaseSettings) -> AsyncEngine:
         engine = create_async_engine(url, echo=settings.echo, connect_args={"timeout": 30})
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
-    connect_args: dict[str, Any] = {"command_timeout": 30}
+    server_settings = {
+        "idle_in_transaction_session_timeout": str(int(settings.idle_in_transaction_timeout_seconds * 1000)),
+    }
     if settings.schema_name:
-        connect_args["server_settings"] = {"search_path": settings.schema_name}
+        server_settings["search_path"] = settings.schema_name
+    connect_args: dict[str, Any] = {"command_timeout": 30, "server_settings": server_settings}
     return create_async_engine(
         url,
         echo=settings.echo,

@@ -193,9 +193,10 @@ class SqlOutboxStore:
             )
             await self._execute(stmt)
 
-    async def purge_published(self, older_than: timedelta) -> int:
+    async def purge_published(self, older_than: timedelta, limit: int) -> int:
         cutoff = datetime.now(UTC) - older_than
-        stmt = delete(outbox_events).where(outbox_events.c.published_at < cutoff)
+        batch = select(outbox_events.c.id).where(outbox_events.c.published_at < cutoff).limit(limit)
+        stmt = delete(outbox_events).where(outbox_events.c.id.in_(batch.scalar_subquery()))
         try:
             async with self._engine.begin() as conn:
                 return int((await conn.execute(stmt)).rowcount)

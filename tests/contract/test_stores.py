@@ -95,7 +95,9 @@ async def test_rows_not_yet_due_wait_and_published_rows_leave(stores: tuple[User
     assert await outbox.backlog() == 1
     assert await outbox.oldest_unpublished() is None  # the one left is scheduled for later: not waiting
     assert await outbox.claim_lanes("relay-z", 100, LEASE) == []
-    assert await outbox.purge_published(timedelta(0)) == 2
+    assert await outbox.purge_published(timedelta(hours=1), 10) == 0, "published just now: kept"
+    assert await outbox.purge_published(timedelta(0), 1) == 1, "at most the batch"
+    assert await outbox.purge_published(timedelta(0), 10) == 1
     assert await outbox.backlog() == 1
 
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
+from datetime import timedelta
 
+import pytest
+
+from broadcast import relay
 from broadcast.adapters.memory_stores import MemoryOutboxStore
 from broadcast.domain import EventType, OutboxEvent
 from broadcast.errors import PublishError
@@ -54,3 +59,41 @@ async def test_rows_after_a_failed_one_wait_and_then_go_in_order() -> None:
     assert await relay.run_once() == 2
     assert publisher.sent[-2:] == [b"m1", b"m2"], "the next round re-sends the rest in key order"
     assert await outbox.backlog() == 0
+
+
+async def test_the_purge_runs_in_batches_off_the_relay_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A purge of many published rows is many short DELETEs on a loop of its own: the relay never waits for it."""
+    outbox = MemoryOutboxStore()
+    count = 2 * relay.PURGE_BATCH + 5
+    ids = await outbox.append([OutboxEvent("t", f"k{n}", EventType.CREATED, b"v") for n in range(count)])
+    await outbox.mark_published(ids)
+    calls: list[int] = []
+    purge = outbox.purge_published
+
+    async def counted(older_than: timedelta, limit: int) -> int:
+        deleted = await purge(older_than, limit)
+        calls.append(deleted)
+        return deleted
+
+    monkeypatch.setattr(outbox, "purge_published", counted)
+    purger = relay.OutboxPurger(outbox, RelaySettings(retention_seconds=0))
+    assert await purger.run_once(asyncio.Event()) == count
+    assert calls == [relay.PURGE_BATCH, relay.PURGE_BATCH, 5], "batches, each its own DELETE"
+
+    async def stuck(older_than: timedelta, limit: int) -> int:
+        await asyncio.Event().wait()  # a purge that takes for ever
+        return 0
+
+    monkeypatch.setattr(outbox, "purge_published", stuck)
+    monkeypatch.setattr(relay, "PURGE_EVERY_S", 0.0)
+    publisher, stop = FlakyPublisher(fail=set()), asyncio.Event()
+    loop = asyncio.create_task(
+        relay.OutboxRelay(outbox, publisher, RelaySettings(idle_poll_seconds=0.01), "r").run(stop)
+    )
+    await outbox.append([OutboxEvent("t", "a", EventType.CREATED, b"first")])
+    await asyncio.sleep(0.1)
+    await outbox.append([OutboxEvent("t", "a", EventType.CREATED, b"second")])
+    await asyncio.sleep(0.1)
+    stop.set()
+    await asyncio.wait_for(loop, 1)
+    assert publisher.sent == [b"first", b"second"], "publishing goes on whatever the purge does"
