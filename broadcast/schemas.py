@@ -1,5 +1,9 @@
 """HTTP request and response models of the admin API: camelCase on the wire, unknown fields refused.
 
+Request models are strict (``http_body.validated`` validates the JSON text in strict mode): each field takes
+its own JSON type only, and a date-time is an ISO-8601 string with an offset (never a number, nor a string of
+digits read as epoch seconds).
+
 These are distinct from the domain values (``broadcast.domain``): requests convert to them with
 ``to_domain`` and responses are built from them with ``of``. Bounds that depend on settings (content length,
 id counts) are checked by the lifecycle service; the bounds here are the fixed ones of the wire format.
@@ -7,11 +11,21 @@ id counts) are checked by the lifecycle service; the bounds here are the fixed o
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated
 
 import orjson
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+)
 from pydantic.alias_generators import to_camel
 from starlette.responses import Response
 
@@ -44,9 +58,32 @@ class CamelModel(BaseModel):
 
 
 class RequestModel(CamelModel):
-    """Base of request bodies: only the camelCase names are accepted (``target_type`` is an unknown field)."""
+    """Base of request bodies: only the camelCase names are accepted (``target_type`` is an unknown field),
+    and only values of the field's own JSON type (strict)."""
 
-    model_config = ConfigDict(validate_by_name=False)
+    model_config = ConfigDict(validate_by_name=False, strict=True)
+
+
+_ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_DATE_TIME = TypeAdapter(AwareDatetime)
+ISO_DATE_TIME_HINT = "expected an ISO-8601 date-time string with an offset, e.g. 2030-01-01T10:00:00Z"
+
+
+def _iso_date_time(value: object) -> object:
+    """An ISO-8601 string parsed by pydantic's own date-time parser; anything else is left for the strict
+    check to refuse. (A before-validator hands its result on in Python mode, where strict mode takes no
+    strings; and pydantic's parser alone would also read a string of digits as epoch seconds.)"""
+    if not isinstance(value, str):
+        return value
+    if not _ISO_DATE.match(value):
+        raise ValueError(ISO_DATE_TIME_HINT)
+    try:
+        return _DATE_TIME.validate_strings(value)
+    except ValidationError as exc:
+        raise ValueError(exc.errors(include_url=False, include_input=False)[0]["msg"]) from None
+
+
+IsoDateTime = Annotated[AwareDatetime, BeforeValidator(_iso_date_time)]
 
 
 # --------------------------------------------------------------------------- user inbox
@@ -71,8 +108,8 @@ class BroadcastFields(RequestModel):
     content: str
     priority: Priority = Priority.NORMAL
     category: str | None = None
-    scheduled_at: AwareDatetime | None = None
-    expires_at: AwareDatetime | None = None
+    scheduled_at: IsoDateTime | None = None
+    expires_at: IsoDateTime | None = None
     fire_and_forget: bool = False
 
 
