@@ -913,7 +913,11 @@ def build_document(bounds: Bounds) -> dict[str, Any]:
         "info": {
             "title": "Broadcast messaging server",
             "version": "0.1.0",
-            "description": "Admin broadcasts fanned out through Kafka to Server-Sent Event streams.",
+            "description": (
+                "Admin broadcasts fanned out through Kafka to Server-Sent Event streams. Every error is "
+                "application/problem+json (RFC 9457); a method a path does not take is a 405 whose `Allow` "
+                "header lists the methods it does take."
+            ),
         },
         "paths": _admin_only(
             {
