@@ -24,7 +24,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from broadcast import admin_api, admin_users_api, web
-from broadcast.domain import BroadcastStatus
+from broadcast.domain import BroadcastStatus, TargetType
 from broadcast.http_context import components
 from broadcast.http_problems import MEDIA_TYPE as PROBLEM
 from broadcast.schemas import (
@@ -390,6 +390,12 @@ def _with_service_rules(schemas: dict[str, Schema], bounds: Bounds) -> None:
         fields = schemas[name]["properties"]
         fields["content"].update(minLength=1, maxLength=bounds.max_content_chars, pattern=CONTENT_PATTERN)
         fields["category"]["anyOf"][0].update(maxLength=bounds.max_category_chars, pattern=NO_NUL_PATTERN)
+    schemas["CsvBroadcastForm"]["properties"]["targetType"] = {
+        "type": "string",
+        "enum": [TargetType.SELECTED.value],
+        "default": TargetType.SELECTED.value,
+        "description": "the recipients are the file's user ids: SELECTED only (ALL and ROLE are a 400)",
+    }
     target_ids = schemas["CreateBroadcastRequest"]["properties"]["targetIds"]
     target_ids["maxItems"] = bounds.max_json_target_ids
     target_ids["items"]["maxLength"] = bounds.max_user_id_chars
@@ -519,8 +525,9 @@ def _broadcast_paths(bounds: Bounds) -> dict[str, Schema]:
     csv_body: Schema = {
         "required": True,
         "description": (
-            f"`file`: a CSV of user ids, one per line (at most {bounds.max_csv_bytes} bytes), and the broadcast's "
-            "fields; the target is SELECTED"
+            f"`file`: a CSV of user ids, one per line (at most {bounds.max_csv_bytes} bytes), and the create "
+            "request's fields as form fields: every one but `targetIds` (the file holds the ids); `targetType` may "
+            "be given and must be SELECTED; `fireAndForget` is `true` or `false`; the same rules as the JSON create"
         ),
         "content": {
             "multipart/form-data": {

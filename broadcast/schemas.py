@@ -25,6 +25,7 @@ from pydantic import (
     StringConstraints,
     TypeAdapter,
     ValidationError,
+    field_validator,
 )
 from pydantic.alias_generators import to_camel
 from starlette.responses import Response
@@ -113,6 +114,12 @@ class BroadcastFields(RequestModel):
     fire_and_forget: bool = False
 
 
+CSV_TARGET_HINT = (
+    "must be SELECTED: a CSV upload's recipients are the user ids of the file (ALL and ROLE take no id list; "
+    "create those with POST /api/admin/broadcasts)"
+)
+
+
 class CreateBroadcastRequest(BroadcastFields):
     """``POST /api/admin/broadcasts``; ``targetIds`` are user ids (SELECTED), role names (ROLE), empty for ALL."""
 
@@ -124,7 +131,17 @@ class CreateBroadcastRequest(BroadcastFields):
 
 
 class CsvBroadcastForm(BroadcastFields):
-    """The form fields beside the ``file`` part of ``POST /api/admin/broadcasts/csv`` (target is SELECTED)."""
+    """The form fields beside the ``file`` part of ``POST /api/admin/broadcasts/csv``: the create request's
+    fields but ``targetIds`` (the file holds the user ids); ``targetType`` may be given and must be SELECTED."""
+
+    target_type: TargetType = TargetType.SELECTED
+
+    @field_validator("target_type")
+    @classmethod
+    def _selected_only(cls, value: TargetType) -> TargetType:
+        if value is not TargetType.SELECTED:
+            raise ValueError(CSV_TARGET_HINT)
+        return value
 
     def to_domain(self) -> NewBroadcast:
         return _new_broadcast(self, TargetType.SELECTED, ())

@@ -309,6 +309,15 @@ async def test_csv_upload_of_5000_ids_with_duplicates(api: Api) -> None:
     assert await api.rows() == rows
 
 
+async def test_csv_upload_takes_the_create_fields_as_form_fields(api: Api) -> None:
+    fields = {"targetType": "SELECTED", "fireAndForget": "true", "scheduledAt": at(days=1), "priority": "LOW"}
+    response = await api.http.post(f"{BROADCASTS}/csv", headers=ADMIN, **csv_upload(b"u1\nu2\n", **fields))
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["targetType"] == "SELECTED" and body["fireAndForget"] is True and body["status"] == "SCHEDULED"
+    assert body["priority"] == "LOW" and body["recipients"] == {"accepted": 2, "duplicates": 0}
+
+
 # --------------------------------------------------------------------------- users
 async def test_users_put_get_and_replace_roles(api: Api) -> None:
     url = "/api/admin/users/ann@example.com"
@@ -434,7 +443,10 @@ BAD_INPUT = [
     ),
     Bad("CSV as JSON", json_post({"content": "hi"}), 415, "multipart", path=CSV),
     Bad("CSV with empty content", csv_post(b"u1\n", content=" "), 400, "content must not be empty", path=CSV),
-    Bad("CSV with a targetType field", csv_post(b"u1\n", targetType="ALL"), 400, "targetType", path=CSV),
+    Bad("CSV with targetType ALL", csv_post(b"u1\n", targetType="ALL"), 400, "must be SELECTED", path=CSV),
+    Bad("CSV with targetType ROLE", csv_post(b"u1\n", targetType="ROLE"), 400, "must be SELECTED", path=CSV),
+    Bad("CSV with targetIds", csv_post(b"u1\n", targetIds="u2"), 400, "targetIds", path=CSV),
+    Bad("CSV with fireAndForget yes", csv_post(b"u1\n", fireAndForget="yes"), 400, "fireAndForget", path=CSV),
     Bad("CSV with past expiresAt", csv_post(b"u1\n", expiresAt=at(hours=-1)), 400, "past", path=CSV),
     Bad("CSV without a bearer token", csv_upload(b"u1\n"), 401, "bearer token", path=CSV),
     Bad(
