@@ -53,19 +53,18 @@ _ROLE = re.compile(ROLE_PATTERN)
 
 
 def _request_tokens(request: Request) -> tuple[str | None, str]:
-    """The Idempotency-Key (if any) and the correlation id (given, or the request's new one), checked before
-    the body: a malformed one is a 400 here rather than silently replaced."""
-    key = _token_header(request, "Idempotency-Key")
-    return key, _token_header(request, "X-Correlation-ID") or correlation_id(request.scope)
+    """The Idempotency-Key (if any; checked before the body, a malformed one is a 400: it decides what is
+    written) and the request's correlation id (``Correlation`` kept a valid one and replaced any other)."""
+    return _idempotency_key(request), correlation_id(request.scope)
 
 
-def _token_header(request: Request, name: str) -> str | None:
-    """An Idempotency-Key / X-Correlation-ID value: 1-200 printable ASCII characters, or 400."""
-    value = request.headers.get(name)
+def _idempotency_key(request: Request) -> str | None:
+    """The Idempotency-Key: 1-200 printable ASCII characters, or 400."""
+    value = request.headers.get("Idempotency-Key")
     if value is None:
         return None
     if not printable_token(value, MAX_TOKEN_CHARS):
-        raise ValidationError(f"{name} must be 1-{MAX_TOKEN_CHARS} printable ASCII characters")
+        raise ValidationError(f"Idempotency-Key must be 1-{MAX_TOKEN_CHARS} printable ASCII characters")
     return value
 
 

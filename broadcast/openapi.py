@@ -512,7 +512,13 @@ def _broadcast_paths(bounds: Bounds) -> dict[str, Schema]:
     )
     tokens = [
         _token_header("Idempotency-Key", "a replay with the same key and request returns the first result (200)"),
-        _token_header("X-Correlation-ID", "carried through to the events; a new one when absent"),
+        _param(
+            "X-Correlation-ID",
+            "header",
+            {"type": "string"},
+            "kept when 1-200 printable ASCII characters and carried through to the events; absent or any other "
+            "value: replaced by a new id, never refused (every route; the id used is echoed in X-Correlation-ID)",
+        ),
     ]
     created_headers = {"Location": {"type": "string"}, "X-Correlation-ID": {"type": "string"}}
     replayed_headers = {**created_headers, "Idempotent-Replayed": {"const": "true"}}
@@ -923,7 +929,9 @@ def build_document(bounds: Bounds) -> dict[str, Any]:
             "description": (
                 "Admin broadcasts fanned out through Kafka to Server-Sent Event streams. Every error is "
                 "application/problem+json (RFC 9457); a method a path does not take is a 405 whose `Allow` "
-                "header lists the methods it does take."
+                "header lists the methods it does take. Every answer carries the request's correlation id in "
+                "`X-Correlation-ID`: the caller's when it is 1-200 printable ASCII characters, else a new one (an "
+                "invalid one is replaced, never refused)."
             ),
         },
         "paths": _admin_only(
