@@ -53,7 +53,7 @@ EVENT_STREAM = "text/event-stream"
 SECURITY_SCHEME = "bearerAuth"
 USER_MESSAGES = "/api/user/messages"
 NO_NUL_PATTERN = r"^[^\x00]*$"
-CONTENT_PATTERN = r"^[^\x00]*[^\s\x00][^\x00]*$"  # not blank (it is stripped), no NUL
+CONTENT_PATTERN = r"^[^\x00]*[^\s\x00][^\x00]*$"  # not blank (kept as sent, never stripped), no NUL
 USER_ID_PATTERN = r"^\S(?:.*\S)?$"  # printable, no surrounding spaces
 MAX_EVENT_ID_CHARS = 20
 EVENT_ID_PATTERN = r"^[sg][0-9]+$"  # sse.frames.Cursor: s<row id> or g<µs>, at most MAX_EVENT_ID_CHARS
@@ -388,7 +388,12 @@ def _with_service_rules(schemas: dict[str, Schema], bounds: Bounds) -> None:
     user ids without surrounding spaces (the models keep only the fixed rules of the wire format)."""
     for name in ("CreateBroadcastRequest", "CsvBroadcastForm"):
         fields = schemas[name]["properties"]
-        fields["content"].update(minLength=1, maxLength=bounds.max_content_chars, pattern=CONTENT_PATTERN)
+        fields["content"].update(
+            minLength=1,
+            maxLength=bounds.max_content_chars,
+            pattern=CONTENT_PATTERN,
+            description="kept exactly as sent (never trimmed); empty or whitespace-only is a 400",
+        )
         fields["category"]["anyOf"][0].update(maxLength=bounds.max_category_chars, pattern=NO_NUL_PATTERN)
     schemas["CsvBroadcastForm"]["properties"]["targetType"] = {
         "type": "string",

@@ -82,7 +82,7 @@ async def test_selected_broadcast_is_created_with_its_rows_and_events(api: Api) 
     body = response.json()
     assert response.headers["location"] == f"{BROADCASTS}/{body['id']}"
     assert response.headers["x-correlation-id"] == "corr-42"
-    assert body["senderId"] == "admin-ann" and body["content"] == "Deploy at 22:00"
+    assert body["senderId"] == "admin-ann" and body["content"] == "  Deploy at 22:00  "
     assert body["targetType"] == "SELECTED" and body["targetedCount"] == 3 and body["status"] == "ACTIVE"
     assert body["priority"] == "NORMAL" and body["fireAndForget"] is False and body["correlationId"] == "corr-42"
     assert datetime.fromisoformat(body["createdAt"]).tzinfo is not None
@@ -91,6 +91,14 @@ async def test_selected_broadcast_is_created_with_its_rows_and_events(api: Api) 
     assert fetched.status_code == 200 and fetched.json() == body
     assert await api.outbox(body["id"]) == ["CREATED"] * 3
     assert (await api.rows())["user_broadcast_messages"] == 3
+
+
+@pytest.mark.parametrize("content", ["trail\r", "  both  ", "\tlead", "line\n\n", "\u00a0nbsp"])
+async def test_content_is_kept_exactly_as_sent(api: Api, content: str) -> None:
+    created = await api.create({"content": content, "targetType": "SELECTED", "targetIds": ["u1"]})
+    assert created["content"] == content
+    fetched = await api.http.get(f"{BROADCASTS}/{created['id']}", headers=ADMIN)
+    assert fetched.json()["content"] == content
 
 
 async def test_a_correlation_id_is_made_up_when_none_is_sent(api: Api) -> None:
