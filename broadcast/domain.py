@@ -7,11 +7,18 @@ distinct types that convert to and from these.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+
+
+def rfc3339(moment: datetime) -> str:
+    """The one way the API writes a moment: RFC 3339 in UTC, ``Z``, always six fractional digits
+    (``2030-01-01T10:00:00.000000Z``). A naive datetime is taken as UTC (SQLite keeps no offset)."""
+    utc = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    return utc.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 class TargetType(StrEnum):

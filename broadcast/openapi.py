@@ -936,7 +936,8 @@ def build_document(bounds: Bounds) -> dict[str, Any]:
                 "application/problem+json (RFC 9457); a method a path does not take is a 405 whose `Allow` "
                 "header lists the methods it does take. Every answer carries the request's correlation id in "
                 "`X-Correlation-ID`: the caller's when it is 1-200 printable ASCII characters, else a new one (an "
-                "invalid one is replaced, never refused)."
+                "invalid one is replaced, never refused). Every timestamp in an answer or a stream event is "
+                "RFC 3339 in UTC with six fractional digits and a `Z` (`2030-01-01T10:00:00.000000Z`)."
             ),
         },
         "paths": _admin_only(

@@ -22,6 +22,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     StringConstraints,
     TypeAdapter,
     ValidationError,
@@ -41,9 +42,12 @@ from broadcast.domain import (
     ReadStatus,
     TargetType,
     User,
+    rfc3339,
 )
 
 ROLE_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+# A moment in an answer: RFC 3339, UTC, ``Z``, six fractional digits (``broadcast.domain.rfc3339``).
+Timestamp = Annotated[datetime, PlainSerializer(rfc3339, return_type=str, when_used="json")]
 RoleName = Annotated[str, StringConstraints(pattern=ROLE_PATTERN)]
 MAX_ROLES_PER_USER = 100
 MAX_DISPLAY_NAME_CHARS = 200
@@ -174,10 +178,10 @@ class BroadcastOut(CamelModel):
     status: BroadcastStatus
     fire_and_forget: bool
     targeted_count: int
-    created_at: datetime
-    updated_at: datetime
-    scheduled_at: datetime | None
-    expires_at: datetime | None
+    created_at: Timestamp
+    updated_at: Timestamp
+    scheduled_at: Timestamp | None
+    expires_at: Timestamp | None
     correlation_id: str | None
 
     @classmethod
@@ -245,8 +249,8 @@ class DeliveryOut(CamelModel):
     user_id: str
     delivery_status: DeliveryStatus
     read_status: ReadStatus
-    delivered_at: datetime | None
-    read_at: datetime | None
+    delivered_at: Timestamp | None
+    read_at: Timestamp | None
 
     @classmethod
     def of(cls, d: Delivery) -> DeliveryOut:

@@ -6,9 +6,10 @@ wrote stay countable; every refused request is checked to have written nothing a
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import httpx
@@ -99,6 +100,22 @@ async def test_content_is_kept_exactly_as_sent(api: Api, content: str) -> None:
     assert created["content"] == content
     fetched = await api.http.get(f"{BROADCASTS}/{created['id']}", headers=ADMIN)
     assert fetched.json()["content"] == content
+
+
+STAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
+
+
+async def test_timestamps_are_rfc3339_utc_with_microseconds_in_admin_api_and_inbox(api: Api) -> None:
+    expires = (datetime.now(UTC) + timedelta(days=1)).replace(microsecond=0).astimezone(timezone(timedelta(hours=-3)))
+    created = await api.create(
+        {"content": "when", "targetType": "SELECTED", "targetIds": ["u1"], "expiresAt": expires.isoformat()}
+    )
+    stamps = [created["createdAt"], created["updatedAt"], created["expiresAt"]]
+    assert all(STAMP.match(s) for s in stamps), stamps
+    listed = (await api.http.get(BROADCASTS, headers=ADMIN)).json()["items"][0]
+    assert [listed["createdAt"], listed["updatedAt"], listed["expiresAt"]] == stamps
+    inbox = (await api.http.get("/api/user/messages", headers=bearer("u1"))).json()["items"][0]
+    assert [inbox["createdAt"], inbox["expiresAt"]] == [stamps[0], stamps[2]]
 
 
 async def test_a_correlation_id_is_made_up_when_none_is_sent(api: Api) -> None:

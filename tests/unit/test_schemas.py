@@ -139,7 +139,7 @@ def test_the_csv_form_has_no_target() -> None:
     assert "targetType" in [e["field"] for e in errors_of(CsvBroadcastForm, {"content": "hi", "targetType": "ALL"})]
 
 
-def test_broadcast_out_is_camel_case_iso_8601() -> None:
+def test_broadcast_out_is_camel_case_rfc3339_utc() -> None:
     at = datetime(2030, 5, 1, 12, 0, tzinfo=timezone(timedelta(hours=2)))
     broadcast = Broadcast(
         id="b1",
@@ -168,9 +168,9 @@ def test_broadcast_out_is_camel_case_iso_8601() -> None:
         "status": "SCHEDULED",
         "fireAndForget": False,
         "targetedCount": 3,
-        "createdAt": "2030-05-01T12:00:00+02:00",
-        "updatedAt": "2030-05-01T12:00:00+02:00",
-        "scheduledAt": "2030-05-01T12:00:00+02:00",
+        "createdAt": "2030-05-01T10:00:00.000000Z",
+        "updatedAt": "2030-05-01T10:00:00.000000Z",
+        "scheduledAt": "2030-05-01T10:00:00.000000Z",
         "expiresAt": None,
         "correlationId": "c1",
     }
