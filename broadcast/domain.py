@@ -140,17 +140,35 @@ class Broadcast:
 
 @dataclass(frozen=True, slots=True)
 class BroadcastStats:
-    """Counters of one broadcast; rates are fractions of ``targeted`` (0 when nobody is targeted)."""
+    """Counters of one broadcast; rates are fractions of ``targeted`` (0 when nobody is targeted).
+
+    The targeted users not delivered to nor failed are ``pending`` while the broadcast can still reach them,
+    and ``cancelled`` or ``expired`` once it was (then nothing is pending): targeted = delivered + failed +
+    pending + cancelled + expired. ``read`` counts within ``delivered``.
+    """
 
     broadcast_id: str
     targeted: int
     delivered: int
     read: int
     failed: int
+    status: BroadcastStatus = BroadcastStatus.ACTIVE
+
+    @property
+    def _unreached(self) -> int:
+        return max(self.targeted - self.delivered - self.failed, 0)
 
     @property
     def pending(self) -> int:
-        return max(self.targeted - self.delivered - self.failed, 0)
+        return 0 if self.status in (BroadcastStatus.CANCELLED, BroadcastStatus.EXPIRED) else self._unreached
+
+    @property
+    def cancelled(self) -> int:
+        return self._unreached if self.status is BroadcastStatus.CANCELLED else 0
+
+    @property
+    def expired(self) -> int:
+        return self._unreached if self.status is BroadcastStatus.EXPIRED else 0
 
     @property
     def delivery_rate(self) -> float:

@@ -222,12 +222,16 @@ class BroadcastPage(CamelModel):
 
 
 class StatsOut(CamelModel):
+    """targeted = delivered + failed + pending + cancelled + expired; ``read`` counts within ``delivered``."""
+
     broadcast_id: str
     targeted: int
     delivered: int
     read: int
     failed: int
-    pending: int
+    pending: int = Field(description="targeted users it can still reach (0 once CANCELLED or EXPIRED)")
+    cancelled: int = Field(description="targeted users it had not reached when it was cancelled")
+    expired: int = Field(description="targeted users it had not reached when it expired")
     delivery_rate: float
     read_rate: float
 
@@ -240,6 +244,8 @@ class StatsOut(CamelModel):
             read=s.read,
             failed=s.failed,
             pending=s.pending,
+            cancelled=s.cancelled,
+            expired=s.expired,
             delivery_rate=s.delivery_rate,
             read_rate=s.read_rate,
         )

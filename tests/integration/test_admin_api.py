@@ -238,6 +238,17 @@ async def test_cancel_answers_the_cancelled_broadcast_and_refuses_a_second_time(
     assert await api.rows() == before
 
 
+async def test_stats_of_a_cancelled_broadcast_show_nothing_pending(api: Api) -> None:
+    await api.http.post("/api/admin/users/bulk", json=[{"id": u} for u in ("ann", "bob", "cid")], headers=ADMIN)
+    everyone = await api.create({"content": "all", "targetType": "ALL"})
+    one = await api.create({"content": "one", "targetType": "SELECTED", "targetIds": ["ann"]})
+    for created, targeted in ((everyone, 3), (one, 1)):
+        assert (await api.http.delete(f"{BROADCASTS}/{created['id']}", headers=ADMIN)).status_code == 200
+        stats = (await api.http.get(f"{BROADCASTS}/{created['id']}/stats", headers=ADMIN)).json()
+        assert (stats["targeted"], stats["delivered"], stats["read"], stats["failed"]) == (targeted, 0, 0, 0)
+        assert (stats["pending"], stats["cancelled"], stats["expired"]) == (0, targeted, 0)
+
+
 async def test_stats_and_deliveries_pages(api: Api) -> None:
     recipients = [f"user-{i}" for i in range(7)]
     created = await api.create({"content": "count me", "targetType": "SELECTED", "targetIds": recipients})
@@ -251,6 +262,8 @@ async def test_stats_and_deliveries_pages(api: Api) -> None:
         "read": 0,
         "failed": 0,
         "pending": 7,
+        "cancelled": 0,
+        "expired": 0,
         "deliveryRate": 0.0,
         "readRate": 0.0,
     }

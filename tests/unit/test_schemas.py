@@ -185,6 +185,8 @@ def test_stats_and_deliveries_out() -> None:
         "read": 1,
         "failed": 1,
         "pending": 1,
+        "cancelled": 0,
+        "expired": 0,
         "deliveryRate": 0.5,
         "readRate": 0.25,
     }
