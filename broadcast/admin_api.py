@@ -12,8 +12,8 @@ import asyncio
 import re
 import uuid
 from contextlib import aclosing
-from typing import Any
 
+import orjson
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
@@ -53,19 +53,18 @@ _ROLE = re.compile(ROLE_PATTERN)
 
 
 def _request_tokens(request: Request) -> tuple[str | None, str]:
-    """The Idempotency-Key (if any) and the correlation id (given, or the request's new one), checked before
-    the body: a malformed one is a 400 here rather than silently replaced."""
-    key = _token_header(request, "Idempotency-Key")
-    return key, _token_header(request, "X-Correlation-ID") or correlation_id(request.scope)
+    """The Idempotency-Key (if any; checked before the body, a malformed one is a 400: it decides what is
+    written) and the request's correlation id (``Correlation`` kept a valid one and replaced any other)."""
+    return _idempotency_key(request), correlation_id(request.scope)
 
 
-def _token_header(request: Request, name: str) -> str | None:
-    """An Idempotency-Key / X-Correlation-ID value: 1-200 printable ASCII characters, or 400."""
-    value = request.headers.get(name)
+def _idempotency_key(request: Request) -> str | None:
+    """The Idempotency-Key: 1-200 printable ASCII characters, or 400."""
+    value = request.headers.get("Idempotency-Key")
     if value is None:
         return None
     if not printable_token(value, MAX_TOKEN_CHARS):
-        raise ValidationError(f"{name} must be 1-{MAX_TOKEN_CHARS} printable ASCII characters")
+        raise ValidationError(f"Idempotency-Key must be 1-{MAX_TOKEN_CHARS} printable ASCII characters")
     return value
 
 
@@ -144,7 +143,7 @@ async def upload_broadcast(request: Request) -> Response:
     form = await _read_form(request, limits)
     try:
         upload, fields = _split_form(form)
-        new = validated(CsvBroadcastForm, fields).to_domain()
+        new = validated(CsvBroadcastForm, _form_document(fields)).to_domain()
         if upload.size is not None and upload.size > limits.max_csv_bytes:
             raise too_large(limits.max_csv_bytes, "CSV file")
         recipients = await asyncio.to_thread(_parse_csv, upload, limits)
@@ -173,9 +172,9 @@ def csv_body_limit(limits: LimitsSettings) -> int:
     return limits.max_csv_bytes + limits.max_body_bytes
 
 
-def _split_form(form: FormData) -> tuple[UploadFile, dict[str, Any]]:
+def _split_form(form: FormData) -> tuple[UploadFile, dict[str, str]]:
     upload: UploadFile | None = None
-    fields: dict[str, Any] = {}
+    fields: dict[str, str] = {}
     for name, value in form.multi_items():
         if name == "file" and isinstance(value, UploadFile):
             upload = value
@@ -188,6 +187,19 @@ def _split_form(form: FormData) -> tuple[UploadFile, dict[str, Any]]:
     if upload is None:
         raise ValidationError("missing the `file` part holding the CSV of recipient ids")
     return upload, fields
+
+
+def _form_document(fields: dict[str, str]) -> bytes:
+    """The form fields as the JSON document the create request would be: each field is the string it is in
+    JSON, but for ``fireAndForget``, which must be ``true`` or ``false``. Validated by the same strict rules."""
+    document: dict[str, object] = dict(fields)
+    flag = fields.get("fireAndForget")
+    if flag is not None:
+        if flag not in ("true", "false"):
+            error = {"field": "fireAndForget", "message": "must be true or false"}
+            raise HttpProblem(400, "Invalid request", "the request does not match the expected schema", errors=[error])
+        document["fireAndForget"] = flag == "true"
+    return orjson.dumps(document)
 
 
 def _parse_csv(upload: UploadFile, limits: LimitsSettings) -> csv_upload.Recipients:

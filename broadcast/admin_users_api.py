@@ -6,15 +6,13 @@ upserts up to ``limits.max_bulk_users`` at once (a repeated id: the last entry w
 
 from __future__ import annotations
 
-from typing import Any
-
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from broadcast.domain import User
 from broadcast.errors import NotFoundError, ValidationError
-from broadcast.http_body import read_json, validated
+from broadcast.http_body import read_json, read_model, validated
 from broadcast.http_context import components
 from broadcast.http_problems import HttpProblem
 from broadcast.identity import acting_admin
@@ -38,7 +36,7 @@ async def put_user(request: Request) -> Response:
     await acting_admin(request)
     limits = components(request).settings.limits
     user_id = _user_id(request.path_params["id"], limits)
-    body = validated(UserBody, await read_json(request, limits.max_body_bytes))
+    body = await read_model(request, UserBody, limits.max_body_bytes)
     user = body.to_domain(user_id)
     await components(request).users.upsert([user])
     return json_response(UserOut.of(user))
@@ -47,10 +45,10 @@ async def put_user(request: Request) -> Response:
 async def import_users(request: Request) -> Response:
     await acting_admin(request)
     limits = components(request).settings.limits
-    data: Any = await read_json(request, limits.max_body_bytes)
+    document, data = await read_json(request, limits.max_body_bytes)
     if isinstance(data, list) and len(data) > limits.max_bulk_users:
         raise HttpProblem(413, "Content too large", f"at most {limits.max_bulk_users} users per bulk import")
-    entries = validated(list[UserImport], data)
+    entries = validated(list[UserImport], document)
     by_id: dict[str, User] = {}
     for index, entry in enumerate(entries):
         try:

@@ -7,11 +7,18 @@ distinct types that convert to and from these.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+
+
+def rfc3339(moment: datetime) -> str:
+    """The one way the API writes a moment: RFC 3339 in UTC, ``Z``, always six fractional digits
+    (``2030-01-01T10:00:00.000000Z``). A naive datetime is taken as UTC (SQLite keeps no offset)."""
+    utc = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    return utc.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 class TargetType(StrEnum):
@@ -133,17 +140,35 @@ class Broadcast:
 
 @dataclass(frozen=True, slots=True)
 class BroadcastStats:
-    """Counters of one broadcast; rates are fractions of ``targeted`` (0 when nobody is targeted)."""
+    """Counters of one broadcast; rates are fractions of ``targeted`` (0 when nobody is targeted).
+
+    The targeted users not delivered to nor failed are ``pending`` while the broadcast can still reach them,
+    and ``cancelled`` or ``expired`` once it was (then nothing is pending): targeted = delivered + failed +
+    pending + cancelled + expired. ``read`` counts within ``delivered``.
+    """
 
     broadcast_id: str
     targeted: int
     delivered: int
     read: int
     failed: int
+    status: BroadcastStatus = BroadcastStatus.ACTIVE
+
+    @property
+    def _unreached(self) -> int:
+        return max(self.targeted - self.delivered - self.failed, 0)
 
     @property
     def pending(self) -> int:
-        return max(self.targeted - self.delivered - self.failed, 0)
+        return 0 if self.status in (BroadcastStatus.CANCELLED, BroadcastStatus.EXPIRED) else self._unreached
+
+    @property
+    def cancelled(self) -> int:
+        return self._unreached if self.status is BroadcastStatus.CANCELLED else 0
+
+    @property
+    def expired(self) -> int:
+        return self._unreached if self.status is BroadcastStatus.EXPIRED else 0
 
     @property
     def delivery_rate(self) -> float:

@@ -2,8 +2,10 @@
 
 A body is refused with 413 *before* it is buffered: first by its ``Content-Length``, then by counting the
 bytes of ``request.stream()`` as they arrive (a chunked upload has no length to trust). JSON must come as
-``application/json`` (or ``application/*+json``, 415 otherwise) and parse (400 otherwise); pydantic errors
-become a 400 problem listing ``[{field, message}]`` without echoing the input.
+``application/json`` (or ``application/*+json``, 415 otherwise) and parse (400 otherwise). Request models are
+validated from the JSON text in pydantic's strict mode: a value of the wrong JSON type (``"yes"`` for a
+boolean, a number for a date-time, ``"60"`` for an integer) is refused, never coerced. Pydantic errors become
+a 400 problem listing ``[{field, message}]`` without echoing the input.
 """
 
 from __future__ import annotations
@@ -63,8 +65,9 @@ def _is_json(media: str) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """Parse a JSON body of at most ``limit`` bytes: 415 for another media type, 400 if it is not JSON."""
+async def read_json(request: Request, limit: int) -> tuple[bytes, Any]:
+    """A JSON body of at most ``limit`` bytes, as sent and parsed: 415 for another media type, 400 if it is
+    not JSON."""
     media = media_type(request)
     if not _is_json(media):
         raise HttpProblem(415, "Unsupported media type", "send the body as application/json")
@@ -72,7 +75,7 @@ async def read_json(request: Request, limit: int) -> Any:
     if not body.strip():
         raise HttpProblem(400, "Invalid request", "the request body is empty; a JSON document is required")
     try:
-        return orjson.loads(body)
+        return body, orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise HttpProblem(400, "Invalid request", f"the body is not valid JSON: {exc.msg}") from None
 
@@ -93,10 +96,11 @@ def _adapter(model: Any) -> pydantic.TypeAdapter[Any]:
     return pydantic.TypeAdapter(model)
 
 
-def validated(model: type[M], data: Any) -> M:
-    """``data`` validated as ``model`` (a pydantic model or type), or a 400 problem listing the field errors."""
+def validated(model: type[M], document: bytes) -> M:
+    """The JSON text ``document`` validated as ``model`` (a pydantic model or type) in strict mode, or a 400
+    problem listing the field errors. Strict JSON validation takes date-times as strings only."""
     try:
-        result: M = _adapter(cast(Hashable, model)).validate_python(data)
+        result: M = _adapter(cast(Hashable, model)).validate_json(document, strict=True)
         return result
     except pydantic.ValidationError as exc:
         raise HttpProblem(
@@ -105,5 +109,6 @@ def validated(model: type[M], data: Any) -> M:
 
 
 async def read_model(request: Request, model: type[M], limit: int) -> M:
-    """Read a bounded JSON body and validate it as ``model``."""
-    return validated(model, await read_json(request, limit))
+    """Read a bounded JSON body and validate it (strictly) as ``model``."""
+    document, _ = await read_json(request, limit)
+    return validated(model, document)

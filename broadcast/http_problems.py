@@ -13,6 +13,7 @@ import orjson
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Match
 
 from broadcast.errors import (
     BroadcastError,
@@ -24,6 +25,8 @@ from broadcast.errors import (
 
 log = logging.getLogger(__name__)
 MEDIA_TYPE = "application/problem+json"
+METHOD_ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+STATIC_METHODS = frozenset({"GET", "HEAD"})
 
 _STATUS: dict[type[BroadcastError], tuple[int, str]] = {
     ValidationError: (400, "Invalid request"),
@@ -64,7 +67,24 @@ def problem(
 
 async def on_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    return problem(exc.status_code, exc.detail if isinstance(exc.detail, str) else "Error")
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = allowed_methods(request)
+    return problem(exc.status_code, exc.detail if isinstance(exc.detail, str) else "Error", headers=headers)
+
+
+def allowed_methods(request: Request) -> str:
+    """The ``Allow`` value of a 405 (RFC 9110): the methods of every route on the request's path. Starlette's
+    own names only the first route that matched the path, and one path may have a route per method."""
+    methods: set[str] = set()
+    scope = request.scope
+    top = {**scope, "root_path": scope.get("app_root_path", scope.get("root_path", ""))}  # as before any mount
+    for route in request.app.router.routes:
+        match, _ = route.matches(top)
+        if match is Match.NONE:
+            continue
+        methods |= getattr(route, "methods", None) or STATIC_METHODS  # a mount serves static files
+    return ", ".join(m for m in METHOD_ORDER if m in methods)
 
 
 async def on_http_problem(request: Request, exc: Exception) -> Response:

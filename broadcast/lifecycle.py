@@ -77,7 +77,7 @@ class Lifecycle:
         """
         now = self._clock()
         request = _in_utc(request)
-        content = request.content.strip()
+        content = request.content  # kept exactly as sent; only a blank one is refused
         ids = self._audience(request, recipients)
         self._validate(request, content, now)
         status = (
@@ -199,8 +199,8 @@ class Lifecycle:
         return ids
 
     def _validate(self, request: NewBroadcast, content: str, now: datetime) -> None:
-        if not content:
-            raise ValidationError("content must not be empty")
+        if not content.strip():
+            raise ValidationError("content must not be empty or whitespace only")
         if "\x00" in content or (request.category and "\x00" in request.category):
             raise ValidationError("content and category must not contain NUL characters")
         if len(content) > self._limits.max_content_chars:

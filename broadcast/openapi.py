@@ -24,7 +24,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from broadcast import admin_api, admin_users_api, web
-from broadcast.domain import BroadcastStatus
+from broadcast.domain import BroadcastStatus, TargetType
 from broadcast.http_context import components
 from broadcast.http_problems import MEDIA_TYPE as PROBLEM
 from broadcast.schemas import (
@@ -53,7 +53,7 @@ EVENT_STREAM = "text/event-stream"
 SECURITY_SCHEME = "bearerAuth"
 USER_MESSAGES = "/api/user/messages"
 NO_NUL_PATTERN = r"^[^\x00]*$"
-CONTENT_PATTERN = r"^[^\x00]*[^\s\x00][^\x00]*$"  # not blank (it is stripped), no NUL
+CONTENT_PATTERN = r"^[^\x00]*[^\s\x00][^\x00]*$"  # not blank (kept as sent, never stripped), no NUL
 USER_ID_PATTERN = r"^\S(?:.*\S)?$"  # printable, no surrounding spaces
 MAX_EVENT_ID_CHARS = 20
 EVENT_ID_PATTERN = r"^[sg][0-9]+$"  # sse.frames.Cursor: s<row id> or g<µs>, at most MAX_EVENT_ID_CHARS
@@ -388,8 +388,19 @@ def _with_service_rules(schemas: dict[str, Schema], bounds: Bounds) -> None:
     user ids without surrounding spaces (the models keep only the fixed rules of the wire format)."""
     for name in ("CreateBroadcastRequest", "CsvBroadcastForm"):
         fields = schemas[name]["properties"]
-        fields["content"].update(minLength=1, maxLength=bounds.max_content_chars, pattern=CONTENT_PATTERN)
+        fields["content"].update(
+            minLength=1,
+            maxLength=bounds.max_content_chars,
+            pattern=CONTENT_PATTERN,
+            description="kept exactly as sent (never trimmed); empty or whitespace-only is a 400",
+        )
         fields["category"]["anyOf"][0].update(maxLength=bounds.max_category_chars, pattern=NO_NUL_PATTERN)
+    schemas["CsvBroadcastForm"]["properties"]["targetType"] = {
+        "type": "string",
+        "enum": [TargetType.SELECTED.value],
+        "default": TargetType.SELECTED.value,
+        "description": "the recipients are the file's user ids: SELECTED only (ALL and ROLE are a 400)",
+    }
     target_ids = schemas["CreateBroadcastRequest"]["properties"]["targetIds"]
     target_ids["maxItems"] = bounds.max_json_target_ids
     target_ids["items"]["maxLength"] = bounds.max_user_id_chars
@@ -506,7 +517,13 @@ def _broadcast_paths(bounds: Bounds) -> dict[str, Schema]:
     )
     tokens = [
         _token_header("Idempotency-Key", "a replay with the same key and request returns the first result (200)"),
-        _token_header("X-Correlation-ID", "carried through to the events; a new one when absent"),
+        _param(
+            "X-Correlation-ID",
+            "header",
+            {"type": "string"},
+            "kept when 1-200 printable ASCII characters and carried through to the events; absent or any other "
+            "value: replaced by a new id, never refused (every route; the id used is echoed in X-Correlation-ID)",
+        ),
     ]
     created_headers = {"Location": {"type": "string"}, "X-Correlation-ID": {"type": "string"}}
     replayed_headers = {**created_headers, "Idempotent-Replayed": {"const": "true"}}
@@ -519,8 +536,9 @@ def _broadcast_paths(bounds: Bounds) -> dict[str, Schema]:
     csv_body: Schema = {
         "required": True,
         "description": (
-            f"`file`: a CSV of user ids, one per line (at most {bounds.max_csv_bytes} bytes), and the broadcast's "
-            "fields; the target is SELECTED"
+            f"`file`: a CSV of user ids, one per line (at most {bounds.max_csv_bytes} bytes), and the create "
+            "request's fields as form fields: every one but `targetIds` (the file holds the ids); `targetType` may "
+            "be given and must be SELECTED; `fireAndForget` is `true` or `false`; the same rules as the JSON create"
         ),
         "content": {
             "multipart/form-data": {
@@ -913,7 +931,14 @@ def build_document(bounds: Bounds) -> dict[str, Any]:
         "info": {
             "title": "Broadcast messaging server",
             "version": "0.1.0",
-            "description": "Admin broadcasts fanned out through Kafka to Server-Sent Event streams.",
+            "description": (
+                "Admin broadcasts fanned out through Kafka to Server-Sent Event streams. Every error is "
+                "application/problem+json (RFC 9457); a method a path does not take is a 405 whose `Allow` "
+                "header lists the methods it does take. Every answer carries the request's correlation id in "
+                "`X-Correlation-ID`: the caller's when it is 1-200 printable ASCII characters, else a new one (an "
+                "invalid one is replaced, never refused). Every timestamp in an answer or a stream event is "
+                "RFC 3339 in UTC with six fractional digits and a `Z` (`2030-01-01T10:00:00.000000Z`)."
+            ),
         },
         "paths": _admin_only(
             {

@@ -1,5 +1,9 @@
 """HTTP request and response models of the admin API: camelCase on the wire, unknown fields refused.
 
+Request models are strict (``http_body.validated`` validates the JSON text in strict mode): each field takes
+its own JSON type only, and a date-time is an ISO-8601 string with an offset (never a number, nor a string of
+digits read as epoch seconds).
+
 These are distinct from the domain values (``broadcast.domain``): requests convert to them with
 ``to_domain`` and responses are built from them with ``of``. Bounds that depend on settings (content length,
 id counts) are checked by the lifecycle service; the bounds here are the fixed ones of the wire format.
@@ -7,11 +11,23 @@ id counts) are checked by the lifecycle service; the bounds here are the fixed o
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated
 
 import orjson
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 from pydantic.alias_generators import to_camel
 from starlette.responses import Response
 
@@ -26,9 +42,12 @@ from broadcast.domain import (
     ReadStatus,
     TargetType,
     User,
+    rfc3339,
 )
 
 ROLE_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+# A moment in an answer: RFC 3339, UTC, ``Z``, six fractional digits (``broadcast.domain.rfc3339``).
+Timestamp = Annotated[datetime, PlainSerializer(rfc3339, return_type=str, when_used="json")]
 RoleName = Annotated[str, StringConstraints(pattern=ROLE_PATTERN)]
 MAX_ROLES_PER_USER = 100
 MAX_DISPLAY_NAME_CHARS = 200
@@ -44,9 +63,32 @@ class CamelModel(BaseModel):
 
 
 class RequestModel(CamelModel):
-    """Base of request bodies: only the camelCase names are accepted (``target_type`` is an unknown field)."""
+    """Base of request bodies: only the camelCase names are accepted (``target_type`` is an unknown field),
+    and only values of the field's own JSON type (strict)."""
 
-    model_config = ConfigDict(validate_by_name=False)
+    model_config = ConfigDict(validate_by_name=False, strict=True)
+
+
+_ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_DATE_TIME = TypeAdapter(AwareDatetime)
+ISO_DATE_TIME_HINT = "expected an ISO-8601 date-time string with an offset, e.g. 2030-01-01T10:00:00Z"
+
+
+def _iso_date_time(value: object) -> object:
+    """An ISO-8601 string parsed by pydantic's own date-time parser; anything else is left for the strict
+    check to refuse. (A before-validator hands its result on in Python mode, where strict mode takes no
+    strings; and pydantic's parser alone would also read a string of digits as epoch seconds.)"""
+    if not isinstance(value, str):
+        return value
+    if not _ISO_DATE.match(value):
+        raise ValueError(ISO_DATE_TIME_HINT)
+    try:
+        return _DATE_TIME.validate_strings(value)
+    except ValidationError as exc:
+        raise ValueError(exc.errors(include_url=False, include_input=False)[0]["msg"]) from None
+
+
+IsoDateTime = Annotated[AwareDatetime, BeforeValidator(_iso_date_time)]
 
 
 # --------------------------------------------------------------------------- user inbox
@@ -71,9 +113,15 @@ class BroadcastFields(RequestModel):
     content: str
     priority: Priority = Priority.NORMAL
     category: str | None = None
-    scheduled_at: AwareDatetime | None = None
-    expires_at: AwareDatetime | None = None
+    scheduled_at: IsoDateTime | None = None
+    expires_at: IsoDateTime | None = None
     fire_and_forget: bool = False
+
+
+CSV_TARGET_HINT = (
+    "must be SELECTED: a CSV upload's recipients are the user ids of the file (ALL and ROLE take no id list; "
+    "create those with POST /api/admin/broadcasts)"
+)
 
 
 class CreateBroadcastRequest(BroadcastFields):
@@ -87,7 +135,17 @@ class CreateBroadcastRequest(BroadcastFields):
 
 
 class CsvBroadcastForm(BroadcastFields):
-    """The form fields beside the ``file`` part of ``POST /api/admin/broadcasts/csv`` (target is SELECTED)."""
+    """The form fields beside the ``file`` part of ``POST /api/admin/broadcasts/csv``: the create request's
+    fields but ``targetIds`` (the file holds the user ids); ``targetType`` may be given and must be SELECTED."""
+
+    target_type: TargetType = TargetType.SELECTED
+
+    @field_validator("target_type")
+    @classmethod
+    def _selected_only(cls, value: TargetType) -> TargetType:
+        if value is not TargetType.SELECTED:
+            raise ValueError(CSV_TARGET_HINT)
+        return value
 
     def to_domain(self) -> NewBroadcast:
         return _new_broadcast(self, TargetType.SELECTED, ())
@@ -120,10 +178,10 @@ class BroadcastOut(CamelModel):
     status: BroadcastStatus
     fire_and_forget: bool
     targeted_count: int
-    created_at: datetime
-    updated_at: datetime
-    scheduled_at: datetime | None
-    expires_at: datetime | None
+    created_at: Timestamp
+    updated_at: Timestamp
+    scheduled_at: Timestamp | None
+    expires_at: Timestamp | None
     correlation_id: str | None
 
     @classmethod
@@ -164,12 +222,16 @@ class BroadcastPage(CamelModel):
 
 
 class StatsOut(CamelModel):
+    """targeted = delivered + failed + pending + cancelled + expired; ``read`` counts within ``delivered``."""
+
     broadcast_id: str
     targeted: int
     delivered: int
     read: int
     failed: int
-    pending: int
+    pending: int = Field(description="targeted users it can still reach (0 once CANCELLED or EXPIRED)")
+    cancelled: int = Field(description="targeted users it had not reached when it was cancelled")
+    expired: int = Field(description="targeted users it had not reached when it expired")
     delivery_rate: float
     read_rate: float
 
@@ -182,6 +244,8 @@ class StatsOut(CamelModel):
             read=s.read,
             failed=s.failed,
             pending=s.pending,
+            cancelled=s.cancelled,
+            expired=s.expired,
             delivery_rate=s.delivery_rate,
             read_rate=s.read_rate,
         )
@@ -191,8 +255,8 @@ class DeliveryOut(CamelModel):
     user_id: str
     delivery_status: DeliveryStatus
     read_status: ReadStatus
-    delivered_at: datetime | None
-    read_at: datetime | None
+    delivered_at: Timestamp | None
+    read_at: Timestamp | None
 
     @classmethod
     def of(cls, d: Delivery) -> DeliveryOut:

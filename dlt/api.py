@@ -20,6 +20,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from broadcast import constants
+from broadcast.domain import rfc3339
 from broadcast.errors import NotFoundError, ValidationError
 from broadcast.http_body import read_model
 from broadcast.http_context import components
@@ -104,7 +105,7 @@ def _filter(request: Request) -> DeadLetterFilter:
 
 
 def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value else None
+    return rfc3339(value) if value else None
 
 
 def _bytes(raw: bytes | None) -> dict[str, Any] | None:

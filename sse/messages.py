@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Protocol
 
-from broadcast.domain import Broadcast, InboxItem, Priority, TargetType
+from broadcast.domain import Broadcast, InboxItem, Priority, TargetType, rfc3339
 from broadcast.envelope import MessageDeliveryEvent
 from sse.frames import Cursor, EventName, frame, micros
 
@@ -37,8 +37,8 @@ def _payload(broadcast_id: str, shown: _Shown, read: bool, correlation_id: str |
         "category": shown.category,
         "senderId": shown.sender_id,
         "targetType": shown.target_type.value,
-        "createdAt": shown.created_at.isoformat(),
-        "expiresAt": shown.expires_at.isoformat() if shown.expires_at else None,
+        "createdAt": rfc3339(shown.created_at),
+        "expiresAt": rfc3339(shown.expires_at) if shown.expires_at else None,
         "read": read,
         "correlationId": correlation_id,
     }

@@ -207,7 +207,7 @@ class SqlBroadcastStore:
         s = broadcast_statistics.c
         dead = await self._first(select(s.failed).where(s.broadcast_id == broadcast_id))
         failed += int(dead[0]) if dead is not None else 0
-        return BroadcastStats(broadcast_id, broadcast.targeted_count, delivered, read, failed)
+        return BroadcastStats(broadcast_id, broadcast.targeted_count, delivered, read, failed, broadcast.status)
 
     async def deliveries(self, broadcast_id: str, cursor: str | None, limit: int) -> Page[Delivery]:
         u = user_broadcast_messages.c

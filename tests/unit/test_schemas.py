@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
+from typing import TypeVar
 
 import orjson
 import pytest
@@ -30,18 +31,26 @@ from broadcast.schemas import (
     UserImport,
     UserOut,
 )
+from dlt.api import ArmDrillRequest
+
+M = TypeVar("M")
+
+
+def parsed(model: type[M], data: object) -> M:
+    """``data`` sent as a JSON body and validated as the server does."""
+    return validated(model, orjson.dumps(data))
 
 
 def errors_of(model: type[object], data: object) -> list[dict[str, str]]:
     with pytest.raises(HttpProblem) as caught:
-        validated(model, data)
+        parsed(model, data)
     assert caught.value.status == 400
     errors: list[dict[str, str]] = caught.value.extra["errors"]
     return errors
 
 
 def test_create_request_reads_camel_case_and_converts_to_the_domain() -> None:
-    body = validated(
+    body = parsed(
         CreateBroadcastRequest,
         {
             "content": "Maintenance at 22:00",
@@ -62,7 +71,7 @@ def test_create_request_reads_camel_case_and_converts_to_the_domain() -> None:
 
 
 def test_create_request_defaults() -> None:
-    new = validated(CreateBroadcastRequest, {"content": "hi", "targetType": "ALL"}).to_domain()
+    new = parsed(CreateBroadcastRequest, {"content": "hi", "targetType": "ALL"}).to_domain()
     assert new.priority is Priority.NORMAL and new.target_ids == () and not new.fire_and_forget
     assert new.category is None and new.scheduled_at is None and new.expires_at is None
 
@@ -86,6 +95,33 @@ def test_create_request_refuses_with_the_field_named(data: dict[str, object], fi
     assert field in [e["field"] for e in errors_of(CreateBroadcastRequest, data)]
 
 
+ALL = {"content": "hi", "targetType": "ALL"}
+
+
+@pytest.mark.parametrize(
+    ("model", "data", "field"),
+    [
+        (CreateBroadcastRequest, {**ALL, "fireAndForget": "yes"}, "fireAndForget"),
+        (CreateBroadcastRequest, {**ALL, "fireAndForget": "true"}, "fireAndForget"),
+        (CreateBroadcastRequest, {**ALL, "fireAndForget": 1}, "fireAndForget"),
+        (CreateBroadcastRequest, {**ALL, "scheduledAt": 1893456000}, "scheduledAt"),
+        (CreateBroadcastRequest, {**ALL, "expiresAt": 1893456000.5}, "expiresAt"),
+        (CreateBroadcastRequest, {**ALL, "scheduledAt": "1893456000"}, "scheduledAt"),
+        (CreateBroadcastRequest, {**ALL, "priority": 1}, "priority"),
+        (ArmDrillRequest, {"expiresInSeconds": "60"}, "expiresInSeconds"),
+        (ArmDrillRequest, {"expiresInSeconds": 60.0}, "expiresInSeconds"),
+        (ArmDrillRequest, {"expiresInSeconds": True}, "expiresInSeconds"),
+    ],
+)
+def test_a_wrong_json_type_is_refused_with_the_field_named(model: type[object], data: object, field: str) -> None:
+    assert field in [e["field"] for e in errors_of(model, data)]
+
+
+def test_json_datetimes_are_iso_8601_strings() -> None:
+    body = parsed(CreateBroadcastRequest, {**ALL, "scheduledAt": "2030-01-01T00:00:00Z"})
+    assert body.scheduled_at == datetime(2030, 1, 1, tzinfo=UTC)
+
+
 def test_errors_do_not_echo_the_input() -> None:
     huge = "z" * 100_000
     errors = errors_of(CreateBroadcastRequest, {"content": "hi", "targetType": huge})
@@ -96,14 +132,14 @@ def test_a_non_object_body_is_a_field_error() -> None:
     assert errors_of(CreateBroadcastRequest, ["content"])[0]["field"] == "(body)"
 
 
-def test_the_csv_form_has_no_target_and_parses_form_strings() -> None:
-    form = validated(CsvBroadcastForm, {"content": "hi", "fireAndForget": "true", "priority": "HIGH"})
+def test_the_csv_form_has_no_target() -> None:
+    form = parsed(CsvBroadcastForm, {"content": "hi", "fireAndForget": True, "priority": "HIGH"})
     new = form.to_domain()
     assert new.target_type is TargetType.SELECTED and new.fire_and_forget and new.priority is Priority.HIGH
     assert "targetType" in [e["field"] for e in errors_of(CsvBroadcastForm, {"content": "hi", "targetType": "ALL"})]
 
 
-def test_broadcast_out_is_camel_case_iso_8601() -> None:
+def test_broadcast_out_is_camel_case_rfc3339_utc() -> None:
     at = datetime(2030, 5, 1, 12, 0, tzinfo=timezone(timedelta(hours=2)))
     broadcast = Broadcast(
         id="b1",
@@ -132,9 +168,9 @@ def test_broadcast_out_is_camel_case_iso_8601() -> None:
         "status": "SCHEDULED",
         "fireAndForget": False,
         "targetedCount": 3,
-        "createdAt": "2030-05-01T12:00:00+02:00",
-        "updatedAt": "2030-05-01T12:00:00+02:00",
-        "scheduledAt": "2030-05-01T12:00:00+02:00",
+        "createdAt": "2030-05-01T10:00:00.000000Z",
+        "updatedAt": "2030-05-01T10:00:00.000000Z",
+        "scheduledAt": "2030-05-01T10:00:00.000000Z",
         "expiresAt": None,
         "correlationId": "c1",
     }
@@ -149,6 +185,8 @@ def test_stats_and_deliveries_out() -> None:
         "read": 1,
         "failed": 1,
         "pending": 1,
+        "cancelled": 0,
+        "expired": 0,
         "deliveryRate": 0.5,
         "readRate": 0.25,
     }
@@ -163,9 +201,9 @@ def test_stats_and_deliveries_out() -> None:
 
 
 def test_user_bodies_check_role_names() -> None:
-    user = validated(UserBody, {"displayName": "Ann", "roles": ["ops", "team:eu-1.x"]}).to_domain("ann")
+    user = parsed(UserBody, {"displayName": "Ann", "roles": ["ops", "team:eu-1.x"]}).to_domain("ann")
     assert user == User("ann", "Ann", frozenset({"ops", "team:eu-1.x"}))
-    assert validated(UserBody, {}).to_domain("bob") == User("bob", "", frozenset())
+    assert parsed(UserBody, {}).to_domain("bob") == User("bob", "", frozenset())
     for bad in ["", "has space", "x" * 65, "semi;colon"]:
         assert errors_of(UserBody, {"roles": [bad]})[0]["field"] == "roles.0"
     assert errors_of(UserBody, {"display_name": "Ann"})[0]["field"] == "display_name"
