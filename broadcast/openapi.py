@@ -651,7 +651,7 @@ def _dead_letter_paths(bounds: Bounds) -> dict[str, Schema]:
         _param("exception", "query", text, "exception class (fully qualified)"),
         _param("broadcastId", "query", {"type": "string", "maxLength": 36}, "the broadcast the record was about"),
         _param("from", "query", {"type": "string", "format": "date-time"}, "received at or after"),
-        _param("to", "query", {"type": "string", "format": "date-time"}, "received before (after `from`)"),
+        _param("to", "query", {"type": "string", "format": "date-time"}, "received before (not after `from`: none)"),
         _param("status", "query", {"type": "string", "enum": [s.value for s in DeadLetterStatus]}, "letter status"),
     ]
     cursor = {"type": "integer", "minimum": 0, "maximum": dlt_api.MAX_ID}

@@ -89,7 +89,7 @@ async def inbox(request: Request) -> Response:
     user = await c.users.get(user_id)
     items = await c.inbox.inbox(user_id, user.roles if user else frozenset())
     limit = _limit(request.query_params.get("limit", "50"))
-    cursor = request.query_params.get("cursor")
+    cursor = request.query_params.get("cursor") or None  # empty: the first page, as on every other list
     if cursor is not None:
         ids = [i.broadcast.id for i in items]
         if cursor not in ids:
