@@ -24,10 +24,11 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from broadcast import admin_api, admin_users_api, web
-from broadcast.domain import BroadcastStatus
+from broadcast.domain import BroadcastStatus, TargetType
 from broadcast.http_context import components
 from broadcast.http_problems import MEDIA_TYPE as PROBLEM
 from broadcast.schemas import (
+    ROLE_PATTERN,
     BroadcastOut,
     BroadcastPage,
     CreateBroadcastRequest,
@@ -390,11 +391,30 @@ def _with_service_rules(schemas: dict[str, Schema], bounds: Bounds) -> None:
         fields = schemas[name]["properties"]
         fields["content"].update(minLength=1, maxLength=bounds.max_content_chars, pattern=CONTENT_PATTERN)
         fields["category"]["anyOf"][0].update(maxLength=bounds.max_category_chars, pattern=NO_NUL_PATTERN)
-    target_ids = schemas["CreateBroadcastRequest"]["properties"]["targetIds"]
+    create = schemas["CreateBroadcastRequest"]
+    target_ids = create["properties"]["targetIds"]
     target_ids["maxItems"] = bounds.max_json_target_ids
     target_ids["items"]["maxLength"] = bounds.max_user_id_chars
+    create["allOf"] = _audience_rules()
     schemas["UserImport"]["properties"]["id"].update(_user_id_schema(bounds))
     schemas["ArmDrillRequest"]["properties"]["expiresInSeconds"]["maximum"] = bounds.max_drill_seconds
+
+
+def _audience_rules() -> list[Schema]:
+    """What `targetIds` must hold for each `targetType`: none for ALL, at least one id for SELECTED and ROLE,
+    and role names for ROLE."""
+
+    def when(*types: TargetType) -> Schema:
+        return {"properties": {"targetType": {"enum": [t.value for t in types]}}}
+
+    def ids(rule: Schema) -> Schema:
+        return {"properties": {"targetIds": rule}}
+
+    return [
+        {"if": when(TargetType.ALL), "then": ids({"maxItems": 0})},
+        {"if": when(TargetType.SELECTED, TargetType.ROLE), "then": {"required": ["targetIds"], **ids({"minItems": 1})}},
+        {"if": when(TargetType.ROLE), "then": ids({"items": {"pattern": ROLE_PATTERN}})},
+    ]
 
 
 def _user_id_schema(bounds: Bounds) -> Schema:

@@ -71,3 +71,47 @@ async def test_a_dlt_interval_that_ends_before_it_starts_matches_nothing(
     response = await client.get(path, params={"from": "2000-01-01T00:00:00Z", "to": to})
     assert response.status_code == 200, response.text
     assert response.json().get("items", []) == [] and response.json().get("total", 0) == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"targetType": "ALL", "targetIds": ["u1"]}, "targetIds must be empty"),
+        ({"targetType": "SELECTED"}, "at least one targetId"),
+        ({"targetType": "ROLE", "targetIds": []}, "at least one targetId"),
+        ({"targetType": "ROLE", "targetIds": ["no spaces"]}, "role name"),
+    ],
+)
+async def test_the_audience_rules_per_target_type_are_in_the_document(
+    client: httpx.AsyncClient, body: dict[str, Any], needle: str
+) -> None:
+    body = {"content": "hi", **body}
+    assert not allows(component("CreateBroadcastRequest"), body)
+    response = await client.post("/api/admin/broadcasts", json=body)
+    assert response.status_code == 400, response.text
+    assert needle in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"targetType": "ALL"},
+        {"targetType": "ALL", "targetIds": []},
+        {"targetType": "SELECTED", "targetIds": ["u1"]},
+        {"targetType": "ROLE", "targetIds": ["ops"]},
+    ],
+)
+async def test_each_target_type_with_its_audience_is_valid(client: httpx.AsyncClient, body: dict[str, Any]) -> None:
+    body = {"content": "hi", **body}
+    assert allows(component("CreateBroadcastRequest"), body)
+    response = await client.post("/api/admin/broadcasts", json=body)
+    assert response.status_code == 201, response.text
+
+
+async def test_a_bulk_import_over_the_user_limit_is_400_as_the_documents_max_items(client: httpx.AsyncClient) -> None:
+    limit = Settings().limits.max_bulk_users
+    body = DOCUMENT["paths"]["/api/admin/users/bulk"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["maxItems"] == limit
+    response = await client.post("/api/admin/users/bulk", json=[{"id": f"u{i}"} for i in range(limit + 1)])
+    assert response.status_code == 400, response.text
+    assert f"at most {limit} users" in response.json()["detail"]
