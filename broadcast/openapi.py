@@ -29,6 +29,7 @@ from broadcast.http_context import components
 from broadcast.http_problems import MEDIA_TYPE as PROBLEM
 from broadcast.schemas import (
     ROLE_PATTERN,
+    USER_ID_PATTERN,
     BroadcastOut,
     BroadcastPage,
     CreateBroadcastRequest,
@@ -55,7 +56,6 @@ SECURITY_SCHEME = "bearerAuth"
 USER_MESSAGES = "/api/user/messages"
 NO_NUL_PATTERN = r"^[^\x00]*$"
 CONTENT_PATTERN = r"^[^\x00]*[^\s\x00][^\x00]*$"  # not blank (it is stripped), no NUL
-USER_ID_PATTERN = r"^\S(?:.*\S)?$"  # printable, no surrounding spaces
 MAX_EVENT_ID_CHARS = 20
 EVENT_ID_PATTERN = r"^[sg][0-9]+$"  # sse.frames.Cursor: s<row id> or g<µs>, at most MAX_EVENT_ID_CHARS
 

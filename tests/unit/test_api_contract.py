@@ -115,3 +115,17 @@ async def test_a_bulk_import_over_the_user_limit_is_400_as_the_documents_max_ite
     response = await client.post("/api/admin/users/bulk", json=[{"id": f"u{i}"} for i in range(limit + 1)])
     assert response.status_code == 400, response.text
     assert f"at most {limit} users" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("sub", ["ann\x85lee", "ann\u2028lee", "ann\u200blee", " ann", "ann\xa0"])
+async def test_a_sub_the_server_refuses_is_refused_by_the_document(client: httpx.AsyncClient, sub: str) -> None:
+    assert not allows(component("DevTokenRequest"), {"sub": sub})
+    assert not allows(parameter_schema("/api/admin/users/{id}", "put", "id"), sub)
+    assert (await client.post("/dev/token", json={"sub": sub})).status_code == 400
+
+
+async def test_a_printable_sub_with_an_inner_space_signs_in(client: httpx.AsyncClient) -> None:
+    assert allows(component("DevTokenRequest"), {"sub": "ann lee"})
+    token = (await client.post("/dev/token", json={"sub": "ann lee"})).json()["token"]
+    inbox = await client.get("/api/user/messages", headers={"Authorization": f"Bearer {token}"})
+    assert inbox.status_code == 200, inbox.text
