@@ -809,8 +809,9 @@ def _sse_paths() -> dict[str, Schema]:
                     _param(
                         "ticket",
                         "query",
-                        {"type": "string", "maxLength": 128},
-                        "a single-use ticket from `POST /api/user/sse/ticket`, instead of the bearer header",
+                        {"type": "string"},
+                        "a single-use ticket from `POST /api/user/sse/ticket`, instead of the bearer header (which"
+                        " wins when both are sent); any other value: 401",
                     ),
                 ],
             ),

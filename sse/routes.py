@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import uuid
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -119,12 +120,21 @@ async def mark_read(request: Request) -> Response:
     c = components(request)
     body = await read_model(request, MarkReadRequest, c.settings.limits.max_body_bytes)
     user = await c.users.get(user_id)
-    newly = await c.inbox.mark_read(user_id, user.roles if user else frozenset(), body.broadcast_ids)
+    ids = [i for i in body.broadcast_ids if _names_a_broadcast(i)]
+    newly = await c.inbox.mark_read(user_id, user.roles if user else frozenset(), ids) if ids else []
     events_ = [c.lifecycle.events.read(b, user_id) for b in newly]
     if events_:
         await c.outbox.append(events_)
         c.outbox_wakeup.set()
     return json_data({"read": newly})
+
+
+def _names_a_broadcast(raw: str) -> bool:
+    """Broadcast ids are canonical UUIDs; any other string names none (like an unknown id, it changes nothing)."""
+    try:
+        return str(uuid.UUID(raw)) == raw
+    except ValueError:
+        return False
 
 
 def _limit(raw: str) -> int:

@@ -129,3 +129,11 @@ async def test_a_printable_sub_with_an_inner_space_signs_in(client: httpx.AsyncC
     token = (await client.post("/dev/token", json={"sub": "ann lee"})).json()["token"]
     inbox = await client.get("/api/user/messages", headers={"Authorization": f"Bearer {token}"})
     assert inbox.status_code == 200, inbox.text
+
+
+async def test_marking_read_an_id_that_is_no_broadcast_id_changes_nothing(client: httpx.AsyncClient) -> None:
+    body = {"broadcastIds": ["nul\x00inside", "not-a-uuid", "00000000-0000-0000-0000-000000000000"]}
+    assert allows(component("MarkReadRequest"), body)
+    response = await client.post("/api/user/messages/read", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json() == {"read": []}
