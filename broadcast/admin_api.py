@@ -223,7 +223,7 @@ def _parse_csv(upload: UploadFile, limits: LimitsSettings) -> csv_upload.Recipie
 # --------------------------------------------------------------------------- queries and cancel
 async def list_broadcasts(request: Request) -> Response:
     await acting_admin(request)
-    raw_status = request.query_params.get("status") or None
+    raw_status = request.query_params.get("status")  # present but empty names no status: 400
     status: BroadcastStatus | None = None
     if raw_status is not None:
         try:

@@ -28,6 +28,8 @@ from broadcast.domain import BroadcastStatus, TargetType
 from broadcast.http_context import components
 from broadcast.http_problems import MEDIA_TYPE as PROBLEM
 from broadcast.schemas import (
+    ROLE_PATTERN,
+    USER_ID_PATTERN,
     BroadcastOut,
     BroadcastPage,
     CreateBroadcastRequest,
@@ -54,7 +56,6 @@ SECURITY_SCHEME = "bearerAuth"
 USER_MESSAGES = "/api/user/messages"
 NO_NUL_PATTERN = r"^[^\x00]*$"
 CONTENT_PATTERN = r"^[^\x00]*[^\s\x00][^\x00]*$"  # not blank (kept as sent, never stripped), no NUL
-USER_ID_PATTERN = r"^\S(?:.*\S)?$"  # printable, no surrounding spaces
 MAX_EVENT_ID_CHARS = 20
 EVENT_ID_PATTERN = r"^[sg][0-9]+$"  # sse.frames.Cursor: s<row id> or g<µs>, at most MAX_EVENT_ID_CHARS
 
@@ -401,11 +402,30 @@ def _with_service_rules(schemas: dict[str, Schema], bounds: Bounds) -> None:
         "default": TargetType.SELECTED.value,
         "description": "the recipients are the file's user ids: SELECTED only (ALL and ROLE are a 400)",
     }
-    target_ids = schemas["CreateBroadcastRequest"]["properties"]["targetIds"]
+    create = schemas["CreateBroadcastRequest"]
+    target_ids = create["properties"]["targetIds"]
     target_ids["maxItems"] = bounds.max_json_target_ids
     target_ids["items"]["maxLength"] = bounds.max_user_id_chars
+    create["allOf"] = _audience_rules()
     schemas["UserImport"]["properties"]["id"].update(_user_id_schema(bounds))
     schemas["ArmDrillRequest"]["properties"]["expiresInSeconds"]["maximum"] = bounds.max_drill_seconds
+
+
+def _audience_rules() -> list[Schema]:
+    """What `targetIds` must hold for each `targetType`: none for ALL, at least one id for SELECTED and ROLE,
+    and role names for ROLE."""
+
+    def when(*types: TargetType) -> Schema:
+        return {"properties": {"targetType": {"enum": [t.value for t in types]}}}
+
+    def ids(rule: Schema) -> Schema:
+        return {"properties": {"targetIds": rule}}
+
+    return [
+        {"if": when(TargetType.ALL), "then": ids({"maxItems": 0})},
+        {"if": when(TargetType.SELECTED, TargetType.ROLE), "then": {"required": ["targetIds"], **ids({"minItems": 1})}},
+        {"if": when(TargetType.ROLE), "then": ids({"items": {"pattern": ROLE_PATTERN}})},
+    ]
 
 
 def _user_id_schema(bounds: Bounds) -> Schema:
@@ -669,7 +689,7 @@ def _dead_letter_paths(bounds: Bounds) -> dict[str, Schema]:
         _param("exception", "query", text, "exception class (fully qualified)"),
         _param("broadcastId", "query", {"type": "string", "maxLength": 36}, "the broadcast the record was about"),
         _param("from", "query", {"type": "string", "format": "date-time"}, "received at or after"),
-        _param("to", "query", {"type": "string", "format": "date-time"}, "received before (after `from`)"),
+        _param("to", "query", {"type": "string", "format": "date-time"}, "received before (not after `from`: none)"),
         _param("status", "query", {"type": "string", "enum": [s.value for s in DeadLetterStatus]}, "letter status"),
     ]
     cursor = {"type": "integer", "minimum": 0, "maximum": dlt_api.MAX_ID}
@@ -807,8 +827,9 @@ def _sse_paths() -> dict[str, Schema]:
                     _param(
                         "ticket",
                         "query",
-                        {"type": "string", "maxLength": 128},
-                        "a single-use ticket from `POST /api/user/sse/ticket`, instead of the bearer header",
+                        {"type": "string"},
+                        "a single-use ticket from `POST /api/user/sse/ticket`, instead of the bearer header (which"
+                        " wins when both are sent); any other value: 401",
                     ),
                 ],
             ),

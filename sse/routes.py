@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import uuid
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -89,7 +90,7 @@ async def inbox(request: Request) -> Response:
     user = await c.users.get(user_id)
     items = await c.inbox.inbox(user_id, user.roles if user else frozenset())
     limit = _limit(request.query_params.get("limit", "50"))
-    cursor = request.query_params.get("cursor")
+    cursor = request.query_params.get("cursor") or None  # empty: the first page, as on every other list
     if cursor is not None:
         ids = [i.broadcast.id for i in items]
         if cursor not in ids:
@@ -119,12 +120,21 @@ async def mark_read(request: Request) -> Response:
     c = components(request)
     body = await read_model(request, MarkReadRequest, c.settings.limits.max_body_bytes)
     user = await c.users.get(user_id)
-    newly = await c.inbox.mark_read(user_id, user.roles if user else frozenset(), body.broadcast_ids)
+    ids = [i for i in body.broadcast_ids if _names_a_broadcast(i)]
+    newly = await c.inbox.mark_read(user_id, user.roles if user else frozenset(), ids) if ids else []
     events_ = [c.lifecycle.events.read(b, user_id) for b in newly]
     if events_:
         await c.outbox.append(events_)
         c.outbox_wakeup.set()
     return json_data({"read": newly})
+
+
+def _names_a_broadcast(raw: str) -> bool:
+    """Broadcast ids are canonical UUIDs; any other string names none (like an unknown id, it changes nothing)."""
+    try:
+        return str(uuid.UUID(raw)) == raw
+    except ValueError:
+        return False
 
 
 def _limit(raw: str) -> int:

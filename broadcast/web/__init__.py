@@ -20,7 +20,7 @@ from starlette.staticfiles import StaticFiles
 from broadcast.errors import NotFoundError
 from broadcast.http_body import read_model
 from broadcast.http_context import components
-from broadcast.schemas import ROLE_PATTERN, json_data
+from broadcast.schemas import ROLE_PATTERN, USER_ID_PATTERN, json_data
 from broadcast.tokens import mint
 
 HERE = Path(__file__).parent
@@ -38,7 +38,7 @@ PAGE_PATHS = frozenset({"/", "/admin", "/inbox"})  # HTML, not API: outside the 
 class DevTokenRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    sub: Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\s\x00-\x1f]+$")]
+    sub: Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=USER_ID_PATTERN)]
     roles: list[Annotated[str, StringConstraints(pattern=ROLE_PATTERN)]] = Field(default_factory=list, max_length=20)
 
 

@@ -506,7 +506,7 @@ BAD_INPUT = [
     Bad(
         "bulk over max_bulk_users",
         json_post([{"id": f"u{i}"} for i in range(MAX_BULK_USERS + 1)]),
-        413,
+        400,
         f"at most {MAX_BULK_USERS}",
         path="/api/admin/users/bulk",
     ),
