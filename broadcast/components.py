@@ -77,6 +77,8 @@ class Components:
     metrics: Metrics
     shutdown: ShutdownClock
     health: dict[str, Health] = field(default_factory=dict)
+    # set while this instance's bus subscription is confirmed: a push to it now reaches the hub
+    bus_subscribed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @asynccontextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 
@@ -9,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from broadcast.components import Components
 from broadcast.errors import BroadcastError, ConflictError, ValidationError
 from broadcast.http_body import read_model
 from broadcast.http_context import components
@@ -22,6 +24,7 @@ from sse.stream import HEADERS, SseStream, catch_up, head, outgoing
 log = logging.getLogger(__name__)
 LIMIT_RETRY = b"retry: 60000\n\n"
 CONNECT_PATH = "/api/user/sse/connect"
+LIVE_PATH_WAIT_S = 3.0  # longest a connect waits for the bus subscription
 
 
 async def ticket(request: Request) -> Response:
@@ -55,10 +58,7 @@ async def connect(request: Request) -> Response:
     if not await c.admission.acquire(connection):
         c.hub.close(connection)
         return _limit_reached(settings.max_connections_per_user)
-    try:
-        await c.presence.heartbeat(user_id, c.settings.server.instance_id)
-    except BroadcastError as exc:  # live pushes wait for Redis; reconciliation still delivers
-        log.warning("presence heartbeat for %s failed: %s", user_id, exc)
+    await _join_live_path(c, user_id)
     try:
         backlog, resync = await catch_up(c.inbox, user_id, roles, raw_cursor, settings.replay_limit)
     except BaseException:
@@ -68,6 +68,24 @@ async def connect(request: Request) -> Response:
     items = [outgoing(item, user_id) for item in backlog]
     ends_at = who.expires_at + c.settings.auth.leeway_seconds  # as long as the token is accepted
     return SseStream(connection, start, items, lambda: _close(request, connection), ends_at)
+
+
+async def _join_live_path(c: Components, user_id: str) -> None:
+    """Make the stream reachable live before it says CONNECTED (and before its catch-up reads): the user's
+    presence names this instance, and this instance's bus subscription is confirmed (at start-up or after
+    a Redis outage it may not be yet, and a push published meanwhile is lost). Past ``LIVE_PATH_WAIT_S``
+    the stream opens anyway: reconciliation delivers until the live path works."""
+    try:
+        await c.presence.heartbeat(user_id, c.settings.server.instance_id)
+    except BroadcastError as exc:
+        log.warning("presence heartbeat for %s failed: %s", user_id, exc)
+    if c.bus_subscribed.is_set():
+        return
+    try:
+        async with asyncio.timeout(LIVE_PATH_WAIT_S):
+            await c.bus_subscribed.wait()
+    except TimeoutError:
+        log.warning("stream of %s opens before the bus subscription: reconciliation delivers meanwhile", user_id)
 
 
 def _limit_reached(limit: int) -> Response:
