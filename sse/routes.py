@@ -11,6 +11,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from broadcast.components import Components
+from broadcast.domain import Principal
 from broadcast.errors import BroadcastError, ConflictError, ValidationError
 from broadcast.http_body import read_model
 from broadcast.http_context import components
@@ -43,11 +44,16 @@ async def ticket(request: Request) -> Response:
 
 async def connect(request: Request) -> Response:
     who = principal(request)
-    user_id = who.sub
     c = components(request)
-    settings = c.settings.sse
     if not via_ticket(request):  # a ticket's stream open was counted when the ticket was issued
-        c.admission.rate(user_id, request.client.host if request.client else None)
+        c.admission.rate(who.sub, request.client.host if request.client else None)
+    async with c.connect_gate.admit():  # a storm waits (boundedly) here, not in the database pool
+        return await _open(request, who, c)
+
+
+async def _open(request: Request, who: Principal, c: Components) -> Response:
+    """Register the stream, make it reachable live, read its catch-up; the response writes the rest."""
+    user_id, settings = who.sub, c.settings.sse
     user = await c.users.get(user_id)
     roles = user.roles if user else frozenset()
     raw_cursor = request.headers.get("last-event-id") or request.query_params.get("lastEventId")
