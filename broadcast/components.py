@@ -44,7 +44,7 @@ from broadcast.settings import Settings
 from broadcast.shutdown import ShutdownClock
 from dlt.model import DeadLetterStore, DrillStore
 from dlt.service import DeadLetterService
-from sse.admission import Admission
+from sse.admission import Admission, ConnectGate
 from sse.fanout import DeliveredMarker
 from sse.hub import Hub
 from sse.seen import SeenClock
@@ -76,7 +76,10 @@ class Components:
     admission: Admission
     metrics: Metrics
     shutdown: ShutdownClock
+    connect_gate: ConnectGate
     health: dict[str, Health] = field(default_factory=dict)
+    # set while this instance's bus subscription is confirmed: a push to it now reaches the hub
+    bus_subscribed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @asynccontextmanager
@@ -160,5 +163,6 @@ async def open_components(settings: Settings) -> AsyncIterator[Components]:
             admission=Admission(settings.limits, slots, settings.server.instance_id, sse.max_connections_per_user),
             metrics=metrics,
             shutdown=ShutdownClock(settings.server.shutdown_grace_seconds),
+            connect_gate=ConnectGate(sse.connect_concurrency, sse.connect_queue, sse.connect_wait_seconds),
             health=health,
         )

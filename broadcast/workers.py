@@ -120,7 +120,7 @@ def _stream_loops(c: Components) -> list[Loop]:
     """What keeps this instance's SSE streams fed (see ``sse/fanout.py``)."""
     settings, me = c.settings, c.settings.server.instance_id
     gaps = BusGaps()
-    listener = BusListener(c.bus, c.hub, me, c.reconcile_now, gaps)
+    listener = BusListener(c.bus, c.hub, me, c.reconcile_now, gaps, c.bus_subscribed)
     return [
         listener,
         Reconciler(

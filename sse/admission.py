@@ -1,17 +1,23 @@
 """Who may open a stream now: connection-rate buckets (per user and per client IP, this instance) and the
 cluster-wide slot count per user (``ConnectionSlots``: Redis when configured).
 
-A refused rate is a 429 with ``Retry-After``; a user over ``max_connections_per_user`` across the cluster
+A refused rate is a 429 with ``Retry-After``; a connect that would wait too long for its turn to read
+(``ConnectGate``: a reconnect storm) is a 503 with ``Retry-After`` spread over a few seconds, so the
+refused clients do not come back as one wave; a user over ``max_connections_per_user`` across the cluster
 gets the ``CONNECTION_LIMIT_REACHED`` event and a long ``retry:`` hint. When Redis cannot answer, the
 per-instance limit of the hub still holds (the slot check fails open, with a warning).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import random
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from broadcast.errors import UnavailableError
 from broadcast.http_problems import HttpProblem
@@ -21,6 +27,7 @@ from sse.hub import Connection
 
 log = logging.getLogger(__name__)
 MAX_TRACKED_KEYS = 100_000
+RETRY_SPREAD_S = 5  # a refused connect is told to come back after 1..RETRY_SPREAD_S seconds
 
 
 class TokenBuckets:
@@ -79,3 +86,42 @@ class Admission:
 
     async def refresh(self, connections: list[Connection]) -> None:
         await self._slots.refresh([(c.user_id, self.slot(c)) for c in connections])
+
+
+class ConnectGate:
+    """Bounds the stream connects doing their reads (user, catch-up) at once, so a reconnect storm waits
+    here in a bounded queue instead of in the database pool (where the API, relay and consumers wait too,
+    and where every connect past the pool timeout fails after having waited). A connect beyond ``queue``
+    waiting ones, or waiting longer than ``max_wait_s``, is refused at once: 503 with ``Retry-After``."""
+
+    def __init__(self, concurrency: int, queue: int, max_wait_s: float) -> None:
+        self._turns = asyncio.Semaphore(concurrency)
+        self._queue, self._max_wait_s = queue, max_wait_s
+        self.waiting = 0
+        self.refused = 0
+
+    @asynccontextmanager
+    async def admit(self) -> AsyncIterator[None]:
+        if self.waiting >= self._queue and self._turns.locked():
+            raise self._busy()
+        self.waiting += 1
+        try:
+            async with asyncio.timeout(self._max_wait_s):
+                await self._turns.acquire()
+        except TimeoutError:
+            raise self._busy() from None
+        finally:
+            self.waiting -= 1
+        try:
+            yield
+        finally:
+            self._turns.release()
+
+    def _busy(self) -> HttpProblem:
+        self.refused += 1
+        return HttpProblem(
+            503,
+            "Service unavailable",
+            "too many streams are opening at once; retry after Retry-After seconds",
+            headers={"Retry-After": str(random.randint(1, RETRY_SPREAD_S))},
+        )

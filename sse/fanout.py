@@ -72,14 +72,20 @@ def _holding(roles: frozenset[str], upto: int) -> Callable[[Connection], bool]:
 
 class BusListener:
     def __init__(
-        self, bus: Bus, hub: Hub, instance_id: str, reconcile_now: asyncio.Event, gaps: BusGaps | None = None
+        self,
+        bus: Bus,
+        hub: Hub,
+        instance_id: str,
+        reconcile_now: asyncio.Event,
+        gaps: BusGaps | None = None,
+        subscribed: asyncio.Event | None = None,
     ) -> None:
         self._bus = bus
         self._hub = hub
         self._channels = [constants.instance_channel(instance_id), constants.REDIS_GROUP_CHANNEL]
         self._reconcile_now = reconcile_now
         self._gaps = gaps or BusGaps()
-        self.subscribed = asyncio.Event()
+        self.subscribed = subscribed or asyncio.Event()  # set while the subscription is confirmed
         self._working_at: float | None = None  # wall time the subscription last answered
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import uuid
@@ -10,6 +11,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from broadcast.components import Components
+from broadcast.domain import Principal
 from broadcast.errors import BroadcastError, ConflictError, ValidationError
 from broadcast.http_body import read_model
 from broadcast.http_context import components
@@ -23,6 +26,7 @@ from sse.stream import HEADERS, TOO_MANY, SseStream, bounded, catch_up, head
 log = logging.getLogger(__name__)
 LIMIT_RETRY = b"retry: 60000\n\n"
 CONNECT_PATH = "/api/user/sse/connect"
+LIVE_PATH_WAIT_S = 3.0  # longest a connect waits for the bus subscription
 
 
 async def ticket(request: Request) -> Response:
@@ -41,11 +45,16 @@ async def ticket(request: Request) -> Response:
 
 async def connect(request: Request) -> Response:
     who = principal(request)
-    user_id = who.sub
     c = components(request)
-    settings = c.settings.sse
     if not via_ticket(request):  # a ticket's stream open was counted when the ticket was issued
-        c.admission.rate(user_id, request.client.host if request.client else None)
+        c.admission.rate(who.sub, request.client.host if request.client else None)
+    async with c.connect_gate.admit():  # a storm waits (boundedly) here, not in the database pool
+        return await _open(request, who, c)
+
+
+async def _open(request: Request, who: Principal, c: Components) -> Response:
+    """Register the stream, make it reachable live, read its catch-up; the response writes the rest."""
+    user_id, settings = who.sub, c.settings.sse
     user = await c.users.get(user_id)
     roles = user.roles if user else frozenset()
     raw_cursor = request.headers.get("last-event-id") or request.query_params.get("lastEventId")
@@ -56,10 +65,7 @@ async def connect(request: Request) -> Response:
     if not await c.admission.acquire(connection):
         c.hub.close(connection)
         return _limit_reached(settings.max_connections_per_user)
-    try:
-        await c.presence.heartbeat(user_id, c.settings.server.instance_id)
-    except BroadcastError as exc:  # live pushes wait for Redis; reconciliation still delivers
-        log.warning("presence heartbeat for %s failed: %s", user_id, exc)
+    await _join_live_path(c, user_id)
     try:
         backlog, resync = await catch_up(c.inbox, user_id, roles, raw_cursor, settings.replay_limit)
     except BaseException:
@@ -69,6 +75,24 @@ async def connect(request: Request) -> Response:
     start = head(connection, c.settings.server.instance_id, resync or (TOO_MANY if trimmed else None))
     ends_at = who.expires_at + c.settings.auth.leeway_seconds  # as long as the token is accepted
     return SseStream(connection, start, items, lambda: _close(request, connection), ends_at)
+
+
+async def _join_live_path(c: Components, user_id: str) -> None:
+    """Make the stream reachable live before it says CONNECTED (and before its catch-up reads): the user's
+    presence names this instance, and this instance's bus subscription is confirmed (at start-up or after
+    a Redis outage it may not be yet, and a push published meanwhile is lost). Past ``LIVE_PATH_WAIT_S``
+    the stream opens anyway: reconciliation delivers until the live path works."""
+    try:
+        await c.presence.heartbeat(user_id, c.settings.server.instance_id)
+    except BroadcastError as exc:
+        log.warning("presence heartbeat for %s failed: %s", user_id, exc)
+    if c.bus_subscribed.is_set():
+        return
+    try:
+        async with asyncio.timeout(LIVE_PATH_WAIT_S):
+            await c.bus_subscribed.wait()
+    except TimeoutError:
+        log.warning("stream of %s opens before the bus subscription: reconciliation delivers meanwhile", user_id)
 
 
 def _limit_reached(limit: int) -> Response:

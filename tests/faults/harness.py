@@ -102,6 +102,16 @@ class Refusal:
     detail: str
 
 
+@dataclass(frozen=True)
+class Refused:
+    """A stream connect the server refused: its status, its ``Retry-After`` hint (None: none given) and
+    the start of its body."""
+
+    status: int
+    retry_after_s: int | None
+    detail: str
+
+
 Plan = Callable[[int], Audience]
 
 
@@ -195,7 +205,8 @@ class Seen:
 @dataclass
 class Subscriber:
     """One user's ``EventSource``: connects to ``fleet`` (its ``home`` instance first), reads events,
-    reconnects by itself ``retry_s`` (jittered) after the stream ends, with ``Last-Event-ID``."""
+    reconnects by itself ``retry_s`` (jittered) after the stream ends, with ``Last-Event-ID``; a refused
+    connect is retried after its ``Retry-After`` (jittered up by half, as clients spread a herd)."""
 
     fleet: Fleet
     user: str
@@ -205,7 +216,8 @@ class Subscriber:
     inbox_ids: set[str] = field(default_factory=set)
     events: dict[str, int] = field(default_factory=dict)  # event name -> count
     connections: int = 0
-    refusals: list[str] = field(default_factory=list)  # non-200 answers to a connect
+    refusals: list[Refused] = field(default_factory=list)  # non-200 answers to a connect
+    back_after_refusal_s: list[float] = field(default_factory=list)  # first refusal to connected, per streak
     last_event_id: str | None = None
     connected: asyncio.Event = field(default_factory=asyncio.Event)
     base: str | None = None  # the instance of the current connection
@@ -213,6 +225,8 @@ class Subscriber:
     _refetches: set[asyncio.Task[None]] = field(default_factory=set)
     refetch_errors: list[str] = field(default_factory=list)
     _token: str = ""
+    _hint_s: float | None = None  # the last refusal's Retry-After, for the next wait
+    _refused_at: float | None = None  # the first refusal since the last stream was up
 
     def start(self) -> Subscriber:
         self._token = token(self.user)
@@ -240,7 +254,13 @@ class Subscriber:
                         attempt = -1  # the stream was up: after it ends, start from the first live instance
             self.connected.clear()
             attempt += 1
-            await asyncio.sleep(self.retry_s * random.uniform(0.5, 1.5))
+            await asyncio.sleep(self._next_wait())
+
+    def _next_wait(self) -> float:
+        hint, self._hint_s = self._hint_s, None
+        if hint is not None:
+            return hint * random.uniform(1.0, 1.5)
+        return self.retry_s * random.uniform(0.5, 1.5)
 
     async def _stream(self, base: str) -> bool:
         host, port = base.removeprefix("http://").rsplit(":", 1)
@@ -254,13 +274,24 @@ class Subscriber:
             head = await reader.readuntil(b"\r\n\r\n")
             status = int(head.split(b" ", 2)[1])
             if status != 200:
-                self.refusals.append(f"{status}: {(await reader.read(300)).decode(errors='replace')}")
+                self._refused(status, head, (await reader.read(300)).decode(errors="replace"))
                 return False
             self.connections += 1
+            if self._refused_at is not None:
+                self.back_after_refusal_s.append(time.monotonic() - self._refused_at)
+                self._refused_at = None
             while True:
                 self._handle(await reader.readuntil(b"\n\n"), base)
         finally:
             writer.close()
+
+    def _refused(self, status: int, head: bytes, body: str) -> None:
+        hint = re.search(rb"\r\nretry-after: *(\d+)\r\n", head, re.IGNORECASE)
+        retry_after = int(hint.group(1)) if hint else None
+        self.refusals.append(Refused(status, retry_after, body))
+        self._hint_s = retry_after
+        if self._refused_at is None:
+            self._refused_at = time.monotonic()
 
     def _handle(self, block: bytes, base: str) -> None:
         fields: dict[str, str] = {}

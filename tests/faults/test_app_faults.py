@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -216,12 +217,17 @@ async def test_a_rebalance_while_a_batch_is_processing(
 
 
 THOUSAND = 1_000
+# The storm promise (README "User API and the stream"): a connect the survivor cannot serve at once is refused
+# with a retry hint (503 or 429 with Retry-After); its client retries as told, and every client is streaming
+# again within STORM_BACK_WITHIN_S of the kill, with nothing lost or shown twice.
+STORM_BACK_WITHIN_S = 60.0
+RETRYABLE = (429, 503)
 
 
 async def test_a_thousand_clients_reconnect_at_once_after_an_instance_dies(
     env: dict[str, str], tmp_path: Path, server_factory: list[Server], fault_scale: int
 ) -> None:
-    clients = THOUSAND * fault_scale
+    clients, bound_s = THOUSAND * fault_scale, STORM_BACK_WITHIN_S * fault_scale
     fleet = Fleet(env, tmp_path, server_factory)
     victim = fleet.start("app-a")
     people = users(clients)
@@ -235,7 +241,7 @@ async def test_a_thousand_clients_reconnect_at_once_after_an_instance_dies(
     victim.proc.kill()
     await asyncio.to_thread(victim.proc.wait, 10)
     killed = time.monotonic()
-    await wait_until(lambda: all(s.connected.is_set() and s.base == survivor.base for s in subs), 120, "all back")
+    await wait_until(lambda: all(s.connected.is_set() and s.base == survivor.base for s in subs), bound_s, "all back")
     back = time.monotonic() - killed
     peak = await probe.snapshot()
     await publisher.reached(publisher.attempted + 40)
@@ -243,6 +249,9 @@ async def test_a_thousand_clients_reconnect_at_once_after_an_instance_dies(
     await publisher.finish()
     result = await settled(publisher, subs, 90)
     refusals = [r for s in subs for r in s.refusals]
+    refused_clients = sum(1 for s in subs if s.refusals)
+    longest_refused = max((t for s in subs for t in s.back_after_refusal_s), default=0.0)
+    by_status = dict(Counter(r.status for r in refusals))
     await close_all(subs)
     after = await probe.back_to(baseline, pools=POOLS)
     log = survivor.log.read_text()
@@ -251,12 +260,14 @@ async def test_a_thousand_clients_reconnect_at_once_after_an_instance_dies(
         "1000 clients reconnect",
         f"SIGKILL of app-a holding {clients} streams; they reconnect to app-b at once with Last-Event-ID",
         result,
-        f"all back {back:.1f} s after the kill; connects refused {len(refusals)}; pool errors {pool_errors}; "
-        f"app-b {baseline} -> {peak} -> {after}",
+        f"all back {back:.1f} s after the kill (bound {bound_s:.0f} s); connects refused {len(refusals)} "
+        f"({refused_clients} clients, by status {by_status}; longest from a first refusal to streaming "
+        f"{longest_refused:.1f} s); pool errors logged {pool_errors}; app-b {baseline} -> {peak} -> {after}",
     )
     result.assert_clean()
-    assert pool_errors == 0, "neither the database pool nor Redis's may run dry on a reconnect storm"
-    assert refusals == [], refusals[:3]
+    unhinted = [r for r in refusals if r.status not in RETRYABLE or r.retry_after_s is None]
+    assert unhinted == [], f"every refused connect carries a retry hint: {unhinted[:3]}"
+    assert pool_errors == 0, "a storm waits at the connect gate, so neither the database pool nor Redis's runs dry"
     assert peak.streams == clients
 
 
