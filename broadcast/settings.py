@@ -57,6 +57,10 @@ class KafkaSettings(BaseModel):
     partitions: int = Field(default=constants.TOPIC_PARTITIONS, ge=1)
     replication_factor: int = Field(default=constants.TOPIC_REPLICATION_FACTOR, ge=1)
     min_insync_replicas: int = Field(default=constants.TOPIC_MIN_INSYNC_REPLICAS, ge=1)
+    # `run` verifies the topics before it starts (partitions, replication factor, min ISR as configured here,
+    # unclean leader election off) and refuses to start otherwise; true starts anyway with a warning (a
+    # development cluster, never production: a misconfigured topic can lose acknowledged records)
+    allow_unsafe_topics: bool = False
     request_timeout_ms: int = Field(default=30_000, ge=1_000)
     # Every client refreshes its cluster metadata at least this often (aiokafka's default is 5 minutes):
     # the bound on how long a client can keep asking a broker that is no longer a partition's leader

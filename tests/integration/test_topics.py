@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from broadcast import constants
-from broadcast.adapters.kafka_admin import ensure_topics
+from broadcast.adapters.kafka_admin import ensure_topics, verify_topics
 from broadcast.settings import KafkaSettings
 from devstack.stack import StackInfo
+from tests.servers import Server, clean_env, free_port
 
 
 async def test_provisioning_creates_the_four_topics_and_is_idempotent(stack: StackInfo, unique_name: str) -> None:
@@ -35,3 +41,56 @@ async def test_an_existing_topic_with_other_settings_is_reported(stack: StackInf
     assert any("3 partitions, expected 10" in p for p in report.problems)
     assert any("replication factor 1, expected 3" in p for p in report.problems)
     assert len(report.problems) == 2  # min.insync.replicas inherits the cluster's 2, which is as configured
+
+
+async def create_unsafe_topics(bootstrap: str, prefix: str) -> list[str]:
+    """The four topics as a careless development cluster has them: RF 1, min ISR 1, unclean leader election."""
+    names = [f"{prefix}{t}" for t in constants.ALL_TOPICS]
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        configs = {"min.insync.replicas": "1", "unclean.leader.election.enable": "true"}
+        await admin.create_topics([NewTopic(n, 10, 1, topic_configs=configs) for n in names])
+    finally:
+        await admin.close()
+    return names
+
+
+async def test_run_refuses_to_start_on_misconfigured_topics_unless_told(
+    stack: StackInfo, unique_name: str, tmp_path: Path
+) -> None:
+    prefix = f"{unique_name}."
+    names = await create_unsafe_topics(stack.kafka_bootstrap, prefix)
+    settings = KafkaSettings(bootstrap_servers=stack.kafka_bootstrap, topic_prefix=prefix)
+    for _ in range(40):  # a new topic reaches every broker's metadata a moment after its creation
+        reports = await verify_topics(settings, [*names, f"{prefix}nothing"])
+        if all(r.partitions for r in reports[:4]):
+            break
+        await asyncio.sleep(0.25)
+    for report in reports[:4]:
+        assert any("replication factor 1, expected 3" in p for p in report.problems), report
+        assert any("min.insync.replicas=1, expected 2" in p for p in report.problems), report
+        assert any("unclean.leader.election.enable=true" in p for p in report.problems), report
+    assert reports[4].problems == ("does not exist: run `broadcast-server topics`",)
+
+    database = f"sqlite+aiosqlite:///{tmp_path}/b.db"  # migrated at start (PostgreSQL never is)
+    env = clean_env(**{**stack.env(), "BROADCAST_KAFKA__TOPIC_PREFIX": prefix, "BROADCAST_DATABASE__URL": database})
+    refused = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "broadcast", "run", "--port", str(free_port())],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "refusing to start on misconfigured topics" in refused.stderr
+    assert "unclean.leader.election.enable=true" in refused.stderr
+
+    allowed = Server({**env, "BROADCAST_KAFKA__ALLOW_UNSAFE_TOPICS": "true"}, tmp_path, roles="api")
+    try:
+        allowed.wait_live()
+        assert "starting on unsafe topics" in allowed.log.read_text()
+    finally:
+        allowed.stop()
