@@ -11,7 +11,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import Scope
 
-from broadcast import admin_api, health, http_observe, openapi, web
+from broadcast import admin_api, admin_outbox_api, health, http_observe, openapi, web
 from broadcast.admin_api import CSV_PATH, csv_body_limit
 from broadcast.components import Components, open_components
 from broadcast.domain import Principal
@@ -61,6 +61,7 @@ def create_app(settings: Settings, roles: frozenset[str] = frozenset(ROLES)) -> 
             *http_observe.routes,
             *admin_api.routes,
             *dlt_api.routes,
+            *admin_outbox_api.routes,
             *sse_routes.routes,
             *openapi.routes,
             *web.routes,

@@ -101,6 +101,20 @@ class ClaimedOutboxEvent:
     event: OutboxEvent
     created_at: datetime
     attempts: int
+    poison_attempts: int = 0  # refusals of the record itself (too large, corrupt), not broker outages
+
+
+@dataclass(frozen=True, slots=True)
+class DeadOutboxRow:
+    """An outbox row the event log refused for good; it left its lane (``outbox_id`` was its place)."""
+
+    id: int
+    outbox_id: int
+    event: OutboxEvent
+    attempts: int
+    last_error: str | None
+    created_at: datetime
+    dead_at: datetime
 
 
 @dataclass(frozen=True, slots=True)

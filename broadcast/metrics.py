@@ -182,6 +182,15 @@ class Metrics:
             registry=registry,
         )
         self.outbox_backlog = Gauge("broadcast_outbox_backlog", "Unpublished outbox rows", registry=registry)
+        self.outbox_buried = Counter(
+            "broadcast_outbox_buried", "Outbox rows moved to the dead state by this process", registry=registry
+        )
+        self.outbox_dead = Gauge(
+            "broadcast_outbox_dead",
+            "Outbox rows the event log refused for good (too large, corrupt), out of their lanes: list and "
+            "redrive them with /api/admin/outbox/dead",
+            registry=registry,
+        )
         self.outbox_oldest_age = Gauge(
             "broadcast_outbox_oldest_age_seconds", "Age of the oldest unpublished outbox row", registry=registry
         )

@@ -128,6 +128,7 @@ class Sampler:
 
     async def _sample_outbox(self) -> None:
         self._metrics.outbox_backlog.set(await self._outbox.backlog())
+        self._metrics.outbox_dead.set(await self._outbox.dead_count())
         oldest = await self._outbox.oldest_unpublished()
         age = 0.0 if oldest is None else max((datetime.now(UTC) - oldest).total_seconds(), 0.0)
         self._metrics.outbox_oldest_age.set(age)

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from broadcast import admin_api, admin_users_api, web
+from broadcast import admin_api, admin_outbox_api, admin_users_api, web
 from broadcast.domain import BroadcastStatus, TargetType
 from broadcast.http_context import components
 from broadcast.http_problems import MEDIA_TYPE as PROBLEM
@@ -223,6 +223,43 @@ def _dead_letter_schemas() -> dict[str, Schema]:
     return {
         "DeadLetterSummary": summary,
         "DeadLetter": detail,
+        "DeadOutboxRow": {
+            "type": "object",
+            "required": [
+                "id",
+                "outboxId",
+                "topic",
+                "key",
+                "eventType",
+                "broadcastId",
+                "payloadBytes",
+                "attempts",
+                "lastError",
+                "createdAt",
+                "deadAt",
+            ],
+            "properties": {
+                "id": {"type": "integer"},
+                "outboxId": {"type": "integer", "description": "the row's id in the outbox, its place in its lane"},
+                "topic": {"type": "string"},
+                "key": {"type": "string"},
+                "eventType": {"type": "string"},
+                "broadcastId": {"type": ["string", "null"]},
+                "payloadBytes": {"type": "integer", "minimum": 0},
+                "attempts": {"type": "integer", "minimum": 0},
+                "lastError": {"type": ["string", "null"]},
+                "createdAt": {"type": "string", "format": "date-time"},
+                "deadAt": {"type": "string", "format": "date-time"},
+            },
+        },
+        "DeadOutboxPage": {
+            "type": "object",
+            "required": ["items", "nextCursor"],
+            "properties": {
+                "items": {"type": "array", "items": ref("DeadOutboxRow")},
+                "nextCursor": {"type": ["string", "null"]},
+            },
+        },
         "DeadLetterPage": {
             "type": "object",
             "required": ["items", "nextCursor"],
@@ -681,6 +718,59 @@ def _user_paths(bounds: Bounds) -> dict[str, Schema]:
     }
 
 
+def _dead_outbox_paths(bounds: Bounds) -> dict[str, Schema]:
+    prefix, tag = admin_outbox_api.PREFIX, "outbox"
+    number = {"type": "integer", "minimum": 0, "maximum": admin_outbox_api.MAX_ID}
+    dead_id = _param("dead_id", "path", number, "dead outbox row id (anything else names none: 404)")
+    return {
+        prefix: {
+            "get": _operation(
+                "listDeadOutboxRows",
+                "Outbox rows the event log refused for good, newest first (unknown query parameters are refused)",
+                tag,
+                {200: _ok(ref("DeadOutboxPage"))},
+                parameters=_page_params(bounds, number),
+            ),
+        },
+        f"{prefix}/{{dead_id}}/redrive": {
+            "parameters": [dead_id],
+            "post": _operation(
+                "redriveDeadOutboxRow",
+                "Put the row back at the end of its lane, attempts reset (fix the cause first)",
+                tag,
+                {
+                    200: _ok(
+                        {
+                            "type": "object",
+                            "required": ["id", "outboxId"],
+                            "properties": {"id": {"type": "integer"}, "outboxId": {"type": "integer"}},
+                        }
+                    )
+                },
+                (404,),
+            ),
+        },
+        f"{prefix}/{{dead_id}}": {
+            "parameters": [dead_id],
+            "delete": _operation(
+                "purgeDeadOutboxRow",
+                "Delete the row: its event is never published",
+                tag,
+                {
+                    200: _ok(
+                        {
+                            "type": "object",
+                            "required": ["id", "purged"],
+                            "properties": {"id": {"type": "integer"}, "purged": {"const": True}},
+                        }
+                    )
+                },
+                (404,),
+            ),
+        },
+    }
+
+
 def _dead_letter_paths(bounds: Bounds) -> dict[str, Schema]:
     prefix = dlt_api.PREFIX
     text = {"type": "string", "maxLength": dlt_api.MAX_FILTER_CHARS}
@@ -967,6 +1057,7 @@ def build_document(bounds: Bounds) -> dict[str, Any]:
                 **_broadcast_paths(bounds),
                 **_user_paths(bounds),
                 **_dead_letter_paths(bounds),
+                **_dead_outbox_paths(bounds),
                 **_sse_paths(),
             }
         ),

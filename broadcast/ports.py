@@ -17,6 +17,7 @@ from broadcast.domain import (
     BroadcastStats,
     BroadcastStatus,
     ClaimedOutboxEvent,
+    DeadOutboxRow,
     Delivery,
     InboxItem,
     OutboxEvent,
@@ -179,7 +180,25 @@ class OutboxStore(Protocol):
 
     async def mark_published(self, ids: Sequence[int]) -> None: ...
 
-    async def record_failure(self, ids: Sequence[int], error: str) -> None: ...
+    async def record_failure(self, ids: Sequence[int], error: str, poison: bool = False) -> None:
+        """Count a failed publish of each row (``poison``: the event log refused the record itself)."""
+        ...
+
+    async def bury(self, ids: Sequence[int]) -> int:
+        """Move the rows to the dead state, out of their lanes (one transaction); how many moved."""
+        ...
+
+    async def dead(self, limit: int, before_id: int | None = None) -> list[DeadOutboxRow]:
+        """Dead rows, newest first (ids below ``before_id``)."""
+        ...
+
+    async def dead_count(self) -> int: ...
+
+    async def redrive_dead(self, dead_id: int) -> int | None:
+        """Put a dead row back at the end of its lane, attempts reset; its new outbox id, None if unknown."""
+        ...
+
+    async def purge_dead(self, dead_id: int) -> bool: ...
 
     async def purge_published(self, older_than: timedelta, limit: int) -> int:
         """Delete at most ``limit`` rows published more than ``older_than`` ago; how many were deleted."""

@@ -2,11 +2,15 @@
 
 Each round it leases a few lanes of the outbox (a short transaction of its own, ``FOR UPDATE SKIP
 LOCKED`` on the lane rows), reads their due rows in id order, publishes them pipelined with the
-idempotent ``acks=all`` producer — holding no transaction or lock while it awaits Kafka — marks the
-acknowledged prefix published and gives the lanes back. One owner per lane keeps per-key order; several
-relays (processes) share the lanes. Rows after a failed one in the same lane wait for the next round, so
-a key's later event never overtakes an earlier one. Published rows are purged after a retention period by a
-loop of their own (``OutboxPurger``), in small batches, so a large purge never holds up publishing.
+idempotent ``acks=all`` producer — holding no transaction or lock while it awaits Kafka — marks every
+acknowledged row published (an acknowledged row is never published again) and gives the lanes back. One
+owner per lane keeps per-key order; several relays (processes) share the lanes. A key's records go to one
+partition in order, so a failure (a broker outage, a leader change) fails them together and they are
+retried together. A row the event log refuses for itself (too large, corrupt: ``PublishError.poison``) is
+a suspect: its lane is then published one row at a time up to it, and after ``poison_attempts`` refusals
+it moves to the dead state (admins list and redrive it) and the lane goes on. Published rows are purged
+after a retention period by a loop of their own (``OutboxPurger``), in small batches, so a large purge
+never holds up publishing.
 """
 
 from __future__ import annotations
@@ -68,29 +72,58 @@ class OutboxRelay:
         return published
 
     async def _publish_lanes(self, lanes: list[int]) -> int:
-        """Publish the due rows of ``lanes`` in one pipelined call (few, full batches per partition)."""
+        """Publish the due rows of ``lanes``: one pipelined call for the lanes without a suspect row; a lane
+        holding a row the event log refused (poison) goes one row at a time up to its last suspect."""
         batches = [await self._outbox.due(lane, self._settings.batch_size) for lane in lanes]
-        rows = [row for batch in batches for row in batch]
+        together: list[ClaimedOutboxEvent] = []
+        published = 0
+        for batch in batches:
+            suspects = 1 + max((i for i, r in enumerate(batch) if r.poison_attempts), default=-1)
+            alone, lane_goes_on = await self._one_by_one(batch[:suspects])
+            published += alone
+            if lane_goes_on:
+                together += batch[suspects:]
+        return published + await self._together(together)
+
+    async def _together(self, rows: list[ClaimedOutboxEvent]) -> int:
+        """One pipelined publish; every acknowledged row is marked (none is ever published twice), each
+        failed one counted, and the ones the event log refused become suspects for the next round."""
         if not rows:
             return 0
-        results = iter(
-            await self._publisher.publish_many(
-                [OutgoingRecord(r.event.topic, r.event.key.encode(), r.event.payload, r.event.headers) for r in rows]
-            )
-        )
-        acknowledged: list[int] = []
-        for lane, batch in zip(lanes, batches, strict=True):
-            outcomes = [next(results) for _ in batch]
-            self._count(batch, outcomes)
-            failed_at = next((i for i, o in enumerate(outcomes) if isinstance(o, PublishError)), len(batch))
-            acknowledged += [r.id for r in batch[:failed_at]]  # a key's later rows never overtake a failed one
-            if failed_at < len(batch):
-                log.warning(
-                    "lane %d: %d rows wait for the next round: %s", lane, len(batch) - failed_at, outcomes[failed_at]
-                )
-                await self._outbox.record_failure([batch[failed_at].id], str(outcomes[failed_at]))
+        outcomes = await self._publisher.publish_many([_record(r) for r in rows])
+        self._count(rows, outcomes)
+        acknowledged = [r.id for r, o in zip(rows, outcomes, strict=True) if not isinstance(o, PublishError)]
         await self._outbox.mark_published(acknowledged)
+        failed = [(r, o) for r, o in zip(rows, outcomes, strict=True) if isinstance(o, PublishError)]
+        for poison in (False, True):
+            group = [(r, o) for r, o in failed if o.poison is poison]
+            if group:
+                log.warning("%d rows not published, retried next round: %s", len(group), group[0][1])
+                await self._outbox.record_failure([r.id for r, _ in group], str(group[0][1]), poison=poison)
         return len(acknowledged)
+
+    async def _one_by_one(self, rows: list[ClaimedOutboxEvent]) -> tuple[int, bool]:
+        """Publish ``rows`` alone each, in order, so a poison row fails alone: one refused
+        ``poison_attempts`` times leaves its lane (dead) and the lane goes on. How many were published, and
+        False when a row must wait (the rest of its lane waits too, keeping per-key order)."""
+        published = 0
+        for row in rows:
+            [outcome] = await self._publisher.publish_many([_record(row)])
+            self._count([row], [outcome])
+            if not isinstance(outcome, PublishError):
+                await self._outbox.mark_published([row.id])
+                published += 1
+                continue
+            await self._outbox.record_failure([row.id], str(outcome), poison=outcome.poison)
+            if not outcome.poison or row.poison_attempts + 1 < self._settings.poison_attempts:
+                return published, False
+            await self._outbox.bury([row.id])
+            self._metrics.outbox_buried.inc()
+            log.error(
+                "outbox row %d (%s, key %s) refused %d times, moved to the dead state: %s",
+                row.id, row.event.topic, row.event.key, row.poison_attempts + 1, outcome,
+            )  # fmt: skip
+        return published, True
 
     def _count(self, rows: list[ClaimedOutboxEvent], outcomes: list[RecordPosition | PublishError]) -> None:
         by_topic: dict[str, list[int]] = {}
@@ -143,3 +176,8 @@ class OutboxPurger:
                     log.info("purged %d published outbox rows in %.1f s", purged, time.monotonic() - started)
             except BroadcastError as exc:
                 log.warning("outbox purge failed: %s", exc)
+
+
+def _record(row: ClaimedOutboxEvent) -> OutgoingRecord:
+    e = row.event
+    return OutgoingRecord(e.topic, e.key.encode(), e.payload, e.headers)

@@ -172,6 +172,9 @@ class RelaySettings(BaseModel):
     lease_seconds: float = Field(default=30.0, gt=0)
     idle_poll_seconds: float = Field(default=0.2, gt=0)
     retention_seconds: float = Field(default=3_600.0, ge=0)
+    # refusals of a record itself (too large, corrupt) before its row leaves its lane for the dead state
+    # (/api/admin/outbox/dead); broker outages never count
+    poison_attempts: int = Field(default=3, ge=1)
     scheduler_tick_seconds: float = Field(default=1.0, gt=0)
 
 

@@ -13,7 +13,14 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    CorruptRecordException,
+    InvalidTimestampError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+    UnsupportedForMessageFormatError,
+)
 from aiokafka.partitioner import murmur2
 from aiokafka.structs import OffsetAndMetadata
 from aiokafka.structs import TopicPartition as KafkaTopicPartition
@@ -27,6 +34,15 @@ from broadcast.settings import KafkaSettings
 
 if TYPE_CHECKING:
     from broadcast.adapters.kafka_lag import KafkaLag
+
+# The broker (or the client, before sending) refused the record itself: sending it again cannot succeed.
+POISON = (
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+    CorruptRecordException,
+    InvalidTimestampError,
+    UnsupportedForMessageFormatError,
+)
 
 
 def client_options(settings: KafkaSettings) -> dict[str, Any]:
@@ -163,7 +179,7 @@ class KafkaEventLog:
         except TimeoutError:
             timed_out = True
         except KafkaError as exc:
-            failure = PublishError(f"publish refused: {exc!r}")
+            failure = PublishError(f"publish refused: {exc!r}", poison=isinstance(exc, POISON))
             results = [failure] * len(records)
             if breaks_session(exc):
                 await self._slot.renew(producer, exc)
@@ -248,7 +264,7 @@ def _outcome(future: asyncio.Future[Any], topic: str, timeout_s: float) -> int |
     if future.cancelled():
         return PublishError(f"publish to {topic} cancelled")
     if (exc := future.exception()) is not None:
-        return PublishError(f"publish to {topic} failed: {exc!r}")
+        return PublishError(f"publish to {topic} failed: {exc!r}", poison=isinstance(exc, POISON))
     return int(future.result().offset)
 
 

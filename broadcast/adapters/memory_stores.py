@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from broadcast import constants
-from broadcast.domain import ClaimedOutboxEvent, OutboxEvent, User
+from broadcast.domain import ClaimedOutboxEvent, DeadOutboxRow, OutboxEvent, User
 
 
 class MemoryUserStore:
@@ -35,12 +35,15 @@ class _Row:
     attempts: int = 0
     published_at: datetime | None = None
     last_error: str | None = None
+    poison_attempts: int = 0
 
 
 class MemoryOutboxStore:
     def __init__(self) -> None:
         self._rows: dict[int, _Row] = {}
         self._ids = itertools.count(1)
+        self._dead: dict[int, DeadOutboxRow] = {}
+        self._dead_ids = itertools.count(1)
         self._lanes: dict[int, tuple[str | None, datetime | None]] = dict.fromkeys(
             range(constants.OUTBOX_LANES), (None, None)
         )
@@ -87,17 +90,40 @@ class MemoryOutboxStore:
 
     async def due(self, lane: int, limit: int) -> list[ClaimedOutboxEvent]:
         rows = self._due_rows(lane, datetime.now(UTC))[:limit]
-        return [ClaimedOutboxEvent(r.id, r.event, r.created_at, r.attempts) for r in rows]
+        return [ClaimedOutboxEvent(r.id, r.event, r.created_at, r.attempts, r.poison_attempts) for r in rows]
 
     async def mark_published(self, ids: Sequence[int]) -> None:
         now = datetime.now(UTC)
         for i in ids:
             self._rows[i].published_at = now
 
-    async def record_failure(self, ids: Sequence[int], error: str) -> None:
+    async def record_failure(self, ids: Sequence[int], error: str, poison: bool = False) -> None:
         for i in ids:
             self._rows[i].attempts += 1
+            self._rows[i].poison_attempts += int(poison)
             self._rows[i].last_error = error
+
+    async def bury(self, ids: Sequence[int]) -> int:
+        now = datetime.now(UTC)
+        for i in ids:
+            r = self._rows.pop(i)
+            dead_id = next(self._dead_ids)
+            self._dead[dead_id] = DeadOutboxRow(dead_id, r.id, r.event, r.attempts, r.last_error, r.created_at, now)
+        return len(ids)
+
+    async def dead(self, limit: int, before_id: int | None = None) -> list[DeadOutboxRow]:
+        rows = sorted((d for d in self._dead.values() if before_id is None or d.id < before_id), key=lambda d: -d.id)
+        return rows[:limit]
+
+    async def dead_count(self) -> int:
+        return len(self._dead)
+
+    async def redrive_dead(self, dead_id: int) -> int | None:
+        row = self._dead.pop(dead_id, None)
+        return None if row is None else (await self.append([row.event]))[0]
+
+    async def purge_dead(self, dead_id: int) -> bool:
+        return self._dead.pop(dead_id, None) is not None
 
     async def purge_published(self, older_than: timedelta, limit: int) -> int:
         cutoff = datetime.now(UTC) - older_than

@@ -19,8 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from broadcast import constants
 from broadcast.adapters.sql_engine import translate
-from broadcast.adapters.sql_tables import outbox_events, outbox_lanes, user_roles, users
-from broadcast.domain import ClaimedOutboxEvent, EventType, OutboxEvent, User
+from broadcast.adapters.sql_tables import outbox_dead, outbox_events, outbox_lanes, user_roles, users
+from broadcast.domain import ClaimedOutboxEvent, DeadOutboxRow, EventType, OutboxEvent, User
 
 
 def utc(value: datetime) -> datetime:
@@ -142,7 +142,7 @@ class SqlOutboxStore:
         o = outbox_events.c
         query = (
             select(o.id, o.topic, o.partition_key, o.event_type, o.payload, cast(o.headers, Text).label("headers"))
-            .add_columns(o.broadcast_id, o.not_before, o.created_at, o.attempts)
+            .add_columns(o.broadcast_id, o.not_before, o.created_at, o.attempts, o.poison_attempts)
             .where(o.lane == lane, o.published_at.is_(None))
             .where(o.not_before.is_(None) | (o.not_before <= now))
             .order_by(o.id)
@@ -169,6 +169,7 @@ class SqlOutboxStore:
                 ),
                 created_at=utc(r.created_at),
                 attempts=r.attempts,
+                poison_attempts=r.poison_attempts,
             )
             for r in rows
         ]
@@ -184,14 +185,74 @@ class SqlOutboxStore:
             return outbox_events.c.id == any_(bindparam("ids", list(ids), type_=postgresql.ARRAY(BigInteger)))
         return outbox_events.c.id.in_(list(ids))
 
-    async def record_failure(self, ids: Sequence[int], error: str) -> None:
+    async def record_failure(self, ids: Sequence[int], error: str, poison: bool = False) -> None:
         if ids:
+            o = outbox_events.c
             stmt = (
                 update(outbox_events)
                 .where(self._ids_match(ids))
-                .values(attempts=outbox_events.c.attempts + 1, last_error=error[:2000])
+                .values(
+                    attempts=o.attempts + 1, poison_attempts=o.poison_attempts + int(poison), last_error=error[:2000]
+                )
             )
             await self._execute(stmt)
+
+    async def bury(self, ids: Sequence[int]) -> int:
+        if not ids:
+            return 0
+        o = outbox_events.c
+        moved = select(
+            o.id, o.topic, o.partition_key, o.event_type, o.payload, o.headers, o.broadcast_id, o.attempts,
+            o.last_error, o.created_at,
+        ).where(o.id.in_(list(ids)))  # fmt: skip
+        columns = ["outbox_id", "topic", "partition_key", "event_type", "payload", "headers", "broadcast_id"]
+        columns += ["attempts", "last_error", "created_at"]
+        try:
+            async with self._engine.begin() as conn:
+                await conn.execute(insert(outbox_dead).from_select(columns, moved))
+                return int((await conn.execute(delete(outbox_events).where(o.id.in_(list(ids))))).rowcount)
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc) from exc
+
+    async def dead(self, limit: int, before_id: int | None = None) -> list[DeadOutboxRow]:
+        d = outbox_dead.c
+        query = select(outbox_dead, cast(d.headers, Text).label("headers_text")).order_by(d.id.desc()).limit(limit)
+        if before_id is not None:
+            query = query.where(d.id < before_id)
+        try:
+            async with self._engine.connect() as conn:
+                rows = (await conn.execute(query)).all()
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc) from exc
+        return [_dead_row(r) for r in rows]
+
+    async def dead_count(self) -> int:
+        try:
+            async with self._engine.connect() as conn:
+                return int((await conn.execute(select(func.count()).select_from(outbox_dead))).scalar_one())
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc) from exc
+
+    async def redrive_dead(self, dead_id: int) -> int | None:
+        d = outbox_dead.c
+        query = select(outbox_dead, cast(d.headers, Text).label("headers_text")).where(d.id == dead_id)
+        try:
+            async with self._engine.begin() as conn:
+                row = (await conn.execute(query)).first()
+                if row is None:
+                    return None
+                [new_id] = await append_outbox(conn, [_dead_row(row).event])
+                await conn.execute(delete(outbox_dead).where(d.id == dead_id))
+                return new_id
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc) from exc
+
+    async def purge_dead(self, dead_id: int) -> bool:
+        try:
+            async with self._engine.begin() as conn:
+                return bool((await conn.execute(delete(outbox_dead).where(outbox_dead.c.id == dead_id))).rowcount)
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc) from exc
 
     async def purge_published(self, older_than: timedelta, limit: int) -> int:
         cutoff = datetime.now(UTC) - older_than
@@ -231,6 +292,14 @@ class SqlOutboxStore:
                 await conn.execute(stmt)
         except (SQLAlchemyError, OSError) as exc:
             raise translate(exc) from exc
+
+
+def _dead_row(r: Any) -> DeadOutboxRow:
+    event = OutboxEvent(
+        r.topic, r.partition_key, EventType(r.event_type), bytes(r.payload), decode_headers(r.headers_text, {}),
+        r.broadcast_id,
+    )  # fmt: skip
+    return DeadOutboxRow(r.id, r.outbox_id, event, r.attempts, r.last_error, utc(r.created_at), utc(r.dead_at))
 
 
 def lane_of(key: str) -> int:

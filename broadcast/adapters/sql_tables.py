@@ -119,6 +119,9 @@ outbox_events = Table(
     _ts("not_before"),
     _ts("published_at"),
     _ts("created_at", nullable=False, default_now=True),
+    # refusals of the record itself (too large, corrupt), not broker outages: past relay.poison_attempts the
+    # row moves to outbox_dead
+    Column("poison_attempts", Integer, nullable=False, server_default="0"),
     Index("ix_outbox_events_unpublished", "lane", "id", postgresql_where=UNPUBLISHED, sqlite_where=UNPUBLISHED),
     Index(
         "ix_outbox_events_broadcast_unpublished", "broadcast_id", postgresql_where=UNPUBLISHED, sqlite_where=UNPUBLISHED
@@ -132,6 +135,23 @@ outbox_lanes = Table(
     Column("lane", SmallInteger, primary_key=True, autoincrement=False),
     Column("owner", String(200), nullable=True),
     _ts("lease_until"),
+)
+
+outbox_dead = Table(
+    "outbox_dead",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("outbox_id", BigInteger, nullable=False),
+    Column("topic", String(255), nullable=False),
+    Column("partition_key", String(255), nullable=False),
+    Column("event_type", String(16), nullable=False),
+    Column("payload", LargeBinary, nullable=False),
+    Column("headers", JSON, nullable=False),
+    Column("broadcast_id", String(36), nullable=True),
+    Column("attempts", Integer, nullable=False),
+    Column("last_error", Text, nullable=True),
+    _ts("created_at", nullable=False),
+    _ts("dead_at", nullable=False, default_now=True),
 )
 
 dlt_messages = Table(

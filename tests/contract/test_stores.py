@@ -116,3 +116,34 @@ async def test_concurrent_relays_never_share_a_lane(stores: tuple[UserStore, Out
     claims = await asyncio.gather(*(outbox.claim_lanes(f"relay-{n}", 4, LEASE) for n in range(10)))
     lanes = [lane for claim in claims for lane in claim]
     assert len(lanes) == len(set(lanes)) > 4
+
+
+async def test_a_buried_row_leaves_its_lane_and_can_be_redriven_or_purged(
+    stores: tuple[UserStore, OutboxStore],
+) -> None:
+    _, outbox = stores
+    ids = await outbox.append([event(1, key="a"), event(2, key="a"), event(3, key="a")])
+    await outbox.record_failure([ids[0]], "broker down")
+    await outbox.record_failure([ids[0]], "MessageSizeTooLargeError", poison=True)
+    [lane] = await outbox.claim_lanes("relay-a", 10, LEASE)
+    first = (await outbox.due(lane, 10))[0]
+    assert (first.id, first.attempts, first.poison_attempts) == (ids[0], 2, 1)
+
+    assert await outbox.bury([ids[0]]) == 1
+    assert [c.id for c in await outbox.due(lane, 10)] == ids[1:], "out of its lane; the rest go on"
+    assert await outbox.backlog() == 2 and await outbox.dead_count() == 1
+    [dead] = await outbox.dead(10)
+    assert (dead.outbox_id, dead.attempts, dead.last_error) == (ids[0], 2, "MessageSizeTooLargeError")
+    assert dead.event == event(1, key="a"), "the row's bytes and headers, as they were"
+    assert await outbox.dead(10, before_id=dead.id) == []
+
+    again = await outbox.redrive_dead(dead.id)
+    assert again is not None and again > ids[2], "back at the end of its lane"
+    assert await outbox.dead_count() == 0 and await outbox.redrive_dead(dead.id) is None
+    assert [c.id for c in await outbox.due(lane, 10)][-1] == again
+    assert (await outbox.due(lane, 10))[-1].poison_attempts == 0, "attempts reset"
+
+    await outbox.bury([again])
+    [dead] = await outbox.dead(10)
+    assert await outbox.purge_dead(dead.id) and not await outbox.purge_dead(dead.id)
+    assert await outbox.dead_count() == 0

@@ -12,6 +12,8 @@ from collections import Counter
 from pathlib import Path
 
 import orjson
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from sqlalchemy import func, select
 
 from broadcast import constants, envelope
@@ -164,3 +166,38 @@ async def test_a_relay_killed_mid_broadcast_loses_nothing_after_restart(
             )
         )
         assert rows.scalar_one() == 10_000
+
+
+async def test_a_record_kafka_refuses_for_good_leaves_its_lane_and_nothing_is_published_twice(
+    pipeline: Pipeline, stack: StackInfo
+) -> None:
+    """A row over the topic's max.message.bytes: before, its lane stalled and the rows behind it were published
+    again every round. Now it fails alone, moves to the dead state, and every other row is published once."""
+    topic = pipeline.topic(constants.SELECTED_TOPIC)
+    admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.alter_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic, configs={"max.message.bytes": "4096"})]
+        )
+    finally:
+        await admin.close()
+    await asyncio.sleep(1)  # the brokers apply the topic's new limit
+
+    def row(key: str, value: bytes) -> OutboxEvent:
+        return OutboxEvent(topic, key, EventType.CREATED, value)
+
+    rows = [row("alice", b"a0"), row("alice", b"x" * 10_000), row("alice", b"a2"), row("bob", b"b0")]
+    rows += [row("alice", f"a{n}".encode()) for n in range(3, 40)]
+    async with pipeline.engine.begin() as conn:
+        await append_outbox(conn, rows)
+    published = await pipeline.publish_all()
+
+    assert await pipeline.outbox.backlog() == 0
+    [dead] = await pipeline.outbox.dead(10)
+    assert dead.event.payload == b"x" * 10_000 and "TooLarge" in (dead.last_error or ""), dead.last_error
+    records = await read_topic(stack.kafka_bootstrap, topic, len(rows) - 1)
+    values = [r.value for r in records if r.key == b"alice"]
+    assert Counter(values).most_common(1)[0][1] == 1, "no record published twice"
+    assert values == [b"a0", b"a2", *[f"a{n}".encode() for n in range(3, 40)]], "alice's order kept"
+    assert published == len(rows) - 1

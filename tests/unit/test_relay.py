@@ -49,16 +49,70 @@ class FlakyPublisher:
         return 1
 
 
-async def test_rows_after_a_failed_one_wait_and_then_go_in_order() -> None:
+async def test_an_acknowledged_row_is_never_published_again_and_a_failed_one_is_retried() -> None:
     outbox = MemoryOutboxStore()
     await outbox.append([OutboxEvent("t", "alice", EventType.CREATED, f"m{n}".encode()) for n in range(3)])
-    publisher = FlakyPublisher(fail={b"m1"})
+    publisher = FlakyPublisher(fail={b"m1"})  # one lane; m2 acknowledged after m1 failed
     relay = OutboxRelay(outbox, publisher, RelaySettings(), owner="r")
-    assert await relay.run_once() == 1, "only the acknowledged prefix (m0) counts as published"
-    assert await outbox.backlog() == 2, "m2 waits for m1 even though its own send was acknowledged"
-    assert await relay.run_once() == 2
-    assert publisher.sent[-2:] == [b"m1", b"m2"], "the next round re-sends the rest in key order"
+    assert await relay.run_once() == 2, "m0 and m2 were acknowledged"
+    assert await outbox.backlog() == 1
+    assert await relay.run_once() == 1
+    assert sorted(publisher.sent) == [b"m0", b"m1", b"m2"], "each sent once: an acknowledged row never again"
     assert await outbox.backlog() == 0
+
+
+class PoisonPublisher(FlakyPublisher):
+    """Refuses ``poison`` records for good (too large), and, as Kafka does with a batch, every record sent in
+    the same call as one of them."""
+
+    def __init__(self, poison: set[bytes]) -> None:
+        super().__init__(set())
+        self.poison = poison
+        self.calls: list[list[bytes]] = []
+
+    async def publish_many(self, records: Sequence[OutgoingRecord]) -> list[RecordPosition | PublishError]:
+        values = [r.value or b"" for r in records]
+        self.calls.append(values)
+        if self.poison & set(values):
+            return [PublishError("MessageSizeTooLargeError", poison=True)] * len(records)
+        return await super().publish_many(records)
+
+
+async def test_a_poison_row_fails_alone_then_leaves_its_lane_and_the_lane_goes_on() -> None:
+    outbox = MemoryOutboxStore()
+    key = "alice"  # one key: one lane, one partition
+    await outbox.append([OutboxEvent("t", key, EventType.CREATED, f"m{n}".encode()) for n in range(4)])
+    publisher = PoisonPublisher(poison={b"m1"})
+    relay = OutboxRelay(outbox, publisher, RelaySettings(poison_attempts=3), owner="r")
+    assert await relay.run_once() == 0, "the batch holding the poison row is refused whole"
+    assert await relay.run_once() == 1, "then the lane goes one row at a time: m0 out, m1 refused, the rest wait"
+    assert publisher.sent == [b"m0"]
+    for _ in range(5):
+        await relay.run_once()
+    assert publisher.sent == [b"m0", b"m2", b"m3"], "after 3 refusals m1 left its lane; m2, m3 went, in order"
+    assert await outbox.backlog() == 0 and await outbox.dead_count() == 1
+    [dead] = await outbox.dead(10)
+    assert (dead.event.payload, dead.attempts) == (b"m1", 3) and "MessageSizeTooLarge" in (dead.last_error or "")
+    await outbox.append([OutboxEvent("t", key, EventType.CREATED, f"m{n}".encode()) for n in (4, 5)])
+    assert await relay.run_once() == 2
+    assert publisher.calls[-1] == [b"m4", b"m5"], "once no suspect is left, the lane is batched again"
+
+    publisher.poison.clear()  # say an admin raised the broker's limit, then redrove it
+    assert await outbox.redrive_dead(dead.id) is not None and await outbox.dead_count() == 0
+    assert await relay.run_once() == 1 and publisher.sent[-1] == b"m1", "at the end of its lane"
+    assert await outbox.redrive_dead(dead.id) is None, "gone"
+
+
+async def test_broker_outages_never_kill_a_row() -> None:
+    outbox = MemoryOutboxStore()
+    await outbox.append([OutboxEvent("t", "alice", EventType.CREATED, b"m0")])
+    publisher = FlakyPublisher(fail=set())
+    relay = OutboxRelay(outbox, publisher, RelaySettings(poison_attempts=1), owner="r")
+    for _ in range(5):
+        publisher.fail.add(b"m0")  # not acknowledged (a retriable failure), round after round
+        assert await relay.run_once() == 0
+    assert await outbox.dead_count() == 0 and await outbox.backlog() == 1
+    assert await relay.run_once() == 1
 
 
 async def test_the_purge_runs_in_batches_off_the_relay_loop(monkeypatch: pytest.MonkeyPatch) -> None:
