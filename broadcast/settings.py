@@ -187,6 +187,9 @@ class SseSettings(BaseModel):
     max_connections_per_user: int = Field(default=5, ge=1)
     send_timeout_seconds: float = Field(default=10.0, gt=0)
     heartbeat_seconds: float = Field(default=15.0, gt=0)
+    # a client gone without FIN or RST (half-open TCP) is detected and its stream and per-user slot freed
+    # within about this long (TCP keepalive and TCP_USER_TIMEOUT on stream sockets; heartbeats are the data)
+    dead_peer_seconds: float = Field(default=60.0, ge=2, le=900)
     # a connect's catch-up: the newest ``replay_limit`` messages and at most ``replay_bytes`` of frames (at least
     # one message); past either, RESYNC tells the client to refetch its inbox for the rest
     replay_limit: int = Field(default=1_000, ge=1)

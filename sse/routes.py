@@ -74,7 +74,7 @@ async def _open(request: Request, who: Principal, c: Components) -> Response:
     items, trimmed = bounded(backlog, user_id, settings.replay_bytes)
     start = head(connection, c.settings.server.instance_id, resync or (TOO_MANY if trimmed else None))
     ends_at = who.expires_at + c.settings.auth.leeway_seconds  # as long as the token is accepted
-    return SseStream(connection, start, items, lambda: _close(request, connection), ends_at)
+    return SseStream(connection, start, items, lambda: _close(request, connection), ends_at, settings.dead_peer_seconds)
 
 
 async def _join_live_path(c: Components, user_id: str) -> None:

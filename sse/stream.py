@@ -124,15 +124,48 @@ def head(connection: Connection, instance_id: str, resync: str | None) -> bytes:
     return b"".join(parts)
 
 
+def _transport(scope: Scope) -> asyncio.Transport | None:
+    """The server's transport under this stream (uvicorn's), when the server exposes it."""
+    cycle = getattr(scope.get(constants.RAW_SEND_SCOPE_KEY), "__self__", None)
+    transport: asyncio.Transport | None = getattr(cycle, "transport", None)  # uvloop's is not a subclass
+    if transport is None or not callable(getattr(transport, "abort", None)):
+        return None
+    return transport
+
+
+def detect_dead_peer(scope: Scope, dead_after_s: float) -> bool:
+    """Make the kernel give up on a client that vanished without FIN or RST (a dropped link, a laptop lid)
+    within about ``dead_after_s``, instead of TCP's ~15 minutes of retransmissions: keepalive probes once
+    the stream is idle for a third of it, and ``TCP_USER_TIMEOUT`` for data (heartbeats) left unacknowledged.
+    The stream then ends as any disconnect does, and frees its per-user slot. False when not possible."""
+    transport = _transport(scope)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    idle = max(1, int(dead_after_s / 3))
+    options = [
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, idle // 2)),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4),
+        (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(dead_after_s * 1000)),
+    ]
+    try:
+        for level, name, value in options:
+            sock.setsockopt(level, name, value)
+    except OSError:
+        return False
+    return True
+
+
 def abort_of(scope: Scope) -> Callable[[], None] | None:
     """The server's way to drop a socket at once (uvicorn's transport), when the server exposes it.
 
     A plain close would leave the kernel holding the unsent bytes of a client that stopped reading (the
     socket lingers in FIN_WAIT with megabytes queued); SO_LINGER 0 makes the close a reset that frees them.
     """
-    cycle = getattr(scope.get(constants.RAW_SEND_SCOPE_KEY), "__self__", None)
-    transport: asyncio.Transport | None = getattr(cycle, "transport", None)  # uvloop's is not a subclass
-    if transport is None or not callable(getattr(transport, "abort", None)):
+    transport = _transport(scope)
+    if transport is None:
         return None
 
     def abort() -> None:
@@ -162,15 +195,19 @@ class SseStream(Response):
         items: list[Outgoing],
         on_end: Callable[[], Awaitable[None]],
         expires_at: float | None = None,
+        dead_peer_s: float | None = None,
     ) -> None:
         super().__init__(headers=HEADERS, media_type=self.media_type)
         self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]  # open-ended: chunked
         self._connection, self._head, self._items, self._on_end = connection, start, items, on_end
         self._expires_at = expires_at
+        self._dead_peer_s = dead_peer_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            if self._dead_peer_s is not None:
+                detect_dead_peer(scope, self._dead_peer_s)
             if self._connection.dropped:  # fell behind during catch-up: reconnect and resume
                 await send({"type": "http.response.body", "body": RETRY, "more_body": False})
                 return
@@ -192,4 +229,14 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
-__all__ = ["TOO_MANY", "UNKNOWN_CURSOR", "SseStream", "abort_of", "bounded", "catch_up", "head", "outgoing"]
+__all__ = [
+    "TOO_MANY",
+    "UNKNOWN_CURSOR",
+    "SseStream",
+    "abort_of",
+    "bounded",
+    "catch_up",
+    "detect_dead_peer",
+    "head",
+    "outgoing",
+]
