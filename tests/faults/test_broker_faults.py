@@ -1,4 +1,4 @@
-"""Kafka brokers failing under load (scenarios 1 and 8 of the fault suite).
+"""Kafka brokers failing under load (scenarios 1 and 8 of the fault suite; RELIABILITY #1, #2, #8).
 
 Two app instances (all roles) on the real 3-node cluster; numbered broadcasts flow (SELECTED, mostly to
 the user on the hot partition, and ALL) while brokers are killed, paused or taken away two at a time.
@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
@@ -67,9 +68,17 @@ def restart_missing_nodes() -> None:
         thread.join()
 
 
-async def test_the_hot_partitions_leader_killed_three_times_in_a_row(
-    stack: StackInfo, env: dict[str, str], tmp_path: Path, server_factory: list[Server], fault_scale: int
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+async def test_the_hot_partitions_leader_killed_five_times_chasing_it(
+    stack: StackInfo,
+    env: dict[str, str],
+    tmp_path: Path,
+    server_factory: list[Server],
+    fault_scale: int,
+    sig: signal.Signals,
 ) -> None:
+    """RELIABILITY #1: the leader of the hot partition dies (hard: SIGKILL; clean: SIGTERM, a controlled
+    shutdown that moves its leaderships first) five times in a row, each time the node that leads it now."""
     fleet = Fleet.of(env, tmp_path, server_factory, "app-a", "app-b")
     probe = Probe(fleet.servers["app-a"])
     baseline = await probe.snapshot()
@@ -79,10 +88,10 @@ async def test_the_hot_partitions_leader_killed_three_times_in_a_row(
     publisher = Publisher(fleet, alternating(USERS)).start()
     killed: list[int] = []
     try:
-        for _ in range(3 * fault_scale):
+        for _ in range(5 * fault_scale):
             await publisher.reached(publisher.attempted + 30)
             leader = await partition_leader(stack.kafka_bootstrap, topic, hot)
-            await asyncio.to_thread(kill_kafka_node, leader)  # SIGKILL
+            await asyncio.to_thread(kill_kafka_node, leader, sig)  # returns once the node has exited
             killed.append(leader)
             await publisher.reached(publisher.attempted + 40)  # publishing goes on with the node down
             await asyncio.wait_for(asyncio.to_thread(start_kafka_node, leader), 120)
@@ -95,8 +104,8 @@ async def test_the_hot_partitions_leader_killed_three_times_in_a_row(
     await close_all(subs)
     after = await probe.back_to(baseline, pools=POOLS)
     report(
-        "broker SIGKILL x3",
-        f"SIGKILL of the leader of {topic}-{hot}, {len(killed)} times in a row (nodes {killed}), each restarted",
+        f"broker {sig.name} x{len(killed)}",
+        f"{sig.name} of the leader of {topic}-{hot}, {len(killed)} times in a row (nodes {killed}), each restarted",
         result,
         f"app-a {baseline} -> {after}",
     )
