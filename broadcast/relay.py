@@ -98,7 +98,7 @@ class OutboxRelay:
         for poison in (False, True):
             group = [(r, o) for r, o in failed if o.poison is poison]
             if group:
-                log.warning("%d rows not published, retried next round: %s", len(group), group[0][1])
+                log.warning("%d rows not published, they wait for the next round: %s", len(group), group[0][1])
                 await self._outbox.record_failure([r.id for r, _ in group], str(group[0][1]), poison=poison)
         return len(acknowledged)
 
