@@ -200,3 +200,70 @@ async def test_two_brokers_down_is_reported_and_the_outbox_drains_after_recovery
     assert produce_errors > 0 and loud > 0, "failed publishes must be counted and logged, not retried silently"
     result.assert_clean()
     assert result.refused == 0, publisher.refused[:5]
+
+
+async def in_sync(bootstrap: str, topics: list[str], timeout_s: float = 120.0) -> float:
+    """Wait until every partition of ``topics`` has all its replicas in sync (what an operator checks before
+    restarting the next broker); how long it took."""
+    started = time.monotonic()
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    await asyncio.wait_for(admin.start(), 30)
+    try:
+        while time.monotonic() - started < timeout_s:
+            try:
+                described = await asyncio.wait_for(admin.describe_topics(topics), 15)
+            except (KafkaError, TimeoutError):
+                await asyncio.sleep(0.5)
+                continue
+            partitions = [p for t in described for p in t["partitions"]]
+            if partitions and all(len(p["isr"]) == len(p["replicas"]) for p in partitions):
+                return time.monotonic() - started
+            await asyncio.sleep(0.5)
+    finally:
+        await admin.close()
+    raise AssertionError(f"{topics} not fully in sync within {timeout_s} s")
+
+
+def assignments(fleet: Fleet) -> int:
+    """Partition assignments the app instances logged: each is a consumer-group rebalance they went through."""
+    return sum(s.log.read_text().count(": assigned ") for s in fleet.live())
+
+
+async def test_a_rolling_restart_of_the_brokers_causes_no_rebalance(
+    stack: StackInfo, env: dict[str, str], tmp_path: Path, server_factory: list[Server]
+) -> None:
+    """RELIABILITY #12: kafka1 -> 2 -> 3 restarted with SIGTERM, each once the cluster is in sync again, while
+    the consumers run: the consumer group does not rebalance (the coordinator moves, the members stay), and
+    nothing is lost or shown twice."""
+    fleet = Fleet.of(env, tmp_path, server_factory, "app-a", "app-b")
+    prefix = env["BROADCAST_KAFKA__TOPIC_PREFIX"]
+    topics = [prefix + t for t in constants.ALL_TOPICS]
+    subs = await subscribe(fleet, sorted(set(USERS)))
+    publisher = Publisher(fleet, alternating(USERS)).start()
+    rolled: list[str] = []
+    try:
+        await publisher.reached(30)
+        await in_sync(stack.kafka_bootstrap, topics)
+        before = assignments(fleet)
+        for node in NODES:
+            started = time.monotonic()
+            await asyncio.to_thread(kill_kafka_node, node, signal.SIGTERM)
+            await asyncio.wait_for(asyncio.to_thread(start_kafka_node, node), 120)
+            synced = await in_sync(stack.kafka_bootstrap, topics)
+            rolled.append(f"node {node} {time.monotonic() - started:.1f} s (in sync {synced:.1f} s after)")
+            await publisher.reached(publisher.attempted + 20)
+        rebalances = assignments(fleet) - before
+    finally:
+        publisher.halt()
+        await asyncio.to_thread(restart_missing_nodes)
+    await publisher.finish()
+    result = await settled(publisher, subs, 60)
+    await close_all(subs)
+    report(
+        "broker rolling restart",
+        "SIGTERM and restart of " + ", ".join(rolled),
+        result,
+        f"consumer-group rebalances during the roll: {rebalances}",
+    )
+    result.assert_clean()
+    assert rebalances == 0, f"{rebalances} partition assignments logged during the roll"
