@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -190,3 +191,40 @@ async def test_a_commit_refused_after_a_rebalance_does_not_crash_the_container(t
                 assert two.handled > 0
         committed = await topic.committed()
     assert committed == {p: topic.ends.get(p) for p in range(PARTITIONS)}
+
+
+async def test_a_handler_slower_than_max_poll_interval_rejoins_boundedly_raises_the_alarm_and_loses_nothing(
+    topic: Topic, stack: StackInfo, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RELIABILITY #11: ``max_poll_interval_ms`` 10 s and one record's handling 15 s. The consumer is put out
+    of its group and joins again, a bounded number of times (no rebalance storm); while the record is in hand
+    the container says it is stalled (what readiness reports); no record is lost."""
+    settings = KafkaSettings(
+        bootstrap_servers=stack.kafka_bootstrap, partitions=PARTITIONS, client_id=f"{topic.name}-slow",
+        max_poll_interval_ms=10_000,
+    )  # fmt: skip
+    sent = await topic.publish(40)
+    handled: Counter[bytes] = Counter()
+    slow = asyncio.Event()
+
+    async def handle(record: EventRecord) -> None:
+        if record.value == b"m5" and not slow.is_set():
+            slow.set()
+            await asyncio.sleep(15)
+        if record.value != WARMUP:
+            handled[record.value or b""] += 1
+
+    alarms: list[str] = []
+    with caplog.at_level(logging.INFO, logger="consumers.container"):
+        async with KafkaEventLog(settings) as log, asyncio.timeout(3 * DEADLINE_S):
+            listener = Listener("slow", (topic.name,), topic.group, handler=handle, poll_timeout_s=0.2)
+            async with ListenerContainer(log, listener) as container:
+                await asyncio.wait_for(slow.wait(), DEADLINE_S)
+                await asyncio.sleep(12)  # past max_poll_interval_ms, the record still in hand
+                alarms.append(container.stalled(stall_s=5) or "")
+                await until(lambda: set(handled) == set(sent), "every record handled")
+                await asyncio.sleep(3)  # a storm would go on rebalancing now
+                joins = sum(": assigned " in r.getMessage() for r in caplog.records)
+    assert set(handled) == set(sent), "a record was lost"
+    assert "handling one record" in alarms[0], alarms
+    assert 2 <= joins <= 4, f"{joins} assignments: the consumer must rejoin, a bounded number of times"
