@@ -78,9 +78,17 @@ class Fleet:
 
 
 def last_assignment(log: Path, listener: str = "delivery-selected") -> set[int] | None:
-    """The partitions the last "assigned" line of ``listener`` in a server log names (None: none yet)."""
+    """The partitions the last "assigned" line of ``listener`` in a server log names (None: none yet); the
+    line names them as ranges per topic, ``topic[0-3,7]`` (``consumers.container._spans``)."""
     lines = [line for line in log.read_text().splitlines() if f"listener {listener} member 0: assigned" in line]
-    return {int(p) for p in re.findall(r"partition=(\d+)", lines[-1])} if lines else None
+    if not lines:
+        return None
+    partitions: set[int] = set()
+    for spans in re.findall(r"\[([0-9,\-]+)\]", lines[-1].split(": assigned ", 1)[1]):
+        for span in spans.split(","):
+            first, _, last = span.partition("-")
+            partitions.update(range(int(first), int(last or first) + 1))
+    return partitions
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from broadcast.app import create_app
 from broadcast.ports import TopicPartition
 from broadcast.settings import DatabaseSettings, Settings
 from consumers.container import _spans
+from tests.faults.harness import last_assignment
 
 
 async def test_the_embedded_default_logs_partition_assignments_at_debug_only(
@@ -38,3 +39,11 @@ def test_partitions_are_logged_as_ranges_per_topic() -> None:
     parts = [TopicPartition("a", p) for p in (0, 1, 2, 3, 7, 9)] + [TopicPartition("b", 5)]
     assert _spans(frozenset(parts)) == "a[0-3,7,9] b[5]"
     assert _spans(frozenset()) == "no partitions"
+
+
+def test_the_fault_harness_reads_back_what_the_container_logs(tmp_path: Path) -> None:
+    """The fault suite finds each instance's partitions in its log: the two must keep agreeing."""
+    parts = frozenset(TopicPartition("p.broadcast-user-service-selected", p) for p in (0, 1, 2, 5, 9))
+    log = tmp_path / "server.log"
+    log.write_text(f"listener delivery-selected member 0: assigned {_spans(parts)}\n")
+    assert last_assignment(log) == {0, 1, 2, 5, 9}
