@@ -66,3 +66,8 @@ def instance_channel(instance_id: str) -> str:
 # The server's own ASGI ``send`` (before any middleware wraps it), kept in the scope so a stream can abort
 # the socket of a client that stopped reading (see ``broadcast/serve.py`` and ``sse/stream.py``).
 RAW_SEND_SCOPE_KEY: Final = "broadcast.raw_send"
+
+# What the versioned Kafka envelope (``envelope.BroadcastSnapshot``) can carry: the limits an operator may set
+# (``LimitsSettings``) stop here, so an accepted broadcast always fits its event.
+ENVELOPE_MAX_CONTENT_CHARS = 100_000
+ENVELOPE_MAX_CATEGORY_CHARS = 100

@@ -14,6 +14,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticValidationError
 
+from broadcast import constants
 from broadcast.domain import Broadcast, EventType, Priority, TargetType
 from broadcast.errors import ValidationError
 
@@ -27,11 +28,11 @@ class BroadcastSnapshot(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     sender_id: str = Field(alias="senderId", max_length=128)
-    content: str = Field(max_length=100_000)
+    content: str = Field(max_length=constants.ENVELOPE_MAX_CONTENT_CHARS)
     target_type: TargetType = Field(alias="targetType")
     target_roles: tuple[str, ...] = Field(default=(), alias="targetRoles")
     priority: Priority = Priority.NORMAL
-    category: str | None = Field(default=None, max_length=100)
+    category: str | None = Field(default=None, max_length=constants.ENVELOPE_MAX_CATEGORY_CHARS)
     created_at: datetime = Field(alias="createdAt")
     expires_at: datetime | None = Field(default=None, alias="expiresAt")
     fire_and_forget: bool = Field(default=False, alias="fireAndForget")

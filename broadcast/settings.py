@@ -145,8 +145,8 @@ class LimitsSettings(BaseModel):
     model_config = {"extra": "forbid"}
 
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
-    max_content_chars: int = Field(default=10_000, ge=1)
-    max_category_chars: int = Field(default=100, ge=1)
+    max_content_chars: int = Field(default=10_000, ge=1, le=constants.ENVELOPE_MAX_CONTENT_CHARS)
+    max_category_chars: int = Field(default=100, ge=1, le=constants.ENVELOPE_MAX_CATEGORY_CHARS)
     max_json_target_ids: int = Field(default=10_000, ge=1)
     max_csv_rows: int = Field(default=1_000_000, ge=1)
     max_csv_bytes: int = Field(default=64 * 1_048_576, ge=1024)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 from pydantic import ValidationError
 
+from broadcast import envelope
+from broadcast.domain import Broadcast, BroadcastStatus, Priority, TargetType
 from broadcast.settings import Settings
 
 
@@ -43,3 +47,22 @@ def test_unknown_and_invalid_settings_are_refused(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("BROADCAST_SERVER__PORT", "70000")
     with pytest.raises(ValidationError):
         Settings()
+
+
+def test_content_limits_stop_at_what_the_kafka_envelope_carries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A content limit above the envelope's would accept broadcasts whose event cannot be written (a 500 on
+    create, found by the slow-subscriber fault test): the setting is refused at start instead."""
+    monkeypatch.setenv("BROADCAST_LIMITS__MAX_CONTENT_CHARS", "800100")
+    with pytest.raises(ValidationError, match="max_content_chars"):
+        Settings()
+    monkeypatch.setenv("BROADCAST_LIMITS__MAX_CONTENT_CHARS", "100000")
+    monkeypatch.setenv("BROADCAST_LIMITS__MAX_CATEGORY_CHARS", "101")
+    with pytest.raises(ValidationError, match="max_category_chars"):
+        Settings()
+    monkeypatch.delenv("BROADCAST_LIMITS__MAX_CATEGORY_CHARS")
+    broadcast = Broadcast(
+        "b", "admin", "x" * Settings().limits.max_content_chars, TargetType.ALL, (), Priority.NORMAL,
+        "c" * Settings().limits.max_category_chars, BroadcastStatus.ACTIVE, False, 0,
+        datetime.now(UTC), datetime.now(UTC),
+    )  # fmt: skip
+    assert envelope.snapshot(broadcast).content == broadcast.content, "the largest allowed content fits its event"
