@@ -8,6 +8,8 @@ subscribers on both instances. Whatever a test stops is started again in ``final
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import statistics
 import time
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any, Literal
 import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
+from redis.asyncio import Redis
 
 from broadcast import constants
 from devstack import postgres
@@ -197,6 +200,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 POISON = 40
+FILLERS, FILLER_CHARS = 200, 100_000  # 20 MB: more than the stalled subscriber's socket buffers hold
 
 
 async def test_poison_records_at_a_steady_rate_among_good_traffic(
@@ -255,3 +259,54 @@ async def test_poison_records_at_a_steady_rate_among_good_traffic(
     # a blocked partition (retries, backoff) would hold good records for seconds; not-retryable errors
     # go to the DLT on the first failure, so good traffic must not wait behind them
     assert percentile(during, 0.99) < 3.0, f"good traffic held up behind poison: p99 {percentile(during, 0.99):.1f} s"
+
+
+async def test_a_stalled_subscriber_past_redis_output_buffer_limit_resubscribes_and_misses_nothing(
+    stack: StackInfo, env: dict[str, str], tmp_path: Path, server_factory: list[Server]
+) -> None:
+    """RELIABILITY #29, the slow subscriber: app-b stops reading (SIGSTOP) while fan-out goes on, so Redis
+    closes its pub/sub connection past the output-buffer limit (lowered here to 8 KiB). On SIGCONT app-b
+    notices, subscribes again on its own, and replays what the gap swallowed: no subscriber misses anything."""
+    big = {"BROADCAST_LIMITS__MAX_CONTENT_CHARS": str(constants.ENVELOPE_MAX_CONTENT_CHARS)}
+    fleet = Fleet({**env, **big}, tmp_path, server_factory)
+    fleet.start("app-a")
+    fleet.start("app-b", roles="api")  # an edge: everything it streams comes through its Redis subscription
+    subs = await subscribe(fleet, USERS)
+    redis = Redis.from_url(stack.redis_url)
+    original = str((await redis.config_get("client-output-buffer-limit"))["client-output-buffer-limit"])
+    publisher = Publisher(fleet, alternating(USERS, all_every=2), 0.02).start()
+    stalled = fleet.servers["app-b"]
+    try:
+        await publisher.reached(20)
+        await redis.config_set("client-output-buffer-limit", "pubsub 8kb 4kb 1")
+        fleet.servers.pop("app-b")  # the publisher posts to app-a meanwhile
+        os.kill(stalled.proc.pid, signal.SIGSTOP)
+        stopped_at = publisher.attempted
+        async with httpx.AsyncClient(timeout=30) as http:  # the sockets' own buffers hold megabytes: fill them
+            for _ in range(FILLERS):
+                filler = {"content": "f" * FILLER_CHARS, "targetType": "ALL"}
+                response = await http.post(fleet.bases()[0] + "/api/admin/broadcasts", json=filler, headers=ADMIN)
+                assert response.status_code == 201, response.text
+        await publisher.reached(stopped_at + 60)
+    finally:
+        os.kill(stalled.proc.pid, signal.SIGCONT)
+        fleet.servers["app-b"] = stalled
+        await redis.config_set("client-output-buffer-limit", original)
+        await redis.aclose()
+    await publisher.reached(publisher.attempted + 40)
+    publisher.halt()
+    await publisher.finish()
+    result = await settled(publisher, subs, 60)
+    log = stalled.log.read_text()
+    resubscribed = log.count("bus subscription lost, resubscribing")
+    replayed = next((line for line in log.splitlines() if "after a bus gap" in line), "no gap replay")[-80:]
+    await close_all(subs)
+    report(
+        "slow Redis subscriber",
+        f"app-b SIGSTOPped while {FILLERS} broadcasts of {FILLER_CHARS // 1000} kB and the numbered ones went out, "
+        "Redis's pub/sub output-buffer limit lowered to 8 KiB",
+        result,
+        f"app-b lost its subscription and subscribed again {resubscribed} times; {replayed}",
+    )
+    assert resubscribed >= 1, "Redis dropped app-b's subscription: app-b must notice and subscribe again on its own"
+    result.assert_clean()
