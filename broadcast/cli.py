@@ -46,8 +46,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _load_settings(args)
     logs.configure(settings.observability.log_format, settings.server.log_level)
     logging.getLogger(__name__).info("roles: %s", ",".join(sorted(args.roles)))
-    if not settings.kafka.embedded and not _topics_safe(settings):
-        return 2
     config = uvicorn.Config(
         create_app(settings, args.roles),
         host=settings.server.host,
@@ -64,34 +62,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     started = run(config)
     return 0 if started else 1
-
-
-def _topics_safe(settings: Settings) -> bool:
-    """Whether ``run`` may start on the cluster's topics: each exists as configured, unclean leader election
-    off. With ``kafka.allow_unsafe_topics`` the problems are a warning instead. A cluster that does not answer
-    within ``VERIFY_TOPICS_TIMEOUT_S`` is no reason to refuse (readiness reports it)."""
-    from broadcast.adapters.kafka_admin import verify_topics
-
-    log = logging.getLogger(__name__)
-    names = [settings.kafka.topic(t) for t in constants.ALL_TOPICS]
-    try:
-        reports = asyncio.run(verify_topics(settings.kafka, names, timeout_s=VERIFY_TOPICS_TIMEOUT_S))
-    except BroadcastError as exc:  # Kafka unreachable is not a misconfiguration: readiness says it, as before
-        log.warning("could not verify the Kafka topics at start (starting; readiness shows Kafka): %s", exc)
-        return True
-    problems = [f"{r.name} {p}" for r in reports for p in r.problems]
-    if not problems:
-        return True
-    if settings.kafka.allow_unsafe_topics:
-        log.warning("starting on unsafe topics (KAFKA__ALLOW_UNSAFE_TOPICS): %s", "; ".join(problems))
-        return True
-    message = "refusing to start on misconfigured topics: " + "; ".join(problems)
-    log.error("%s (BROADCAST_KAFKA__ALLOW_UNSAFE_TOPICS=true starts anyway, for development clusters)", message)
-    print(message, file=sys.stderr)
-    return False
-
-
-VERIFY_TOPICS_TIMEOUT_S = 10.0
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

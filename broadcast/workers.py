@@ -20,6 +20,7 @@ from broadcast.components import Components
 from broadcast.errors import ValidationError
 from broadcast.loops import Supervisor
 from broadcast.observe import ConsumersHealth, LoopsHealth, Sampler
+from broadcast.preflight import check_topics
 from broadcast.relay import OutboxPurger, OutboxRelay
 from broadcast.scheduler import Scheduler
 from broadcast.settings import RetrySettings
@@ -42,8 +43,10 @@ class Loop(Protocol):
 
 @asynccontextmanager
 async def running(components: Components, roles: frozenset[str]) -> AsyncIterator[None]:
-    """Start the background loops of ``roles`` for the duration of the block."""
+    """Start the background loops of ``roles`` for the duration of the block (once their topics passed
+    ``preflight.check_topics``)."""
     settings = components.settings
+    await check_topics(settings, roles)
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
     containers: list[ListenerContainer] = []
