@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import uuid
 from contextlib import aclosing
 
 import orjson
@@ -22,8 +21,8 @@ from starlette.routing import BaseRoute, Route
 
 from broadcast import admin_users_api, csv_upload
 from broadcast.domain import Broadcast, BroadcastStatus, NewBroadcast, TargetType
-from broadcast.errors import NotFoundError, ValidationError
-from broadcast.http_body import bounded_stream, media_type, read_model, too_large, validated
+from broadcast.errors import ValidationError
+from broadcast.http_body import bounded_stream, known_query, media_type, read_model, too_large, validated
 from broadcast.http_context import components
 from broadcast.http_observe import correlation_id, printable_token
 from broadcast.http_problems import HttpProblem
@@ -69,12 +68,9 @@ def _idempotency_key(request: Request) -> str | None:
 
 
 def _broadcast_id(request: Request) -> str:
-    """The ``{id}`` path parameter as a canonical UUID; anything else names no broadcast (404)."""
-    raw: str = request.path_params["id"]
-    try:
-        return str(uuid.UUID(raw))
-    except ValueError:
-        raise NotFoundError(f"broadcast {raw[:64]!r} does not exist") from None
+    """The ``{id}`` path parameter as a canonical UUID: the routes match UUIDs only (``{id:uuid}``), so a path
+    naming anything else (``csv`` included) is a 404, or a 405 where another route has that path."""
+    return str(request.path_params["id"])
 
 
 def _page_params(request: Request) -> tuple[str | None, int]:
@@ -223,6 +219,7 @@ def _parse_csv(upload: UploadFile, limits: LimitsSettings) -> csv_upload.Recipie
 # --------------------------------------------------------------------------- queries and cancel
 async def list_broadcasts(request: Request) -> Response:
     await acting_admin(request)
+    known_query(request, "status", "cursor", "limit")
     raw_status = request.query_params.get("status")  # present but empty names no status: 400
     status: BroadcastStatus | None = None
     if raw_status is not None:
@@ -254,6 +251,7 @@ async def broadcast_stats(request: Request) -> Response:
 async def broadcast_deliveries(request: Request) -> Response:
     await acting_admin(request)
     broadcast_id = _broadcast_id(request)
+    known_query(request, "cursor", "limit")
     cursor, limit = _page_params(request)
     page = await components(request).lifecycle.deliveries(broadcast_id, cursor, limit)
     return json_response(DeliveryPage(items=[DeliveryOut.of(d) for d in page.items], next_cursor=page.next_cursor))
@@ -263,9 +261,9 @@ routes: list[BaseRoute] = [
     Route(PREFIX, create_broadcast, methods=["POST"]),
     Route(PREFIX, list_broadcasts, methods=["GET"]),
     Route(CSV_PATH, upload_broadcast, methods=["POST"]),
-    Route(f"{PREFIX}/{{id}}", get_broadcast, methods=["GET"]),
-    Route(f"{PREFIX}/{{id}}", cancel_broadcast, methods=["DELETE"]),
-    Route(f"{PREFIX}/{{id}}/stats", broadcast_stats, methods=["GET"]),
-    Route(f"{PREFIX}/{{id}}/deliveries", broadcast_deliveries, methods=["GET"]),
+    Route(f"{PREFIX}/{{id:uuid}}", get_broadcast, methods=["GET"]),
+    Route(f"{PREFIX}/{{id:uuid}}", cancel_broadcast, methods=["DELETE"]),
+    Route(f"{PREFIX}/{{id:uuid}}/stats", broadcast_stats, methods=["GET"]),
+    Route(f"{PREFIX}/{{id:uuid}}/deliveries", broadcast_deliveries, methods=["GET"]),
     *admin_users_api.routes,
 ]

@@ -6,11 +6,12 @@ upserts up to ``limits.max_bulk_users`` at once (a repeated id: the last entry w
 
 from __future__ import annotations
 
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from broadcast.domain import User
+from broadcast.domain import User, is_user_id
 from broadcast.errors import NotFoundError, ValidationError
 from broadcast.http_body import read_json, read_model, validated
 from broadcast.http_context import components
@@ -19,12 +20,29 @@ from broadcast.schemas import ImportOut, UserBody, UserImport, UserOut, json_res
 from broadcast.settings import LimitsSettings
 
 PREFIX = "/api/admin/users"
+BULK = "bulk"
+
+
+class UserIdConvertor(Convertor[str]):
+    """``{id:user_id}``: any path segment but ``bulk``, which names the import route. As in OpenAPI, the concrete
+    path wins over the template, so ``GET``/``PUT`` on ``…/users/bulk`` are a 405 (``Allow: POST``)."""
+
+    regex = f"(?!{BULK}$)[^/]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("user_id", UserIdConvertor())
 # Rows per store call: keeps one INSERT well under PostgreSQL's 32,767 bind parameters.
 UPSERT_CHUNK = 1_000
 
 
 def _user_id(raw: str, limits: LimitsSettings) -> str:
-    if not 1 <= len(raw) <= limits.max_user_id_chars or not raw.isprintable() or raw != raw.strip():
+    if not is_user_id(raw, limits.max_user_id_chars):
         raise ValidationError(
             f"user id must be 1-{limits.max_user_id_chars} printable characters without surrounding spaces"
         )
@@ -68,15 +86,14 @@ async def get_user(request: Request) -> Response:
     await acting_admin(request)
     user_id: str = request.path_params["id"]
     limits = components(request).settings.limits
-    valid = 1 <= len(user_id) <= limits.max_user_id_chars and user_id.isprintable()
-    user = await components(request).users.get(user_id) if valid else None
+    user = await components(request).users.get(user_id) if is_user_id(user_id, limits.max_user_id_chars) else None
     if user is None:
         raise NotFoundError(f"user {user_id[:64]!r} does not exist")
     return json_response(UserOut.of(user))
 
 
 routes: list[BaseRoute] = [
-    Route(f"{PREFIX}/bulk", import_users, methods=["POST"]),
-    Route(f"{PREFIX}/{{id}}", put_user, methods=["PUT"]),
-    Route(f"{PREFIX}/{{id}}", get_user, methods=["GET"]),
+    Route(f"{PREFIX}/{BULK}", import_users, methods=["POST"]),
+    Route(f"{PREFIX}/{{id:user_id}}", put_user, methods=["PUT"]),
+    Route(f"{PREFIX}/{{id:user_id}}", get_user, methods=["GET"]),
 ]

@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import IO
 
+from broadcast.domain import is_user_id
 from broadcast.errors import ValidationError
 
 HEADER_NAMES = frozenset({"userid", "user_id", "id"})
@@ -99,7 +100,7 @@ def _check(cells: list[str], max_id_chars: int) -> str | None:
         return "empty user id"
     if len(user_id) > max_id_chars:
         return f"user id longer than {max_id_chars} characters"
-    if not user_id.isprintable():
+    if not is_user_id(user_id, max_id_chars):
         return "user id contains non-printable characters"
     return None
 

@@ -6,12 +6,32 @@ distinct types that convert to and from these.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+
+# The characters `str.isprintable()` refuses that a regex can name in every dialect the pattern meets (Python
+# `re`, ECMA-262 for OpenAPI clients, Rust for pydantic and jsonschema-rs): C0, DEL and C1 controls (NEL
+# U+0085 among them), non-ASCII spaces, line and paragraph separators, format and bidi controls. Spelled
+# out because `\s` differs between those dialects (ECMA-262's leaves out NEL).
+NOT_PRINTABLE_CLASS = (
+    r"\x00-\x1f\x7f-\xa0\xad\u0600-\u0605\u061c\u06dd\u070f\u180e\u1680\u2000-\u200f\u2028-\u202f"
+    r"\u205f-\u2064\u2066-\u206f\u3000\ufeff\ufff9-\ufffb"
+)
+# A user id (and a token's `sub`): at least one character, none of those above, no space at either end. This
+# regex is the whole rule: the server checks exactly it (`is_user_id`) and the document states it.
+USER_ID_PATTERN = rf"^[^ {NOT_PRINTABLE_CLASS}](?:[^{NOT_PRINTABLE_CLASS}]*[^ {NOT_PRINTABLE_CLASS}])?$"
+_USER_ID = re.compile(USER_ID_PATTERN)
+
+
+def is_user_id(value: str, max_chars: int) -> bool:
+    """The one rule for a user id (a token's `sub`, a path, an import, a recipient, a CSV line): at most
+    ``max_chars`` characters matching ``USER_ID_PATTERN``, exactly as the OpenAPI document states it."""
+    return len(value) <= max_chars and _USER_ID.fullmatch(value) is not None
 
 
 def rfc3339(moment: datetime) -> str:

@@ -57,6 +57,12 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def known_query(request: Request, *known: str) -> None:
+    """Refuse (400) a query parameter the route does not take (a misspelt filter must not read as none)."""
+    if unknown := sorted(set(request.query_params) - set(known)):
+        raise HttpProblem(400, "Invalid request", f"unknown query parameter(s): {', '.join(map(repr, unknown))[:200]}")
+
+
 def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 

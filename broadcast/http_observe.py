@@ -110,7 +110,7 @@ def _template(scope: Scope, cache: dict[object, str]) -> str:
     if not cache:
         for route in getattr(scope.get("app"), "routes", ()):
             if isinstance(route, Route):
-                cache.setdefault(route.endpoint, route.path)
+                cache.setdefault(route.endpoint, route.path_format)
     return cache.get(endpoint, "unmatched")
 
 

@@ -27,6 +27,7 @@ from broadcast.domain import (
     NewBroadcast,
     Page,
     TargetType,
+    is_user_id,
 )
 from broadcast.errors import NotFoundError, ValidationError
 from broadcast.event_shapes import EventShapes
@@ -194,7 +195,7 @@ class Lifecycle:
         if not ids:
             raise ValidationError(f"targetType {request.target_type.value} needs at least one targetId")
         for i in ids:
-            if not i or len(i) > self._limits.max_user_id_chars or not i.isprintable():
+            if not is_user_id(i, self._limits.max_user_id_chars):
                 raise ValidationError(f"invalid target id {i[:40]!r}")
         return ids
 

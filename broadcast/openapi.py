@@ -24,12 +24,11 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from broadcast import admin_api, admin_outbox_api, admin_users_api, web
-from broadcast.domain import BroadcastStatus, TargetType
+from broadcast.domain import USER_ID_PATTERN, BroadcastStatus, TargetType
 from broadcast.http_context import components
 from broadcast.http_problems import MEDIA_TYPE as PROBLEM
 from broadcast.schemas import (
     ROLE_PATTERN,
-    USER_ID_PATTERN,
     BroadcastOut,
     BroadcastPage,
     CreateBroadcastRequest,
@@ -681,11 +680,16 @@ def _broadcast_paths(bounds: Bounds) -> dict[str, Schema]:
 
 def _user_paths(bounds: Bounds) -> dict[str, Schema]:
     prefix = admin_users_api.PREFIX
-    user_id = _param("id", "path", _user_id_schema(bounds), "user id: printable, without surrounding spaces")
+    user_id = _param(
+        "id",
+        "path",
+        {**_user_id_schema(bounds), "not": {"const": admin_users_api.BULK}},
+        f"user id: printable, without surrounding spaces (`{admin_users_api.BULK}` names the import route)",
+    )
     tag = "users"
     bulk: Schema = {"type": "array", "items": ref("UserImport"), "maxItems": bounds.max_bulk_users}
     return {
-        f"{prefix}/bulk": {
+        f"{prefix}/{admin_users_api.BULK}": {
             "post": _operation(
                 "importUsers",
                 "Upsert many users (a repeated id: the last entry wins)",

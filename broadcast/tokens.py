@@ -17,7 +17,7 @@ from typing import Any
 
 import jwt
 
-from broadcast.domain import Principal
+from broadcast.domain import Principal, is_user_id
 from broadcast.jwks import JwksKeys
 from broadcast.settings import AuthSettings
 
@@ -128,7 +128,7 @@ def _media_type(typ: str) -> str:
 
 
 def _subject(sub: object) -> str:
-    if not isinstance(sub, str) or not 1 <= len(sub) <= MAX_SUB_CHARS or not sub.isprintable() or sub != sub.strip():
+    if not isinstance(sub, str) or not is_user_id(sub, MAX_SUB_CHARS):
         raise InvalidToken("sub is not a usable user id")
     return sub
 

@@ -22,11 +22,11 @@ from starlette.routing import BaseRoute, Route
 from broadcast import constants
 from broadcast.domain import rfc3339
 from broadcast.errors import NotFoundError, ValidationError
-from broadcast.http_body import read_model
+from broadcast.http_body import known_query, read_model
 from broadcast.http_context import components
 from broadcast.http_problems import HttpProblem
 from broadcast.identity import acting_admin
-from broadcast.schemas import RequestModel, json_data
+from broadcast.schemas import RequestModel, WholeNumber, json_data
 from dlt.model import AuditEntry, DeadLetter, DeadLetterFilter, DeadLetterStatus
 from dlt.recoverer import header_int
 from dlt.service import BulkResult
@@ -59,7 +59,7 @@ def _letter_id(request: Request) -> int:
 
 
 def _time(raw: str | None, name: str) -> datetime | None:
-    if raw is None or raw == "":
+    if raw is None:  # present but empty names no moment: 400, as the document's date-time says
         return None
     try:
         value = datetime.fromisoformat(raw[:64])
@@ -76,9 +76,7 @@ def _text_filter(request: Request, name: str, limit: int = MAX_FILTER_CHARS) -> 
 
 
 def _filter(request: Request) -> DeadLetterFilter:
-    known = {"topic", "exception", "broadcastId", "from", "to", "status", "cursor", "limit"}
-    if unknown := sorted(set(request.query_params) - known):
-        raise ValidationError(f"unknown query parameter(s): {', '.join(unknown)[:200]}")
+    known_query(request, "topic", "exception", "broadcastId", "from", "to", "status", "cursor", "limit")
     kafka = components(request).settings.kafka
     topic = _text_filter(request, "topic")
     if topic in constants.ALL_TOPICS:  # the logical name works whatever the deployment's topic prefix
@@ -237,7 +235,7 @@ async def purge_all(request: Request) -> Response:
 
 class ArmDrillRequest(RequestModel):
     broadcast_id: str | None = Field(default=None, min_length=1, max_length=36, pattern=r"^[A-Za-z0-9-]+$")
-    expires_in_seconds: int = Field(default=300, ge=1)
+    expires_in_seconds: WholeNumber = Field(default=300, ge=1)
 
 
 def _drill_enabled(request: Request) -> None:

@@ -14,7 +14,7 @@ from starlette.routing import Route
 from broadcast.components import Components
 from broadcast.domain import Principal
 from broadcast.errors import BroadcastError, ConflictError, ValidationError
-from broadcast.http_body import read_model
+from broadcast.http_body import known_query, read_model
 from broadcast.http_context import components
 from broadcast.identity import acting_user, principal, via_ticket
 from broadcast.schemas import MarkReadRequest, json_data
@@ -46,6 +46,9 @@ async def ticket(request: Request) -> Response:
 async def connect(request: Request) -> Response:
     who = principal(request)
     c = components(request)
+    known_query(request, "lastEventId", "ticket")
+    if request.query_params.get("lastEventId") == "":  # a client that has no id sends none (broadcast-client.js)
+        raise ValidationError("lastEventId must be an event id (s<row> or g<µs>); leave it out to start afresh")
     if not via_ticket(request):  # a ticket's stream open was counted when the ticket was issued
         c.admission.rate(who.sub, request.client.host if request.client else None)
     async with c.connect_gate.admit():  # a storm waits (boundedly) here, not in the database pool
@@ -112,6 +115,7 @@ async def inbox(request: Request) -> Response:
     user_id = await acting_user(request)
     c = components(request)
     user = await c.users.get(user_id)
+    known_query(request, "cursor", "limit")
     items = await c.inbox.inbox(user_id, user.roles if user else frozenset())
     limit = _limit(request.query_params.get("limit", "50"))
     cursor = request.query_params.get("cursor") or None  # empty: the first page, as on every other list

@@ -17,10 +17,11 @@ from starlette.responses import FileResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from broadcast.domain import USER_ID_PATTERN
 from broadcast.errors import NotFoundError
 from broadcast.http_body import read_model
 from broadcast.http_context import components
-from broadcast.schemas import ROLE_PATTERN, USER_ID_PATTERN, json_data
+from broadcast.schemas import ROLE_PATTERN, json_data
 from broadcast.tokens import mint
 
 HERE = Path(__file__).parent
@@ -62,7 +63,7 @@ async def dev_token(request: Request) -> Response:
     settings = components(request).settings
     if not settings.auth.dev_secret_in_use:
         raise NotFoundError("development sign-in is off (a real token issuer is configured)")
-    body = await read_model(request, DevTokenRequest, 4_096)
+    body = await read_model(request, DevTokenRequest, settings.limits.max_body_bytes)
     token = mint(settings.auth, body.sub, body.roles, DEV_TOKEN_TTL_S)
     answer = {"token": token, "sub": body.sub, "roles": body.roles, "expiresInSeconds": DEV_TOKEN_TTL_S}
     return json_data(answer, headers={"Cache-Control": "no-store"})

@@ -21,10 +21,7 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
-from schemathesis.checks import CHECKS, CheckContext, CheckFunction, is_check_class, load_all_checks, max_response_time
-from schemathesis.core.transport import Response as CheckedResponse
-from schemathesis.openapi.checks import UnsupportedMethodResponse
-from schemathesis.specs.openapi.checks import unsupported_method
+from schemathesis.checks import CHECKS, CheckFunction, is_check_class, load_all_checks, max_response_time
 
 import broadcast
 from broadcast import openapi
@@ -41,21 +38,11 @@ MAX_EXAMPLES = 25
 REQUEST_TIMEOUT_S = 10.0
 
 
-def unsupported_method_but_allow(ctx: CheckContext, response: CheckedResponse, case: schemathesis.Case[Any]) -> None:
-    """`unsupported_method` without its `Allow` header demand (an undeclared method must still be 405).
-    EXCLUSION, to remove with the "405 responses carry an `Allow` header" item of the API branch."""
-    try:
-        unsupported_method(ctx, response, case)
-    except UnsupportedMethodResponse as failure:
-        if failure.failure_reason != "missing_allow_header":
-            raise
-
-
 def all_checks() -> list[CheckFunction]:
     """Every check schemathesis has: each registered one (built-in and OpenAPI) and the response-time limit."""
     load_all_checks()
     checks = [c for c in CHECKS.get_all() if not is_check_class(c)] + [max_response_time]
-    return [unsupported_method_but_allow if c is unsupported_method else c for c in checks]
+    return checks
 
 
 ALL_CHECKS = all_checks()
