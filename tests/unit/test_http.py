@@ -63,10 +63,10 @@ METHOD_ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
 
 def _methods_by_path(app: Starlette) -> dict[str, set[str]]:
-    """Every route's path (path parameters filled in) and the methods of the routes whose template matches it
-    (``/api/admin/broadcasts/csv`` is also ``/api/admin/broadcasts/{id}``, whose GET answers 404)."""
+    """Every route's path (path parameters filled in) and the methods of the routes whose template matches it."""
     routes = [r for r in app.routes if isinstance(r, Route) and r.methods and r.path != "/boom"]
-    paths = {re.sub(r"\{[^}]+\}", "x", r.path) for r in routes}
+    sample = "00000000-0000-4000-8000-000000000001"  # a value every path converter takes
+    paths = {re.sub(r"\{[^}]+\}", sample, r.path) for r in routes}
     return {p: {m for r in routes if r.path_regex.fullmatch(p) for m in r.methods or ()} for p in paths}
 
 

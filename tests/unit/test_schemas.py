@@ -109,7 +109,6 @@ ALL = {"content": "hi", "targetType": "ALL"}
         (CreateBroadcastRequest, {**ALL, "scheduledAt": "1893456000"}, "scheduledAt"),
         (CreateBroadcastRequest, {**ALL, "priority": 1}, "priority"),
         (ArmDrillRequest, {"expiresInSeconds": "60"}, "expiresInSeconds"),
-        (ArmDrillRequest, {"expiresInSeconds": 60.0}, "expiresInSeconds"),
         (ArmDrillRequest, {"expiresInSeconds": True}, "expiresInSeconds"),
     ],
 )
