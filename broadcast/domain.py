@@ -26,6 +26,15 @@ NOT_PRINTABLE_CLASS = (
 # regex is the whole rule: the server checks exactly it (`is_user_id`) and the document states it.
 USER_ID_PATTERN = rf"^[^ {NOT_PRINTABLE_CLASS}](?:[^{NOT_PRINTABLE_CLASS}]*[^ {NOT_PRINTABLE_CLASS}])?$"
 _USER_ID = re.compile(USER_ID_PATTERN)
+# Free text in a filter (a topic, an exception class): printable, as a regex says it, one rule for the server
+# and the OpenAPI document.
+PRINTABLE_PATTERN = rf"^[^{NOT_PRINTABLE_CLASS}]*$"
+_PRINTABLE = re.compile(PRINTABLE_PATTERN)
+
+
+def is_printable(value: str) -> bool:
+    """Whether ``value`` has no character of ``NOT_PRINTABLE_CLASS`` (what ``PRINTABLE_PATTERN`` says)."""
+    return _PRINTABLE.fullmatch(value) is not None
 
 
 def is_user_id(value: str, max_chars: int) -> bool:

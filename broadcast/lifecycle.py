@@ -191,7 +191,7 @@ class Lifecycle:
             raise ValidationError(
                 f"at most {self._limits.max_json_target_ids} targetIds per request; upload a CSV for more"
             )
-        ids = tuple(dict.fromkeys(i.strip() for i in raw))  # duplicates collapse, order kept
+        ids = tuple(dict.fromkeys(raw))  # duplicates collapse, order kept; ids are taken as sent, never trimmed
         if not ids:
             raise ValidationError(f"targetType {request.target_type.value} needs at least one targetId")
         for i in ids:

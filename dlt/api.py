@@ -20,7 +20,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from broadcast import constants
-from broadcast.domain import rfc3339
+from broadcast.domain import is_printable, rfc3339
 from broadcast.errors import NotFoundError, ValidationError
 from broadcast.http_body import known_query, read_model
 from broadcast.http_context import components
@@ -70,7 +70,7 @@ def _time(raw: str | None, name: str) -> datetime | None:
 
 def _text_filter(request: Request, name: str, limit: int = MAX_FILTER_CHARS) -> str | None:
     raw = request.query_params.get(name) or None
-    if raw is not None and (len(raw) > limit or not raw.isprintable()):
+    if raw is not None and (len(raw) > limit or not is_printable(raw)):
         raise ValidationError(f"{name} must be at most {limit} printable characters")
     return raw
 

@@ -9,6 +9,7 @@ every connection that receives it. Other events carry no id, so they do not move
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -66,12 +67,22 @@ class Cursor:
         return f"s{self.row_id}" if self.row_id is not None else f"g{self.group_micros}"
 
 
+MAX_EVENT_ID_CHARS = 20
+EVENT_ID_PATTERN = r"^[sg][0-9]+$"  # a Cursor: s<row id> or g<µs>, at most MAX_EVENT_ID_CHARS
+EVENT_ID = re.compile(EVENT_ID_PATTERN)
+
+
+def is_event_id(raw: str) -> bool:
+    """Whether ``raw`` has the shape of an event id this server writes (what the OpenAPI document says)."""
+    return len(raw) <= MAX_EVENT_ID_CHARS and EVENT_ID.fullmatch(raw) is not None
+
+
 def parse_cursor(raw: str | None) -> Cursor | None:
     """The cursor in a ``Last-Event-ID``; None when absent; ValueError when it is not one of ours."""
     if raw is None or raw == "":
         return None
     digits = raw[1:]
-    if len(raw) > 20 or raw[:1] not in ("s", "g") or not (digits.isascii() and digits.isdigit()):
+    if len(raw) > MAX_EVENT_ID_CHARS or raw[:1] not in ("s", "g") or not (digits.isascii() and digits.isdigit()):
         raise ValueError(f"not a resumable event id: {raw[:40]!r}")
     value = int(raw[1:])
     if value > (MAX_GROUP_MICROS if raw[0] == "g" else MAX_ROW_ID):  # nothing this server could have sent

@@ -18,7 +18,7 @@ from broadcast.http_body import known_query, read_model
 from broadcast.http_context import components
 from broadcast.identity import acting_user, principal, via_ticket
 from broadcast.schemas import MarkReadRequest, json_data
-from sse.frames import EventName, frame
+from sse.frames import EventName, frame, is_event_id
 from sse.hub import Connection
 from sse.messages import from_broadcast
 from sse.stream import HEADERS, TOO_MANY, SseStream, bounded, catch_up, head
@@ -47,7 +47,10 @@ async def connect(request: Request) -> Response:
     who = principal(request)
     c = components(request)
     known_query(request, "lastEventId", "ticket")
-    if request.query_params.get("lastEventId") == "":  # a client that has no id sends none (broadcast-client.js)
+    resume = request.query_params.get("lastEventId")
+    if resume is not None and not is_event_id(resume):
+        # a client that has no id sends none (broadcast-client.js); a Last-Event-ID header the server cannot
+        # resume from is answered with RESYNC instead (EventSource sends back whatever id it last saw)
         raise ValidationError("lastEventId must be an event id (s<row> or g<µs>); leave it out to start afresh")
     if not via_ticket(request):  # a ticket's stream open was counted when the ticket was issued
         c.admission.rate(who.sub, request.client.host if request.client else None)

@@ -76,7 +76,7 @@ def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
 async def test_selected_broadcast_is_created_with_its_rows_and_events(api: Api) -> None:
     response = await api.http.post(
         BROADCASTS,
-        json={"content": "  Deploy at 22:00  ", "targetType": "SELECTED", "targetIds": ["u1", "u2", "u2", " u3"]},
+        json={"content": "  Deploy at 22:00  ", "targetType": "SELECTED", "targetIds": ["u1", "u2", "u2", "u3"]},
         headers={**ADMIN, "X-Correlation-ID": "corr-42"},
     )
     assert response.status_code == 201, response.text
@@ -92,6 +92,14 @@ async def test_selected_broadcast_is_created_with_its_rows_and_events(api: Api) 
     assert fetched.status_code == 200 and fetched.json() == body
     assert await api.outbox(body["id"]) == ["CREATED"] * 3
     assert (await api.rows())["user_broadcast_messages"] == 3
+
+
+async def test_a_target_id_with_surrounding_spaces_is_refused_not_trimmed(api: Api) -> None:
+    """Ids are taken as sent, as PUT /api/admin/users/{id} takes them: " u3" is not u3 (it used to be trimmed)."""
+    response = await api.http.post(
+        BROADCASTS, json={"content": "x", "targetType": "SELECTED", "targetIds": ["u1", " u3"]}, headers=ADMIN
+    )
+    assert response.status_code == 400 and "u3" in response.json()["detail"], response.text
 
 
 @pytest.mark.parametrize("content", ["trail\r", "  both  ", "\tlead", "line\n\n", "\u00a0nbsp"])
