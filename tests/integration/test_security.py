@@ -168,7 +168,8 @@ async def test_users_only_ever_see_and_change_their_own_messages(http: httpx.Asy
     for params in ({}, {"userId": "bob"}, {"user": "bob"}, {"devUser": "bob"}):
         for path in ("/api/user/messages", "/api/user/messages/unread"):
             mine = await http.get(path, params=params, headers={**ALICE, "X-Dev-User": "bob"})
-            assert mine.status_code == 200, mine.text
+            # her own inbox, or a 400 for a parameter the route does not know: never bob's
+            assert mine.status_code == 200 if not params else mine.status_code in (200, 400), mine.text
             assert bobs not in mine.text
     # alice "marks" bob's message read: nothing changes for bob
     marked = await http.post("/api/user/messages/read", json={"broadcastIds": [bobs]}, headers=ALICE)
