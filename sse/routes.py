@@ -46,7 +46,8 @@ async def ticket(request: Request) -> Response:
 async def connect(request: Request) -> Response:
     who = principal(request)
     c = components(request)
-    known_query(request, "lastEventId", "ticket")
+    # Unknown query parameters are ignored here (not a 400 as on the admin lists): an EventSource URL often
+    # carries a cache buster or a tracking parameter, and a stream must not fail on one.
     resume = request.query_params.get("lastEventId")
     if resume is not None and not is_event_id(resume):
         # a client that has no id sends none (broadcast-client.js); a Last-Event-ID header the server cannot
