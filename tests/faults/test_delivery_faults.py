@@ -231,6 +231,9 @@ async def test_a_frozen_client_is_dropped_and_resumes_without_a_gap(
     env: dict[str, str], tmp_path: Path, server_factory: list[Server], readers: list[FrozenClient]
 ) -> None:
     small = {**env, "BROADCAST_SSE__QUEUE_SIZE": "8", "BROADCAST_SSE__SEND_TIMEOUT_SECONDS": "2"}
+    # the resume below replays ~6 MB (600 x 10 KB): above the default catch-up bound (1 MiB, then RESYNC and the
+    # inbox; tested in tests/e2e/test_delivery.py), so the bound is raised to test the stream's own replay here
+    small["BROADCAST_SSE__REPLAY_BYTES"] = str(16 * 1024 * 1024)
     server = start(small, tmp_path, server_factory)
     big = "x" * 9_990  # near the 10,000-character limit: each event is ~10 KB on the wire
     async with SseClient(server.base, "bob") as bob:  # a healthy reader alongside: never dropped
