@@ -14,26 +14,20 @@ from starlette.routing import BaseRoute, Route
 
 from broadcast.domain import DeadOutboxRow, rfc3339
 from broadcast.errors import NotFoundError, ValidationError
+from broadcast.http_body import id_number, known_query
 from broadcast.http_context import components
 from broadcast.identity import acting_admin
 from broadcast.schemas import json_data
 
 PREFIX = "/api/admin/outbox/dead"
 DEFAULT_PAGE_SIZE = 50
-MAX_ID = 2**63 - 1
 log = logging.getLogger(__name__)
-
-
-def _number(raw: str, what: str) -> int:
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or int(raw) > MAX_ID:
-        raise ValidationError(f"{what} must be a non-negative integer")
-    return int(raw)
 
 
 def _dead_id(request: Request) -> int:
     raw = request.path_params["dead_id"]
     try:
-        return _number(raw, "id")
+        return id_number(raw, "id")
     except ValidationError:
         raise NotFoundError(f"dead outbox row {raw[:40]!r} not found") from None
 
@@ -56,11 +50,10 @@ def _row(d: DeadOutboxRow) -> dict[str, Any]:
 
 async def list_dead(request: Request) -> Response:
     await acting_admin(request)
-    if unknown := sorted(set(request.query_params) - {"cursor", "limit"}):
-        raise ValidationError(f"unknown query parameter(s): {', '.join(unknown)[:200]}")
+    known_query(request, "cursor", "limit")
     raw_cursor, raw_limit = request.query_params.get("cursor"), request.query_params.get("limit")
-    cursor = _number(raw_cursor, "cursor") if raw_cursor is not None else None
-    limit = _number(raw_limit, "limit") if raw_limit is not None else DEFAULT_PAGE_SIZE
+    cursor = id_number(raw_cursor, "cursor") if raw_cursor is not None else None
+    limit = id_number(raw_limit, "limit") if raw_limit is not None else DEFAULT_PAGE_SIZE
     max_page = components(request).settings.limits.max_page_size
     if not 1 <= limit <= max_page:
         raise ValidationError(f"limit must be between 1 and {max_page}")

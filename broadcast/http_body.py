@@ -18,6 +18,7 @@ import orjson
 import pydantic
 from starlette.requests import Request
 
+from broadcast.errors import ValidationError
 from broadcast.http_problems import HttpProblem
 
 M = TypeVar("M")
@@ -55,6 +56,16 @@ async def read_body(request: Request, limit: int) -> bytes:
     """The whole body, never more than ``limit`` bytes of it held in memory."""
     chunks = [chunk async for chunk in bounded_stream(request, limit)]
     return b"".join(chunks)
+
+
+MAX_ID = 2**63 - 1  # the largest id a BIGINT column holds
+
+
+def id_number(raw: str, what: str) -> int:
+    """``raw`` as a non-negative integer id (at most ``MAX_ID``), or a 400 naming ``what``."""
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or int(raw) > MAX_ID:
+        raise ValidationError(f"{what} must be a non-negative integer")
+    return int(raw)
 
 
 def known_query(request: Request, *known: str) -> None:

@@ -25,6 +25,7 @@ from starlette.routing import BaseRoute, Route
 
 from broadcast import admin_api, admin_outbox_api, admin_users_api, web
 from broadcast.domain import PRINTABLE_PATTERN, USER_ID_PATTERN, BroadcastStatus, TargetType
+from broadcast.http_body import MAX_ID
 from broadcast.http_context import components
 from broadcast.http_problems import MEDIA_TYPE as PROBLEM
 from broadcast.schemas import (
@@ -475,6 +476,11 @@ def _not_null(schema: Schema) -> Schema:
 
 
 # --------------------------------------------------------------------------- operations
+PURGED: Schema = {  # a purge's answer (dead letters and dead outbox rows)
+    "type": "object",
+    "required": ["id", "purged"],
+    "properties": {"id": {"type": "integer"}, "purged": {"const": True}},
+}
 _PROBLEMS = {
     400: "Invalid request: a parameter, header or the body breaks a rule (field errors in `errors`)",
     401: "No valid bearer token (or SSE ticket) was presented (`WWW-Authenticate: Bearer`)",
@@ -724,7 +730,7 @@ def _user_paths(bounds: Bounds) -> dict[str, Schema]:
 
 def _dead_outbox_paths(bounds: Bounds) -> dict[str, Schema]:
     prefix, tag = admin_outbox_api.PREFIX, "outbox"
-    number = {"type": "integer", "minimum": 0, "maximum": admin_outbox_api.MAX_ID}
+    number = {"type": "integer", "minimum": 0, "maximum": MAX_ID}
     dead_id = _param("dead_id", "path", number, "dead outbox row id (anything else names none: 404)")
     return {
         prefix: {
@@ -760,15 +766,7 @@ def _dead_outbox_paths(bounds: Bounds) -> dict[str, Schema]:
                 "purgeDeadOutboxRow",
                 "Delete the row: its event is never published",
                 tag,
-                {
-                    200: _ok(
-                        {
-                            "type": "object",
-                            "required": ["id", "purged"],
-                            "properties": {"id": {"type": "integer"}, "purged": {"const": True}},
-                        }
-                    )
-                },
+                {200: _ok(PURGED)},
                 (404,),
             ),
         },
@@ -791,7 +789,7 @@ def _dead_letter_paths(bounds: Bounds) -> dict[str, Schema]:
         _param("to", "query", {"type": "string", "format": "date-time"}, "received before (not after `from`: none)"),
         _param("status", "query", {"type": "string", "enum": [s.value for s in DeadLetterStatus]}, "letter status"),
     ]
-    cursor = {"type": "integer", "minimum": 0, "maximum": dlt_api.MAX_ID}
+    cursor = {"type": "integer", "minimum": 0, "maximum": MAX_ID}
     letter_id = _param("letter_id", "path", cursor, "dead letter id (anything else names none: 404)")
     tag = "dead letters"
     drill_tag = "fault drill"
@@ -870,15 +868,7 @@ def _dead_letter_paths(bounds: Bounds) -> dict[str, Schema]:
                 "purgeDeadLetter",
                 "Delete one letter",
                 tag,
-                {
-                    200: _ok(
-                        {
-                            "type": "object",
-                            "required": ["id", "purged"],
-                            "properties": {"id": {"type": "integer"}, "purged": {"const": True}},
-                        }
-                    )
-                },
+                {200: _ok(PURGED)},
                 (404,),
             ),
         },

@@ -22,7 +22,7 @@ from starlette.routing import BaseRoute, Route
 from broadcast import constants
 from broadcast.domain import is_printable, rfc3339
 from broadcast.errors import NotFoundError, ValidationError
-from broadcast.http_body import known_query, read_model
+from broadcast.http_body import id_number, known_query, read_model
 from broadcast.http_context import components
 from broadcast.http_problems import HttpProblem
 from broadcast.identity import acting_admin
@@ -34,7 +34,6 @@ from dlt.service import BulkResult
 PREFIX = "/api/admin/dlt"
 DRILL_PATH = "/api/admin/testing/kafka-consumer-failure"
 DEFAULT_PAGE_SIZE = 50
-MAX_ID = 2**63 - 1
 MAX_FILTER_CHARS = 255
 MAX_MESSAGE_PREVIEW = 500
 INT_HEADERS = {
@@ -44,16 +43,10 @@ INT_HEADERS = {
 }
 
 
-def _digits(raw: str, what: str) -> int:
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or int(raw) > MAX_ID:
-        raise ValidationError(f"{what} must be a non-negative integer")
-    return int(raw)
-
-
 def _letter_id(request: Request) -> int:
     raw = request.path_params["letter_id"]
     try:
-        return _digits(raw, "id")
+        return id_number(raw, "id")
     except ValidationError:
         raise NotFoundError(f"dead letter {raw[:40]!r} not found") from None
 
@@ -158,9 +151,9 @@ async def list_messages(request: Request) -> Response:
     await acting_admin(request)
     where = _filter(request)
     cursor_raw = request.query_params.get("cursor") or None
-    cursor = _digits(cursor_raw, "cursor") if cursor_raw is not None else None
+    cursor = id_number(cursor_raw, "cursor") if cursor_raw is not None else None
     limit_raw = request.query_params.get("limit") or None
-    limit = _digits(limit_raw, "limit") if limit_raw is not None else DEFAULT_PAGE_SIZE
+    limit = id_number(limit_raw, "limit") if limit_raw is not None else DEFAULT_PAGE_SIZE
     max_page = components(request).settings.limits.max_page_size
     if not 1 <= limit <= max_page:
         raise ValidationError(f"limit must be between 1 and {max_page}")
