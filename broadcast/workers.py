@@ -123,18 +123,18 @@ def _stream_loops(c: Components) -> list[Loop]:
     """What keeps this instance's SSE streams fed (see ``sse/fanout.py``)."""
     settings, me = c.settings, c.settings.server.instance_id
     gaps = BusGaps()
-    listener = BusListener(c.bus, c.hub, me, c.reconcile_now, gaps, c.bus_subscribed)
+    reconciler = Reconciler(
+        c.inbox,
+        c.hub,
+        settings.sse.reconcile_seconds,
+        c.reconcile_now,
+        gaps,
+        c.bus_subscribed,
+        replay_limit=settings.sse.replay_limit,
+    )
     return [
-        listener,
-        Reconciler(
-            c.inbox,
-            c.hub,
-            settings.sse.reconcile_seconds,
-            c.reconcile_now,
-            gaps,
-            listener.subscribed,
-            replay_limit=settings.sse.replay_limit,
-        ),
+        BusListener(c.bus, c.hub, me, c.reconcile_now, gaps, c.bus_subscribed, catch_up=reconciler.run_once),
+        reconciler,
         PresenceKeeper(c.presence, c.admission, c.hub, me, settings.redis.presence_ttl_seconds / 3),
         Heartbeat(c.hub, settings.sse.heartbeat_seconds),
         c.marker,

@@ -1,8 +1,10 @@
 """The loops that keep an instance's streams fed: bus listener, reconciliation, presence, delivery marks.
 
 - ``BusListener``: subscribes to this instance's channel and the group channel, hands each message's
-  pre-encoded frame to the hub; resubscribes on its own after a Redis outage (and asks for a
-  reconciliation, since pub/sub dropped whatever was sent meanwhile).
+  pre-encoded frame to the hub; resubscribes on its own after a Redis outage, and then runs a
+  reconciliation round (``catch_up``) *before* it reads a live message: pub/sub dropped whatever was sent
+  meanwhile, and a user's newer live messages must not overtake the older ones the round replays (per-user
+  order, DESIGN invariant 4). Redis holds what is published during the round in the subscription's buffer.
 - ``Reconciler``: every few seconds, sends connected users their PENDING rows the live path missed; after
   the bus listener resubscribes (``BusGaps``), also the ALL/ROLE broadcasts created since shortly before
   the subscription was last known working, since group messages have no PENDING row to fall back on.
@@ -16,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import orjson
@@ -36,6 +38,10 @@ RECONCILE_BATCH = 5_000  # rows per sweep, oldest first, across every user conne
 # How far before the last working moment of a lost subscription group broadcasts are replayed: a group
 # record consumed (and published to nobody) during the gap was usually created shortly before it.
 GAP_LOOKBACK_S = 120.0
+# How long live messages wait, after a resubscription, for the catch-up round: past it (the database is
+# slow or down) live delivery goes on, and the reconciler's later rounds fill the gap (nothing is lost, but
+# a replayed message can then arrive after a newer live one).
+CATCH_UP_TIMEOUT_S = 10.0
 GAP_TOO_LONG = "live delivery was interrupted for longer than the server replays: the newest follow; refetch the inbox"
 
 
@@ -79,8 +85,10 @@ class BusListener:
         reconcile_now: asyncio.Event,
         gaps: BusGaps | None = None,
         subscribed: asyncio.Event | None = None,
+        catch_up: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self._bus = bus
+        self._catch_up = catch_up  # a reconciliation round, run after each resubscription
         self._hub = hub
         self._channels = [constants.instance_channel(instance_id), constants.REDIS_GROUP_CHANNEL]
         self._reconcile_now = reconcile_now
@@ -97,9 +105,12 @@ class BusListener:
                     if not first:  # a re-subscription: group messages may have been lost meanwhile
                         since = datetime.fromtimestamp(self._working_at - GAP_LOOKBACK_S, tz=UTC)
                         self._gaps.add(since, self._hub.last_id)
-                    first = False
                     self.subscribed.set()
-                    self._reconcile_now.set()
+                    if first:
+                        self._reconcile_now.set()
+                    else:
+                        await self._caught_up()
+                    first = False
                     while not stop.is_set():
                         message = await subscription.get(timeout_s=1.0)
                         self._working_at = time.time()
@@ -111,6 +122,17 @@ class BusListener:
                 first = False
                 log.warning("bus subscription lost, resubscribing: %s", exc)
                 await pause(stop, 1.0)
+
+    async def _caught_up(self) -> None:
+        """Replay what the gap swallowed before any live message is read (see the module's docstring)."""
+        if self._catch_up is None:
+            self._reconcile_now.set()
+            return
+        try:
+            await asyncio.wait_for(self._catch_up(), CATCH_UP_TIMEOUT_S)
+        except (BroadcastError, TimeoutError) as exc:
+            self._reconcile_now.set()  # the reconciler's own rounds go on with the gap
+            log.warning("catch-up after a bus gap failed, live delivery goes on: %r", exc)
 
     def dispatch(self, message: BusMessage) -> int:
         try:
@@ -161,8 +183,8 @@ class Reconciler:
         if (gap := self._gaps.take()) is not None:
             try:
                 pushed += await self._replay_group(*gap)
-            except BroadcastError:
-                self._gaps.add(*gap)  # the next round tries again
+            except BaseException:  # an error, or the listener's catch-up timed out: the next round tries again
+                self._gaps.add(*gap)
                 raise
             if self._gaps.since is None and (self._subscribed is None or self._subscribed.is_set()):
                 self._hub.seen_clock.release(BUS_GAP)  # replayed, and no gap open since: forget old ids again

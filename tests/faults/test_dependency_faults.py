@@ -270,7 +270,10 @@ async def test_a_stalled_subscriber_past_redis_output_buffer_limit_resubscribes_
     big = {"BROADCAST_LIMITS__MAX_CONTENT_CHARS": str(constants.ENVELOPE_MAX_CONTENT_CHARS)}
     fleet = Fleet({**env, **big}, tmp_path, server_factory)
     fleet.start("app-a")
-    fleet.start("app-b", roles="api")  # an edge: everything it streams comes through its Redis subscription
+    # an edge: everything it streams comes through its Redis subscription (on its instance channel)
+    instance = f"slow-edge-{os.getpid()}"
+    fleet.start("app-b", roles="api", BROADCAST_SERVER__INSTANCE_ID=instance)
+    channel = env["BROADCAST_REDIS__KEY_PREFIX"] + constants.instance_channel(instance)
     subs = await subscribe(fleet, USERS)
     redis = Redis.from_url(stack.redis_url)
     original = str((await redis.config_get("client-output-buffer-limit"))["client-output-buffer-limit"])
@@ -278,6 +281,7 @@ async def test_a_stalled_subscriber_past_redis_output_buffer_limit_resubscribes_
     stalled = fleet.servers["app-b"]
     try:
         await publisher.reached(20)
+        assert (await redis.pubsub_numsub(channel))[0][1] == 1, f"app-b listens on {channel}"
         await redis.config_set("client-output-buffer-limit", "pubsub 8kb 4kb 1")
         fleet.servers.pop("app-b")  # the publisher posts to app-a meanwhile
         os.kill(stalled.proc.pid, signal.SIGSTOP)
@@ -288,6 +292,14 @@ async def test_a_stalled_subscriber_past_redis_output_buffer_limit_resubscribes_
                 response = await http.post(fleet.bases()[0] + "/api/admin/broadcasts", json=filler, headers=ADMIN)
                 assert response.status_code == 201, response.text
         await publisher.reached(stopped_at + 60)
+        # the fillers reach Redis through the outbox, Kafka and app-a's consumer: on a loaded machine that
+        # takes a while, and app-b must not resume before Redis has actually closed its subscription
+        for _ in range(240):
+            if not (await redis.pubsub_numsub(channel))[0][1]:
+                break
+            await asyncio.sleep(0.5)
+        else:
+            raise AssertionError("Redis did not close app-b's subscription within 120 s")
     finally:
         os.kill(stalled.proc.pid, signal.SIGCONT)
         fleet.servers["app-b"] = stalled

@@ -21,6 +21,7 @@ from sse.frames import HEARTBEAT, Cursor, frame, parse_cursor
 from sse.hub import Connection, Hub, Outgoing
 from sse.messages import item_frame
 from sse.seen import BUS_GAP, DELIVERY_MARKS, SeenClock
+from tests.waiting import wait_until
 
 
 class Socket:
@@ -320,3 +321,64 @@ async def test_a_lost_bus_subscription_holds_the_seen_clock_and_records_a_gap() 
         await running
     assert hub.seen_clock.held == {BUS_GAP}, "held from the loss until the reconciler replays the gap"
     assert gaps.take() is not None
+
+
+async def test_after_a_resubscription_the_gap_is_replayed_before_newer_live_messages() -> None:
+    """Per-user order across a bus gap: #1 was published while the subscription was lost (only its PENDING
+    row is left), #2 is published the moment the listener is subscribed again. Alice must get #1 first:
+    the listener runs a reconciliation round before it reads a live message (Redis keeps #2 meanwhile)."""
+    selected = replace(group_item(1, datetime.now(UTC)).broadcast, target_type=TargetType.SELECTED)
+    swallowed = InboxItem(selected, 41, False)
+
+    live = orjson.dumps({"kind": "user", "user": "alice", "broadcast": "b2", "frame": "event: MESSAGE\nid: s2\n\n"})
+
+    class LostOnce(MemoryBus):
+        """The first subscription is closed by Redis once ``cut`` is set; #2 is published the moment the
+        listener has subscribed again."""
+
+        lost = False
+        cut = asyncio.Event()
+
+        @asynccontextmanager
+        async def subscribe(self, channels: Sequence[str]) -> AsyncIterator[Any]:
+            async with super().subscribe(channels) as sub:
+                if self.lost:
+                    await self.publish(channels[0], live)
+                    yield sub
+                else:
+                    yield Closing(sub, self)
+
+    class Closing:
+        def __init__(self, sub: MemorySubscriptionQueue, bus: LostOnce) -> None:
+            self.sub, self.bus = sub, bus
+
+        async def get(self, timeout_s: float = 1.0) -> Any:
+            if self.bus.cut.is_set():
+                self.bus.lost = True
+                raise UnavailableError("redis closed the connection (output buffer limit)")
+            return await self.sub.get(0.02)
+
+    bus = LostOnce()
+
+    class SlowInbox(GroupOnly):
+        async def pending_for(self, user_ids: Sequence[str], limit: int) -> list[tuple[str, InboxItem]]:
+            rows = [("alice", swallowed)] if bus.lost and "alice" in user_ids else []
+            await asyncio.sleep(0.05)  # a database round trip
+            return rows
+
+    hub, gaps, stop, now = Hub(queue_size=8, max_per_user=5), BusGaps(), asyncio.Event(), asyncio.Event()
+    _, alice = started(hub, "alice")
+    subscribed = asyncio.Event()
+    reconciler = Reconciler(cast(InboxStore, SlowInbox([])), hub, 60.0, now, gaps, subscribed)
+    listener = BusListener(bus, hub, "i1", now, gaps, subscribed, catch_up=reconciler.run_once)
+    loops = [asyncio.create_task(listener.run(stop)), asyncio.create_task(reconciler.run(stop))]
+    try:
+        await asyncio.wait_for(subscribed.wait(), 5)
+        await asyncio.sleep(0.2)  # the reconciler's first round: nothing missed yet
+        bus.cut.set()
+        await wait_until(lambda: any(b"s2" in body for body in alice.bodies), 10, "#2 after the resubscription")
+    finally:
+        stop.set()
+        await asyncio.gather(*loops)
+    messages = [body for body in alice.bodies if b"event: MESSAGE" in body]
+    assert b'"broadcastId":"b1"' in messages[0] and b"s2" in messages[1], messages
