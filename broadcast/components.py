@@ -23,7 +23,7 @@ from broadcast.adapters.redis_bus import RedisBus, RedisHealth, RedisPresence, c
 from broadcast.adapters.redis_sessions import RedisSlots, RedisTickets
 from broadcast.adapters.sql_broadcasts import SqlBroadcastStore
 from broadcast.adapters.sql_dlt import SqlDeadLetterStore, SqlDrillStore
-from broadcast.adapters.sql_engine import SqlHealth, create_engine
+from broadcast.adapters.sql_engine import SqlHealth, create_engine, pool_connections
 from broadcast.adapters.sql_inbox import SqlInboxStore
 from broadcast.adapters.sql_stores import SqlOutboxStore, SqlUserStore
 from broadcast.lifecycle import Lifecycle
@@ -85,7 +85,7 @@ class Components:
 @asynccontextmanager
 async def open_components(settings: Settings) -> AsyncIterator[Components]:
     async with AsyncExitStack() as stack:
-        engine = create_engine(settings.database)
+        engine = create_engine(settings.database, f"broadcast-server {settings.server.instance_id}")
         stack.push_async_callback(engine.dispose)
         await sql_migrate.ensure_schema(engine, settings.database)
         health: dict[str, Health] = {"database": SqlHealth(engine)}
@@ -138,6 +138,7 @@ async def open_components(settings: Settings) -> AsyncIterator[Components]:
             seen_clock,
         )
         metrics.watch_streams(hub.counts)
+        metrics.watch_pool(lambda: pool_connections(engine))
         dead_letter_store = SqlDeadLetterStore(engine)
         dead_letters = DeadLetterService(
             dead_letter_store, event_log.publisher(), settings.kafka, wakeup.set, metrics=metrics

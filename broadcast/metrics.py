@@ -101,6 +101,7 @@ class _StreamCollector(Collector):
     def __init__(self, stats: StreamStats, instance: str) -> None:
         self._stats = stats
         self.connections: Callable[[], tuple[int, int]] = _no_streams
+        self.pool: Callable[[], tuple[int, int]] | None = None  # (checked out, idle) database connections
         self._instance = instance
 
     def collect(self) -> Iterator[Metric]:
@@ -132,6 +133,16 @@ class _StreamCollector(Collector):
             gauge = GaugeMetricFamily(name, doc, labels=["server"])  # Prometheus owns `instance`
             gauge.add_metric([self._instance], value)
             yield gauge
+        if self.pool is not None:
+            pool = GaugeMetricFamily(
+                "broadcast_db_pool_connections",
+                "This process's database connections by state: checked_out (in use, or leaked) and idle",
+                labels=["server", "state"],
+            )
+            checked_out, idle = self.pool()
+            pool.add_metric([self._instance, "checked_out"], checked_out)
+            pool.add_metric([self._instance, "idle"], idle)
+            yield pool
         tasks = GaugeMetricFamily(
             "broadcast_event_loop_tasks",
             "asyncio tasks alive in this process by origin (app, kafka_client); a leak grows app",
@@ -209,6 +220,10 @@ class Metrics:
     def watch_streams(self, connections: Callable[[], tuple[int, int]]) -> None:
         """Report the hub's open (streams, users) at every scrape."""
         self._streams.connections = connections
+
+    def watch_pool(self, connections: Callable[[], tuple[int, int]]) -> None:
+        """Report the database pool's (checked out, idle) connections at every scrape."""
+        self._streams.pool = connections
 
     def produced(self, topic: str, acknowledged: int, failed: int = 0) -> None:
         if acknowledged:

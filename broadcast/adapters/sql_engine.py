@@ -20,14 +20,16 @@ from broadcast.errors import BroadcastError, RejectedByDatabaseError, Unavailabl
 from broadcast.settings import DatabaseSettings
 
 
-def create_engine(settings: DatabaseSettings) -> AsyncEngine:
-    """A pooled async engine for ``settings``; the caller disposes of it."""
+def create_engine(settings: DatabaseSettings, application_name: str = "broadcast-server") -> AsyncEngine:
+    """A pooled async engine for ``settings``; the caller disposes of it. PostgreSQL sessions carry
+    ``application_name`` (``pg_stat_activity`` shows which instance a session belongs to)."""
     url = settings.url.get_secret_value()
     if settings.dialect == "sqlite":
         engine = create_async_engine(url, echo=settings.echo, connect_args={"timeout": 30})
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     server_settings = {
+        "application_name": application_name[:63],  # PostgreSQL keeps 63 bytes (NAMEDATALEN - 1)
         "idle_in_transaction_session_timeout": str(int(settings.idle_in_transaction_timeout_seconds * 1000)),
     }
     if settings.schema_name:
@@ -42,6 +44,15 @@ def create_engine(settings: DatabaseSettings) -> AsyncEngine:
         pool_timeout=10,
         connect_args=connect_args,
     )
+
+
+def pool_connections(engine: AsyncEngine) -> tuple[int, int]:
+    """(checked out, idle) connections of ``engine``'s pool; (0, 0) for a pool that does not count them."""
+    pool = engine.sync_engine.pool
+    checked_out, idle = getattr(pool, "checkedout", None), getattr(pool, "checkedin", None)
+    if not callable(checked_out) or not callable(idle):
+        return 0, 0
+    return int(checked_out()), int(idle())
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: object) -> None:

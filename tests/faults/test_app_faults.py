@@ -17,7 +17,13 @@ from typing import Any
 
 import httpx
 import orjson
+from pydantic import SecretStr
+from sqlalchemy import text
 
+from broadcast.adapters.sql_engine import create_engine
+from broadcast.settings import DatabaseSettings
+from devstack.stack import StackInfo
+from tests.auth import token
 from tests.faults.harness import (
     ADMIN,
     POOLS,
@@ -27,6 +33,7 @@ from tests.faults.harness import (
     Publisher,
     Subscriber,
     alternating,
+    base_samples,
     close_all,
     last_assignment,
     report,
@@ -312,3 +319,85 @@ async def test_graceful_shutdown_with_a_thousand_open_streams(
     assert shutdown.count("LeaveGroup request succeeded") == 3, "each listener (selected, group, DLT) left the group"
     assert "not committed" not in shutdown and "failed; those records" not in shutdown, "every member committed"
     result.assert_clean()
+
+
+CANCEL_ROUNDS, CANCELS_PER_ROUND, CATCH_UP_BROADCASTS = 3, 200, 60
+SESSIONS = text(
+    "SELECT state, extract(epoch FROM now() - state_change) FROM pg_stat_activity "
+    "WHERE application_name = :name AND pid <> pg_backend_pid()"
+)
+
+
+async def open_and_reset(base: str, user: str, after_s: float) -> None:
+    """A client that asks for a stream and vanishes ``after_s`` later (a reset, not a clean close): during
+    the connect gate, the catch-up or the first writes, depending on how far the server got."""
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    _, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        f"GET /api/user/sse/connect HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token(user)}\r\n"
+        "Accept: text/event-stream\r\n\r\n".encode()
+    )
+    await asyncio.sleep(after_s)
+    writer.transport.abort()
+
+
+async def test_streams_reset_mid_catch_up_with_a_pool_of_five_leave_no_connection_behind(
+    stack: StackInfo, env: dict[str, str], unique_name: str, tmp_path: Path, server_factory: list[Server]
+) -> None:
+    """RELIABILITY #30 with the pool at 5 and no overflow: 600 streams, each with a catch-up of 60 group
+    broadcasts, are reset by their clients at once or a few milliseconds in, while the API keeps posting.
+    No request fails for want of a connection; afterwards nothing is checked out of the instance's pool,
+    PostgreSQL shows no session of it idle in a transaction and no more sessions than the pool holds, and new
+    streams still get everything."""
+    fleet = Fleet(env, tmp_path, server_factory)
+    instance = f"pool5-{unique_name}"
+    app = fleet.start(
+        "app-a",
+        BROADCAST_DATABASE__POOL_SIZE="5",
+        BROADCAST_DATABASE__MAX_OVERFLOW="0",
+        BROADCAST_SERVER__INSTANCE_ID=instance,
+    )
+    async with httpx.AsyncClient(timeout=30) as http:
+        for n in range(CATCH_UP_BROADCASTS):
+            body = {"content": f"catch-up {n} " + "c" * 1000, "targetType": "ALL", "fireAndForget": True}
+            response = await http.post(app.base + "/api/admin/broadcasts", json=body, headers=ADMIN)
+            assert response.status_code == 201, response.text
+    people = users(6, "p")
+    publisher = Publisher(fleet, alternating(people), 0.05).start()
+    for round_ in range(CANCEL_ROUNDS):
+        await asyncio.gather(
+            *(open_and_reset(app.base, f"gone{round_}-{n}", (n % 5) * 0.005) for n in range(CANCELS_PER_ROUND))
+        )
+    subs = await subscribe(fleet, people)  # new streams, after the resets
+    await publisher.reached(publisher.attempted + 40)
+    publisher.halt()
+    await publisher.finish()
+    result = await settled(publisher, subs, 60)
+    await close_all(subs)
+    checked_out: list[float] = []
+    for _ in range(20):
+        samples = await base_samples(app.base, "broadcast_db_pool_connections")
+        checked_out += [value for labels, value in samples if labels["state"] == "checked_out"]
+        await asyncio.sleep(0.25)
+    engine = create_engine(DatabaseSettings(url=SecretStr(stack.postgres_url)))
+    try:
+        async with engine.connect() as conn:
+            sessions = (await conn.execute(SESSIONS, {"name": f"broadcast-server {instance}"})).all()
+    finally:
+        await engine.dispose()
+    pool_errors = sum(app.log.read_text().count(e) for e in ("QueuePool limit", "TimeoutError"))
+    report(
+        "streams reset mid catch-up, pool of 5",
+        f"{CANCEL_ROUNDS * CANCELS_PER_ROUND} streams reset by their clients 0-20 ms after asking, each owed a "
+        f"catch-up of {CATCH_UP_BROADCASTS} broadcasts, while the API posted; pool_size 5, max_overflow 0",
+        result,
+        f"pool checked out afterwards min {min(checked_out):.0f} max {max(checked_out):.0f} over 5 s; "
+        f"PostgreSQL sessions of the instance {sorted(state for state, _ in sessions)}; pool errors logged "
+        f"{pool_errors}; refused posts {len(publisher.refused)}",
+    )
+    assert pool_errors == 0 and not publisher.refused, "no request may fail for want of a database connection"
+    result.assert_clean()
+    assert min(checked_out) == 0, f"connections stay checked out after the streams went: {checked_out}"
+    assert 1 <= len(sessions) <= 5, f"the instance holds {len(sessions)} sessions with a pool of 5"
+    stuck = [(state, age) for state, age in sessions if str(state).startswith("idle in transaction") and age > 2]
+    assert not stuck, f"sessions left idle in a transaction: {stuck}"

@@ -18,11 +18,13 @@ from aiokafka.cluster import ClusterMetadata
 from aiokafka.structs import PartitionMetadata
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
+from sqlalchemy import text
 
 from broadcast import logs
 from broadcast.adapters.kafka_health import ProducerWatch, under_min_insync
 from broadcast.adapters.memory_log import MemoryEventLog
 from broadcast.adapters.memory_stores import MemoryOutboxStore
+from broadcast.adapters.sql_engine import create_engine, pool_connections
 from broadcast.app import create_app
 from broadcast.errors import UnavailableError
 from broadcast.metrics import FastHistogram, Metrics
@@ -318,3 +320,26 @@ def test_partitions_under_min_insync_replicas_are_named() -> None:
     assert under_min_insync(cluster, ("sel",), 2) == ["sel-1", "sel-2"]
     assert under_min_insync(cluster, ("sel",), 1) == ["sel-2"]
     assert under_min_insync(cluster, ("missing",), 2) == []
+
+
+async def test_the_database_pool_is_reported_in_use_and_idle(tmp_path: Path) -> None:
+    """A connection held (as a leaked checkout would be) shows as checked_out until it is given back."""
+    engine = create_engine(DatabaseSettings(url=SecretStr(f"sqlite+aiosqlite:///{tmp_path}/pool.db")))
+    metrics = Metrics("me")
+    metrics.watch_pool(lambda: pool_connections(engine))
+
+    def pool() -> dict[str, float]:
+        return {
+            s.labels["state"]: s.value
+            for f in metrics.registry.collect()
+            for s in f.samples
+            if s.name == "broadcast_db_pool_connections"
+        }
+
+    try:
+        async with engine.connect() as held:
+            await held.execute(text("SELECT 1"))
+            assert pool() == {"checked_out": 1, "idle": 0}
+        assert pool() == {"checked_out": 0, "idle": 1}
+    finally:
+        await engine.dispose()
