@@ -321,7 +321,7 @@ async def test_graceful_shutdown_with_a_thousand_open_streams(
     result.assert_clean()
 
 
-CANCEL_ROUNDS, CANCELS_PER_ROUND, CATCH_UP_BROADCASTS = 3, 200, 60
+STREAMS, CANCEL_ROUNDS, CANCELS_PER_ROUND, CATCH_UP_BROADCASTS = 500, 3, 200, 60
 SESSIONS = text(
     "SELECT state, extract(epoch FROM now() - state_change) FROM pg_stat_activity "
     "WHERE application_name = :name AND pid <> pg_backend_pid()"
@@ -341,14 +341,25 @@ async def open_and_reset(base: str, user: str, after_s: float) -> None:
     writer.transport.abort()
 
 
-async def test_streams_reset_mid_catch_up_with_a_pool_of_five_leave_no_connection_behind(
+async def pool_checked_out(base: str, seconds: float = 5.0) -> list[float]:
+    """The instance's checked-out database connections, sampled every 0.25 s for ``seconds``."""
+    found: list[float] = []
+    for _ in range(int(seconds / 0.25)):
+        samples = await base_samples(base, "broadcast_db_pool_connections")
+        found += [value for labels, value in samples if labels["state"] == "checked_out"]
+        await asyncio.sleep(0.25)
+    return found
+
+
+async def test_a_pool_of_five_serves_500_streams_and_resets_mid_catch_up_leave_no_connection_behind(
     stack: StackInfo, env: dict[str, str], unique_name: str, tmp_path: Path, server_factory: list[Server]
 ) -> None:
-    """RELIABILITY #30 with the pool at 5 and no overflow: 600 streams, each with a catch-up of 60 group
-    broadcasts, are reset by their clients at once or a few milliseconds in, while the API keeps posting.
-    No request fails for want of a connection; afterwards nothing is checked out of the instance's pool,
-    PostgreSQL shows no session of it idle in a transaction and no more sessions than the pool holds, and new
-    streams still get everything."""
+    """RELIABILITY #30 with the pool at 5 and no overflow. 500 streams stay open while the API keeps posting:
+    idle streams hold no connection (the pool is seen with nothing checked out). Then 600 more streams, each
+    owed a catch-up of 60 group broadcasts, are reset by their clients at once or a few milliseconds in. No
+    request fails for want of a connection; once every stream is gone nothing is checked out of the pool,
+    PostgreSQL shows no session of the instance idle in a transaction and no more sessions than the pool
+    holds, and the 500 streams got everything, in order."""
     fleet = Fleet(env, tmp_path, server_factory)
     instance = f"pool5-{unique_name}"
     app = fleet.start(
@@ -362,23 +373,21 @@ async def test_streams_reset_mid_catch_up_with_a_pool_of_five_leave_no_connectio
             body = {"content": f"catch-up {n} " + "c" * 1000, "targetType": "ALL", "fireAndForget": True}
             response = await http.post(app.base + "/api/admin/broadcasts", json=body, headers=ADMIN)
             assert response.status_code == 201, response.text
-    people = users(6, "p")
-    publisher = Publisher(fleet, alternating(people), 0.05).start()
+    people = users(STREAMS, "s")
+    subs = await subscribe(fleet, people, timeout_s=120)
+    publisher = Publisher(fleet, alternating(people[:6]), 0.05).start()
+    await publisher.reached(40)
+    while_open = await pool_checked_out(app.base)
     for round_ in range(CANCEL_ROUNDS):
         await asyncio.gather(
             *(open_and_reset(app.base, f"gone{round_}-{n}", (n % 5) * 0.005) for n in range(CANCELS_PER_ROUND))
         )
-    subs = await subscribe(fleet, people)  # new streams, after the resets
     await publisher.reached(publisher.attempted + 40)
     publisher.halt()
     await publisher.finish()
-    result = await settled(publisher, subs, 60)
+    result = await settled(publisher, subs, 90)
     await close_all(subs)
-    checked_out: list[float] = []
-    for _ in range(20):
-        samples = await base_samples(app.base, "broadcast_db_pool_connections")
-        checked_out += [value for labels, value in samples if labels["state"] == "checked_out"]
-        await asyncio.sleep(0.25)
+    after = await pool_checked_out(app.base)
     engine = create_engine(DatabaseSettings(url=SecretStr(stack.postgres_url)))
     try:
         async with engine.connect() as conn:
@@ -387,17 +396,20 @@ async def test_streams_reset_mid_catch_up_with_a_pool_of_five_leave_no_connectio
         await engine.dispose()
     pool_errors = sum(app.log.read_text().count(e) for e in ("QueuePool limit", "TimeoutError"))
     report(
-        "streams reset mid catch-up, pool of 5",
+        "pool of 5, 500 streams, resets mid catch-up",
+        f"pool_size 5, max_overflow 0; {STREAMS} streams open while the API posted; then "
         f"{CANCEL_ROUNDS * CANCELS_PER_ROUND} streams reset by their clients 0-20 ms after asking, each owed a "
-        f"catch-up of {CATCH_UP_BROADCASTS} broadcasts, while the API posted; pool_size 5, max_overflow 0",
+        f"catch-up of {CATCH_UP_BROADCASTS} broadcasts",
         result,
-        f"pool checked out afterwards min {min(checked_out):.0f} max {max(checked_out):.0f} over 5 s; "
-        f"PostgreSQL sessions of the instance {sorted(state for state, _ in sessions)}; pool errors logged "
-        f"{pool_errors}; refused posts {len(publisher.refused)}",
+        f"pool checked out with the streams open min {min(while_open):.0f} max {max(while_open):.0f}, after "
+        f"they went min {min(after):.0f} max {max(after):.0f} (5 s each); PostgreSQL sessions of the instance "
+        f"{sorted(state for state, _ in sessions)}; pool errors logged {pool_errors}; refused posts "
+        f"{len(publisher.refused)}",
     )
     assert pool_errors == 0 and not publisher.refused, "no request may fail for want of a database connection"
     result.assert_clean()
-    assert min(checked_out) == 0, f"connections stay checked out after the streams went: {checked_out}"
+    assert min(while_open) == 0, f"idle streams hold database connections: {while_open}"
+    assert min(after) == 0, f"connections stay checked out after the streams went: {after}"
     assert 1 <= len(sessions) <= 5, f"the instance holds {len(sessions)} sessions with a pool of 5"
     stuck = [(state, age) for state, age in sessions if str(state).startswith("idle in transaction") and age > 2]
     assert not stuck, f"sessions left idle in a transaction: {stuck}"
