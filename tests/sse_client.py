@@ -33,6 +33,7 @@ class SseClient:
     ticket: str | None = None
     ended: bool = False
     events: list[SseEvent] = field(default_factory=list)
+    comments: list[float] = field(default_factory=list)  # when each comment line (heartbeat) arrived
     status: int | None = None
     _task: asyncio.Task[None] | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -81,6 +82,8 @@ class SseClient:
                     data.append(line[5:].strip())
                 elif line.startswith("id:"):
                     event_id = line[3:].strip()
+                elif line.startswith(":"):
+                    self.comments.append(time.monotonic())  # a heartbeat
         self.ended = True
         self._changed.set()
 

@@ -10,6 +10,7 @@ records are in ``test_broker_faults``, ``test_app_faults`` and ``test_dependency
 from __future__ import annotations
 
 import asyncio
+import itertools
 import signal
 import subprocess
 import sys
@@ -283,3 +284,50 @@ async def test_a_frozen_client_is_dropped_and_resumes_without_a_gap(
     )
     # unbounded buffering would hold ~(600 - what the socket buffers took) x 10 KB per frozen client
     assert grown_mib < 12, f"RSS grew by {grown_mib:.1f} MiB while {FROZEN} clients were frozen"
+
+
+IDLE_PAUSE_S, IDLE_HEARTBEAT_S = 20.0, 0.5
+
+
+async def test_frozen_idle_clients_hold_nothing_up_and_read_on_after_their_pause(
+    env: dict[str, str], tmp_path: Path, server_factory: list[Server], readers: list[FrozenClient]
+) -> None:
+    """RELIABILITY #27, the idle variant (pings only): 8 readers SIGSTOPped for 20 s while nothing but
+    heartbeats (every 0.5 s) flows. A heartbeat to a frozen socket never holds the others up: a healthy client
+    gets every heartbeat on time. A frozen idle stream is a live TCP connection whose kernel buffer takes the
+    few hundred bytes, so it is not dropped and costs no memory that grows; on SIGCONT each reader reads the
+    heartbeats of its pause, then a broadcast."""
+    quick = {**env, "BROADCAST_SSE__HEARTBEAT_SECONDS": str(IDLE_HEARTBEAT_S)}
+    quick["BROADCAST_SSE__SEND_TIMEOUT_SECONDS"] = "2"
+    server = start(quick, tmp_path, server_factory)
+    async with SseClient(server.base, "bob") as bob:
+        frozen = [await asyncio.to_thread(FrozenClient, server.port, f"idle{n}", tmp_path) for n in range(FROZEN)]
+        readers.extend(frozen)
+        rss_before = rss_kib(server.proc.pid)
+        paused_at = time.monotonic()
+        await asyncio.sleep(IDLE_PAUSE_S)
+        resumed_at = time.monotonic()
+        rss_after = rss_kib(server.proc.pid)
+        beats = [paused_at, *(t for t in bob.comments if paused_at < t < resumed_at), resumed_at]
+        longest = max(b - a for a, b in itertools.pairwise(beats))
+        for client in frozen:
+            client.proc.send_signal(signal.SIGCONT)
+        sender = Sender(server.base, lambda n: {"content": f"after the pause {n}", "targetType": "ALL"}, 1, 0.0)
+        await sender.run()
+        [after] = sender.acknowledged
+        await received_all(bob, [after], 20)
+        got = await wait_until(
+            lambda: all(after in {b for _, b in c.message_ids()} for c in frozen), 20, "the broadcast at every reader"
+        )
+        pause_beats = [c.out.read_bytes().count(b": heartbeat") for c in frozen]
+    log = server.log.read_text()
+    print(
+        f"\nfrozen idle clients: {FROZEN} paused {IDLE_PAUSE_S:.0f} s with heartbeats every {IDLE_HEARTBEAT_S} s; "
+        f"the healthy client's longest wait for a heartbeat {longest:.2f} s; RSS {rss_before / 1024:.1f} -> "
+        f"{rss_after / 1024:.1f} MiB; heartbeats each reader read after its pause {pause_beats}; the broadcast "
+        f"after the pause reached all {got:.1f} s after SIGCONT"
+    )
+    assert longest < 3 * IDLE_HEARTBEAT_S, f"a heartbeat held up {longest:.2f} s behind the frozen streams"
+    assert "dropping slow connection" not in log, "an idle frozen stream is a live connection: not dropped"
+    assert min(pause_beats) >= 0.8 * IDLE_PAUSE_S / IDLE_HEARTBEAT_S, "the pause's heartbeats were buffered, not lost"
+    assert (rss_after - rss_before) / 1024 < 4, "frozen idle streams must not grow the server's memory"
