@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -74,14 +74,23 @@ def isolated_env(info: StackInfo, unique_name: str, cwd: Path, **overrides: str)
 class Server:
     """One ``broadcast-server run`` process; ``roles`` as for ``--roles`` (default: all)."""
 
-    def __init__(self, env: dict[str, str], cwd: Path, roles: str | None = None, name: str = "server") -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        cwd: Path,
+        roles: str | None = None,
+        name: str = "server",
+        prefix: Sequence[str] = (),
+    ) -> None:
+        """``prefix`` goes before the command (as ``ip netns exec <name>``: it must exec the command, so
+        that ``proc`` is the server's own process)."""
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = cwd / f"{name}.log"
         self._out = self.log.open("a")
         role_args = ["--roles", roles] if roles else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "broadcast", "run", "--port", str(self.port), *role_args],
+            [*prefix, sys.executable, "-m", "broadcast", "run", "--port", str(self.port), *role_args],
             env=env,
             cwd=cwd,
             stdout=self._out,

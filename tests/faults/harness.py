@@ -223,6 +223,7 @@ class Subscriber:
     seen: list[Seen] = field(default_factory=list)
     inbox_ids: set[str] = field(default_factory=set)
     events: dict[str, int] = field(default_factory=dict)  # event name -> count
+    beats: list[float] = field(default_factory=list)  # when each heartbeat comment arrived
     connections: int = 0
     refusals: list[Refused] = field(default_factory=list)  # non-200 answers to a connect
     back_after_refusal_s: list[float] = field(default_factory=list)  # first refusal to connected, per streak
@@ -309,6 +310,8 @@ class Subscriber:
                 fields[key] = value.removeprefix(" ")
         name = fields.get("event")
         if name is None:
+            if block.startswith(b":"):
+                self.beats.append(time.monotonic())
             return  # a heartbeat comment or the retry hint
         self.events[name] = self.events.get(name, 0) + 1
         if name == "CONNECTED":
@@ -438,6 +441,26 @@ async def settled(publisher: Publisher, subs: Sequence[Subscriber], timeout_s: f
         await asyncio.sleep(0.25)
     await asyncio.sleep(1.5)
     return verdict(publisher, subs)
+
+
+def latencies(publisher: Publisher, subs: Sequence[Subscriber], seqs: range) -> list[float]:
+    """Seconds from the API's answer to each entitled subscriber's first sight, for broadcasts ``seqs``."""
+    first: dict[tuple[str, str], float] = {}
+    for sub in subs:
+        for seen in sub.seen:
+            first.setdefault((sub.user, seen.broadcast_id), seen.at)
+    return [
+        first[(sub.user, s.id)] - s.acked_at
+        for s in publisher.acked
+        if s.seq in seqs
+        for sub in subs
+        if s.entitles(sub.user) and (sub.user, s.id) in first
+    ]
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` (nearest rank)."""
+    return sorted(values)[min(len(values) - 1, int(q * len(values)))]
 
 
 async def samples(fleet: Fleet, name: str) -> list[tuple[dict[str, str], float]]:

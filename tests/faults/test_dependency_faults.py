@@ -30,9 +30,10 @@ from tests.faults.harness import (
     Fleet,
     Probe,
     Publisher,
-    Subscriber,
     alternating,
     close_all,
+    latencies,
+    percentile,
     report,
     samples,
     settled,
@@ -178,25 +179,6 @@ async def test_redis_restarted_or_paused_during_fan_out(
     assert result.refused == 0, publisher.refused[:3]  # the outbox is PostgreSQL: writes go on
     # the reconciler (every 1 s here) may win the race for a few rows; most must go the live way again
     assert paths.get("live", 0) - live_before >= 0.8 * owed_late, "live delivery must resume, not only reconciliation"
-
-
-def latencies(publisher: Publisher, subs: list[Subscriber], seqs: range) -> list[float]:
-    """Seconds from the API's answer to each entitled subscriber's first sight, for broadcasts ``seqs``."""
-    first: dict[tuple[str, str], float] = {}
-    for sub in subs:
-        for seen in sub.seen:
-            first.setdefault((sub.user, seen.broadcast_id), seen.at)
-    return [
-        first[(sub.user, s.id)] - s.acked_at
-        for s in publisher.acked
-        if s.seq in seqs
-        for sub in subs
-        if s.entitles(sub.user) and (sub.user, s.id) in first
-    ]
-
-
-def percentile(values: list[float], q: float) -> float:
-    return sorted(values)[min(len(values) - 1, int(q * len(values)))]
 
 
 POISON = 40
