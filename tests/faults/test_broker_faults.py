@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin import AIOKafkaAdminClient, ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
 from pydantic import SecretStr
 from sqlalchemy import text
@@ -206,6 +206,82 @@ async def test_two_brokers_down_is_reported_and_the_outbox_drains_after_recovery
     assert produce_errors > 0 and loud > 0, "failed publishes must be counted and logged, not retried silently"
     result.assert_clean()
     assert result.refused == 0, publisher.refused[:5]
+
+
+UNPUBLISHED_ROWS = text("SELECT count(*) FROM outbox_events WHERE published_at IS NULL")
+OUTAGE_S = 30.0
+
+
+async def require_all_replicas(bootstrap: str, topics: list[str]) -> None:
+    """``min.insync.replicas=3`` on ``topics`` (replication factor 3): one broker down is then an ISR below
+    min.insync with the quorum and the partition leaders alive, the NOT_ENOUGH_REPLICAS path."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
+    await admin.start()
+    try:
+        await admin.alter_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, t, configs={"min.insync.replicas": "3"}) for t in topics]
+        )
+    finally:
+        await admin.close()
+
+
+async def test_an_isr_below_min_insync_keeps_rows_unpublished_and_the_backlog_drains_in_order(
+    stack: StackInfo, env: dict[str, str], tmp_path: Path, server_factory: list[Server]
+) -> None:
+    """RELIABILITY #2, the NOT_ENOUGH_REPLICAS path. Each node is broker and controller, so two nodes down
+    would lose the quorum instead (the test above); here the test's topics require all 3 replicas in sync
+    and one node is SIGKILLed: leaders and quorum stay, every produce is refused with NOT_ENOUGH_REPLICAS.
+    The API keeps answering 201; the rows stay unpublished in the outbox (counted in PostgreSQL), the
+    failures are counted and readiness turns red; after the restart the backlog drains: nothing lost, shown
+    twice or out of per-user order."""
+    wedge = {"BROADCAST_OBSERVABILITY__PRODUCER_WEDGE_SECONDS": "5"}
+    fleet = Fleet.of({**env, **wedge}, tmp_path, server_factory, "app-a", "app-b")
+    subs = await subscribe(fleet, sorted(set(USERS)))
+    prefix = env["BROADCAST_KAFKA__TOPIC_PREFIX"]
+    await require_all_replicas(stack.kafka_bootstrap, [prefix + t for t in constants.BASE_TOPICS])
+    publisher = Publisher(fleet, alternating(USERS), 0.05)
+    await publisher.run(20)
+    engine = create_engine(DatabaseSettings(url=SecretStr(stack.postgres_url), schema_name=env[SCHEMA]))
+    unpublished: list[int] = []
+    try:
+        await asyncio.to_thread(kill_kafka_node, 3)
+        down = time.monotonic()
+        first = len(publisher.acked)
+        publisher.start(1_000_000)
+        while time.monotonic() - down < OUTAGE_S:
+            async with engine.connect() as conn:
+                unpublished.append(int((await conn.execute(UNPUBLISHED_ROWS)).scalar_one()))
+            await asyncio.sleep(1.0)
+        status, checks = await ready(fleet.bases()[0])
+        during = publisher.acked[first:]
+        early = [s.id for s in during if any(s.id in sub.broadcast_ids() for sub in subs)]
+        refused_produce = sum(value for _, value in await samples(fleet, "broadcast_produce_errors_total"))
+    finally:
+        await asyncio.to_thread(restart_missing_nodes)
+        await engine.dispose()
+    recovered = time.monotonic()
+    await publisher.reached(publisher.attempted + 20)
+    publisher.halt()
+    await publisher.finish()
+    result = await settled(publisher, subs, 90)
+    drained_after = time.monotonic() - recovered
+    log = "".join(s.log.read_text() for s in fleet.live())
+    await close_all(subs)
+    report(
+        "ISR below min.insync",
+        f"min.insync.replicas=3 on the test's topics, SIGKILL of node 3 for {OUTAGE_S:.0f} s while "
+        f"{len(during)} broadcasts were acknowledged",
+        result,
+        f"unpublished outbox rows during the outage {unpublished[:3]} ... {unpublished[-3:]}; readiness {status} "
+        f"({checks.get('kafka')}); produce errors {refused_produce:.0f}; NotEnoughReplicas in the logs "
+        f"{log.count('NotEnoughReplicas')} times; seen live by reconciliation while refused {len(early)}; "
+        f"everything delivered {drained_after:.1f} s after the restart",
+    )
+    assert result.refused == 0, publisher.refused[:5]
+    assert unpublished[-1] > 0 and unpublished == sorted(unpublished), "refused rows must stay unpublished"
+    assert refused_produce > 0, "the refusals must be counted"
+    assert status == 503 and checks["kafka"] != "ok", checks
+    result.assert_clean()
 
 
 async def in_sync(bootstrap: str, topics: list[str], timeout_s: float = 120.0) -> float:
