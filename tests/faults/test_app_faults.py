@@ -9,6 +9,7 @@ are not connected keep a PENDING row, which the broadcast's stats must account f
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections import Counter
 from datetime import UTC, datetime
@@ -44,6 +45,7 @@ from tests.servers import Server
 from tests.waiting import wait_until
 
 PARTITIONS = 10
+HANDLED = re.compile(r'"message":"delivery \w+ [\w-]+: [^"]* \(([\w.-]+)-(\d+)@(\d+)\)"')  # the delivery log
 
 
 def users(count: int, prefix: str = "u") -> list[str]:
@@ -130,7 +132,8 @@ async def test_a_rolling_restart_under_load(
     subs = await subscribe(fleet, users(20))
     publisher = Publisher(fleet, alternating(users(20)), 0.05).start()
     exits = []
-    rounds = [(f"app-{x}{n + 1 if n else ''}", f"app-{x}{n + 2}") for n in range(fault_scale) for x in "ab"]
+    pairs = [(f"app-{x}{n + 1 if n else ''}", f"app-{x}{n + 2}") for n in range(3 * fault_scale) for x in "ab"]
+    rounds = pairs[: 5 * fault_scale]  # RELIABILITY #9: five restarts (app-a, app-b, app-a2, app-b2, app-a3)
     for old, new in rounds:  # app-a -> app-a2, app-b -> app-b2, then app-a2 -> app-a3, ...
         await publisher.reached(publisher.attempted + 40)
         started = time.monotonic()
@@ -143,15 +146,21 @@ async def test_a_rolling_restart_under_load(
     result = await settled(publisher, subs, 60)
     shutdowns = sum(s.events.get("SERVER_SHUTDOWN", 0) for s in subs)
     await close_all(subs)
+    handled = Counter(
+        position for server in fleet.factory for position in HANDLED.findall(server.log.read_text())
+    )  # every record each instance's listeners handled, by (topic, partition, offset)
+    redelivered = {position: n for position, n in handled.items() if n > 1}
     report(
         "rolling restart",
-        f"SIGTERM of each instance in turn, a new one started in its place ({fault_scale} round(s)), while "
+        f"SIGTERM of each instance in turn, a new one started in its place ({len(rounds)} restarts), while "
         "broadcasts flowed",
         result,
-        f"exits (instance, code, seconds) {exits}; SERVER_SHUTDOWN events seen {shutdowns}",
+        f"exits (instance, code, seconds) {exits}; SERVER_SHUTDOWN events seen {shutdowns}; records handled "
+        f"{len(handled)}, handled twice {len(redelivered)}",
     )
     result.assert_clean()
-    assert [code for _, code, _ in exits] == [0] * 2 * fault_scale
+    assert handled and not redelivered, f"a clean shutdown commits what it handled: redelivered {redelivered}"
+    assert [code for _, code, _ in exits] == [0] * len(rounds)
     assert result.refused == 0, publisher.refused[:5]  # the balancer only sends to live instances
     assert shutdowns >= len(subs), "every stream is told before its instance goes"
 
