@@ -304,13 +304,15 @@ class Subscriber:
 
     def _handle(self, block: bytes, base: str) -> None:
         fields: dict[str, str] = {}
-        for line in block.decode().split("\n"):
+        comment = False
+        for line in block.decode().split("\n"):  # chunk-size lines ("d\r") between frames are ignored
             key, sep, value = line.partition(":")
             if sep and key:
                 fields[key] = value.removeprefix(" ")
+            comment = comment or (bool(sep) and not key)
         name = fields.get("event")
         if name is None:
-            if block.startswith(b":"):
+            if comment:
                 self.beats.append(time.monotonic())
             return  # a heartbeat comment or the retry hint
         self.events[name] = self.events.get(name, 0) + 1
