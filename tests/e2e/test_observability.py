@@ -21,6 +21,7 @@ from devstack.stack import StackInfo
 from tests.auth import bearer
 from tests.servers import Server, fast_retries, isolated_env
 from tests.sse_client import SseClient
+from tests.waiting import wait_until
 
 ADMIN = bearer("admin", "admin")
 Samples = list[tuple[str, dict[str, str], float]]
@@ -242,14 +243,13 @@ async def test_the_correlation_id_reaches_the_sse_event_the_delivery_log_and_the
         assert response.headers["x-correlation-id"] == "trace-7f3a"
         broadcast_id = response.json()["id"]
         [event] = await alice.wait_for(lambda e: e.event == "MESSAGE")
+        # The stream stays open until the consumer has handled the record: the event can reach the browser
+        # first (the consumer writes its line after the push returns, and on a loaded machine reconciliation
+        # can deliver the PENDING row before the consumer group has even joined). Closing the stream at once
+        # made the consumer rightly find alice gone ("user not connected").
+        await wait_until(lambda: bool(delivery_lines(server, broadcast_id)), 30, "the delivery log line")
+        await asyncio.sleep(0.5)  # long enough for a second line, if there were one
     assert event.data["broadcastId"] == broadcast_id and event.data["correlationId"] == "trace-7f3a"
-    # the consumer writes its line after the push returns: the event can reach the browser first
-    deadline = time.monotonic() + 15
-    while True:
-        if delivery_lines(server, broadcast_id) or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.1)
-    await asyncio.sleep(0.5)  # long enough for a second line, if there were one
     deliveries = delivery_lines(server, broadcast_id)
     assert len(deliveries) == 1, deliveries
     assert deliveries[0]["correlation_id"] == "trace-7f3a" and deliveries[0]["user_id"] == "alice"
