@@ -14,9 +14,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from broadcast.settings import ServerSettings
 from devstack.stack import StackInfo
 
 START_TIMEOUT_S = 60.0
+DEFAULT_GRACE_S = ServerSettings().shutdown_grace_seconds  # the server's own default budget (25 s)
+STOP_SLACK_S = 10.0
 
 
 def free_port() -> int:
@@ -84,6 +87,7 @@ class Server:
     ) -> None:
         """``prefix`` goes before the command (as ``ip netns exec <name>``: it must exec the command, so
         that ``proc`` is the server's own process)."""
+        self._grace_s = float(env.get("BROADCAST_SERVER__SHUTDOWN_GRACE_SECONDS", DEFAULT_GRACE_S))
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = cwd / f"{name}.log"
@@ -109,10 +113,13 @@ class Server:
         raise AssertionError(f"server not live within {START_TIMEOUT_S} s:\n{self.log.read_text()}")
 
     def stop(self) -> int:
+        """SIGTERM, then wait as long as the server may take by its own shutdown budget (plus slack for a
+        loaded machine) before a SIGKILL: a wait shorter than the budget failed teardowns of servers that were
+        still within it (consumers leaving their group after a broker outage)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(timeout=20)
+            return self.proc.wait(timeout=self._grace_s + STOP_SLACK_S)
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
