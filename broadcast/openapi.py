@@ -208,11 +208,12 @@ def _dead_letter_schemas() -> dict[str, Schema]:
     }
     drill: Schema = {
         "type": "object",
-        "required": ["id", "broadcastId", "scope", "armedBy", "armedAt", "expiresAt"],
+        "required": ["id", "broadcastId", "scope", "failRedrives", "armedBy", "armedAt", "expiresAt"],
         "properties": {
             "id": {"type": "integer"},
             "broadcastId": _NULLABLE_STRING,
             "scope": {"type": "string", "enum": ["broadcast", "next broadcast"]},
+            "failRedrives": {"type": "boolean", "description": "redriven records of the broadcast fail too"},
             "armedBy": {"type": "string"},
             "armedAt": {"type": "string", "format": "date-time"},
             "expiresAt": {"type": "string", "format": "date-time"},
@@ -480,6 +481,11 @@ PURGED: Schema = {  # a purge's answer (dead letters and dead outbox rows)
     "type": "object",
     "required": ["id", "purged"],
     "properties": {"id": {"type": "integer"}, "purged": {"const": True}},
+}
+DISARMED: Schema = {
+    "type": "object",
+    "required": ["id", "disarmed"],
+    "properties": {"id": {"type": "integer"}, "disarmed": {"const": True}},
 }
 _PROBLEMS = {
     400: "Invalid request: a parameter, header or the body breaks a rule (field errors in `errors`)",
@@ -886,6 +892,17 @@ def _dead_letter_paths(bounds: Bounds) -> dict[str, Schema]:
                 "The armed drills (404 when the drill is disabled)",
                 drill_tag,
                 {200: _ok(ref("ArmedDrills"))},
+                (404,),
+            ),
+        },
+        f"{dlt_api.DRILL_PATH}/{{drill_id}}": {
+            "parameters": [_param("drill_id", "path", cursor, "drill id (anything else names none: 404)")],
+            "delete": _operation(
+                "disarmDrill",
+                "Disarm a drill now (404 when it is not armed, or the drill is disabled); consumers that saw it "
+                "may fail its broadcast's first-time records for up to 5 s more, never a later redrive",
+                drill_tag,
+                {200: _ok(DISARMED)},
                 (404,),
             ),
         },
