@@ -296,6 +296,62 @@ async def test_security_headers_and_the_cors_allow_list(http: httpx.AsyncClient)
     assert health.headers["x-content-type-options"] == "nosniff"
 
 
+EVIL_ORIGIN = "https://evil.example"
+STATE_CHANGING = [e for e in ENDPOINTS if e.method not in ("GET", "HEAD", "OPTIONS")]
+
+
+async def test_a_cross_origin_write_is_refused_even_with_a_valid_token(http: httpx.AsyncClient) -> None:
+    """Every state-changing route (create, cancel, redrive, purge, users, mark read, tickets, dev sign-in) with
+    ``Origin: https://evil.example`` and a valid admin token: 403 before anything is read, and no CORS grant."""
+    assert len(STATE_CHANGING) >= 12  # the enumeration found them
+    bobs = {"content": "for bob", "targetType": "SELECTED", "targetIds": ["bob"]}
+    created = await http.post("/api/admin/broadcasts", json=bobs, headers=ADMIN)  # no Origin: curl, an SDK
+    assert created.status_code == 201, created.text
+    broadcast = created.json()["id"]
+    for endpoint in STATE_CHANGING:
+        path = endpoint.path.replace(SAMPLE["id"], broadcast)
+        for extra in ({}, {"Sec-Fetch-Site": "cross-site"}):
+            response = await http.request(
+                endpoint.method, path, json=bobs, headers={**ADMIN, "Origin": EVIL_ORIGIN, **extra}
+            )
+            body = assert_problem(response, 403)
+            assert "another origin" in body["detail"], f"{endpoint}: {body}"
+            assert "access-control-allow-origin" not in response.headers
+    # nothing changed: the one broadcast is still active and still bob's only unread message
+    listed = (await http.get("/api/admin/broadcasts", headers=ADMIN)).json()["items"]
+    assert [(b["id"], b["status"]) for b in listed] == [(broadcast, "ACTIVE")]
+    assert (await http.get("/api/user/messages/unread", headers=BOB)).json()["count"] == 1
+    # the allow-listed console writes (and may read the answer); so do the server's own pages
+    console = await http.post("/api/admin/broadcasts", json=bobs, headers={**ADMIN, "Origin": ALLOWED_ORIGIN})
+    assert console.status_code == 201 and console.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+    own = {"Origin": "http://test", "Sec-Fetch-Site": "same-origin"}  # the in-process client's Host is "test"
+    cancelled = await http.delete(f"/api/admin/broadcasts/{broadcast}", headers={**ADMIN, **own})
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "CANCELLED"
+
+
+async def test_cookies_are_no_credential(http: httpx.AsyncClient) -> None:
+    """A forged cross-site request carries the victim's cookies but never an Authorization header: no cookie
+    is a credential here, whatever it holds, so such a request is a 401 (and 403 when its Origin is foreign)."""
+    admin_token = ADMIN["Authorization"].removeprefix("Bearer ")
+    cookie = f"session=abc; access_token={admin_token}; Authorization=Bearer%20{admin_token}; jwt={admin_token}"
+    for method, path in (
+        ("POST", "/api/admin/broadcasts"),
+        ("POST", "/api/admin/dlt/redrive-all"),
+        ("POST", "/api/user/sse/ticket"),
+        ("GET", "/api/user/messages"),
+        ("GET", "/api/user/sse/connect"),
+    ):
+        bare = await http.request(method, path, json={"content": "x", "targetType": "ALL"}, headers={"Cookie": cookie})
+        assert assert_problem(bare, 401)["detail"] == NO_TOKEN_DETAIL
+        forged = await http.request(
+            method, path, json={"content": "x", "targetType": "ALL"}, headers={"Cookie": cookie, "Origin": EVIL_ORIGIN}
+        )
+        assert forged.status_code == (401 if method == "GET" else 403), forged.text
+        assert "access-control-allow-origin" not in forged.headers
+        assert "set-cookie" not in bare.headers and "set-cookie" not in forged.headers
+    assert (await http.get("/api/admin/broadcasts", headers=ADMIN)).json()["items"] == []
+
+
 async def test_tickets_are_opaque_and_work_only_on_the_stream(http: httpx.AsyncClient) -> None:
     issued = await http.post("/api/user/sse/ticket", headers=ALICE)
     assert issued.status_code == 201, issued.text
