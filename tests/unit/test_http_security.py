@@ -260,3 +260,11 @@ async def test_a_state_changing_request_from_a_foreign_origin_is_403_and_changes
         assert cancel.status_code == 403
         assert (await http.get(f"/api/admin/broadcasts/{created[0]}", headers=admin)).json()["status"] == "ACTIVE"
         assert (await http.delete(f"/api/admin/broadcasts/{created[0]}", headers=admin)).status_code == 200
+        # the served document says so for every state-changing operation
+        document = (await http.get("/api/openapi.json")).json()
+        writes = [(p, m, op) for p, item in document["paths"].items() for m, op in item.items() if m in WRITES]
+        assert len(writes) >= 12 and all("403" in op["responses"] for _, _, op in writes), writes
+        assert "origin" in document["paths"]["/api/user/sse/ticket"]["post"]["responses"]["403"]["description"]
+
+
+WRITES = ("post", "put", "patch", "delete")
