@@ -17,7 +17,7 @@ from broadcast.components import Components, open_components
 from broadcast.domain import Principal
 from broadcast.http_observe import Correlation, RequestTimer
 from broadcast.http_problems import EXCEPTION_HANDLERS
-from broadcast.http_security import AuthGate, BodyLimit, SecurityHeaders
+from broadcast.http_security import AuthGate, BodyLimit, CrossOriginGuard, SecurityHeaders
 from broadcast.jwks import JwksKeys
 from broadcast.settings import Settings
 from broadcast.tokens import TokenVerifier
@@ -90,7 +90,7 @@ async def _redeem(scope: Scope, ticket: str) -> Principal | None:
 
 def _middleware(settings: Settings) -> list[Middleware]:
     """Outermost first: the correlation id (on every answer, refusals too), security headers, CORS
-    (preflights answer before auth), API timing, body cap, then authentication."""
+    (preflights answer before auth), the cross-origin guard, API timing, body cap, then authentication."""
     auth = settings.auth
     verifier = TokenVerifier(auth, JwksKeys(auth.jwks_url, auth.algorithm) if auth.jwks_url else None)
     limits = settings.limits
@@ -107,6 +107,7 @@ def _middleware(settings: Settings) -> list[Middleware]:
                 max_age=600,
             )
         )
+    stack.append(Middleware(CrossOriginGuard, trusted=settings.server.cors_origins))
     stack.append(Middleware(RequestTimer))
     stack.append(Middleware(BodyLimit, default=limits.max_body_bytes, per_path={CSV_PATH: csv_body_limit(limits)}))
     stack.append(Middleware(AuthGate, verifier=verifier, admin_role=auth.admin_role, redeem=_redeem))

@@ -28,6 +28,7 @@ from broadcast.domain import PRINTABLE_PATTERN, USER_ID_PATTERN, BroadcastStatus
 from broadcast.http_body import MAX_ID
 from broadcast.http_context import components
 from broadcast.http_problems import MEDIA_TYPE as PROBLEM
+from broadcast.http_security import SAFE_METHODS
 from broadcast.schemas import (
     ROLE_PATTERN,
     BroadcastOut,
@@ -208,11 +209,12 @@ def _dead_letter_schemas() -> dict[str, Schema]:
     }
     drill: Schema = {
         "type": "object",
-        "required": ["id", "broadcastId", "scope", "armedBy", "armedAt", "expiresAt"],
+        "required": ["id", "broadcastId", "scope", "failRedrives", "armedBy", "armedAt", "expiresAt"],
         "properties": {
             "id": {"type": "integer"},
             "broadcastId": _NULLABLE_STRING,
             "scope": {"type": "string", "enum": ["broadcast", "next broadcast"]},
+            "failRedrives": {"type": "boolean", "description": "redriven records of the broadcast fail too"},
             "armedBy": {"type": "string"},
             "armedAt": {"type": "string", "format": "date-time"},
             "expiresAt": {"type": "string", "format": "date-time"},
@@ -481,10 +483,18 @@ PURGED: Schema = {  # a purge's answer (dead letters and dead outbox rows)
     "required": ["id", "purged"],
     "properties": {"id": {"type": "integer"}, "purged": {"const": True}},
 }
+DISARMED: Schema = {
+    "type": "object",
+    "required": ["id", "disarmed"],
+    "properties": {"id": {"type": "integer"}, "disarmed": {"const": True}},
+}
 _PROBLEMS = {
     400: "Invalid request: a parameter, header or the body breaks a rule (field errors in `errors`)",
     401: "No valid bearer token (or SSE ticket) was presented (`WWW-Authenticate: Bearer`)",
-    403: "The token lacks the admin role",
+    403: (
+        "The token lacks the admin role (admin routes), or a browser sent this state-changing request from an "
+        "origin that is neither this server's nor allowed (`SERVER__CORS_ORIGINS`)"
+    ),
     404: "Not found",
     409: "Conflict with the current state",
     413: "The body exceeds the configured limit",
@@ -889,6 +899,17 @@ def _dead_letter_paths(bounds: Bounds) -> dict[str, Schema]:
                 (404,),
             ),
         },
+        f"{dlt_api.DRILL_PATH}/{{drill_id}}": {
+            "parameters": [_param("drill_id", "path", cursor, "drill id (anything else names none: 404)")],
+            "delete": _operation(
+                "disarmDrill",
+                "Disarm a drill now (404 when it is not armed, or the drill is disabled); consumers that saw it "
+                "may fail its broadcast's first-time records for up to 5 s more, never a later redrive",
+                drill_tag,
+                {200: _ok(DISARMED)},
+                (404,),
+            ),
+        },
     }
 
 
@@ -1035,13 +1056,15 @@ def _public_paths() -> dict[str, Schema]:
 
 
 def _admin_only(paths: dict[str, Schema]) -> dict[str, Schema]:
-    """Every operation under ``/api/admin/`` may also answer 403 (a token without the admin role)."""
+    """Every operation under ``/api/admin/`` may also answer 403 (a token without the admin role), and so may
+    every state-changing one (``http_security.CrossOriginGuard``: a browser's request from a foreign origin)."""
     for path, item in paths.items():
-        if path.startswith("/api/admin/"):
-            for operation in item.values():
-                if isinstance(operation, dict) and "responses" in operation:
-                    operation["responses"]["403"] = _problem(403)
-                    operation["responses"] = dict(sorted(operation["responses"].items()))
+        for method, operation in item.items():
+            if not (isinstance(operation, dict) and "responses" in operation):
+                continue
+            if path.startswith("/api/admin/") or method.upper() not in SAFE_METHODS:
+                operation["responses"]["403"] = _problem(403)
+                operation["responses"] = dict(sorted(operation["responses"].items()))
     return paths
 
 

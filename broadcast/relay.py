@@ -11,14 +11,22 @@ a suspect: its lane is then published one row at a time up to it, and after ``po
 it moves to the dead state (admins list and redrive it) and the lane goes on. Published rows are purged
 after a retention period by a loop of their own (``OutboxPurger``), in small batches, so a large purge
 never holds up publishing.
+
+A crash between the acknowledgement and the mark leaves acknowledged rows unmarked: the relay that takes
+the lane over (after the lease) publishes them again, so the topic may hold a record twice; consumers are
+idempotent and clients drop an SSE id they already have. The fault suite puts a crash exactly there with
+``testing.relay_exit_after_acks`` (off by default).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+from collections.abc import Callable
 from datetime import timedelta
+from typing import NoReturn
 
 from broadcast.domain import ClaimedOutboxEvent
 from broadcast.errors import BroadcastError, PublishError
@@ -45,8 +53,13 @@ class OutboxRelay:
         owner: str,
         wakeup: asyncio.Event | None = None,
         metrics: Metrics = NO_METRICS,
+        exit_after_acks: int | None = None,
+        exit_process: Callable[[int], NoReturn] = os._exit,
     ) -> None:
         self._metrics = metrics
+        self._exit_after_acks = exit_after_acks  # the failpoint (``testing.relay_exit_after_acks``); None: off
+        self._exit_process = exit_process
+        self._acks = 0
         self._outbox = outbox
         self._publisher = publisher
         self._settings = settings
@@ -93,6 +106,7 @@ class OutboxRelay:
         outcomes = await self._publisher.publish_many([_record(r) for r in rows])
         self._count(rows, outcomes)
         acknowledged = [r.id for r, o in zip(rows, outcomes, strict=True) if not isinstance(o, PublishError)]
+        self._failpoint(len(acknowledged))
         await self._outbox.mark_published(acknowledged)
         failed = [(r, o) for r, o in zip(rows, outcomes, strict=True) if isinstance(o, PublishError)]
         for poison in (False, True):
@@ -111,6 +125,7 @@ class OutboxRelay:
             [outcome] = await self._publisher.publish_many([_record(row)])
             self._count([row], [outcome])
             if not isinstance(outcome, PublishError):
+                self._failpoint(1)
                 await self._outbox.mark_published([row.id])
                 published += 1
                 continue
@@ -124,6 +139,23 @@ class OutboxRelay:
                 row.id, row.event.topic, row.event.key, row.poison_attempts + 1, outcome,
             )  # fmt: skip
         return published, True
+
+    def _failpoint(self, acknowledged: int) -> None:
+        """The fault suite's crash between the acknowledgement and the mark: once ``exit_after_acks`` records
+        were acknowledged in all, the process ends at once, leaving this round's rows acknowledged and not
+        marked published (no ``finally``, no lane release, no shutdown: as a SIGKILL would)."""
+        if self._exit_after_acks is None or not acknowledged:
+            return
+        self._acks += acknowledged
+        if self._acks >= self._exit_after_acks:
+            log.critical(
+                "failpoint testing.relay_exit_after_acks=%d: exiting after %d acknowledged records, %d of them "
+                "not marked published",
+                self._exit_after_acks, self._acks, acknowledged,
+            )  # fmt: skip
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            self._exit_process(137)
 
     def _count(self, rows: list[ClaimedOutboxEvent], outcomes: list[RecordPosition | PublishError]) -> None:
         by_topic: dict[str, list[int]] = {}

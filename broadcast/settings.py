@@ -237,6 +237,10 @@ class TestingSettings(BaseModel):
 
     fault_drill_enabled: bool = False
     max_drill_seconds: int = Field(default=3_600, ge=1)
+    # The relay's failpoint, for the fault suite (RELIABILITY #7 b): once the event log has acknowledged this
+    # many records of this process's relay, the process ends at once (``os._exit(137)``, as a SIGKILL would)
+    # after the acknowledgement and before the rows are marked published. None: off.
+    relay_exit_after_acks: int | None = Field(default=None, ge=1)
 
 
 class ObservabilitySettings(BaseModel):

@@ -4,8 +4,13 @@ Verification pins the one configured algorithm (HS256 with a secret, RS256/ES256
 JWKS URL), requires ``exp``, ``sub``, ``aud`` and ``iss``, compares ``iss`` exactly, checks ``nbf`` when
 present, refuses a ``kid`` it does not know and any token over ``max_token_bytes``, and refuses a ``typ`` header
 other than ``accepted_types`` (``JWT``, ``at+jwt``: an ``id_token+jwt`` signed by the same issuer is not an
-access token; RFC 8725 §3.11), or a missing one when ``require_typ``. Every refusal is the
-same ``InvalidToken`` to the caller; its message (never the token) is for the log only.
+access token; RFC 8725 §3.11), or a missing one when ``require_typ``. A token carrying a key-location or
+embedded-key header (``jku``, ``jwk``, ``x5u``, ``x5c``) is refused, even when its signature is good: keys
+come only from the configuration, and such a header is either an attack (an attacker's key or URL) or a
+misconfigured issuer (RFC 8725 §3.10); the URL is never fetched. Any ``crit`` header is refused: this server
+implements no critical extension, and RFC 7515 §4.1.11 says a token naming one it does not understand is
+invalid. Every refusal is the same ``InvalidToken`` to the caller; its message (never the token) is for the
+log only.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from broadcast.settings import AuthSettings
 MAX_ROLES = 50
 MAX_EXP = 253_402_300_799  # 9999-12-31T23:59:59Z
 MAX_SUB_CHARS = 128
+# Headers that name or carry a verification key (RFC 7515 §4.1.2-4.1.6): keys come from the settings only.
+KEY_LOCATION_HEADERS = ("jku", "jwk", "x5u", "x5c")
 
 
 class InvalidToken(Exception):
@@ -75,6 +82,10 @@ class TokenVerifier:
             raise InvalidToken(f"malformed token: {type(exc).__name__}") from None
         if header.get("alg") != auth.algorithm:
             raise InvalidToken("algorithm not accepted")
+        if carried := [name for name in KEY_LOCATION_HEADERS if name in header]:
+            raise InvalidToken(f"key-location header(s) not accepted: {', '.join(carried)}")
+        if "crit" in header:  # whatever it lists: no critical extension is implemented here
+            raise InvalidToken("crit header not accepted")
         _check_type(header.get("typ"), auth)
         key = await self._key(header.get("kid"))
         try:

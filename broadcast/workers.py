@@ -59,6 +59,12 @@ async def running(components: Components, roles: frozenset[str]) -> AsyncIterato
         tasks.append(task)
 
     if "relay" in roles:
+        if settings.testing.relay_exit_after_acks is not None:
+            log.warning(
+                "failpoint on: the relay ends this process after %d acknowledged records, before marking them "
+                "(BROADCAST_TESTING__RELAY_EXIT_AFTER_ACKS; for the fault suite only)",
+                settings.testing.relay_exit_after_acks,
+            )
         start(
             "outbox-relay",
             OutboxRelay(
@@ -68,6 +74,7 @@ async def running(components: Components, roles: frozenset[str]) -> AsyncIterato
                 owner=settings.server.instance_id,
                 wakeup=components.outbox_wakeup,
                 metrics=components.metrics,
+                exit_after_acks=settings.testing.relay_exit_after_acks,
             ),
         )
         start("outbox-purger", OutboxPurger(components.outbox, settings.relay))

@@ -4,8 +4,9 @@
 ``broadcastId``, ``from``, ``to``, ``status``), ``GET …/messages/{id}`` (payload, headers, stack trace, audit
 trail), ``GET …/summary`` (counts by original topic and exception class, same filters),
 ``POST …/redrive/{id}``, ``POST …/redrive-all`` (same filters), ``DELETE …/purge/{id}``,
-``DELETE …/purge-all`` (same filters). ``POST|GET /api/admin/testing/kafka-consumer-failure`` when the
-drill is enabled (404 otherwise). Every route asks ``acting_admin`` first.
+``DELETE …/purge-all`` (same filters). ``POST|GET /api/admin/testing/kafka-consumer-failure`` and
+``DELETE …/kafka-consumer-failure/{id}`` (disarm) when the drill is enabled (404 otherwise). Every route asks
+``acting_admin`` first.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from broadcast.http_context import components
 from broadcast.http_problems import HttpProblem
 from broadcast.identity import acting_admin
 from broadcast.schemas import RequestModel, WholeNumber, json_data
-from dlt.model import AuditEntry, DeadLetter, DeadLetterFilter, DeadLetterStatus
+from dlt.model import AuditEntry, DeadLetter, DeadLetterFilter, DeadLetterStatus, Drill
 from dlt.recoverer import header_int
 from dlt.service import BulkResult
 
@@ -229,6 +230,7 @@ async def purge_all(request: Request) -> Response:
 class ArmDrillRequest(RequestModel):
     broadcast_id: str | None = Field(default=None, min_length=1, max_length=36, pattern=r"^[A-Za-z0-9-]+$")
     expires_in_seconds: WholeNumber = Field(default=300, ge=1)
+    fail_redrives: bool = False  # redriven records of the broadcast fail too, until it expires or is disarmed
 
 
 def _drill_enabled(request: Request) -> None:
@@ -246,25 +248,39 @@ async def arm_drill(request: Request) -> Response:
     if body.expires_in_seconds > c.settings.testing.max_drill_seconds:
         raise ValidationError(f"expiresInSeconds must be at most {c.settings.testing.max_drill_seconds}")
     expires_at = datetime.now(UTC) + timedelta(seconds=body.expires_in_seconds)
-    drill = await c.drills.arm(actor, body.broadcast_id, expires_at)
-    return json_data(_drill(drill.id, drill.broadcast_id, drill.armed_by, drill.armed_at, drill.expires_at), 201)
+    drill = await c.drills.arm(actor, body.broadcast_id, expires_at, body.fail_redrives)
+    return json_data(_drill(drill), 201)
 
 
 async def armed_drills(request: Request) -> Response:
     await acting_admin(request)
     _drill_enabled(request)
     drills = await components(request).drills.armed(datetime.now(UTC))
-    return json_data({"armed": [_drill(d.id, d.broadcast_id, d.armed_by, d.armed_at, d.expires_at) for d in drills]})
+    return json_data({"armed": [_drill(d) for d in drills]})
 
 
-def _drill(drill_id: int, broadcast_id: str | None, by: str, at: datetime, expires: datetime) -> dict[str, Any]:
+async def disarm_drill(request: Request) -> Response:
+    await acting_admin(request)
+    _drill_enabled(request)
+    raw = request.path_params["drill_id"]
+    try:
+        drill_id = id_number(raw, "id")
+    except ValidationError:
+        drill_id = None
+    if drill_id is None or not await components(request).drills.disarm(drill_id, datetime.now(UTC)):
+        raise NotFoundError(f"no armed drill {raw[:40]!r}")
+    return json_data({"id": drill_id, "disarmed": True})
+
+
+def _drill(d: Drill) -> dict[str, Any]:
     return {
-        "id": drill_id,
-        "broadcastId": broadcast_id,
-        "scope": "broadcast" if broadcast_id else "next broadcast",
-        "armedBy": by,
-        "armedAt": _iso(at),
-        "expiresAt": _iso(expires),
+        "id": d.id,
+        "broadcastId": d.broadcast_id,
+        "scope": "broadcast" if d.broadcast_id else "next broadcast",
+        "failRedrives": d.fail_redrives,
+        "armedBy": d.armed_by,
+        "armedAt": _iso(d.armed_at),
+        "expiresAt": _iso(d.expires_at),
     }
 
 
@@ -278,4 +294,5 @@ routes: list[BaseRoute] = [
     Route(f"{PREFIX}/purge/{{letter_id}}", purge, methods=["DELETE"]),
     Route(DRILL_PATH, arm_drill, methods=["POST"]),
     Route(DRILL_PATH, armed_drills, methods=["GET"]),
+    Route(f"{DRILL_PATH}/{{drill_id}}", disarm_drill, methods=["DELETE"]),
 ]

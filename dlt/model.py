@@ -124,16 +124,25 @@ class Drill:
     armed_by: str
     armed_at: datetime
     expires_at: datetime
+    fail_redrives: bool = False  # redriven records of the broadcast fail too (otherwise they never do)
 
 
 class DrillStore(Protocol):
     """Armed fault drills (see ``dlt/drill.py``)."""
 
-    async def arm(self, actor: str, broadcast_id: str | None, expires_at: datetime) -> Drill: ...
+    async def arm(
+        self, actor: str, broadcast_id: str | None, expires_at: datetime, fail_redrives: bool = False
+    ) -> Drill: ...
 
     async def armed(self, now: datetime) -> list[Drill]: ...
 
-    async def applies(self, broadcast_id: str, created_at: datetime, now: datetime) -> bool:
+    async def disarm(self, drill_id: int, now: datetime) -> bool:
+        """Ends an armed drill now; False if there is no such unexpired drill."""
+        ...
+
+    async def applies(self, broadcast_id: str, created_at: datetime, now: datetime, redriven: bool = False) -> bool:
         """True if an unexpired drill names ``broadcast_id``; otherwise binds the oldest unexpired drill for
-        "the next broadcast" armed no later than ``created_at`` to it (one winner across processes)."""
+        "the next broadcast" armed no later than ``created_at`` to it (one winner across processes). For a
+        ``redriven`` record only a drill that names the broadcast with ``fail_redrives`` counts (none is
+        bound by it)."""
         ...

@@ -24,13 +24,14 @@ class SseEvent:
 
 @dataclass
 class SseClient:
-    """Connects as ``user`` (a bearer token, or the given single-use ``ticket`` in the URL the way a
-    browser's ``EventSource`` does) and collects events until closed; ``ended`` once the server ends it."""
+    """Connects as ``user`` (a bearer token carrying ``roles``, or the given single-use ``ticket`` in the URL the
+    way a browser's ``EventSource`` does) and collects events until closed; ``ended`` once the server ends it."""
 
     base: str
     user: str
     last_event_id: str | None = None
     ticket: str | None = None
+    roles: tuple[str, ...] = ()
     ended: bool = False
     events: list[SseEvent] = field(default_factory=list)
     comments: list[float] = field(default_factory=list)  # when each comment line (heartbeat) arrived
@@ -58,7 +59,7 @@ class SseClient:
         return [e for e in self.events if e.event == "MESSAGE"]
 
     async def _read(self) -> None:
-        headers = {"Accept": "text/event-stream", **({} if self.ticket else bearer(self.user))}
+        headers = {"Accept": "text/event-stream", **({} if self.ticket else bearer(self.user, *self.roles))}
         if self.last_event_id:
             headers["Last-Event-ID"] = self.last_event_id
         timeout = httpx.Timeout(10.0, read=None)

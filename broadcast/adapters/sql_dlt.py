@@ -230,21 +230,43 @@ class SqlDrillStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
 
-    async def arm(self, actor: str, broadcast_id: str | None, expires_at: datetime) -> Drill:
+    async def arm(
+        self, actor: str, broadcast_id: str | None, expires_at: datetime, fail_redrives: bool = False
+    ) -> Drill:
         now = datetime.now(UTC)
-        row = {"broadcast_id": broadcast_id, "armed_by": actor, "armed_at": now, "expires_at": expires_at}
+        row = {
+            "broadcast_id": broadcast_id,
+            "armed_by": actor,
+            "armed_at": now,
+            "expires_at": expires_at,
+            "fail_redrives": fail_redrives,
+        }
         async with translated(), self._engine.begin() as conn:
             drill_id = int((await conn.execute(insert(fault_drills).returning(fault_drills.c.id), [row])).scalar_one())
-        return Drill(drill_id, broadcast_id, actor, now, expires_at)
+        return Drill(drill_id, broadcast_id, actor, now, expires_at, fail_redrives)
 
     async def armed(self, now: datetime) -> list[Drill]:
         f = fault_drills.c
         rows = await read_all(self._engine, select(fault_drills).where(f.expires_at > now).order_by(f.id))
-        return [Drill(r.id, r.broadcast_id, r.armed_by, utc(r.armed_at), utc(r.expires_at)) for r in rows]
+        return [
+            Drill(r.id, r.broadcast_id, r.armed_by, utc(r.armed_at), utc(r.expires_at), bool(r.fail_redrives))
+            for r in rows
+        ]
 
-    async def applies(self, broadcast_id: str, created_at: datetime, now: datetime) -> bool:
+    async def disarm(self, drill_id: int, now: datetime) -> bool:
+        f = fault_drills.c
+        async with translated(), self._engine.begin() as conn:
+            done = await conn.execute(
+                update(fault_drills).where(f.id == drill_id, f.expires_at > now).values(expires_at=now)
+            )
+        return bool(done.rowcount)
+
+    async def applies(self, broadcast_id: str, created_at: datetime, now: datetime, redriven: bool = False) -> bool:
         f = fault_drills.c
         named = select(f.id).where(f.broadcast_id == broadcast_id, f.expires_at > now).limit(1)
+        if redriven:
+            async with translated(), self._engine.begin() as conn:
+                return (await conn.execute(named.where(f.fail_redrives.is_(True)))).first() is not None
         unbound = (
             select(f.id)
             .where(f.broadcast_id.is_(None), f.armed_at <= created_at, f.expires_at > now)

@@ -215,6 +215,7 @@ fault_drills = Table(
     _ts("armed_at", nullable=False, default_now=True),
     _ts("expires_at", nullable=False),
     _ts("bound_at"),
+    Column("fail_redrives", Boolean, nullable=False, server_default="0"),
     Index(None, "broadcast_id"),
 )
 

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
+import itertools
 import json
 import os
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,10 +30,12 @@ from devstack.tools import require
 from tests.auth import bearer
 from tests.servers import Server, fast_retries, isolated_env
 from tests.sse_client import SseClient
-from tests.topics import default_partition, read_topic
+from tests.topics import default_partition, read_to_end, read_topic
 
 ADMIN = bearer("admin", "admin")
 DLT = "/api/admin/dlt"
+ROUNDS = 3  # redrives of a record that still fails
+MAX_REQUEST_SIZE = inspect.signature(AIOKafkaProducer).parameters["max_request_size"].default  # the app's producer
 SPRING_HEADERS = {
     constants.DLT_EXCEPTION_FQCN,
     constants.DLT_EXCEPTION_MESSAGE,
@@ -216,6 +221,87 @@ async def test_a_drilled_broadcast_lands_in_the_dlt_and_a_redrive_delivers_it_ex
         ("admin", "REDRIVE", "ALREADY_REDRIVEN"),
     ]
     assert "FaultDrillError" in detail["stacktrace"]
+
+
+async def test_a_redrive_that_fails_again_goes_back_to_the_dlt_with_one_set_of_headers_and_no_growth(
+    server: Server, env: dict[str, str], stack: StackInfo
+) -> None:
+    """RELIABILITY #16, a still-poison record: a drill armed with ``failRedrives`` keeps failing the broadcast,
+    redrives included. Three redrive/fail rounds: each lands back in the DLT as a new letter, and its record,
+    read from the dead-letter topic with a plain Kafka client, carries every header once (one set of
+    ``kafka_dlt-exception-*`` headers, one ``broadcast_redriven_from`` naming the letter it came from), with
+    the same header names and the same size round after round, far under the producer's
+    ``max.request.size``. Once the drill is disarmed, one more redrive reaches the user exactly once."""
+    base = server.base
+    drill = await api("POST", base + "/api/admin/testing/kafka-consumer-failure", {"failRedrives": True}, 201)
+    assert drill["failRedrives"] is True and drill["scope"] == "next broadcast"
+    # alice is offline: a connected user's PENDING row would be sent by reconciliation whatever the consumer does
+    sent = await api(
+        "POST",
+        base + "/api/admin/broadcasts",
+        {"content": "still poison", "targetType": "SELECTED", "targetIds": ["alice"]},
+        201,
+    )
+    letters = await dead_letters(base, 1, f"&broadcastId={sent['id']}")
+    for round_ in range(1, ROUNDS + 1):
+        newest = letters[0]  # newest first
+        redriven = await api("POST", f"{base}{DLT}/redrive/{newest['id']}")
+        assert redriven == {"id": newest["id"], "status": "REDRIVEN", "alreadyRedriven": False}
+        letters = await dead_letters(base, round_ + 1, f"&broadcastId={sent['id']}")
+        assert letters[0]["id"] > newest["id"], "the failed redrive is a new letter"
+        assert [x["status"] for x in letters] == ["NEW"] + ["REDRIVEN"] * round_
+        assert letters[0]["exceptionFqcn"] == "dlt.drill.FaultDrillError"
+    by_position = {(x["dltPartition"], x["dltOffset"]): x["id"] for x in letters}
+
+    dlt_topic = topic(env, constants.SELECTED_DLT_TOPIC)
+    records = [
+        r for r in await read_to_end(stack.kafka_bootstrap, dlt_topic) if r.value and sent["id"].encode() in r.value
+    ]
+    assert sorted((r.partition, r.offset) for r in records) == sorted(by_position), "one DLT record per letter"
+    records.sort(key=lambda r: r.offset)
+    names = [[k for k, _ in r.headers] for r in records]
+    sizes = [
+        len(r.key or b"") + len(r.value or b"") + sum(len(k.encode()) + len(v) for k, v in r.headers) for r in records
+    ]
+    for r, keys in zip(records, names, strict=True):
+        assert len(keys) == len(set(keys)), f"a header repeated at offset {r.offset}: {Counter(keys).most_common(3)}"
+        assert {k for k in keys if k.startswith(constants.DLT_EXCEPTION_HEADER_PREFIX)} >= {
+            constants.DLT_EXCEPTION_FQCN,
+            constants.DLT_EXCEPTION_MESSAGE,
+            constants.DLT_EXCEPTION_STACKTRACE,
+        }
+    assert constants.HEADER_REDRIVEN_FROM not in names[0], "the first failure was not a redrive"
+    for earlier, later in itertools.pairwise(records):
+        came_from = dict(later.headers)[constants.HEADER_REDRIVEN_FROM]
+        assert int(came_from) == by_position[(earlier.partition, earlier.offset)], "redriven from the letter before"
+    assert all(n == names[1] for n in names[1:]), "the same headers, round after round"
+    assert [k for k in names[1] if k != constants.HEADER_REDRIVEN_FROM] == names[0], "the first one's, plus one"
+    assert max(sizes[1:]) - min(sizes[1:]) <= 16, f"no growth from round to round: {sizes}"
+    assert max(sizes) < MAX_REQUEST_SIZE // 16, f"far under max.request.size ({MAX_REQUEST_SIZE}): {sizes}"
+    detail = await api("GET", f"{base}{DLT}/messages/{letters[0]['id']}")
+    shown = [h["key"] for h in detail["headers"]]
+    assert shown == names[-1], "the store keeps the record's headers as they are"
+
+    async with SseClient(base, "alice") as alice:
+        await asyncio.sleep(2)  # connect catch-up and reconciliation skip a FAILED row
+        assert alice.messages == []
+        disarmed = await api("DELETE", f"{base}/api/admin/testing/kafka-consumer-failure/{drill['id']}")
+        assert disarmed == {"id": drill["id"], "disarmed": True}
+        final = await api("POST", f"{base}{DLT}/redrive/{letters[0]['id']}")
+        assert final["alreadyRedriven"] is False
+        [got] = await alice.wait_for(lambda e: e.event == "MESSAGE", timeout_s=30)
+        assert got.data["broadcastId"] == sent["id"]
+        await asyncio.sleep(2.5)  # reconciliation rounds (1 s) and any second copy would have arrived by now
+        assert [m.data["broadcastId"] for m in alice.messages] == [sent["id"]]
+    [delivery] = (await api("GET", f"{base}/api/admin/broadcasts/{sent['id']}/deliveries"))["items"]
+    assert delivery["deliveryStatus"] == "DELIVERED"
+    assert (await api("GET", f"{base}/api/admin/broadcasts/{sent['id']}/stats"))["failed"] == 0
+    after = await dead_letters(base, ROUNDS + 1, f"&broadcastId={sent['id']}")
+    assert [x["status"] for x in after] == ["REDRIVEN"] * (ROUNDS + 1), "no new letter once the drill is off"
+    print(
+        f"\nredrive of a still-poison record: {ROUNDS} rounds back to the DLT; headers per record "
+        f"{[len(n) for n in names]}, bytes {sizes} (max.request.size {MAX_REQUEST_SIZE}); then delivered once"
+    )
 
 
 async def test_purge_writes_tombstones_and_empties_the_store(

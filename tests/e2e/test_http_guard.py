@@ -7,12 +7,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import jwt
 import pytest
 
+from broadcast.settings import DEV_JWT_SECRET
 from tests.servers import Server, clean_env
 
 HEAD_TIMEOUT_S = 1.5
@@ -75,6 +78,32 @@ async def test_a_32_mib_header_is_refused_with_431(guarded: Server) -> None:
         big = await http.get(guarded.base + "/health/live", headers={"X-Big": "a" * 40_000})
         normal = await http.get(guarded.base + "/health/live", headers={"X-Fine": "a" * 8_000})
     assert (big.status_code, normal.status_code) == (431, 200)
+
+
+def padded_token(length: int) -> str:
+    """A token signed with the development secret whose JOSE header is padded to make it ``length`` long."""
+    claims = {"sub": "ann", "aud": "broadcast-server", "iss": "broadcast-dev", "exp": int(time.time()) + 600}
+    short = len(jwt.encode(claims, DEV_JWT_SECRET, algorithm="HS256", headers={"x": ""}))
+    pad = (length - short) * 3 // 4  # base64url: 4 characters per 3 bytes
+    token = jwt.encode(claims, DEV_JWT_SECRET, algorithm="HS256", headers={"x": "a" * pad})
+    assert abs(len(token) - length) < 8
+    return token
+
+
+async def test_a_32_kb_token_is_refused_like_any_bad_token_or_before_the_app(guarded: Server) -> None:
+    """RELIABILITY #34's 32 KB header: a token that fits in the head cap (32 KiB) reaches the app and is its usual
+    401 (over the 8 KiB token cap, never parsed); one that makes the head too large is 431 below the app."""
+    async with httpx.AsyncClient() as http:
+        fits = await http.get(
+            guarded.base + "/api/user/messages", headers={"Authorization": f"Bearer {padded_token(32_000)}"}
+        )
+        over = await http.get(
+            guarded.base + "/api/user/messages", headers={"Authorization": f"Bearer {padded_token(33_000)}"}
+        )
+    assert fits.status_code == 401 and fits.headers["content-type"] == "application/problem+json"
+    assert fits.json()["detail"] == "a valid bearer token is required"
+    assert fits.headers["www-authenticate"] == 'Bearer realm="broadcast", error="invalid_token"'
+    assert over.status_code == 431
 
 
 async def test_unfinished_8_mib_headers_do_not_hold_memory(guarded: Server) -> None:

@@ -104,6 +104,77 @@ async def test_a_stream_is_always_the_token_holders_own(server: Server) -> None:
         assert got.data["content"] == "bob only"
 
 
+async def test_a_resume_from_another_users_event_id_shows_nothing_of_theirs(server: Server) -> None:
+    """alice reconnects with ``Last-Event-ID`` = the id of a SELECTED message only bob got: she is told to
+    RESYNC (an id that is not hers resumes nothing) and gets her own pending message, never bob's."""
+    async with SseClient(server.base, "bob") as bob:
+        secret = await post(server.base, {"content": "bob's secret", "targetType": "SELECTED", "targetIds": ["bob"]})
+        assert secret.status_code == 201, secret.text
+        [bobs] = await bob.wait_for(lambda e: e.event == "MESSAGE")
+    assert bobs.id and bobs.id.startswith("s"), bobs  # a SELECTED message's id names bob's row
+    own = await post(server.base, {"content": "alice's own", "targetType": "SELECTED", "targetIds": ["alice"]})
+    assert own.status_code == 201, own.text
+    async with SseClient(server.base, "alice", last_event_id=bobs.id) as alice:
+        await alice.wait_for(lambda e: e.event == "MESSAGE")
+        await asyncio.sleep(1.0)  # whatever else the catch-up holds has arrived by now
+    assert alice.status == 200 and not alice.ended, "the stream opened and stayed open"
+    assert [e.event for e in alice.events] == ["CONNECTED", "RESYNC", "MESSAGE"], alice.events
+    assert alice.events[0].data["userId"] == "alice"
+    assert [m.data["broadcastId"] for m in alice.messages] == [own.json()["id"]]
+    assert all("bob" not in repr(e.data) for e in alice.events), alice.events
+    async with httpx.AsyncClient(timeout=10) as http:  # what RESYNC makes her do: refetch her inbox
+        inbox = (await http.get(server.base + "/api/user/messages", headers=bearer("alice"))).json()
+        bobs_inbox = (await http.get(server.base + "/api/user/messages/unread", headers=bearer("bob"))).json()
+    assert [m["content"] for m in inbox["items"]] == ["alice's own"]
+    assert [m["broadcastId"] for m in bobs_inbox["items"]] == [secret.json()["id"]], "bob's message is untouched"
+
+
+async def test_a_resume_replays_only_what_the_users_current_roles_entitle(server: Server) -> None:
+    """A ROLE broadcast replayed on resume follows the roles the user holds *now*: roles come from the user
+    directory (``PUT /api/admin/users/{id}``), read at every connect; a token's role claims grant no audience."""
+
+    async def set_roles(*roles: str) -> None:
+        async with httpx.AsyncClient(timeout=10) as http:
+            done = await http.put(server.base + "/api/admin/users/olga", json={"roles": list(roles)}, headers=ADMIN)
+        assert done.status_code == 200, done.text
+
+    def contents(client: SseClient, has: str | None = None) -> list[str]:
+        """What the client shows, dropping the message it already has (``has``, its Last-Event-ID: a delivered
+        mark not yet written may bring it again, with the same id, and a client skips a repeated id)."""
+        return [m.data["content"] for m in client.messages if m.id != has]
+
+    await set_roles("ops")
+    async with SseClient(server.base, "olga", roles=("ops",)) as olga:
+        bodies: list[dict[str, Any]] = [
+            {"content": "before", "targetType": "SELECTED", "targetIds": ["olga"]},
+            {"content": "ops only", "targetType": "ROLE", "targetIds": ["ops"]},
+            {"content": "for all", "targetType": "ALL"},
+        ]
+        for sent, body in enumerate(bodies, start=1):
+            assert (await post(server.base, body)).status_code == 201
+            await olga.wait_for(lambda e: e.event == "MESSAGE", count=sent)  # one at a time: in this order
+        cursor = olga.messages[0].id
+    assert cursor and contents(olga) == ["before", "ops only", "for all"]
+    # while she holds the role, a resume from before them replays both group messages
+    async with SseClient(server.base, "olga", roles=("ops",), last_event_id=cursor) as held:
+        await held.wait_for(lambda e: e.event == "MESSAGE" and e.data["content"] == "for all")
+    assert contents(held, cursor) == ["ops only", "for all"]
+    # the role is taken away; her new token has no ops either: the replay leaves the ROLE message out
+    await set_roles()
+    async with SseClient(server.base, "olga", last_event_id=cursor) as dropped:
+        await dropped.wait_for(lambda e: e.event == "MESSAGE" and e.data["content"] == "for all")
+        await asyncio.sleep(1.0)
+    assert contents(dropped, cursor) == ["for all"], dropped.events
+    # a token that still claims ops does not bring it back: the directory, not the token, names her roles
+    async with SseClient(server.base, "olga", roles=("ops",), last_event_id=cursor) as claimed:
+        await claimed.wait_for(lambda e: e.event == "MESSAGE" and e.data["content"] == "for all")
+        await asyncio.sleep(1.0)
+    assert contents(claimed, cursor) == ["for all"], claimed.events
+    async with httpx.AsyncClient(timeout=10) as http:
+        inbox = (await http.get(server.base + "/api/user/messages", headers=bearer("olga", "ops"))).json()
+    assert [m["content"] for m in inbox["items"]] == ["for all", "before"]
+
+
 async def test_a_stream_ends_when_its_token_expires(server: Server) -> None:
     short = {"Authorization": f"Bearer {token('bob', ttl_s=3)}"}
     async with httpx.AsyncClient(timeout=10) as http:

@@ -549,6 +549,97 @@ async def test_field_errors_are_listed(api: Api) -> None:
     assert "y" * 100 not in response.text  # the input is not echoed back
 
 
+# --------------------------------------------------------------------------- mass assignment (RELIABILITY #33)
+# Fields a client might try to set that the server owns (or that do not exist): each is an unknown field.
+SERVER_OWNED: dict[str, Any] = {
+    "id": "00000000-0000-4000-8000-000000000001",
+    "status": "DELIVERED",
+    "tenant_id": "tenant-1",
+    "tenantId": "tenant-1",
+    "role": "admin",
+    "roles": ["admin"],
+    "createdAt": "2020-01-01T00:00:00Z",
+    "senderId": "mallory",
+    "created_by": "mallory",
+    "targetedCount": 1_000_000,
+}
+
+
+async def test_server_owned_fields_in_a_create_body_are_refused_by_name_and_write_nothing(api: Api) -> None:
+    """400 naming the field (the API's one status for a body that does not match its schema, as for a wrong
+    type; see README "Input rules"), nothing written; the sender, id, status and times come from the server."""
+    valid = {"content": "hi", "targetType": "SELECTED", "targetIds": ["u1"]}
+    before = await api.rows()
+    for field, value in SERVER_OWNED.items():
+        response = await api.http.post(BROADCASTS, json={**valid, field: value}, headers=ADMIN)
+        problem = assert_problem(response, 400)
+        assert problem["errors"] == [{"field": field, "message": "Extra inputs are not permitted"}], field
+    every = assert_problem(await api.http.post(BROADCASTS, json={**valid, **SERVER_OWNED}, headers=ADMIN), 400)
+    assert sorted(e["field"] for e in every["errors"]) == sorted(SERVER_OWNED)
+    assert await api.rows() == before, "a refused request wrote something"
+    created = await api.create(valid)  # the same body without them is fine, and the server fills them in
+    assert created["senderId"] == "admin-ann" and created["status"] == "ACTIVE" and created["targetedCount"] == 1
+    assert created["id"] != SERVER_OWNED["id"] and created["createdAt"] != SERVER_OWNED["createdAt"]
+
+
+# Names that would reveal storage internals (outbox rows, lanes, row ids, tenancy, secrets) in an answer.
+INTERNAL_NAME = re.compile(r"(?i)outbox|lane|row_?id|tenant|internal|secret|password|token")
+
+
+def _schema(document: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` with a top-level ``$ref`` resolved against the document."""
+    while "$ref" in schema:
+        schema = document["components"]["schemas"][schema["$ref"].rsplit("/", 1)[-1]]
+    return schema
+
+
+def _response_schema(document: dict[str, Any], path: str, method: str, status: int) -> dict[str, Any]:
+    answer = document["paths"][path][method]["responses"][str(status)]
+    return _schema(document, answer["content"]["application/json"]["schema"])
+
+
+def _assert_documented(document: dict[str, Any], schema: dict[str, Any], body: Any, where: str) -> None:
+    """Every key of ``body`` is a property ``schema`` documents (recursively into objects and arrays), every
+    required property is there, and no key names an internal."""
+    schema = _schema(document, schema)
+    if isinstance(body, dict):
+        properties = schema["properties"]
+        assert set(body) <= set(properties), f"{where}: undocumented {sorted(set(body) - set(properties))}"
+        assert set(schema.get("required", ())) <= set(body), f"{where}: missing {schema.get('required')}"
+        assert not [k for k in body if INTERNAL_NAME.search(k)], f"{where}: internal field in {sorted(body)}"
+        for key, value in body.items():
+            _assert_documented(document, properties[key], value, f"{where}.{key}")
+    elif isinstance(body, list) and "items" in schema:
+        for i, item in enumerate(body):
+            _assert_documented(document, schema["items"], item, f"{where}[{i}]")
+
+
+async def test_answers_carry_only_what_their_openapi_schema_documents(api: Api) -> None:
+    document = (await api.http.get("/api/openapi.json")).json()
+    assert (await api.http.put("/api/admin/users/u1", json={"roles": ["ops"]}, headers=ADMIN)).status_code == 200
+    answers: list[tuple[str, str, int, httpx.Response]] = []
+    for body in (
+        {"content": "to u1", "targetType": "SELECTED", "targetIds": ["u1"], "category": "c"},
+        {"content": "to ops", "targetType": "ROLE", "targetIds": ["ops"], "expiresAt": at(hours=1)},
+        {"content": "to all", "targetType": "ALL", "scheduledAt": at(seconds=-1)},
+    ):
+        created = await api.http.post(BROADCASTS, json=body, headers=ADMIN)
+        answers.append((BROADCASTS, "post", 201, created))
+        got = await api.http.get(f"{BROADCASTS}/{created.json()['id']}", headers=ADMIN)
+        answers.append((BROADCASTS + "/{id}", "get", 200, got))
+    answers.append((BROADCASTS, "get", 200, await api.http.get(BROADCASTS, headers=ADMIN)))
+    answers.append((BROADCASTS, "get", 200, await api.http.get(BROADCASTS, params={"limit": 1}, headers=ADMIN)))
+    inbox = await api.http.get("/api/user/messages", headers=bearer("u1"))
+    assert [m["content"] for m in inbox.json()["items"]] == ["to all", "to ops", "to u1"]
+    answers.append(("/api/user/messages", "get", 200, inbox))
+    answers.append(
+        ("/api/user/messages/unread", "get", 200, await api.http.get("/api/user/messages/unread", headers=bearer("u1")))
+    )
+    for path, method, status, response in answers:
+        assert response.status_code == status, response.text
+        _assert_documented(document, _response_schema(document, path, method, status), response.json(), path)
+
+
 async def test_csv_line_errors_name_their_lines(api: Api) -> None:
     data = b"userId\nalice\nbob,carol\n\n" + b"x" * 200 + b"\nok\n\xff\xfe\n"
     problem = assert_problem(await api.http.post(CSV, **csv_post(data)), 400)

@@ -12,14 +12,18 @@ covered the day it is added), on the real stack (PostgreSQL, Kafka, Redis) throu
 
 from __future__ import annotations
 
+import asyncio
 import re
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
 import jwt
+import orjson
 import pytest
 from starlette.routing import Mount, Route
 
@@ -49,6 +53,9 @@ STATIC_MOUNTS = {"/static"}  # the pages' CSS and JavaScript
 ALLOWED_ORIGIN = "https://console.example"
 PROBLEM = "application/problem+json"
 SAMPLE = {"id": "00000000-0000-4000-8000-000000000000"}
+EVIL_KEYS = "https://evil.example/keys.json"
+EVIL_SECRET = "evil-secret-evil-secret-evil-secret!"
+EVIL_JWK = {"kty": "oct", "k": "ZXZpbC1zZWNyZXQtZXZpbC1zZWNyZXQtZXZpbC1zZWNyZXQh"}  # EVIL_SECRET as a JWK
 ALICE, BOB = bearer("alice"), bearer("bob")
 ADMIN = bearer("ann", "admin")
 
@@ -143,6 +150,17 @@ def _forged() -> Iterator[tuple[str, str]]:
     yield "wrong secret", jwt.encode(good, "w" * 40, algorithm="HS256")
     yield "malformed base64", "e!J.e!J.s!g"
     yield "oversized", signed(pad="x" * 20_000)
+    yield "32 KiB header", jwt.encode(good, DEV_JWT_SECRET, algorithm="HS256", headers={"x": "a" * 32_768})
+    # key-location headers are refused even on a token signed with the server's own key (RFC 8725 §3.10)
+    yield "jku", jwt.encode(good, DEV_JWT_SECRET, algorithm="HS256", headers={"jku": EVIL_KEYS})
+    yield "x5u", jwt.encode(good, DEV_JWT_SECRET, algorithm="HS256", headers={"x5u": EVIL_KEYS})
+    yield "jwk", jwt.encode(good, DEV_JWT_SECRET, algorithm="HS256", headers={"jwk": EVIL_JWK})
+    yield (
+        "jwk signed with the key it embeds",
+        jwt.encode(good, EVIL_SECRET, algorithm="HS256", headers={"jwk": EVIL_JWK}),
+    )
+    yield "x5c", jwt.encode(good, DEV_JWT_SECRET, algorithm="HS256", headers={"x5c": ["MIIBevil"]})
+    yield "unknown crit", jwt.encode(good, DEV_JWT_SECRET, algorithm="HS256", headers={"crit": ["exp-x"], "exp-x": 1})
     yield "basic scheme", ""
 
 
@@ -154,6 +172,42 @@ async def test_forged_tokens_are_401_without_a_reason(http: httpx.AsyncClient, n
         body = assert_problem(response, 401)
         assert body["detail"] == NO_TOKEN_DETAIL  # the same words for every failure
         assert response.headers["www-authenticate"] == 'Bearer realm="broadcast", error="invalid_token"'
+
+
+async def test_a_key_url_in_a_token_is_never_fetched(http: httpx.AsyncClient) -> None:
+    """jku/x5u naming a live server: 401 like any bad token, and the server never asks that URL."""
+    requests: list[str] = []
+
+    class Keys(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            requests.append(self.path)
+            body = orjson.dumps({"keys": [{**EVIL_JWK, "kid": "evil"}]})
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    keys = ThreadingHTTPServer(("127.0.0.1", 0), Keys)
+    threading.Thread(target=keys.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{keys.server_address[1]}/keys.json"
+    claims = {"sub": "ann", "aud": "broadcast-server", "iss": "broadcast-dev", "exp": int(time.time()) + 600}
+    try:
+        for name in ("jku", "x5u"):
+            for secret, kid in ((EVIL_SECRET, "evil"), (DEV_JWT_SECRET, None)):
+                headers = {name: url, **({"kid": kid} if kid else {})}
+                forged = jwt.encode({**claims, "roles": ["admin"]}, secret, algorithm="HS256", headers=headers)
+                response = await http.get("/api/admin/broadcasts", headers={"Authorization": f"Bearer {forged}"})
+                assert assert_problem(response, 401)["detail"] == NO_TOKEN_DETAIL
+        await asyncio.sleep(0.2)
+    finally:
+        keys.shutdown()
+    assert requests == [], f"the server fetched {requests}"
+    # the same server answers a plain token: the refusals above were about the headers
+    assert (await http.get("/api/admin/broadcasts", headers=ADMIN)).status_code == 200
 
 
 async def test_users_only_ever_see_and_change_their_own_messages(http: httpx.AsyncClient) -> None:
@@ -240,6 +294,62 @@ async def test_security_headers_and_the_cors_allow_list(http: httpx.AsyncClient)
     assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
     health = await http.get("/health/live")
     assert health.headers["x-content-type-options"] == "nosniff"
+
+
+EVIL_ORIGIN = "https://evil.example"
+STATE_CHANGING = [e for e in ENDPOINTS if e.method not in ("GET", "HEAD", "OPTIONS")]
+
+
+async def test_a_cross_origin_write_is_refused_even_with_a_valid_token(http: httpx.AsyncClient) -> None:
+    """Every state-changing route (create, cancel, redrive, purge, users, mark read, tickets, dev sign-in) with
+    ``Origin: https://evil.example`` and a valid admin token: 403 before anything is read, and no CORS grant."""
+    assert len(STATE_CHANGING) >= 12  # the enumeration found them
+    bobs = {"content": "for bob", "targetType": "SELECTED", "targetIds": ["bob"]}
+    created = await http.post("/api/admin/broadcasts", json=bobs, headers=ADMIN)  # no Origin: curl, an SDK
+    assert created.status_code == 201, created.text
+    broadcast = created.json()["id"]
+    for endpoint in STATE_CHANGING:
+        path = endpoint.path.replace(SAMPLE["id"], broadcast)
+        for extra in ({}, {"Sec-Fetch-Site": "cross-site"}):
+            response = await http.request(
+                endpoint.method, path, json=bobs, headers={**ADMIN, "Origin": EVIL_ORIGIN, **extra}
+            )
+            body = assert_problem(response, 403)
+            assert "another origin" in body["detail"], f"{endpoint}: {body}"
+            assert "access-control-allow-origin" not in response.headers
+    # nothing changed: the one broadcast is still active and still bob's only unread message
+    listed = (await http.get("/api/admin/broadcasts", headers=ADMIN)).json()["items"]
+    assert [(b["id"], b["status"]) for b in listed] == [(broadcast, "ACTIVE")]
+    assert (await http.get("/api/user/messages/unread", headers=BOB)).json()["count"] == 1
+    # the allow-listed console writes (and may read the answer); so do the server's own pages
+    console = await http.post("/api/admin/broadcasts", json=bobs, headers={**ADMIN, "Origin": ALLOWED_ORIGIN})
+    assert console.status_code == 201 and console.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+    own = {"Origin": "http://test", "Sec-Fetch-Site": "same-origin"}  # the in-process client's Host is "test"
+    cancelled = await http.delete(f"/api/admin/broadcasts/{broadcast}", headers={**ADMIN, **own})
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "CANCELLED"
+
+
+async def test_cookies_are_no_credential(http: httpx.AsyncClient) -> None:
+    """A forged cross-site request carries the victim's cookies but never an Authorization header: no cookie
+    is a credential here, whatever it holds, so such a request is a 401 (and 403 when its Origin is foreign)."""
+    admin_token = ADMIN["Authorization"].removeprefix("Bearer ")
+    cookie = f"session=abc; access_token={admin_token}; Authorization=Bearer%20{admin_token}; jwt={admin_token}"
+    for method, path in (
+        ("POST", "/api/admin/broadcasts"),
+        ("POST", "/api/admin/dlt/redrive-all"),
+        ("POST", "/api/user/sse/ticket"),
+        ("GET", "/api/user/messages"),
+        ("GET", "/api/user/sse/connect"),
+    ):
+        bare = await http.request(method, path, json={"content": "x", "targetType": "ALL"}, headers={"Cookie": cookie})
+        assert assert_problem(bare, 401)["detail"] == NO_TOKEN_DETAIL
+        forged = await http.request(
+            method, path, json={"content": "x", "targetType": "ALL"}, headers={"Cookie": cookie, "Origin": EVIL_ORIGIN}
+        )
+        assert forged.status_code == (401 if method == "GET" else 403), forged.text
+        assert "access-control-allow-origin" not in forged.headers
+        assert "set-cookie" not in bare.headers and "set-cookie" not in forged.headers
+    assert (await http.get("/api/admin/broadcasts", headers=ADMIN)).json()["items"] == []
 
 
 async def test_tickets_are_opaque_and_work_only_on_the_stream(http: httpx.AsyncClient) -> None:

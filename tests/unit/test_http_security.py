@@ -20,7 +20,7 @@ from broadcast.domain import Principal
 from broadcast.http_problems import EXCEPTION_HANDLERS
 from broadcast.http_security import AuthGate, BodyLimit
 from broadcast.serve import RedactSecrets
-from broadcast.settings import AuthSettings, DatabaseSettings, Settings
+from broadcast.settings import AuthSettings, DatabaseSettings, ServerSettings, Settings
 from broadcast.tokens import TokenVerifier, mint
 from tests.auth import token
 
@@ -194,3 +194,77 @@ async def test_dev_sign_in_exists_only_with_the_dev_secret(tmp_path: Path) -> No
             assert status == {"devSignIn": secret is None}
             if expected == 200:
                 assert (await TokenVerifier(auth).verify(answer.json()["token"])).roles == {"admin"}
+
+
+CONSOLE = "https://console.example"  # the allow-listed origin (SERVER__CORS_ORIGINS)
+EVIL = "https://evil.example"
+
+
+async def test_a_state_changing_request_from_a_foreign_origin_is_403_and_changes_nothing(tmp_path: Path) -> None:
+    """CSRF defence in depth: the browser says where a request comes from (Sec-Fetch-Site, else Origin vs Host);
+    a write from an origin that is neither this server's nor allow-listed is refused before it is read, even
+    with a valid token. Same-origin pages, allow-listed origins and non-browser clients (no Origin) work."""
+    settings = Settings(
+        database=DatabaseSettings(url=SecretStr(f"sqlite+aiosqlite:///{tmp_path}/app.db")),
+        server=ServerSettings(cors_origins=[CONSOLE]),
+    )
+    app = create_app(settings)
+    admin = {"Authorization": f"Bearer {token('ann', 'admin')}"}
+    body = {"content": "hi", "targetType": "ALL"}
+    refused = [
+        {"Origin": EVIL},
+        {"Origin": EVIL, "Sec-Fetch-Site": "cross-site"},
+        {"Origin": "https://sub.test", "Sec-Fetch-Site": "same-site"},
+        {"Sec-Fetch-Site": "cross-site"},  # a browser always says Origin on a cross-site POST; refused anyway
+        {"Origin": "null"},  # a sandboxed frame or a file:// page
+        {"Origin": "http://test.evil.example"},  # the Host as a prefix is no match
+    ]
+    allowed = [
+        {},  # curl, SDKs, other services: no Origin, no Sec-Fetch-Site
+        {"Origin": "http://test"},  # the server's own pages, a browser without Sec-Fetch-Site (Origin == Host)
+        {"Origin": "https://test"},  # the same, TLS ended by a proxy: the scheme is not compared (as in Go)
+        {"Origin": "http://test", "Sec-Fetch-Site": "same-origin"},
+        {"Origin": "https://public.example", "Sec-Fetch-Site": "same-origin"},  # behind a proxy rewriting Host
+        {"Origin": CONSOLE, "Sec-Fetch-Site": "cross-site"},  # the allow-listed console
+        {"Origin": CONSOLE.upper()},
+    ]
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http,
+    ):
+        for headers in refused:
+            for method, path, json_body in (
+                ("POST", "/api/admin/broadcasts", body),
+                ("PUT", "/api/admin/users/u1", {"roles": ["admin"]}),
+                ("POST", "/api/user/messages/read", {"broadcastIds": ["x"]}),
+                ("POST", "/api/user/sse/ticket", None),
+                ("POST", "/dev/token", {"sub": "ann", "roles": ["admin"]}),
+            ):
+                response = await http.request(method, path, json=json_body, headers={**admin, **headers})
+                assert response.status_code == 403, (headers, path, response.text)
+                assert response.headers["content-type"] == "application/problem+json"
+                assert "another origin" in response.json()["detail"]
+                assert response.headers.get("access-control-allow-origin") is None
+        assert (await http.get("/api/admin/broadcasts", headers=admin)).json()["items"] == []
+        assert (await http.get("/api/admin/users/u1", headers=admin)).status_code == 404
+        created = []
+        for headers in allowed:
+            response = await http.post("/api/admin/broadcasts", json=body, headers={**admin, **headers})
+            assert response.status_code == 201, (headers, response.text)
+            created.append(response.json()["id"])
+        # reads are not refused (CORS keeps a foreign page from reading the answer: no Allow-Origin for it)
+        read = await http.get(f"/api/admin/broadcasts/{created[0]}", headers={**admin, "Origin": EVIL})
+        assert read.status_code == 200 and "access-control-allow-origin" not in read.headers
+        # a cancel is a state change too
+        cancel = await http.delete(f"/api/admin/broadcasts/{created[0]}", headers={**admin, "Origin": EVIL})
+        assert cancel.status_code == 403
+        assert (await http.get(f"/api/admin/broadcasts/{created[0]}", headers=admin)).json()["status"] == "ACTIVE"
+        assert (await http.delete(f"/api/admin/broadcasts/{created[0]}", headers=admin)).status_code == 200
+        # the served document says so for every state-changing operation
+        document = (await http.get("/api/openapi.json")).json()
+        writes = [(p, m, op) for p, item in document["paths"].items() for m, op in item.items() if m in WRITES]
+        assert len(writes) >= 12 and all("403" in op["responses"] for _, _, op in writes), writes
+        assert "origin" in document["paths"]["/api/user/sse/ticket"]["post"]["responses"]["403"]["description"]
+
+
+WRITES = ("post", "put", "patch", "delete")

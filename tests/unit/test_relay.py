@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import NoReturn
 
 import pytest
 
@@ -14,7 +15,7 @@ from broadcast.domain import EventType, OutboxEvent
 from broadcast.errors import PublishError
 from broadcast.ports import OutgoingRecord, RecordPosition
 from broadcast.relay import OutboxRelay
-from broadcast.settings import RelaySettings
+from broadcast.settings import RelaySettings, Settings
 
 
 class FlakyPublisher:
@@ -151,3 +152,50 @@ async def test_the_purge_runs_in_batches_off_the_relay_loop(monkeypatch: pytest.
     stop.set()
     await asyncio.wait_for(loop, 1)
     assert publisher.sent == [b"first", b"second"], "publishing goes on whatever the purge does"
+
+
+class Exited(BaseException):
+    """What ``os._exit`` would do, in a form a test can catch."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def exit_here(code: int) -> NoReturn:
+    raise Exited(code)
+
+
+async def test_the_failpoint_ends_the_process_after_the_ack_and_before_the_mark() -> None:
+    """``testing.relay_exit_after_acks`` (off by default): once that many records were acknowledged, the
+    process exits with 137 before marking them; the relay that takes the lane over publishes them again."""
+    assert Settings().testing.relay_exit_after_acks is None, "off unless configured"
+    outbox = MemoryOutboxStore()
+    await outbox.append([OutboxEvent("t", "alice", EventType.CREATED, f"m{n}".encode()) for n in range(2)])
+    publisher = FlakyPublisher(fail=set())
+    doomed = OutboxRelay(outbox, publisher, RelaySettings(), "doomed", exit_after_acks=3, exit_process=exit_here)
+    assert await doomed.run_once() == 2, "2 of 3 acknowledged so far: published and marked"
+    assert await outbox.backlog() == 0
+    await outbox.append([OutboxEvent("t", "alice", EventType.CREATED, f"m{n}".encode()) for n in (2, 3, 4)])
+    with pytest.raises(Exited) as exited:
+        await doomed.run_once()
+    assert exited.value.code == 137
+    assert publisher.sent == [b"m0", b"m1", b"m2", b"m3", b"m4"], "the round's records were acknowledged"
+    assert await outbox.backlog() == 3, "and none of them marked published"
+
+    successor = OutboxRelay(outbox, publisher, RelaySettings(), "successor")
+    assert await successor.run_once() == 3
+    assert publisher.sent[5:] == [b"m2", b"m3", b"m4"], "published again, in order: the duplicates consumers meet"
+    assert await outbox.backlog() == 0
+
+
+async def test_the_failpoint_also_holds_on_the_one_row_at_a_time_path() -> None:
+    """A lane with a suspect row goes one row at a time; the failpoint fires there too, before the mark."""
+    outbox = MemoryOutboxStore()
+    await outbox.append([OutboxEvent("t", "alice", EventType.CREATED, f"m{n}".encode()) for n in range(3)])
+    publisher = PoisonPublisher(poison={b"m1"})
+    doomed = OutboxRelay(outbox, publisher, RelaySettings(), "doomed", exit_after_acks=1, exit_process=exit_here)
+    assert await doomed.run_once() == 0, "the batch with the poison row is refused whole: nothing acknowledged"
+    with pytest.raises(Exited):
+        await doomed.run_once()  # now one row at a time: m0 acknowledged, then the exit
+    assert publisher.sent == [b"m0"] and await outbox.backlog() == 3

@@ -31,6 +31,10 @@ RSA_PUBLIC_PEM = (
     .decode()
 )
 RS = AuthSettings(algorithm="RS256", public_key=SecretStr(RSA_PUBLIC_PEM))
+ATTACKER_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+ATTACKER_JWK = orjson.loads(jwt.algorithms.RSAAlgorithm.to_jwk(ATTACKER_KEY.public_key()))
+ATTACKER_URL = "https://attacker.example/keys.json"
+ATTACKER_CERT = "MIIBkTCB+wIJAKHHIG...attacker-cert"  # the shape of an x5c entry; never parsed
 
 
 def claims(**changes: Any) -> dict[str, Any]:
@@ -86,6 +90,29 @@ ATTACKS: dict[str, tuple[AuthSettings, Callable[[], str]]] = {
     "malformed base64": (HS, lambda: "eyJ!!!.eyJzdWIiOiJhIn0.c2ln"),
     "not a JWT": (HS, lambda: "hello"),
     "oversized header": (HS, lambda: hs(claims(), headers={"x": "a" * 10_000})),
+    "32 KiB header": (HS, lambda: hs(claims(), headers={"x": "a" * 32_768})),
+    # key-location headers: with the attacker's own key (the attack), and even with the server's real key
+    "jku to the attacker's keys, signed by the attacker": (
+        RS,
+        lambda: jwt.encode(claims(), ATTACKER_KEY, algorithm="RS256", headers={"jku": ATTACKER_URL}),
+    ),
+    "jwk embedding the attacker's key, signed by the attacker": (
+        RS,
+        lambda: jwt.encode(claims(), ATTACKER_KEY, algorithm="RS256", headers={"jwk": ATTACKER_JWK}),
+    ),
+    "x5u to the attacker's certificate, signed by the attacker": (
+        RS,
+        lambda: jwt.encode(claims(), ATTACKER_KEY, algorithm="RS256", headers={"x5u": ATTACKER_URL}),
+    ),
+    "jku, signed with the server's key": (RS, lambda: jwt.encode(claims(), RSA_KEY, "RS256", {"jku": ATTACKER_URL})),
+    "jwk, signed with the server's key": (RS, lambda: jwt.encode(claims(), RSA_KEY, "RS256", {"jwk": ATTACKER_JWK})),
+    "x5u, signed with the server's key": (RS, lambda: jwt.encode(claims(), RSA_KEY, "RS256", {"x5u": ATTACKER_URL})),
+    "x5c, signed with the server's key": (RS, lambda: jwt.encode(claims(), RSA_KEY, "RS256", {"x5c": [ATTACKER_CERT]})),
+    "jku on HS256, signed with the secret": (HS, lambda: hs(claims(), headers={"jku": ATTACKER_URL})),
+    "unknown crit, signed with the secret": (HS, lambda: hs(claims(), headers={"crit": ["exp-x"], "exp-x": 1})),
+    "crit naming a missing header": (HS, lambda: hs(claims(), headers={"crit": ["exp-x"]})),
+    "crit b64, signed with the secret": (HS, lambda: hs(claims(), headers={"crit": ["b64"], "b64": True})),
+    "crit not a list": (HS, lambda: hs(claims(), headers={"crit": "exp-x"})),
     "roles not a list": (HS, lambda: hs(claims(roles={"admin": True}))),
     "an ID token (typ id_token+jwt)": (HS, lambda: hs(claims(), headers={"typ": "id_token+jwt"})),
     "a logout token (typ logout+jwt)": (HS, lambda: hs(claims(), headers={"typ": "application/logout+jwt"})),
@@ -187,6 +214,52 @@ async def test_es256_keys_from_a_jwks_url(jwks_server: tuple[str, list[int]]) ->
     assert (await rs_verifier.verify(jwt.encode(claims(), RSA_KEY, algorithm="RS256", headers={"kid": "rsa-1"}))).sub
     with pytest.raises(InvalidToken):
         await rs_verifier.verify(jwt.encode(claims(), RSA_KEY, algorithm="RS256", headers={"kid": "ec-1"}))
+
+
+@pytest.fixture
+def attacker_url() -> Iterator[tuple[str, list[str]]]:
+    """An attacker's server on 127.0.0.1 that would serve its own key set; records every request it gets."""
+    document = orjson.dumps({"keys": [{**ATTACKER_JWK, "kid": "ec-1", "use": "sig"}]})
+    requests: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            requests.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(document)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", requests
+    server.shutdown()
+
+
+async def test_a_key_url_in_a_token_is_never_fetched(
+    attacker_url: tuple[str, list[str]], jwks_server: tuple[str, list[int]]
+) -> None:
+    """jku/x5u pointing at a live server: refused by every key source, and the server is never asked."""
+    base, requests = attacker_url
+    jwks, jwks_fetches = jwks_server
+    es = TokenVerifier(AuthSettings(algorithm="ES256", jwks_url=jwks), JwksKeys(jwks, "ES256", min_refetch_seconds=0))
+    for name in ("jku", "x5u"):
+        url = f"{base}/{name}.json"
+        for verifier, token in (
+            (TokenVerifier(HS), hs(claims(), headers={name: url})),
+            (TokenVerifier(RS), jwt.encode(claims(), ATTACKER_KEY, "RS256", {name: url})),
+            (TokenVerifier(RS), jwt.encode(claims(), RSA_KEY, "RS256", {name: url})),
+            (es, jwt.encode(claims(), EC_KEY, "ES256", {"kid": "ec-1", name: url})),
+        ):
+            with pytest.raises(InvalidToken):
+                await verifier.verify(token)
+    await asyncio.sleep(0.2)  # a fetch in a thread would have arrived by now
+    assert requests == [], "the server fetched a URL named by a token"
+    assert (await es.verify(jwt.encode(claims(), EC_KEY, "ES256", {"kid": "ec-1"}))).sub == "alice"
+    assert len(jwks_fetches) == 1, "only the configured JWKS URL is fetched"
 
 
 def test_mint_round_trips_and_refuses_asymmetric_settings() -> None:
