@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import httpx
 from pydantic import SecretStr
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.applications import Starlette
 
 from broadcast.adapters import sql_migrate
 from broadcast.adapters.sql_engine import create_engine
@@ -47,3 +49,15 @@ async def api_in_process(
         async with engine.begin() as conn:
             await conn.execute(text(f'DROP SCHEMA IF EXISTS "{unique_name}" CASCADE'))
         await engine.dispose()
+
+
+@asynccontextmanager
+async def embedded_api(folder: Path) -> AsyncIterator[tuple[Starlette, httpx.AsyncClient]]:
+    """The app in process on the embedded default (a SQLite file in ``folder``), ``api`` role only, with the
+    fault drill enabled; the app and a client on it."""
+    settings = Settings(database=DatabaseSettings(url=SecretStr(f"sqlite+aiosqlite:///{folder}/app.db")))
+    settings.testing.fault_drill_enabled = True
+    app = create_app(settings, roles=frozenset({"api"}))
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        yield app, http

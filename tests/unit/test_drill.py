@@ -17,6 +17,7 @@ from broadcast.components import Components
 from broadcast.ports import EventRecord
 from broadcast.settings import DatabaseSettings, Settings
 from dlt.drill import DrillSwitch, FaultDrillError
+from tests.apps import embedded_api
 from tests.auth import bearer
 
 ADMIN = bearer("ann", "admin")
@@ -25,12 +26,8 @@ DRILL = "/api/admin/testing/kafka-consumer-failure"
 
 @pytest.fixture
 async def app(tmp_path: Path) -> AsyncIterator[tuple[Starlette, httpx.AsyncClient]]:
-    settings = Settings(database=DatabaseSettings(url=SecretStr(f"sqlite+aiosqlite:///{tmp_path}/app.db")))
-    settings.testing.fault_drill_enabled = True
-    app = create_app(settings, roles=frozenset({"api"}))
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://t") as http:
-        yield app, http
+    async with embedded_api(tmp_path) as pair:
+        yield pair
 
 
 def record(redriven: bool) -> EventRecord:

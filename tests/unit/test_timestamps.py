@@ -12,15 +12,13 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from pydantic import SecretStr
 from starlette.applications import Starlette
 
 from broadcast import envelope
-from broadcast.app import create_app
 from broadcast.components import Components
 from broadcast.domain import EventType, rfc3339
-from broadcast.settings import DatabaseSettings, Settings
 from sse.messages import from_event, item_frame
+from tests.apps import embedded_api
 from tests.auth import bearer
 
 STAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
@@ -35,12 +33,8 @@ def test_rfc3339_is_utc_with_z_and_microseconds() -> None:
 
 @pytest.fixture
 async def app(tmp_path: Path) -> AsyncIterator[tuple[Starlette, httpx.AsyncClient]]:
-    settings = Settings(database=DatabaseSettings(url=SecretStr(f"sqlite+aiosqlite:///{tmp_path}/app.db")))
-    settings.testing.fault_drill_enabled = True
-    app = create_app(settings, roles=frozenset({"api"}))
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://t") as http:
-        yield app, http
+    async with embedded_api(tmp_path) as pair:
+        yield pair
 
 
 def _stamps(data: dict[str, Any], *names: str) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import http.server
 import threading
 import time
@@ -164,19 +165,15 @@ async def test_a_configured_kid_is_required() -> None:
         await TokenVerifier(settings).verify(hs(claims(), headers={"kid": "k2"}))
 
 
-@pytest.fixture
-def jwks_server() -> Iterator[tuple[str, list[int]]]:
-    """A JWKS endpoint on 127.0.0.1 serving an ES256 key (kid ``ec-1``) and an RSA key (kid ``rsa-1``);
-    counts its fetches."""
-    ec_jwk = orjson.loads(jwt.algorithms.ECAlgorithm.to_jwk(EC_KEY.public_key()))
-    rsa_jwk = orjson.loads(jwt.algorithms.RSAAlgorithm.to_jwk(RSA_KEY.public_key()))
-    keys = [{**ec_jwk, "kid": "ec-1", "alg": "ES256", "use": "sig"}, {**rsa_jwk, "kid": "rsa-1", "use": "sig"}]
-    document = orjson.dumps({"keys": keys})
-    fetches: list[int] = []
+@contextlib.contextmanager
+def serving(document: bytes) -> Iterator[tuple[str, list[str]]]:
+    """An HTTP server on 127.0.0.1 answering every GET with the JSON ``document``; its base URL, and the path
+    of every request it got."""
+    requests: list[str] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            fetches.append(1)
+            requests.append(self.path)
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.end_headers()
@@ -186,16 +183,29 @@ def jwks_server() -> Iterator[tuple[str, list[int]]]:
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/jwks.json", fetches
-    server.shutdown()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", requests
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture
+def jwks_server() -> Iterator[tuple[str, list[str]]]:
+    """A JWKS endpoint on 127.0.0.1 serving an ES256 key (kid ``ec-1``) and an RSA key (kid ``rsa-1``);
+    counts its fetches."""
+    ec_jwk = orjson.loads(jwt.algorithms.ECAlgorithm.to_jwk(EC_KEY.public_key()))
+    rsa_jwk = orjson.loads(jwt.algorithms.RSAAlgorithm.to_jwk(RSA_KEY.public_key()))
+    keys = [{**ec_jwk, "kid": "ec-1", "alg": "ES256", "use": "sig"}, {**rsa_jwk, "kid": "rsa-1", "use": "sig"}]
+    document = orjson.dumps({"keys": keys})
+    with serving(document) as (base, requests):
+        yield f"{base}/jwks.json", requests
 
 
 EC_KEY = ec.generate_private_key(ec.SECP256R1())
 
 
-async def test_es256_keys_from_a_jwks_url(jwks_server: tuple[str, list[int]]) -> None:
+async def test_es256_keys_from_a_jwks_url(jwks_server: tuple[str, list[str]]) -> None:
     url, fetches = jwks_server
     settings = AuthSettings(algorithm="ES256", jwks_url=url)
     verifier = TokenVerifier(settings, JwksKeys(url, "ES256", min_refetch_seconds=60))
@@ -220,27 +230,12 @@ async def test_es256_keys_from_a_jwks_url(jwks_server: tuple[str, list[int]]) ->
 def attacker_url() -> Iterator[tuple[str, list[str]]]:
     """An attacker's server on 127.0.0.1 that would serve its own key set; records every request it gets."""
     document = orjson.dumps({"keys": [{**ATTACKER_JWK, "kid": "ec-1", "use": "sig"}]})
-    requests: list[str] = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            requests.append(self.path)
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(document)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", requests
-    server.shutdown()
+    with serving(document) as served:
+        yield served
 
 
 async def test_a_key_url_in_a_token_is_never_fetched(
-    attacker_url: tuple[str, list[str]], jwks_server: tuple[str, list[int]]
+    attacker_url: tuple[str, list[str]], jwks_server: tuple[str, list[str]]
 ) -> None:
     """jku/x5u pointing at a live server: refused by every key source, and the server is never asked."""
     base, requests = attacker_url
