@@ -139,10 +139,14 @@ def _stream_loops(c: Components) -> list[Loop]:
         c.bus_subscribed,
         replay_limit=settings.sse.replay_limit,
     )
+    keeper = PresenceKeeper(c.presence, c.admission, c.hub, me, settings.redis.presence_ttl_seconds / 3)
+    listener = BusListener(
+        c.bus, c.hub, me, c.reconcile_now, gaps, c.bus_subscribed, catch_up=reconciler.run_once, rejoin=keeper.beat
+    )
     return [
-        BusListener(c.bus, c.hub, me, c.reconcile_now, gaps, c.bus_subscribed, catch_up=reconciler.run_once),
+        listener,
         reconciler,
-        PresenceKeeper(c.presence, c.admission, c.hub, me, settings.redis.presence_ttl_seconds / 3),
+        keeper,
         Heartbeat(c.hub, settings.sse.heartbeat_seconds),
         c.marker,
     ]

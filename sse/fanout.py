@@ -1,10 +1,13 @@
 """The loops that keep an instance's streams fed: bus listener, reconciliation, presence, delivery marks.
 
 - ``BusListener``: subscribes to this instance's channel and the group channel, hands each message's
-  pre-encoded frame to the hub; resubscribes on its own after a Redis outage, and then runs a
-  reconciliation round (``catch_up``) *before* it reads a live message: pub/sub dropped whatever was sent
-  meanwhile, and a user's newer live messages must not overtake the older ones the round replays (per-user
-  order, DESIGN invariant 4). Redis holds what is published during the round in the subscription's buffer.
+  pre-encoded frame to the hub; resubscribes on its own after a Redis outage, then names this instance in
+  presence again (``rejoin``: a restarted Redis forgot it, and until then the delivery consumer leaves the
+  users' messages PENDING) and runs a reconciliation round (``catch_up``) *before* it reads a live message:
+  pub/sub dropped whatever was sent meanwhile, and a user's newer live messages must not overtake the older
+  ones the round replays (per-user order, DESIGN invariant 4). Rejoining first matters: a message whose
+  presence lookup came before it has its PENDING row written already, so the round finds it; one whose
+  lookup came after it is published to the subscription, where Redis holds it until the round is done.
 - ``Reconciler``: every few seconds, sends connected users their PENDING rows the live path missed; after
   the bus listener resubscribes (``BusGaps``), also the ALL/ROLE broadcasts created since shortly before
   the subscription was last known working, since group messages have no PENDING row to fall back on.
@@ -86,9 +89,11 @@ class BusListener:
         gaps: BusGaps | None = None,
         subscribed: asyncio.Event | None = None,
         catch_up: Callable[[], Awaitable[object]] | None = None,
+        rejoin: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self._bus = bus
-        self._catch_up = catch_up  # a reconciliation round, run after each resubscription
+        self._rejoin = rejoin  # presence (and connection slots) written again, after each resubscription
+        self._catch_up = catch_up  # a reconciliation round, run after the rejoin
         self._hub = hub
         self._channels = [constants.instance_channel(instance_id), constants.REDIS_GROUP_CHANNEL]
         self._reconcile_now = reconcile_now
@@ -125,6 +130,11 @@ class BusListener:
 
     async def _caught_up(self) -> None:
         """Replay what the gap swallowed before any live message is read (see the module's docstring)."""
+        if self._rejoin is not None:
+            try:
+                await asyncio.wait_for(self._rejoin(), CATCH_UP_TIMEOUT_S)
+            except (BroadcastError, TimeoutError) as exc:
+                log.warning("presence not written again after a bus gap: %r", exc)
         if self._catch_up is None:
             self._reconcile_now.set()
             return
@@ -232,16 +242,20 @@ class PresenceKeeper:
         self._instance_id = instance_id
         self._interval_s = interval_s
 
+    async def beat(self) -> None:
+        """One round: presence for every locally connected user, then their connection slots."""
+        try:
+            await self._presence.heartbeat_many(self._hub.users(), self._instance_id)
+        except BroadcastError as exc:
+            log.warning("presence heartbeat failed: %s", exc)
+        try:
+            await self._admission.refresh(list(self._hub.connections()))
+        except BroadcastError as exc:
+            log.warning("connection slot refresh failed: %s", exc)
+
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            try:
-                await self._presence.heartbeat_many(self._hub.users(), self._instance_id)
-            except BroadcastError as exc:
-                log.warning("presence heartbeat failed: %s", exc)
-            try:
-                await self._admission.refresh(list(self._hub.connections()))
-            except BroadcastError as exc:
-                log.warning("connection slot refresh failed: %s", exc)
+            await self.beat()
             await pause(stop, self._interval_s)
 
 

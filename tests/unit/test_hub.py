@@ -12,11 +12,14 @@ from typing import Any, cast
 import orjson
 import pytest
 
-from broadcast.adapters.memory_bus import MemoryBus, MemorySubscriptionQueue
+from broadcast.adapters.memory_bus import MemoryBus, MemoryPresence, MemorySubscriptionQueue
+from broadcast.adapters.memory_sessions import MemorySlots
 from broadcast.domain import Broadcast, BroadcastStatus, InboxItem, Priority, TargetType
 from broadcast.errors import ConflictError, UnavailableError
 from broadcast.ports import GroupPage, InboxStore
-from sse.fanout import BusGaps, BusListener, DeliveredMarker, Heartbeat, Reconciler
+from broadcast.settings import LimitsSettings
+from sse.admission import Admission
+from sse.fanout import BusGaps, BusListener, DeliveredMarker, Heartbeat, PresenceKeeper, Reconciler
 from sse.frames import HEARTBEAT, Cursor, frame, parse_cursor
 from sse.hub import Connection, Hub, Outgoing
 from sse.messages import item_frame
@@ -299,18 +302,21 @@ async def test_failing_delivery_marks_hold_the_seen_clock_until_a_flush_succeeds
     assert not clock.held and marker.marked == 1
 
 
+class FlakyBus(MemoryBus):
+    """Its first subscription fails (Redis down), the next ones work: the listener's next one is a resubscription."""
+
+    failures = 1
+
+    @asynccontextmanager
+    async def subscribe(self, channels: Sequence[str]) -> AsyncIterator[MemorySubscriptionQueue]:
+        if self.failures:
+            self.failures -= 1
+            raise UnavailableError("redis down")
+        async with super().subscribe(channels) as sub:
+            yield sub
+
+
 async def test_a_lost_bus_subscription_holds_the_seen_clock_and_records_a_gap() -> None:
-    class FlakyBus(MemoryBus):
-        failures = 1
-
-        @asynccontextmanager
-        async def subscribe(self, channels: Sequence[str]) -> AsyncIterator[MemorySubscriptionQueue]:
-            if self.failures:
-                self.failures -= 1
-                raise UnavailableError("redis down")
-            async with super().subscribe(channels) as sub:
-                yield sub
-
     hub, gaps, stop = Hub(queue_size=8, max_per_user=5), BusGaps(), asyncio.Event()
     listener = BusListener(FlakyBus(), hub, "i1", asyncio.Event(), gaps)
     running = asyncio.create_task(listener.run(stop))
@@ -382,3 +388,25 @@ async def test_after_a_resubscription_the_gap_is_replayed_before_newer_live_mess
         await asyncio.gather(*loops)
     messages = [body for body in alice.bodies if b"event: MESSAGE" in body]
     assert b'"broadcastId":"b1"' in messages[0] and b"s2" in messages[1], messages
+
+
+async def test_after_a_resubscription_presence_is_written_again_before_the_catch_up_reads() -> None:
+    """A restarted Redis forgot presence: until this instance names itself again, the delivery consumer
+    leaves its users' messages PENDING, and those the catch-up round has already read would reach them
+    only after newer live ones. So the listener rejoins presence first, then runs the round."""
+    hub, presence, stop = Hub(queue_size=8, max_per_user=5), MemoryPresence(), asyncio.Event()
+    started(hub, "alice")  # connected before the restart; Redis (here: ``presence``) holds nothing of her
+    keeper = PresenceKeeper(presence, Admission(LimitsSettings(), MemorySlots(), "i1", 5), hub, "i1", 3_600)
+    seen_by_catch_up: list[frozenset[str]] = []
+
+    async def catch_up() -> None:
+        seen_by_catch_up.append(await presence.instances("alice"))
+
+    listener = BusListener(FlakyBus(), hub, "i1", asyncio.Event(), catch_up=catch_up, rejoin=keeper.beat)
+    running = asyncio.create_task(listener.run(stop))
+    try:
+        await wait_until(lambda: bool(seen_by_catch_up), 10, "the catch-up round after the resubscription")
+    finally:
+        stop.set()
+        await running
+    assert seen_by_catch_up == [frozenset({"i1"})], "presence names this instance before the round reads"
