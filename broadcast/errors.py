@@ -42,8 +42,8 @@ class UnavailableError(BroadcastError):
 class PublishError(UnavailableError):
     """An event could not be made durable on the event log (not acknowledged by enough replicas).
 
-    ``poison`` when the event log refused the record itself (too large, corrupt): sending it again will not
-    help, unlike a broker outage or a leader change.
+    ``poison`` when the event log refused the record itself (too large, corrupt, a topic this principal may
+    not write to): sending it again will not help, unlike a broker outage or a leader change.
     """
 
     def __init__(self, message: str, poison: bool = False) -> None:

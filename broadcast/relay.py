@@ -23,8 +23,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import NoReturn
 
@@ -176,6 +177,33 @@ class OutboxRelay:
                 await pause(stop, ERROR_BACKOFF_S)
             if published == 0:
                 await pause(stop, self._settings.idle_poll_seconds, self._wakeup)
+
+
+class DelayedPublisher:
+    """The fault suite's random per-publish delay (``testing.relay_publish_delay_ms``): waits 0..``max_ms``
+    before handing each publish to ``inner``, so racing relays interleave in every possible way."""
+
+    def __init__(self, inner: EventPublisher, max_ms: int) -> None:
+        self._inner = inner
+        self._max_s = max_ms / 1000
+
+    async def publish(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes]] = (),
+        partition: int | None = None,
+    ) -> RecordPosition:
+        await asyncio.sleep(random.uniform(0, self._max_s))
+        return await self._inner.publish(topic, key, value, headers, partition)
+
+    async def publish_many(self, records: Sequence[OutgoingRecord]) -> list[RecordPosition | PublishError]:
+        await asyncio.sleep(random.uniform(0, self._max_s))
+        return await self._inner.publish_many(records)
+
+    async def partitions_for(self, topic: str) -> int:
+        return await self._inner.partitions_for(topic)
 
 
 class OutboxPurger:

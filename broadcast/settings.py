@@ -241,6 +241,9 @@ class TestingSettings(BaseModel):
     # many records of this process's relay, the process ends at once (``os._exit(137)``, as a SIGKILL would)
     # after the acknowledgement and before the rows are marked published. None: off.
     relay_exit_after_acks: int | None = Field(default=None, ge=1)
+    # Before each of its publishes the relay waits a random 0..N ms (RELIABILITY #18: two relays racing with
+    # random per-publish delays must still keep per-key order). 0: off.
+    relay_publish_delay_ms: int = Field(default=0, ge=0, le=10_000)
 
 
 class ObservabilitySettings(BaseModel):

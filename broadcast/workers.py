@@ -20,8 +20,9 @@ from broadcast.components import Components
 from broadcast.errors import ValidationError
 from broadcast.loops import Supervisor
 from broadcast.observe import ConsumersHealth, LoopsHealth, Sampler
+from broadcast.ports import EventPublisher
 from broadcast.preflight import check_topics
-from broadcast.relay import OutboxPurger, OutboxRelay
+from broadcast.relay import DelayedPublisher, OutboxPurger, OutboxRelay
 from broadcast.scheduler import Scheduler
 from broadcast.settings import RetrySettings
 from consumers.container import ListenerContainer
@@ -65,11 +66,15 @@ async def running(components: Components, roles: frozenset[str]) -> AsyncIterato
                 "(BROADCAST_TESTING__RELAY_EXIT_AFTER_ACKS; for the fault suite only)",
                 settings.testing.relay_exit_after_acks,
             )
+        publisher: EventPublisher = components.event_log.publisher()
+        if delay_ms := settings.testing.relay_publish_delay_ms:
+            log.warning("failpoint on: the relay waits 0..%d ms before each publish (for the fault suite)", delay_ms)
+            publisher = DelayedPublisher(publisher, delay_ms)
         start(
             "outbox-relay",
             OutboxRelay(
                 components.outbox,
-                components.event_log.publisher(),
+                publisher,
                 settings.relay,
                 owner=settings.server.instance_id,
                 wakeup=components.outbox_wakeup,

@@ -234,6 +234,24 @@ def stop() -> None:
     proc.terminate(pids, grace=20.0)
 
 
+def set_scram_user(user: str, password: str | None) -> None:
+    """Add ``user``'s SCRAM credential (or replace its password), or with None delete it (a no-op if it has
+    none), through the cluster (``ConfigCommand``, as ``kafka-configs.sh --entity-type users`` does): a
+    credential rotation needs no restart."""
+    change = (
+        ["--add-config", f"{paths.SCRAM_MECHANISM}=[password={password}]"]
+        if password is not None
+        else ["--delete-config", paths.SCRAM_MECHANISM]
+    )
+    cmd = ["java", "-Xmx256m", "-cp", f"{libs_dir()}/*", "kafka.admin.ConfigCommand", "--bootstrap-server"]
+    cmd += [bootstrap(), "--alter", *change, "--entity-type", "users", "--entity-name", user]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=120)
+    if password is None and "credential that does not exist" in result.stdout + result.stderr:
+        return
+    if result.returncode != 0:
+        raise proc.StackError(f"changing the SCRAM credential of {user} failed:\n{result.stdout}{result.stderr}")
+
+
 # --- readiness ----------------------------------------------------------------------------------------------
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "redis_pid",
     "restart_redis",
     "resume_redis",
+    "set_scram_user",
     "start_kafka_node",
     "start_redis",
     "status",
@@ -211,3 +212,9 @@ def pause_redis() -> None:
 def resume_redis() -> None:
     """SIGCONT a paused Redis (no-op if it runs normally or is not running)."""
     redis.send_signal(signal.SIGCONT)
+
+
+def set_scram_user(user: str, password: str | None) -> None:
+    """Add or change ``user``'s SCRAM-SHA-512 credential on the running cluster; None deletes it. Blocking
+    (a JVM runs ``ConfigCommand``): from async code ``await asyncio.to_thread(set_scram_user, …)``."""
+    kafka.set_scram_user(user, password)

@@ -40,6 +40,17 @@ def cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProce
     )
 
 
+def scram_env(stack: StackInfo, password: str, username: str | None = None) -> dict[str, str]:
+    """The server on the SASL_PLAINTEXT SCRAM-SHA-512 ports as ``username`` (the stack's ``app`` user)."""
+    return {
+        "BROADCAST_KAFKA__BOOTSTRAP_SERVERS": stack.kafka_scram_bootstrap,
+        "BROADCAST_KAFKA__SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+        "BROADCAST_KAFKA__SASL_MECHANISM": "SCRAM-SHA-512",
+        "BROADCAST_KAFKA__SASL_USERNAME": username or stack.scram_username,
+        "BROADCAST_KAFKA__SASL_PASSWORD": password,
+    }
+
+
 def fast_retries(attempts: int, max_backoff_s: float = 1.0) -> dict[str, str]:
     """Variables making the delivery listeners give a failing record up after ``attempts``, quickly."""
     return {

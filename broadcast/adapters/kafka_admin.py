@@ -23,7 +23,10 @@ from broadcast.settings import KafkaSettings
 TOPIC_ALREADY_EXISTS = 36
 MIN_ISR = "min.insync.replicas"
 UNCLEAN = "unclean.leader.election.enable"
-MISSING = "does not exist: run `broadcast-server topics`"
+MISSING = (
+    "does not exist (or this principal may not see it: no Describe ACL): run `broadcast-server topics`, or grant"
+    " the ACLs"
+)
 
 
 @dataclass(frozen=True)

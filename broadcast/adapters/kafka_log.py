@@ -19,6 +19,7 @@ from aiokafka.errors import (
     KafkaError,
     MessageSizeTooLargeError,
     RecordTooLargeError,
+    TopicAuthorizationFailedError,
     UnsupportedForMessageFormatError,
 )
 from aiokafka.partitioner import murmur2
@@ -36,12 +37,16 @@ if TYPE_CHECKING:
     from broadcast.adapters.kafka_lag import KafkaLag
 
 # The broker (or the client, before sending) refused the record itself: sending it again cannot succeed.
+# A topic this principal may not write to (no Write ACL) is one too (RELIABILITY #21): its rows go to the
+# outbox's dead state after ``relay.poison_attempts`` refusals, so the lane goes on; an admin redrives them
+# once the ACL is granted.
 POISON = (
     MessageSizeTooLargeError,
     RecordTooLargeError,
     CorruptRecordException,
     InvalidTimestampError,
     UnsupportedForMessageFormatError,
+    TopicAuthorizationFailedError,
 )
 
 

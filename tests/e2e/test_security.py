@@ -21,7 +21,7 @@ import pytest
 
 from devstack.stack import StackInfo
 from tests.auth import bearer, token
-from tests.servers import Server, clean_env, isolated_env
+from tests.servers import Server, clean_env, isolated_env, scram_env
 from tests.sse_client import SseClient
 
 ADMIN = bearer("admin", "admin")
@@ -255,17 +255,6 @@ async def test_connecting_too_fast_is_429_with_retry_after(server: Server) -> No
 
 
 # --------------------------------------------------------------------------- Kafka SASL/SCRAM
-def scram_env(stack: StackInfo, password: str) -> dict[str, str]:
-    """The server on the SASL_PLAINTEXT SCRAM-SHA-512 ports as the stack's ``app`` user."""
-    return {
-        "BROADCAST_KAFKA__BOOTSTRAP_SERVERS": stack.kafka_scram_bootstrap,
-        "BROADCAST_KAFKA__SECURITY_PROTOCOL": "SASL_PLAINTEXT",
-        "BROADCAST_KAFKA__SASL_MECHANISM": "SCRAM-SHA-512",
-        "BROADCAST_KAFKA__SASL_USERNAME": stack.scram_username,
-        "BROADCAST_KAFKA__SASL_PASSWORD": password,
-    }
-
-
 async def test_the_whole_pipeline_runs_through_the_scram_listener(
     stack: StackInfo, unique_name: str, tmp_path: Path
 ) -> None:

@@ -1,4 +1,5 @@
-"""The outbox relay dying between the Kafka acknowledgement and the mark (RELIABILITY #7 b).
+"""The outbox relay dying between the Kafka acknowledgement and the mark (RELIABILITY #7 b), and two relays
+racing with random publish delays (#18).
 
 Real ``broadcast-server run`` processes on the real stack. The relay runs in processes of its own
 (``--roles relay``), so the only thing the fault touches is the write path from the outbox to Kafka: the app
@@ -8,6 +9,7 @@ instance that serves the API, the streams and the consumers lives through the sc
 from __future__ import annotations
 
 import asyncio
+import random
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +17,16 @@ import orjson
 
 from broadcast import constants, envelope
 from devstack.stack import StackInfo
-from tests.faults.harness import Fleet, Publisher, alternating, close_all, report, settled, subscribe
+from tests.faults.harness import (
+    Fleet,
+    Publisher,
+    alternating,
+    base_samples,
+    close_all,
+    report,
+    settled,
+    subscribe,
+)
 from tests.servers import Server
 from tests.topics import read_to_end
 
@@ -105,3 +116,55 @@ async def test_a_relay_killed_between_the_kafka_ack_and_the_mark_resends_and_use
     for b in twice:  # and each entitled subscriber shows the twice-published broadcast exactly once
         owed = [sub for sub in subs if acked[b].entitles(sub.user)]
         assert owed and shown[b] == len(owed), (b, shown[b], len(owed))
+
+
+AGGREGATES = users(100)
+
+
+def ten_of_the_hundred(seq: int) -> frozenset[str]:
+    """Broadcast ``seq`` goes to 10 of the 100 users (an aggregate is a user: the selected topic's key)."""
+    return frozenset(random.Random(seq).sample(AGGREGATES, 10))
+
+
+async def test_two_relays_with_random_publish_delays_keep_each_users_order_in_the_topic_and_at_the_client(
+    env: dict[str, str], tmp_path: Path, server_factory: list[Server], stack: StackInfo
+) -> None:
+    """RELIABILITY #18: two instances, each with a relay that waits a random 0-40 ms before every publish
+    (``BROADCAST_TESTING__RELAY_PUBLISH_DELAY_MS``), race for the outbox's lanes while 1,000 broadcasts to 10
+    of 100 users each (10,000 rows) are posted back to back. Read back to its end, the selected topic holds
+    each row once, and each user's events in the order their broadcasts were created; each user's stream
+    shows them once, in that order."""
+    delays = {"BROADCAST_TESTING__RELAY_PUBLISH_DELAY_MS": "40"}
+    fleet = Fleet(env, tmp_path, server_factory)
+    for name in ("app-a", "app-b"):
+        fleet.start(name, **delays)
+    subs = await subscribe(fleet, AGGREGATES)
+    publisher = Publisher(fleet, ten_of_the_hundred, 0.0).start(1_000)
+    await publisher.finish(600)
+    result = await settled(publisher, subs, 120)
+    await close_all(subs)
+
+    records = await read_to_end(stack.kafka_bootstrap, env["BROADCAST_KAFKA__TOPIC_PREFIX"] + constants.SELECTED_TOPIC)
+    seq_of = {s.id: s.seq for s in publisher.acked}
+    copies = Counter(envelope.decode(r.value).event_id for r in records)
+    per_user: dict[str, list[int]] = {}
+    for r in sorted(records, key=lambda r: (r.partition, r.offset)):
+        event = envelope.decode(r.value)
+        per_user.setdefault(event.user_id or "", []).append(seq_of[event.broadcast_id])
+    unordered = [user for user, seqs in per_user.items() if seqs != sorted(seqs)]
+    produced = {
+        name: sum(v for _, v in await base_samples(server.base, "broadcast_events_produced_total"))
+        for name, server in fleet.servers.items()
+    }
+    report(
+        "two relays, random publish delays",
+        "1,000 broadcasts x 10 of 100 users; each relay waits 0-40 ms before every publish",
+        result,
+        f"on the topic {len(records)} records for {len(copies)} events; records per relay {produced}; "
+        f"users whose topic order differs from creation order {len(unordered)}",
+    )
+    result.assert_clean()
+    assert result.refused == 0 and result.acked == 1_000, publisher.refused[:3]
+    assert len(copies) == 10_000 and max(copies.values()) == 1, f"each row once: {copies.most_common(3)}"
+    assert not unordered, f"per-key order broken in the topic for {unordered[:5]}"
+    assert all(n > 0 for n in produced.values()), f"both relays had lanes: {produced}"

@@ -20,9 +20,10 @@ from broadcast import constants, envelope
 from broadcast.adapters.sql_stores import append_outbox
 from broadcast.adapters.sql_tables import user_broadcast_messages
 from broadcast.domain import BroadcastStatus, EventType, NewBroadcast, OutboxEvent, TargetType, User
-from devstack.stack import StackInfo
+from broadcast.relay import OutboxRelay
+from devstack.stack import StackInfo, kill_kafka_node, start_kafka_node
 from tests.integration.conftest import Pipeline
-from tests.topics import default_partition, read_topic
+from tests.topics import default_partition, read_to_end, read_topic
 
 
 async def test_created_events_land_on_the_right_topics_keys_and_partitions(
@@ -201,3 +202,45 @@ async def test_a_record_kafka_refuses_for_good_leaves_its_lane_and_nothing_is_pu
     assert Counter(values).most_common(1)[0][1] == 1, "no record published twice"
     assert values == [b"a0", b"a2", *[f"a{n}".encode() for n in range(3, 40)]], "alice's order kept"
     assert published == len(rows) - 1
+
+
+async def test_a_broker_restarted_during_a_relay_batch_leaves_no_duplicate_in_one_producer_session(
+    pipeline: Pipeline, stack: StackInfo
+) -> None:
+    """RELIABILITY #7 (a): one relay (one idempotent producer session) drains a 10,000-recipient broadcast in
+    rounds of 200 rows; a broker is SIGKILLed mid-drain and started again 5 s later. The producer's own retries
+    are deduplicated by the brokers (sequence numbers), and the relay sends a row again only when its round
+    failed: read back to the end, the topic holds every recipient's event exactly once."""
+    recipients = tuple(f"user-{n:05d}" for n in range(10_000))
+    broadcast, _ = await pipeline.lifecycle.create(
+        NewBroadcast("batch", TargetType.SELECTED), sender_id="admin", recipients=recipients
+    )
+    small_rounds = pipeline.settings.relay.model_copy(update={"batch_size": 100, "lanes_per_claim": 2})
+    relay = OutboxRelay(pipeline.outbox, pipeline.log, small_rounds, "relay-7a")
+    victim, rounds_during_outage = 2, 0
+    deadline = time.monotonic() + 180
+    try:
+        while await pipeline.outbox.backlog() > 8_000:
+            assert time.monotonic() < deadline, "the relay made no progress"
+            await relay.run_once()
+        kill_kafka_node(victim)
+        killed_at = time.monotonic()
+        while time.monotonic() - killed_at < 5 and await pipeline.outbox.backlog():
+            await relay.run_once()  # publishing goes on with two of three brokers
+            rounds_during_outage += 1
+    finally:
+        await asyncio.to_thread(start_kafka_node, victim)
+    while await pipeline.outbox.backlog():
+        assert time.monotonic() < deadline, f"backlog {await pipeline.outbox.backlog()} left"
+        if not await relay.run_once():
+            await asyncio.sleep(0.05)
+
+    assert rounds_during_outage > 0, "the broker was down while rows were being published"
+    assert pipeline.log.producer_renewals == 0, "one producer session throughout"
+    records = await read_to_end(stack.kafka_bootstrap, pipeline.topic(constants.SELECTED_TOPIC), 60)
+    event_ids = Counter(envelope.decode(r.value).event_id for r in records)
+    assert len(event_ids) == 10_000, "every recipient's event is on the topic"
+    twice = [(event_id, n) for event_id, n in event_ids.items() if n > 1]
+    assert not twice, f"{len(twice)} events published more than once, e.g. {twice[:5]}"
+    assert {envelope.decode(r.value).user_id for r in records} == set(recipients)
+    assert (await pipeline.broadcasts.get(broadcast.id)) is not None
