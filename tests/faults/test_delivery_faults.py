@@ -24,7 +24,7 @@ import orjson
 import pytest
 
 from tests.auth import bearer, token
-from tests.faults.harness import last_assignment
+from tests.faults.harness import base_samples, last_assignment
 from tests.servers import Server
 from tests.sse_client import SseClient
 from tests.topics import default_partition
@@ -331,3 +331,81 @@ async def test_frozen_idle_clients_hold_nothing_up_and_read_on_after_their_pause
     assert "dropping slow connection" not in log, "an idle frozen stream is a live connection: not dropped"
     assert min(pause_beats) >= 0.8 * IDLE_PAUSE_S / IDLE_HEARTBEAT_S, "the pause's heartbeats were buffered, not lost"
     assert (rss_after - rss_before) / 1024 < 4, "frozen idle streams must not grow the server's memory"
+
+
+SOAK_UNIT_S = 60.0  # the soak's length at BROADCAST_FAULT_SCALE=1; 30 gives RELIABILITY's 30 minutes
+SOAK_FROZEN = 4
+
+
+async def test_frozen_clients_through_a_soak_leave_rss_flat(
+    env: dict[str, str], tmp_path: Path, server_factory: list[Server], readers: list[FrozenClient], fault_scale: int
+) -> None:
+    """RELIABILITY #27 over time: for ``60 s x BROADCAST_FAULT_SCALE`` (``=30``: the scenario's 30 minutes),
+    4 KB ALL broadcasts flow at ~5/s while 4 readers stay frozen (SIGSTOP). A frozen stream's socket is let
+    go by the server: by the kernel's ``TCP_USER_TIMEOUT`` (``sse.dead_peer_seconds``: its zero window
+    stopped taking data) or, once the socket buffers are full, the slow-connection drop after the send
+    timeout; every 5 s a reader the server let go is killed and a new one freezes in its place. The healthy
+    reader gets every broadcast once; RSS, sampled every 5 s, stays flat: the median of the last fifth is
+    within 8 MiB of the second fifth's (the first is warm-up); once the readers are gone the server holds
+    bob's stream only."""
+    quick = {**env, "BROADCAST_SSE__QUEUE_SIZE": "8", "BROADCAST_SSE__SEND_TIMEOUT_SECONDS": "2"}
+    server = start(quick, tmp_path, server_factory)
+    duration = SOAK_UNIT_S * fault_scale
+    body = "y" * 4_000
+    names = itertools.count()
+
+    def freeze() -> FrozenClient:
+        client = FrozenClient(server.port, f"soak{next(names)}", tmp_path)
+        readers.append(client)
+        return client
+
+    async with SseClient(server.base, "bob") as bob:
+        frozen = [await asyncio.to_thread(freeze) for _ in range(SOAK_FROZEN)]
+        sender = Sender(server.base, lambda n: {"content": f"{n} {body}", "targetType": "ALL"}, 10_000_000, 0.2)
+        sending = asyncio.create_task(sender.run())
+        samples: list[int] = []
+        replaced = 0
+        started = time.monotonic()
+        try:
+            while time.monotonic() - started < duration:
+                await asyncio.sleep(5)
+                samples.append(rss_kib(server.proc.pid))
+                for client in [c for c in frozen if not server_sockets(server.port, [c.port])]:
+                    client.proc.kill()
+                    client.proc.wait()
+                    frozen[frozen.index(client)] = await asyncio.to_thread(freeze)
+                    replaced += 1
+        finally:
+            sending.cancel()
+            await asyncio.gather(sending, return_exceptions=True)
+        await received_all(bob, sender.acknowledged, 60)
+        assert check_once(bob, sender.acknowledged, in_order=False) == 0
+        for client in frozen:
+            client.proc.kill()
+            client.proc.wait()
+        streams = await wait_until_streams(server.base, 1, 30)
+    drops = server.log.read_text().count("dropping slow connection")
+    fifth = max(1, len(samples) // 5)
+    early = sorted(samples[fifth : 2 * fifth])
+    late = sorted(samples[-fifth:])
+    early_mib, late_mib = early[len(early) // 2] / 1024, late[len(late) // 2] / 1024
+    print(
+        f"\nsoak {time.monotonic() - started:.0f} s: {len(sender.acknowledged)} x 4 KB broadcasts, {SOAK_FROZEN} "
+        f"readers frozen throughout, {replaced} let go by the server and replaced ({drops} of them dropped for "
+        f"slowness, the rest by TCP_USER_TIMEOUT); RSS median "
+        f"{early_mib:.1f} MiB (second fifth) -> {late_mib:.1f} MiB (last fifth), max {max(samples) / 1024:.1f} MiB "
+        f"over {len(samples)} samples"
+    )
+    assert sender.refused == [], sender.refused[:3]
+    assert streams == 1, "only bob's stream is left"
+    assert late_mib - early_mib < 8, f"RSS grew {late_mib - early_mib:.1f} MiB over the soak"
+
+
+async def wait_until_streams(base: str, expected: int, timeout_s: float) -> int:
+    """Poll the instance's open-stream gauge until it reads ``expected``; the last reading."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        [(_, value)] = await base_samples(base, "broadcast_sse_connections")
+        if int(value) == expected or time.monotonic() > deadline:
+            return int(value)
+        await asyncio.sleep(0.5)
