@@ -33,7 +33,7 @@ from broadcast.errors import UnavailableError
 from broadcast.loops import pause
 from broadcast.metrics import NO_METRICS, Metrics
 from broadcast.ports import EventLog, EventRecord, EventSubscription, TopicPartition
-from consumers.errors import Decision, DefaultErrorHandler, ErrorHandler, Retry
+from consumers.errors import BatchListenerFailedError, Decision, DefaultErrorHandler, ErrorHandler, Retry
 from consumers.listener import AckMode, Listener
 
 if TYPE_CHECKING:
@@ -204,7 +204,7 @@ class _Member:
         if not self._joined and now - self._started > stall_s:
             return f"{name} has not joined group {self.listener.group_id} after {now - self._started:.0f} s"
         if self._in_hand_since is not None and now - self._in_hand_since > stall_s:
-            return f"{name} has been handling one record for {now - self._in_hand_since:.0f} s"
+            return f"{name} has been handling one record (or batch) for {now - self._in_hand_since:.0f} s"
         if self._stuck_since is not None and now - self._stuck_since > stall_s:
             return f"{name} has made no progress for {now - self._stuck_since:.0f} s (fetch failing or record retried)"
         return None
@@ -256,7 +256,10 @@ class _Member:
             if not self._failures:
                 self._stuck_since = None
             if records:
-                await self._process(records, stop)
+                if self.listener.batch_handler is not None:
+                    await self._process_batches(records, stop)
+                else:
+                    await self._process(records, stop)
                 await self._commit_pending()
 
     async def _process(self, records: list[EventRecord], stop: asyncio.Event) -> None:
@@ -312,6 +315,75 @@ class _Member:
         finally:
             self._in_hand_since = None
             self._idle.set()
+
+    async def _process_batches(self, records: list[EventRecord], stop: asyncio.Event) -> None:
+        """A batch listener's fetch: each partition's records go to the handler as one batch, the partitions
+        concurrently (order holds within each); the fetch counts as in hand until every batch is done."""
+        generation = self._generation
+        batches: dict[TopicPartition, list[EventRecord]] = {}
+        for record in records:
+            batches.setdefault(TopicPartition(record.topic, record.partition), []).append(record)
+        self._idle.clear()
+        self._in_hand_since = time.monotonic()
+        try:
+            async with asyncio.TaskGroup() as group:
+                for tp, batch in batches.items():
+                    group.create_task(self._handle_batch(tp, batch, generation, stop))
+        except BaseExceptionGroup as failures:  # only what ends the listener gets here (``_ours_to_raise``)
+            raise failures.exceptions[0] from None
+        finally:
+            self._in_hand_since = None
+            self._idle.set()
+
+    async def _handle_batch(
+        self, tp: TopicPartition, batch: list[EventRecord], generation: int, stop: asyncio.Event
+    ) -> None:
+        """Hand ``batch`` (one partition's records, in order) to the batch handler until all of it is handled
+        or recovered, or a record is to be retried (the partition is sought back to it, as for a record
+        listener). ``BatchListenerFailedError(i)``: the records before ``i`` are handled, record ``i`` goes to
+        the error handler with the exception's cause; once recovered, the rest goes to the handler again."""
+        assert self.listener.batch_handler is not None
+        rest = batch
+        while rest and not stop.is_set() and generation == self._generation:
+            try:
+                await self.listener.batch_handler(rest)
+            except BatchListenerFailedError as exc:
+                index = exc.index if 0 <= exc.index < len(rest) else 0
+                cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
+            except Exception as exc:
+                index, cause = 0, exc
+            except BaseException as exc:
+                if _ours_to_raise(exc):
+                    raise
+                log.error(
+                    "listener %s: the batch handler raised %r; a failure of its first record", self.listener.name, exc
+                )
+                index, cause = 0, HandlerEscapeError(exc)
+            else:
+                self._handled(tp, rest)
+                return
+            self._handled(tp, rest[:index])
+            failed = rest[index]
+            with logs.bound(correlation=_correlation_id(failed)):
+                decision = await self._recover(failed, tp, cause)
+            if isinstance(decision, Retry):
+                self._stuck_since = self._stuck_since or time.monotonic()
+                self._rewind(tp, failed.offset, generation, decision.after_s)
+                return
+            self._handled(tp, [failed], recovered=True)
+            rest = rest[index + 1 :]
+
+    def _handled(self, tp: TopicPartition, records: list[EventRecord], recovered: bool = False) -> None:
+        """``records`` (consecutive, of ``tp``) are done: handled, or recovered by the error handler."""
+        if not records:
+            return
+        if not recovered:
+            self.handled += len(records)
+        self.container.consumed(records[0].topic).inc(len(records))
+        self._pending[tp] = records[-1].offset + 1
+        self._failures.pop(tp, None)
+        if not self._failures:
+            self._stuck_since = None
 
     async def _recover(self, record: EventRecord, tp: TopicPartition, exc: Exception) -> Decision:
         offset, attempts = self._failures.get(tp, (record.offset, 0))

@@ -54,6 +54,17 @@ RECOVERED: Final = Recovered()
 Decision = Retry | Recovered
 
 
+class BatchListenerFailedError(Exception):
+    """Raised by a batch listener (``AckMode.BATCH``) for the record at ``index`` of the batch it was given,
+    ``raise BatchListenerFailedError(i) from cause``: the records before it were handled; the error handler
+    decides about that record from ``cause`` (Spring's ``BatchListenerFailedException``). Any other
+    exception from a batch handler counts as a failure of the batch's first record (nothing was handled)."""
+
+    def __init__(self, index: int, message: str = "") -> None:
+        super().__init__(message or f"record {index} of the batch failed")
+        self.index = index
+
+
 class ErrorHandler(Protocol):
     """Decides the fate of a failed record; may await (publishing a dead letter), must not sleep long.
 

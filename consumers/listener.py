@@ -8,11 +8,16 @@ ack mode. The handler's shape follows the ack mode, and the type checker sees wh
 - ``AckMode.MANUAL_IMMEDIATE``: ``acknowledging_handler(record, ack)``; the offset is committed at once
   when the handler awaits ``ack.acknowledge()``, and never otherwise (a record that fails and is skipped
   by the error handler is committed by the container, as Spring does after recovery).
+- ``AckMode.BATCH``: ``batch_handler(records)``, a batch listener: the records of one partition fetched
+  together, in offset order; the partitions of a fetch are handled concurrently. The handler raises
+  ``BatchListenerFailedError(index)`` (``consumers.errors``) to name the record that failed: the records
+  before it count as handled, that one is retried or recovered as a record listener's would be, then the
+  rest goes on (Spring's ``BatchListenerFailedException``). One commit per fetch, past what was handled.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -26,6 +31,7 @@ class AckMode(StrEnum):
 
     RECORD = "RECORD"
     MANUAL_IMMEDIATE = "MANUAL_IMMEDIATE"
+    BATCH = "BATCH"
 
 
 class Acknowledgment(Protocol):
@@ -42,6 +48,7 @@ class Acknowledgment(Protocol):
 
 RecordHandler = Callable[[EventRecord], Awaitable[None]]
 AcknowledgingHandler = Callable[[EventRecord, Acknowledgment], Awaitable[None]]
+BatchHandler = Callable[[Sequence[EventRecord]], Awaitable[None]]  # the records of one partition, in order
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,7 @@ class Listener:
     group_id: str
     handler: RecordHandler | None = None
     acknowledging_handler: AcknowledgingHandler | None = None
+    batch_handler: BatchHandler | None = None
     ack_mode: AckMode = AckMode.RECORD
     concurrency: int = 1
     max_poll_records: int = 500
@@ -73,11 +81,21 @@ class Listener:
             problems.append(f"max_poll_records {self.max_poll_records} < 1")
         if self.poll_timeout_s <= 0:
             problems.append(f"poll_timeout_s {self.poll_timeout_s} <= 0")
-        if self.ack_mode is AckMode.RECORD and (self.handler is None or self.acknowledging_handler is not None):
-            problems.append("ack mode RECORD takes `handler` (and no `acknowledging_handler`)")
-        if self.ack_mode is AckMode.MANUAL_IMMEDIATE and (
-            self.acknowledging_handler is None or self.handler is not None
-        ):
-            problems.append("ack mode MANUAL_IMMEDIATE takes `acknowledging_handler` (and no `handler`)")
+        given = {
+            name
+            for name, handler in (
+                ("handler", self.handler),
+                ("acknowledging_handler", self.acknowledging_handler),
+                ("batch_handler", self.batch_handler),
+            )
+            if handler is not None
+        }
+        wanted = {
+            AckMode.RECORD: "handler",
+            AckMode.MANUAL_IMMEDIATE: "acknowledging_handler",
+            AckMode.BATCH: "batch_handler",
+        }[self.ack_mode]
+        if given != {wanted}:
+            problems.append(f"ack mode {self.ack_mode.value} takes `{wanted}` and no other handler")
         if problems:
             raise ConfigurationError(f"listener {self.name!r}: {'; '.join(problems)}")

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +18,7 @@ from broadcast.errors import PublishError
 from broadcast.ports import EventRecord, TopicPartition
 from broadcast.settings import KafkaSettings
 from consumers.container import ListenerContainer
+from consumers.errors import BackOff, BatchListenerFailedError, DefaultErrorHandler
 from consumers.listener import AckMode, Acknowledgment, Listener
 from devstack.stack import StackInfo
 
@@ -228,3 +229,41 @@ async def test_a_handler_slower_than_max_poll_interval_rejoins_boundedly_raises_
     assert set(handled) == set(sent), "a record was lost"
     assert "handling one record" in alarms[0], alarms
     assert 2 <= joins <= 4, f"{joins} assignments: the consumer must rejoin, a bounded number of times"
+
+
+async def test_a_batch_listener_on_kafka_retries_mid_batch_with_a_paused_partition_and_a_joining_member(
+    topic: Topic,
+) -> None:
+    """The batch listener (``AckMode.BATCH``) on the real cluster: one record of the first fetch fails twice
+    (``BatchListenerFailedError``; its partition pauses for the 1 s backoff while the others flow), then
+    succeeds; a second container joins the group mid-stream and takes partitions over. Every record is
+    handled (at least once, as across any rebalance), the failed one exactly once after its two failures;
+    once both stop, the group has committed every partition to its end."""
+    counts: Counter[bytes] = Counter()
+    failures = Counter[bytes]()
+    poisoned = b"m5"
+
+    async def handle(records: Sequence[EventRecord]) -> None:
+        for index, record in enumerate(records):
+            if record.value == WARMUP:
+                continue
+            if record.value == poisoned and failures[poisoned] < 2:
+                failures[poisoned] += 1
+                raise BatchListenerFailedError(index) from ConnectionError("try again")
+            counts[record.value or b""] += 1
+
+    listener = Listener(
+        "it-batch", (topic.name,), topic.group, batch_handler=handle, ack_mode=AckMode.BATCH, poll_timeout_s=0.2
+    )
+    handler = DefaultErrorHandler(backoff=BackOff(max_attempts=5, initial_s=1.0, multiplier=1.0))
+    first = await topic.publish(60)
+    async with ListenerContainer(topic.log, listener, handler):
+        await until(lambda: failures[poisoned] == 2 and len(counts) >= 30, "the failures and some progress")
+        async with ListenerContainer(topic.log, listener, handler) as two:
+            await until(lambda: bool(two.assignments()[0]), "the joining member assigned partitions")
+            second = await topic.publish(60, start=60)
+            await until(lambda: len(counts) == 120, "every record handled")
+            assert two.handled > 0, "the joining member handled some"
+    assert set(counts) == set(first + second)
+    assert counts[poisoned] == 1
+    assert await topic.committed() == {p: topic.ends[p] for p in range(PARTITIONS)}
