@@ -198,7 +198,7 @@ async def test_a_listener_holding_one_record_too_long_is_not_ready() -> None:
         await asyncio.sleep(0.1)
         await health.check()  # in hand, but not for long yet
         await asyncio.sleep(0.3)
-        with pytest.raises(UnavailableError, match=r"stuck\[0\] has been handling one record for"):
+        with pytest.raises(UnavailableError, match=r"stuck\[0\] has been handling one record \(or batch\) for"):
             await health.check()
         release.set()
         await asyncio.sleep(0.1)
