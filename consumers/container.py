@@ -303,14 +303,7 @@ class _Member:
                     return False
                 if manual:  # recovered: commit past it, as Spring does after a recoverer
                     await self.commit({tp: record.offset + 1})
-            else:
-                self.handled += 1
-            self.container.consumed(record.topic).inc()
-            if not manual:
-                self._pending[tp] = record.offset + 1
-            self._failures.pop(tp, None)
-            if not self._failures:
-                self._stuck_since = None
+            self._done(tp, record, 1, handled=decision is None, pending=not manual)
             return True
         finally:
             self._in_hand_since = None
@@ -360,9 +353,10 @@ class _Member:
                 )
                 index, cause = 0, HandlerEscapeError(exc)
             else:
-                self._handled(tp, rest)
+                self._done(tp, rest[-1], len(rest), handled=True)
                 return
-            self._handled(tp, rest[:index])
+            if index:
+                self._done(tp, rest[index - 1], index, handled=True)
             failed = rest[index]
             with logs.bound(correlation=_correlation_id(failed)):
                 decision = await self._recover(failed, tp, cause)
@@ -370,17 +364,18 @@ class _Member:
                 self._stuck_since = self._stuck_since or time.monotonic()
                 self._rewind(tp, failed.offset, generation, decision.after_s)
                 return
-            self._handled(tp, [failed], recovered=True)
+            self._done(tp, failed, 1, handled=False)
             rest = rest[index + 1 :]
 
-    def _handled(self, tp: TopicPartition, records: list[EventRecord], recovered: bool = False) -> None:
-        """``records`` (consecutive, of ``tp``) are done: handled, or recovered by the error handler."""
-        if not records:
-            return
-        if not recovered:
-            self.handled += len(records)
-        self.container.consumed(records[0].topic).inc(len(records))
-        self._pending[tp] = records[-1].offset + 1
+    def _done(self, tp: TopicPartition, last: EventRecord, count: int, *, handled: bool, pending: bool = True) -> None:
+        """``count`` consecutive records of ``tp``, up to ``last``, are done: handled, or (``handled`` False)
+        recovered by the error handler. ``pending``: their offsets wait for the next commit (not in
+        ``MANUAL_IMMEDIATE``, where the handler commits). Record and batch listeners alike."""
+        if handled:
+            self.handled += count
+        self.container.consumed(last.topic).inc(count)
+        if pending:
+            self._pending[tp] = last.offset + 1
         self._failures.pop(tp, None)
         if not self._failures:
             self._stuck_since = None

@@ -84,9 +84,7 @@ async def test_a_dlt_the_app_may_not_write_keeps_the_failed_record_uncommitted_u
     )
     dlt = variables["BROADCAST_KAFKA__TOPIC_PREFIX"] + constants.dlt_topic(constants.SELECTED_TOPIC)
     async with restricted(stack.kafka_bootstrap, [dlt], READ, DESCRIBE):
-        server = Server(variables, tmp_path, name="app")
-        server_factory.append(server)
-        server.wait_live()
+        server = Fleet(variables, tmp_path, server_factory).start("app")
         async with httpx.AsyncClient(base_url=server.base, headers=ADMIN, timeout=20) as http:
             armed = await http.post("/api/admin/testing/kafka-consumer-failure", json={})
             assert armed.status_code == 201, armed.text
@@ -132,9 +130,7 @@ async def test_a_topic_the_relay_may_not_write_sends_its_rows_to_the_dead_state_
     )
     prefix = variables["BROADCAST_KAFKA__TOPIC_PREFIX"]
     group_topic = prefix + constants.GROUP_TOPIC
-    server = Server(variables, tmp_path, name="app")
-    server_factory.append(server)
-    server.wait_live()
+    server = Fleet(variables, tmp_path, server_factory).start("app")
     async with (
         httpx.AsyncClient(base_url=server.base, headers=ADMIN, timeout=20) as http,
         SseClient(server.base, "alice") as alice,
@@ -224,9 +220,7 @@ async def test_a_read_acl_revoked_while_running_stops_delivery_without_spinning_
         BROADCAST_OBSERVABILITY__CONSUMER_STALL_SECONDS="10",
     )
     selected_topic = variables["BROADCAST_KAFKA__TOPIC_PREFIX"] + constants.SELECTED_TOPIC
-    server = Server(variables, tmp_path, name="app")
-    server_factory.append(server)
-    server.wait_live()
+    server = Fleet(variables, tmp_path, server_factory).start("app")
     async with (
         httpx.AsyncClient(base_url=server.base, headers=ADMIN, timeout=20) as http,
         SseClient(server.base, "bob") as bob,
