@@ -21,7 +21,7 @@ import asyncio
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -45,8 +45,8 @@ from broadcast.relay import OutboxRelay
 from broadcast.settings import DatabaseSettings, KafkaSettings, LimitsSettings, RelaySettings
 from consumers.container import ListenerContainer
 from consumers.delivery import DeliveryHandlers
-from consumers.errors import BackOff, DefaultErrorHandler
-from consumers.listener import Listener
+from consumers.errors import BackOff, BatchListenerFailedError, DefaultErrorHandler
+from consumers.listener import AckMode, Listener
 from devstack import stack
 from dlt.consumer import DeadLetterHandler
 from dlt.drill import DrillSwitch
@@ -86,15 +86,19 @@ async def one_run(n: int, info: stack.StackInfo) -> dict[str, float]:
             handlers = DeliveryHandlers(inbox, MemoryPresence(30), MemoryBus(), DrillSwitch(drills))
             handled = 0
 
-            async def counting(record: EventRecord) -> None:
+            async def counting(records: Sequence[EventRecord]) -> None:
                 nonlocal handled
-                await handlers.on_selected(record)
-                handled += 1
+                try:
+                    await handlers.on_selected_batch(records)
+                except BatchListenerFailedError as exc:
+                    handled += exc.index
+                    raise
+                handled += len(records)
 
             recoverer = DeadLetterPublishingRecoverer(log.publisher(), kafka.consumer_group)
             delivery = ListenerContainer(
                 log,
-                Listener("delivery", (selected,), kafka.consumer_group, counting),
+                Listener("delivery", (selected,), kafka.consumer_group, batch_handler=counting, ack_mode=AckMode.BATCH),
                 DefaultErrorHandler(recoverer, BackOff(max_attempts=1)),
             )
             dlt_listener = Listener(

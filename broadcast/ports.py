@@ -270,6 +270,12 @@ class InboxStore(Protocol):
 
     async def row_for(self, broadcast_id: str, user_id: str) -> int: ...
 
+    async def rows_for(self, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        """``row_for`` for many (broadcast id, user id) pairs at once (repeats allowed): their row ids, the
+        missing rows created PENDING, existing rows left unchanged. ``RejectedByDatabaseError`` when a pair
+        cannot have a row (an unknown broadcast): then none of the batch's missing rows was created."""
+        ...
+
     async def pending(self, user_id: str, limit: int) -> list[InboxItem]:
         """The user's newest ``limit`` PENDING rows, oldest first."""
         ...
@@ -320,6 +326,11 @@ class Bus(Protocol):
         """Send ``payload`` to current subscribers of ``channel``; returns how many received it."""
         ...
 
+    async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> list[int]:
+        """``publish`` for many (channel, payload) messages in one round trip, sent in order; the receiver
+        counts in the same order. On ``UnavailableError`` some of them may have gone out."""
+        ...
+
     def subscribe(self, channels: Sequence[str]) -> AbstractAsyncContextManager[BusSubscription]: ...
 
 
@@ -335,6 +346,10 @@ class Presence(Protocol):
     async def leave(self, user_id: str, instance_id: str) -> None: ...
 
     async def instances(self, user_id: str) -> frozenset[str]: ...
+
+    async def instances_many(self, user_ids: Sequence[str]) -> dict[str, frozenset[str]]:
+        """``instances`` of many users in one round trip: every user asked about is a key (empty: offline)."""
+        ...
 
 
 class TicketStore(Protocol):

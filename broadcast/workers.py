@@ -28,7 +28,7 @@ from broadcast.settings import RetrySettings
 from consumers.container import ListenerContainer
 from consumers.delivery import DeliveryHandlers
 from consumers.errors import BackOff, DefaultErrorHandler, Recoverer, log_and_skip
-from consumers.listener import Listener
+from consumers.listener import AckMode, Listener
 from dlt.consumer import DeadLetterHandler
 from dlt.drill import DrillSwitch
 from dlt.recoverer import DeadLetterPublishingRecoverer
@@ -179,7 +179,8 @@ def _delivery_containers(c: Components) -> list[ListenerContainer]:
                 "delivery-selected",
                 (kafka.topic(constants.SELECTED_TOPIC),),
                 kafka.consumer_group,
-                handlers.on_selected,
+                batch_handler=handlers.on_selected_batch,
+                ack_mode=AckMode.BATCH,
             ),
             error_handler(settings.consumers.selected, recoverer),
             metrics=c.metrics,
@@ -187,7 +188,13 @@ def _delivery_containers(c: Components) -> list[ListenerContainer]:
         ),
         ListenerContainer(
             c.event_log,
-            Listener("delivery-group", (kafka.topic(constants.GROUP_TOPIC),), kafka.consumer_group, handlers.on_group),
+            Listener(
+                "delivery-group",
+                (kafka.topic(constants.GROUP_TOPIC),),
+                kafka.consumer_group,
+                batch_handler=handlers.on_group_batch,
+                ack_mode=AckMode.BATCH,
+            ),
             error_handler(settings.consumers.group, recoverer),
             metrics=c.metrics,
             rebalance_log_level=_rebalance_log_level(c),

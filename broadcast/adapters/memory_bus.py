@@ -41,6 +41,9 @@ class MemoryBus:
                     pass
         return received
 
+    async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> list[int]:
+        return [await self.publish(channel, payload) for channel, payload in messages]
+
     @asynccontextmanager
     async def subscribe(self, channels: Sequence[str]) -> AsyncIterator[MemorySubscriptionQueue]:
         sub = MemorySubscriptionQueue(frozenset(channels))
@@ -74,3 +77,6 @@ class MemoryPresence:
     async def instances(self, user_id: str) -> frozenset[str]:
         now = time.monotonic()
         return frozenset(i for i, expiry in self._entries.get(user_id, {}).items() if expiry > now)
+
+    async def instances_many(self, user_ids: Sequence[str]) -> dict[str, frozenset[str]]:
+        return {user_id: await self.instances(user_id) for user_id in user_ids}

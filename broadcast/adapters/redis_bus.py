@@ -20,7 +20,8 @@ from broadcast.errors import UnavailableError
 from broadcast.ports import BusMessage
 from broadcast.settings import RedisSettings
 
-HEARTBEAT_CHUNK = 1_000
+HEARTBEAT_CHUNK = 1_000  # users per pipelined round trip (heartbeats, presence lookups)
+PUBLISH_CHUNK_BYTES = 1 << 20  # payload bytes per pipelined round trip of publishes
 POOL_WAIT_S = 5.0
 
 
@@ -83,6 +84,20 @@ class RedisBus:
         except RedisError as exc:
             raise UnavailableError(f"redis publish failed: {exc!r}") from exc
 
+    async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> list[int]:
+        """Pipelined (not a transaction), about ``PUBLISH_CHUNK_BYTES`` of payload per round trip: one
+        connection sends them in order."""
+        received: list[int] = []
+        try:
+            for chunk in _chunks(messages, PUBLISH_CHUNK_BYTES):
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for channel, payload in chunk:
+                        pipe.publish(self._prefix + channel, payload)
+                    received += [int(n) for n in await pipe.execute()]
+        except RedisError as exc:
+            raise UnavailableError(f"redis publish failed: {exc!r}") from exc
+        return received
+
     @asynccontextmanager
     async def subscribe(self, channels: Sequence[str]) -> AsyncIterator[RedisBusSubscription]:
         pubsub = self._client.pubsub()
@@ -96,6 +111,20 @@ class RedisBus:
             yield RedisBusSubscription(pubsub, self._prefix)
         finally:
             await _close(pubsub)
+
+
+def _chunks(messages: Sequence[tuple[str, bytes]], limit: int) -> list[Sequence[tuple[str, bytes]]]:
+    """``messages`` cut in order into runs of about ``limit`` payload bytes (at least one message each)."""
+    chunks: list[Sequence[tuple[str, bytes]]] = []
+    start, size = 0, 0
+    for end, (_, payload) in enumerate(messages):
+        if size and size + len(payload) > limit:
+            chunks.append(messages[start:end])
+            start, size = end, 0
+        size += len(payload)
+    if start < len(messages):
+        chunks.append(messages[start:])
+    return chunks
 
 
 async def _close(pubsub: PubSub) -> None:
@@ -148,12 +177,25 @@ class RedisPresence:
             raise UnavailableError(f"redis presence leave failed: {exc!r}") from exc
 
     async def instances(self, user_id: str) -> frozenset[str]:
-        now = int(time.time() * 1000)
+        return (await self.instances_many([user_id]))[user_id]
+
+    async def instances_many(self, user_ids: Sequence[str]) -> dict[str, frozenset[str]]:
+        """One pipelined round trip per ``HEARTBEAT_CHUNK`` distinct users."""
+        distinct = list(dict.fromkeys(user_ids))
+        found: dict[str, frozenset[str]] = {}
         try:
-            members = await self._client.zrangebyscore(self._key(user_id), f"({now}", "+inf")
+            for start in range(0, len(distinct), HEARTBEAT_CHUNK):
+                chunk = distinct[start : start + HEARTBEAT_CHUNK]
+                now = int(time.time() * 1000)
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for user_id in chunk:
+                        pipe.zrangebyscore(self._key(user_id), f"({now}", "+inf")
+                    replies = await pipe.execute()
+                for user_id, members in zip(chunk, replies, strict=True):
+                    found[user_id] = frozenset(m.decode() if isinstance(m, bytes) else str(m) for m in members)
         except RedisError as exc:
             raise UnavailableError(f"redis presence lookup failed: {exc!r}") from exc
-        return frozenset(m.decode() if isinstance(m, bytes) else str(m) for m in members)
+        return found
 
 
 class RedisHealth:

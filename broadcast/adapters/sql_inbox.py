@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, func, or_, select, text, tuple_, update
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from broadcast.adapters.sql_engine import read_all, translate
 from broadcast.adapters.sql_rows import broadcast_from_row
@@ -26,6 +26,7 @@ from broadcast.ports import GroupPage
 GROUP_TYPES = (TargetType.ALL.value, TargetType.ROLE.value)
 GROUP_SCAN_LIMIT = 1_000  # the newest visible group broadcasts one query looks at; past it, a page is incomplete
 USERS_PER_QUERY = 500
+ROWS_CHUNK = 500  # (broadcast id, user id) pairs per lookup
 MARK_CHUNK = 500  # rows per upsert: 7 parameters each, under SQLite's and asyncpg's parameter limits
 
 b = broadcast_messages.c
@@ -39,6 +40,27 @@ def _visible(now: datetime) -> Any:
 def matches(broadcast: Broadcast, roles: frozenset[str]) -> bool:
     """Whether a group broadcast targets a user holding ``roles``."""
     return broadcast.target_type is TargetType.ALL or bool(roles.intersection(broadcast.target_roles))
+
+
+async def _lookup(conn: AsyncConnection, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    """The ids of the existing rows of ``pairs``: on PostgreSQL a join with the two unnested arrays (one
+    index probe per pair, two parameters whatever the count); on SQLite a row-value ``IN``."""
+    found: dict[tuple[str, str], int] = {}
+    for start in range(0, len(pairs), ROWS_CHUNK):
+        chunk = pairs[start : start + ROWS_CHUNK]
+        if conn.dialect.name == "postgresql":
+            query: Any = text(_PG_LOOKUP).bindparams(b=[p[0] for p in chunk], u=[p[1] for p in chunk])
+        else:
+            query = select(u.broadcast_id, u.user_id, u.id).where(tuple_(u.broadcast_id, u.user_id).in_(chunk))
+        found.update({(r[0], r[1]): int(r[2]) for r in (await conn.execute(query)).all()})
+    return found
+
+
+_PG_LOOKUP = (
+    "SELECT m.broadcast_id, m.user_id, m.id FROM user_broadcast_messages m"
+    " JOIN unnest(CAST(:b AS varchar[]), CAST(:u AS varchar[])) AS t(b, u)"
+    " ON m.broadcast_id = t.b AND m.user_id = t.u"
+)
 
 
 class SqlInboxStore:
@@ -78,23 +100,36 @@ class SqlInboxStore:
 
     async def row_for(self, broadcast_id: str, user_id: str) -> int:
         """The user's row for a broadcast, created PENDING if missing (idempotent)."""
-        now = datetime.now(UTC)
-        values = {
-            "broadcast_id": broadcast_id,
-            "user_id": user_id,
-            "delivery_status": DeliveryStatus.PENDING.value,
-            "read_status": ReadStatus.UNREAD.value,
-            "created_at": now,
-            "updated_at": now,
-        }
+        return (await self.rows_for([(broadcast_id, user_id)]))[(broadcast_id, user_id)]
+
+    async def rows_for(self, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        """The rows of (broadcast id, user id) ``pairs``: one lookup per ``ROWS_CHUNK`` pairs, then, only when
+        some are missing (a SELECTED broadcast writes its recipients' rows when it is created), one
+        transaction that inserts those PENDING (a concurrent insert wins quietly) and looks them up."""
+        wanted = list(dict.fromkeys(pairs))
         try:
-            async with self._engine.begin() as conn:
-                insert = dialect_insert(conn)
-                await conn.execute(insert(user_broadcast_messages).values(values).on_conflict_do_nothing())
-                query = select(u.id).where(u.broadcast_id == broadcast_id, u.user_id == user_id)
-                return int((await conn.execute(query)).scalar_one())
+            async with self._engine.connect() as conn:
+                found = await _lookup(conn, wanted)
+            missing = [pair for pair in wanted if pair not in found]
+            if missing:
+                now = datetime.now(UTC)
+                rows = [
+                    {
+                        "broadcast_id": broadcast_id,
+                        "user_id": user_id,
+                        "delivery_status": DeliveryStatus.PENDING.value,
+                        "read_status": ReadStatus.UNREAD.value,
+                        "created_at": now,
+                        "updated_at": now,
+                    }
+                    for broadcast_id, user_id in missing
+                ]
+                async with self._engine.begin() as conn:
+                    await conn.execute(dialect_insert(conn)(user_broadcast_messages).on_conflict_do_nothing(), rows)
+                    found.update(await _lookup(conn, missing))
         except (SQLAlchemyError, OSError) as exc:
             raise translate(exc) from exc
+        return found
 
     async def pending(self, user_id: str, limit: int) -> list[InboxItem]:
         """The user's newest ``limit`` PENDING rows, oldest first."""

@@ -57,3 +57,28 @@ async def test_presence_expires_without_heartbeats(bus_presence: tuple[Bus, Pres
     assert await presence.instances("alice") == {"i2"}
     await asyncio.sleep(PRESENCE_TTL_S * 0.6)
     assert await presence.instances("alice") == frozenset()
+
+
+async def test_many_publishes_arrive_in_order_with_their_receiver_counts(bus_presence: tuple[Bus, Presence]) -> None:
+    bus, _ = bus_presence
+    messages = [("group" if i % 3 else "instance:a", f"m{i}".encode() * (i + 1)) for i in range(40)]
+    async with bus.subscribe(["instance:a", "group"]) as a, bus.subscribe(["group"]) as b:
+        counts = await bus.publish_many(messages)
+        got_a = [await a.get(5) for _ in messages]
+        got_b = [await b.get(5) for m in messages if m[0] == "group"]
+    assert counts == [2 if channel == "group" else 1 for channel, _ in messages]
+    assert got_a == [BusMessage(channel, payload) for channel, payload in messages], "all of them, in order"
+    assert got_b == [BusMessage(c, p) for c, p in messages if c == "group"]
+    assert await bus.publish_many([]) == []
+
+
+async def test_presence_of_many_users_agrees_with_asking_one_by_one(bus_presence: tuple[Bus, Presence]) -> None:
+    _, presence = bus_presence
+    await presence.heartbeat_many(["alice", "bob"], "i1")
+    await presence.heartbeat("alice", "i2")
+    await presence.leave("bob", "i1")
+    asked = ["alice", "bob", "carol", "alice"]
+    many = await presence.instances_many(asked)
+    assert many == {user: await presence.instances(user) for user in asked}
+    assert many == {"alice": {"i1", "i2"}, "bob": frozenset(), "carol": frozenset()}
+    assert await presence.instances_many([]) == {}

@@ -12,6 +12,7 @@ from broadcast.adapters.sql_broadcasts import SqlBroadcastStore
 from broadcast.adapters.sql_inbox import SqlInboxStore
 from broadcast.adapters.sql_stores import SqlUserStore
 from broadcast.domain import NewBroadcast, TargetType
+from broadcast.errors import RejectedByDatabaseError
 from broadcast.lifecycle import Lifecycle
 from broadcast.settings import KafkaSettings, LimitsSettings
 from sse.frames import Cursor, micros
@@ -143,3 +144,36 @@ async def test_a_catch_up_is_bounded_to_the_newest_and_says_when_it_left_some_ou
     await inbox.mark_delivered([(i, "alice") for i in selected])
     items, resync = await catch_up(inbox, "alice", frozenset(), cursor, 3)
     assert resync == TOO_MANY and [i.broadcast.id for i in items] == group[-3:], "resume past the limit: newest"
+
+
+async def test_rows_of_many_pairs_come_back_and_only_missing_ones_are_created(
+    stores: tuple[Lifecycle, SqlInboxStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lifecycle, inbox = stores
+    first, _ = await lifecycle.create(NewBroadcast("one", TargetType.SELECTED, ("alice", "bob")), sender_id="admin")
+    second, _ = await lifecycle.create(NewBroadcast("two", TargetType.ALL), sender_id="admin")
+    await inbox.mark_delivered([(first.id, "alice")])
+    before = {(u, i.broadcast.id): i.row_id for u, i in await inbox.pending_for(["bob"], 10)}
+
+    monkeypatch.setattr(sql_inbox, "ROWS_CHUNK", 2)  # several lookups: the result is the same
+    pairs = [(first.id, "alice"), (first.id, "bob"), (second.id, "carol"), (first.id, "bob"), (first.id, "dave")]
+    rows = await inbox.rows_for(pairs)
+
+    assert set(rows) == set(pairs), "every pair asked about, repeats once"
+    assert rows[(first.id, "bob")] == before[("bob", first.id)], "an existing row keeps its id"
+    assert len(set(rows.values())) == 4, "one row per pair"
+    assert rows == {pair: await inbox.row_for(*pair) for pair in pairs}, "the same as asking one by one"
+    assert await inbox.rows_for(pairs) == rows, "asking again creates nothing"
+    pending = {(u, i.broadcast.id) for u, i in await inbox.pending_for(["alice", "bob", "dave"], 10)}
+    assert pending == {("bob", first.id), ("dave", first.id)}, "a created row is PENDING, a delivered one stays so"
+    assert await inbox.rows_for([]) == {}
+
+
+async def test_rows_for_an_unknown_broadcast_are_refused_and_none_of_the_batch_is_created(
+    stores: tuple[Lifecycle, SqlInboxStore],
+) -> None:
+    lifecycle, inbox = stores
+    known, _ = await lifecycle.create(NewBroadcast("one", TargetType.SELECTED, ("alice",)), sender_id="admin")
+    with pytest.raises(RejectedByDatabaseError):
+        await inbox.rows_for([(known.id, "bob"), ("00000000-0000-0000-0000-000000000000", "bob")])
+    assert await inbox.pending_for(["bob"], 10) == [], "bob's row for the known broadcast was not created either"
