@@ -58,6 +58,14 @@ class Measure:
     must: float | None = None
     goal: float | None = None
     note: str = ""
+    limit: float | None = None  # the raw libraries doing the same work in the same run, where measured
+
+    @property
+    def of_limit(self) -> float | None:
+        """ours / limit (NaN-safe): the share of what the libraries alone reach."""
+        if self.limit is None or not _finite(self.ours) or not _finite(self.limit) or self.limit == 0:
+            return None
+        return self.ours / self.limit
 
     @property
     def ratio(self) -> float | None:
@@ -191,9 +199,13 @@ def _fmt(value: float | None, unit: str = "") -> str:
     return f"{value:.2f}"
 
 
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.1f} %"
+
+
 def table(outcomes: Sequence[Outcome]) -> str:
-    header = ("scenario", "measure", "unit", "ours", "baseline", "ours/base", "§7 must", "§7 goal", "verdict")
-    rows = [header]
+    header = ("scenario", "measure", "unit", "ours", "baseline", "ours/base", "limit", "ours/limit", "§7 must")
+    rows: list[tuple[str, ...]] = [(*header, "§7 goal", "verdict")]
     for outcome in outcomes:
         for m in outcome.measures:
             ratio = m.ratio
@@ -205,12 +217,14 @@ def table(outcomes: Sequence[Outcome]) -> str:
                     _fmt(m.ours),
                     _fmt(m.baseline),
                     "-" if ratio is None else f"{ratio:.2f}x",
+                    _fmt(m.limit),
+                    _share(m.of_limit),
                     _fmt(m.must),
                     _fmt(m.goal),
                     m.verdict(),
                 )
             )
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for index, row in enumerate(rows):
         cells = [
@@ -231,14 +245,16 @@ def markdown(outcomes: Sequence[Outcome], info: dict[str, Any]) -> str:
         f"{info['machine']['kernel']}; commit {info['machine']['commit']}. {info['machine']['pinning']}. "
         f"Command: `{info['command']}`.",
         "",
-        "| scenario | measure | unit | ours | baseline | ours/base | §7 must | §7 goal | verdict |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|",
+        "| scenario | measure | unit | ours | baseline | ours/base | limit | ours/limit | §7 must | §7 goal "
+        "| verdict |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for outcome in outcomes:
         for m in outcome.measures:
             ratio = m.ratio
             cells = [outcome.scenario, m.metric, m.unit, _fmt(m.ours), _fmt(m.baseline)]
-            cells += ["-" if ratio is None else f"{ratio:.2f}x", _fmt(m.must), _fmt(m.goal), m.verdict()]
+            cells += ["-" if ratio is None else f"{ratio:.2f}x", _fmt(m.limit), _share(m.of_limit)]
+            cells += [_fmt(m.must), _fmt(m.goal), m.verdict()]
             out.append("| " + " | ".join(cells) + " |")
     out.append("")
     for outcome in outcomes:

@@ -139,35 +139,32 @@ class DeliveryHandlers:
 
     async def _push(self, items: Sequence[_Selected], rows: dict[tuple[str, str], int]) -> list[int | None]:
         """Publish each item's frame to the instances holding its user; per item, how many (None: nothing
-        to push)."""
-        payloads = [self._payload(item, rows) for item in items]
-        users = [item.user_id for item, payload in zip(items, payloads, strict=True) if payload is not None]
+        to push). Frames are built only for users someone holds (most are offline in a large broadcast)."""
+        pushing = [item.event.event_type in (EventType.CREATED, EventType.READ) for item in items]
+        users = [item.user_id for item, push in zip(items, pushing, strict=True) if push]
         instances = await self._presence.instances_many(users) if users else {}
         messages: list[tuple[str, bytes]] = []
         pushed: list[int | None] = []
-        for item, payload in zip(items, payloads, strict=True):
-            if payload is None:
-                pushed.append(None)
-                continue
-            held = sorted(instances[item.user_id])
-            messages += [(constants.instance_channel(instance), payload) for instance in held]
-            pushed.append(len(held))
+        for item, push in zip(items, pushing, strict=True):
+            held = sorted(instances[item.user_id]) if push else []
+            if held:
+                payload = self._payload(item, rows)
+                messages += [(constants.instance_channel(instance), payload) for instance in held]
+            pushed.append(len(held) if push else None)
         if messages:
             await self._bus.publish_many(messages)
         return pushed
 
     @staticmethod
-    def _payload(item: _Selected, rows: dict[tuple[str, str], int]) -> bytes | None:
+    def _payload(item: _Selected, rows: dict[tuple[str, str], int]) -> bytes:
         event, record = item.event, item.record
         if event.event_type is EventType.CREATED and event.broadcast is not None:
             event_id = None if item.row is None else f"s{rows[item.row]}"
             data = frame(EventName.MESSAGE, from_event(event), event_id)
             at = _due_at(event.broadcast.created_at, record.timestamp_ms)
             return _to_user(item.user_id, data, None if item.row is None else list(item.row), event.broadcast_id, at)
-        if event.event_type is EventType.READ:
-            data = frame(EventName.READ_RECEIPT, {"broadcastId": event.broadcast_id})
-            return _to_user(item.user_id, data, None, None, 0.0)
-        return None
+        data = frame(EventName.READ_RECEIPT, {"broadcastId": event.broadcast_id})
+        return _to_user(item.user_id, data, None, None, 0.0)
 
     # -- group topic ----------------------------------------------------------------------------------
     async def on_group_batch(self, records: Sequence[EventRecord]) -> None:

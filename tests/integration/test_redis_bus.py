@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from pydantic import SecretStr
 
-from broadcast.adapters.redis_bus import RedisBus, create_client
+from broadcast.adapters.redis_bus import RedisBus, RedisPresence, create_client
 from broadcast.errors import UnavailableError
 from broadcast.ports import BusMessage
 from broadcast.settings import RedisSettings
@@ -32,5 +32,20 @@ async def test_a_broken_subscription_connection_ends_the_subscription_instead_of
                 for _ in range(20):  # redis-py reconnects and resubscribes by itself on the next read
                     await subscription.get(0.25)
                     await asyncio.sleep(0.05)
+    finally:
+        await client.aclose()
+
+
+async def test_presence_lookups_survive_a_server_that_forgot_the_lookup_script(
+    stack: StackInfo, unique_name: str
+) -> None:
+    """A restarted Redis has an empty script cache: the next lookup loads the script again (NOSCRIPT)."""
+    client = create_client(RedisSettings(url=SecretStr(stack.redis_url), key_prefix=f"{unique_name}:"))
+    presence = RedisPresence(client, f"{unique_name}:", ttl_seconds=30)
+    try:
+        await presence.heartbeat_many(["alice", "bob"], "i1")
+        assert await presence.instances_many(["alice", "carol"]) == {"alice": {"i1"}, "carol": frozenset()}
+        await client.script_flush()
+        assert await presence.instances_many(["bob", "carol"]) == {"bob": {"i1"}, "carol": frozenset()}
     finally:
         await client.aclose()

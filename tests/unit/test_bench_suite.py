@@ -61,7 +61,7 @@ def test_a_run_writes_the_table_json_markdown_and_a_plot_per_scenario(
         )
 
     def bars(ctx: Context) -> Outcome:
-        return Outcome("bars", "no series", [Measure("rate", "1/s", 2.0, 1.0, "higher")])
+        return Outcome("bars", "no series", [Measure("rate", "1/s", 2.0, 1.0, "higher", limit=8.0)])
 
     def broken(ctx: Context) -> Outcome:
         raise RuntimeError("boom")
@@ -72,7 +72,7 @@ def test_a_run_writes_the_table_json_markdown_and_a_plot_per_scenario(
     code = suite.main(["--smoke", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     assert code == 1 and "FAILED scenario broken: RuntimeError('boom')" in printed
-    assert "0.25x" in printed and "goal" in printed and "2.00x" in printed
+    assert "0.25x" in printed and "goal" in printed and "2.00x" in printed and "25.0 %" in printed
     [result] = list(tmp_path.glob("*.json"))
     data = json.loads(result.read_text())
     assert [o["scenario"] for o in data["outcomes"]] == ["demo", "bars"] and data["failures"] == {
@@ -80,7 +80,9 @@ def test_a_run_writes_the_table_json_markdown_and_a_plot_per_scenario(
     }
     assert data["machine"]["cpus"] >= 1 and data["machine"]["python"].startswith("3.")
     assert sorted(p.name.split("-smoke-")[1] for p in tmp_path.glob("*.png")) == ["bars.png", "demo.png"]
-    assert "| demo | p99 | ms | 30.0 | 120.0 | 0.25x | 250.0 | 50.0 | goal |" in next(tmp_path.glob("*.md")).read_text()
+    written = next(tmp_path.glob("*.md")).read_text()
+    assert "| demo | p99 | ms | 30.0 | 120.0 | 0.25x | - | - | 250.0 | 50.0 | goal |" in written
+    assert "| bars | rate | 1/s | 2.00 | 1.00 | 2.00x | 8.00 | 25.0 % | - | - |  |" in written
 
 
 def test_a_merged_rerun_replaces_its_scenario_and_keeps_the_others(
