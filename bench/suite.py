@@ -38,6 +38,7 @@ SCENARIOS: dict[str, str] = {  # name -> module:function, in the order of the is
     "idle": "bench.scenarios.connections:idle",
     "fanout": "bench.scenarios.connections:fanout",
     "targeted": "bench.scenarios.publishing:targeted",
+    "targeted-sustained": "bench.scenarios.sustained:targeted_sustained",
     "publish-api": "bench.scenarios.publishing:publish_api",
     "bulk": "bench.scenarios.bulk:bulk",
     "reconnect": "bench.scenarios.reconnect:reconnect",
