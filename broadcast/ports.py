@@ -180,6 +180,17 @@ class OutboxStore(Protocol):
 
     async def mark_published(self, ids: Sequence[int]) -> None: ...
 
+    async def claim(
+        self, owner: str, max_lanes: int, lease: timedelta, limit: int
+    ) -> dict[int, list[ClaimedOutboxEvent]]:
+        """``claim_lanes``, then ``due(lane, limit)`` of each lane it got, at once: the relay's round start."""
+        ...
+
+    async def finish(self, owner: str, lanes: Sequence[int], published: Sequence[int]) -> None:
+        """``mark_published(published)`` and ``release_lanes(owner, lanes)`` at once (one transaction): the
+        relay's round end."""
+        ...
+
     async def record_failure(self, ids: Sequence[int], error: str, poison: bool = False) -> None:
         """Count a failed publish of each row (``poison``: the event log refused the record itself)."""
         ...

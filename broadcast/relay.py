@@ -1,9 +1,10 @@
 """The outbox relay: the one write path from the database to Kafka.
 
-Each round it leases a few lanes of the outbox (a short transaction of its own, ``FOR UPDATE SKIP
-LOCKED`` on the lane rows), reads their due rows in id order, publishes them pipelined with the
-idempotent ``acks=all`` producer — holding no transaction or lock while it awaits Kafka — marks every
-acknowledged row published (an acknowledged row is never published again) and gives the lanes back. One
+Each round it leases a few lanes of the outbox and reads their due rows in id order (one short
+transaction: ``FOR UPDATE SKIP LOCKED`` on the lane rows, then one statement for all their rows), publishes
+them pipelined with the idempotent ``acks=all`` producer — holding no transaction or lock while it awaits
+Kafka — then marks every acknowledged row published (an acknowledged row is never published again) and
+gives the lanes back (one more transaction). One
 owner per lane keeps per-key order; several relays (processes) share the lanes. A key's records go to one
 partition in order, so a failure (a broker outage, a leader change) fails them together and they are
 retried together. A row the event log refuses for itself (too large, corrupt: ``PublishError.poison``) is
@@ -74,21 +75,25 @@ class OutboxRelay:
         self._wakeup.set()
 
     async def run_once(self) -> int:
-        """One round: returns how many rows were published (0 when there was nothing due)."""
-        lanes = await self._outbox.claim_lanes(self._owner, self._settings.lanes_per_claim, self._lease)
-        if not lanes:
+        """One round: returns how many rows were published (0 when there was nothing due). Two transactions
+        when all goes well: ``claim`` (lanes and their due rows) and ``finish`` (marks and lane release)."""
+        s = self._settings
+        claimed = await self._outbox.claim(self._owner, s.lanes_per_claim, self._lease, s.batch_size)
+        if not claimed:
             return 0
+        lanes = sorted(claimed)
+        acknowledged: list[int] = []  # filled as the event log acknowledges, marked even if the round fails
         try:
-            published = await self._publish_lanes(lanes)
+            published = await self._publish_lanes([claimed[lane] for lane in lanes], acknowledged)
         finally:
-            await self._outbox.release_lanes(self._owner, lanes)
+            await self._outbox.finish(self._owner, lanes, acknowledged)
         self.published += published
         return published
 
-    async def _publish_lanes(self, lanes: list[int]) -> int:
-        """Publish the due rows of ``lanes``: one pipelined call for the lanes without a suspect row; a lane
-        holding a row the event log refused (poison) goes one row at a time up to its last suspect."""
-        batches = [await self._outbox.due(lane, self._settings.batch_size) for lane in lanes]
+    async def _publish_lanes(self, batches: list[list[ClaimedOutboxEvent]], acknowledged: list[int]) -> int:
+        """Publish the lanes' due rows: one pipelined call for the lanes without a suspect row; a lane
+        holding a row the event log refused (poison) goes one row at a time up to its last suspect. How
+        many were published; the pipelined call's acknowledged ids go to ``acknowledged`` (to be marked)."""
         together: list[ClaimedOutboxEvent] = []
         published = 0
         for batch in batches:
@@ -97,25 +102,26 @@ class OutboxRelay:
             published += alone
             if lane_goes_on:
                 together += batch[suspects:]
-        return published + await self._together(together)
+        return published + await self._together(together, acknowledged)
 
-    async def _together(self, rows: list[ClaimedOutboxEvent]) -> int:
-        """One pipelined publish; every acknowledged row is marked (none is ever published twice), each
-        failed one counted, and the ones the event log refused become suspects for the next round."""
+    async def _together(self, rows: list[ClaimedOutboxEvent], acknowledged: list[int]) -> int:
+        """One pipelined publish; the acknowledged rows' ids go to ``acknowledged`` (the round's end marks
+        them: none is ever published twice), each failed one is counted, and the ones the event log refused
+        become suspects for the next round. How many were acknowledged."""
         if not rows:
             return 0
         outcomes = await self._publisher.publish_many([_record(r) for r in rows])
         self._count(rows, outcomes)
-        acknowledged = [r.id for r, o in zip(rows, outcomes, strict=True) if not isinstance(o, PublishError)]
-        self._failpoint(len(acknowledged))
-        await self._outbox.mark_published(acknowledged)
+        ids = [r.id for r, o in zip(rows, outcomes, strict=True) if not isinstance(o, PublishError)]
+        self._failpoint(len(ids))
+        acknowledged += ids
         failed = [(r, o) for r, o in zip(rows, outcomes, strict=True) if isinstance(o, PublishError)]
         for poison in (False, True):
             group = [(r, o) for r, o in failed if o.poison is poison]
             if group:
                 log.warning("%d rows not published, they wait for the next round: %s", len(group), group[0][1])
                 await self._outbox.record_failure([r.id for r, _ in group], str(group[0][1]), poison=poison)
-        return len(acknowledged)
+        return len(ids)
 
     async def _one_by_one(self, rows: list[ClaimedOutboxEvent]) -> tuple[int, bool]:
         """Publish ``rows`` alone each, in order, so a poison row fails alone: one refused

@@ -88,6 +88,15 @@ class MemoryOutboxStore:
             if self._lanes[lane][0] == owner:
                 self._lanes[lane] = (None, now)
 
+    async def claim(
+        self, owner: str, max_lanes: int, lease: timedelta, limit: int
+    ) -> dict[int, list[ClaimedOutboxEvent]]:
+        return {lane: await self.due(lane, limit) for lane in await self.claim_lanes(owner, max_lanes, lease)}
+
+    async def finish(self, owner: str, lanes: Sequence[int], published: Sequence[int]) -> None:
+        await self.mark_published(published)
+        await self.release_lanes(owner, lanes)
+
     async def due(self, lane: int, limit: int) -> list[ClaimedOutboxEvent]:
         rows = self._due_rows(lane, datetime.now(UTC))[:limit]
         return [ClaimedOutboxEvent(r.id, r.event, r.created_at, r.attempts, r.poison_attempts) for r in rows]

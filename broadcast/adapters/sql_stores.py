@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import BigInteger, Text, any_, bindparam, cast, delete, func, insert, select, update
+from sqlalchemy import BigInteger, Text, any_, bindparam, cast, delete, func, insert, select, union_all, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -98,6 +98,24 @@ class SqlOutboxStore:
             raise translate(exc) from exc
 
     async def claim_lanes(self, owner: str, max_lanes: int, lease: timedelta) -> list[int]:
+        try:
+            async with self._engine.begin() as conn:
+                return await self._claim_lanes(conn, owner, max_lanes, lease)
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc) from exc
+
+    async def claim(
+        self, owner: str, max_lanes: int, lease: timedelta, limit: int
+    ) -> dict[int, list[ClaimedOutboxEvent]]:
+        """``claim_lanes`` and the due rows of every lane it got, in one transaction of two statements."""
+        try:
+            async with self._engine.begin() as conn:
+                lanes = await self._claim_lanes(conn, owner, max_lanes, lease)
+                return await self._due(conn, lanes, limit) if lanes else {}
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc) from exc
+
+    async def _claim_lanes(self, conn: AsyncConnection, owner: str, max_lanes: int, lease: timedelta) -> list[int]:
         now = datetime.now(UTC)
         due = outbox_events.c.not_before.is_(None) | (outbox_events.c.not_before <= now)
         has_work = (
@@ -121,63 +139,87 @@ class SqlOutboxStore:
             .values(owner=owner, lease_until=now + lease)
             .returning(outbox_lanes.c.lane)
         )
-        try:
-            async with self._engine.begin() as conn:
-                return sorted(int(lane) for lane in (await conn.execute(stmt)).scalars())
-        except (SQLAlchemyError, OSError) as exc:
-            raise translate(exc) from exc
+        return sorted(int(lane) for lane in (await conn.execute(stmt)).scalars())
 
     async def release_lanes(self, owner: str, lanes: Sequence[int]) -> None:
-        if not lanes:
-            return
-        stmt = (
+        if lanes:
+            await self._execute(self._release(owner, lanes))
+
+    @staticmethod
+    def _release(owner: str, lanes: Sequence[int]) -> Any:
+        return (
             update(outbox_lanes)
             .where(outbox_lanes.c.lane.in_(list(lanes)), outbox_lanes.c.owner == owner)
             .values(owner=None, lease_until=datetime.now(UTC))
         )
-        await self._execute(stmt)
+
+    async def finish(self, owner: str, lanes: Sequence[int], published: Sequence[int]) -> None:
+        """``mark_published(published)`` and ``release_lanes(owner, lanes)`` in one transaction."""
+        try:
+            async with self._engine.begin() as conn:
+                if published:
+                    await conn.execute(self._mark(published))
+                if lanes:
+                    await conn.execute(self._release(owner, lanes))
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc) from exc
 
     async def due(self, lane: int, limit: int) -> list[ClaimedOutboxEvent]:
+        try:
+            async with self._engine.connect() as conn:
+                return (await self._due(conn, [lane], limit)).get(lane, [])
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc) from exc
+
+    async def _due(
+        self, conn: AsyncConnection, lanes: Sequence[int], limit: int
+    ) -> dict[int, list[ClaimedOutboxEvent]]:
+        """The oldest ``limit`` due rows of each lane, in id order: one statement, a ``UNION ALL`` of one
+        index range per lane (``ix_outbox_events_unpublished``), whatever the backlog behind them."""
         now = datetime.now(UTC)
         o = outbox_events.c
-        query = (
-            select(o.id, o.topic, o.partition_key, o.event_type, o.payload, cast(o.headers, Text).label("headers"))
-            .add_columns(o.broadcast_id, o.not_before, o.created_at, o.attempts, o.poison_attempts)
+        parts = [
+            select(o.lane, o.id, o.topic, o.partition_key, o.event_type, o.payload)
+            .add_columns(cast(o.headers, Text).label("headers"), o.broadcast_id, o.not_before, o.created_at)
+            .add_columns(o.attempts, o.poison_attempts)
             .where(o.lane == lane, o.published_at.is_(None))
             .where(o.not_before.is_(None) | (o.not_before <= now))
             .order_by(o.id)
             .limit(limit)
-        )
-        try:
-            async with self._engine.connect() as conn:
-                rows = (await conn.execute(query)).all()
-        except (SQLAlchemyError, OSError) as exc:
-            raise translate(exc) from exc
+            .subquery()
+            for lane in lanes
+        ]
+        query: Any = select(parts[0]) if len(parts) == 1 else union_all(*(select(part) for part in parts))
+        rows = (await conn.execute(query)).all()
         headers: dict[str, tuple[tuple[str, bytes], ...]] = {}
         types = {t.value: t for t in EventType}
-        return [
-            ClaimedOutboxEvent(
-                id=r.id,
-                event=OutboxEvent(
-                    r.topic,
-                    r.partition_key,
-                    types[r.event_type],
-                    bytes(r.payload),
-                    decode_headers(r.headers, headers),
-                    r.broadcast_id,
-                    utc(r.not_before) if r.not_before else None,
-                ),
-                created_at=utc(r.created_at),
-                attempts=r.attempts,
-                poison_attempts=r.poison_attempts,
+        found: dict[int, list[ClaimedOutboxEvent]] = {lane: [] for lane in lanes}
+        for r in sorted(rows, key=lambda r: r.id):
+            found[r.lane].append(
+                ClaimedOutboxEvent(
+                    id=r.id,
+                    event=OutboxEvent(
+                        r.topic,
+                        r.partition_key,
+                        types[r.event_type],
+                        bytes(r.payload),
+                        decode_headers(r.headers, headers),
+                        r.broadcast_id,
+                        utc(r.not_before) if r.not_before else None,
+                    ),
+                    created_at=utc(r.created_at),
+                    attempts=r.attempts,
+                    poison_attempts=r.poison_attempts,
+                )
             )
-            for r in rows
-        ]
+        return found
 
     async def mark_published(self, ids: Sequence[int]) -> None:
         if ids:
-            now = datetime.now(UTC)
-            await self._execute(update(outbox_events).where(self._ids_match(ids)).values(published_at=now))
+            await self._execute(self._mark(ids))
+
+    def _mark(self, ids: Sequence[int]) -> Any:
+        return update(outbox_events).where(self._ids_match(ids)).values(published_at=datetime.now(UTC))
 
     def _ids_match(self, ids: Sequence[int]) -> Any:
         """``id IN (...)``; on PostgreSQL one array parameter (``= ANY``) instead of a bind per id."""

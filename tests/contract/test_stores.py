@@ -73,6 +73,29 @@ async def test_a_leased_lane_is_not_handed_to_another_relay(stores: tuple[UserSt
     assert sorted(await outbox.claim_lanes("relay-c", 100, LEASE)) == sorted(mine)
 
 
+async def test_a_round_claims_lanes_with_their_due_rows_and_finishes_with_marks_and_release_at_once(
+    stores: tuple[UserStore, OutboxStore],
+) -> None:
+    _, outbox = stores
+    later = replace(event(99, key="k0"), not_before=datetime.now(UTC) + timedelta(hours=1))
+    ids = await outbox.append([*(event(i, key=f"k{i % 3}") for i in range(9)), later])
+    claimed = await outbox.claim("relay-a", 100, LEASE, 2)
+    assert len(claimed) == 3, "the lanes of the three keys"
+    assert all(len(rows) == 2 for rows in claimed.values()), "at most the limit per lane"
+    for lane, rows in claimed.items():
+        assert [r.id for r in rows] == [r.id for r in await outbox.due(lane, 2)], "the same as due(), in id order"
+    assert await outbox.claim("relay-b", 100, LEASE, 2) == {}, "leased lanes go to no one else"
+
+    published = [r.id for rows in claimed.values() for r in rows]
+    await outbox.finish("relay-a", sorted(claimed), published)
+    again = await outbox.claim("relay-b", 100, LEASE, 100)
+    assert sorted(again) == sorted(claimed), "released: another relay takes them"
+    left = sorted(r.id for rows in again.values() for r in rows)
+    assert left == sorted(set(ids[:9]) - set(published)), "marked rows are gone, the not-yet-due one waits"
+    await outbox.finish("relay-a", sorted(again), [])
+    assert await outbox.claim("relay-c", 100, LEASE, 100) == {}, "finish releases only its own owner's lanes"
+
+
 async def test_an_expired_lease_frees_the_lane(stores: tuple[UserStore, OutboxStore]) -> None:
     _, outbox = stores
     await outbox.append([event(1)])

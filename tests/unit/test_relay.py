@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 
 from broadcast import relay
 from broadcast.adapters.memory_stores import MemoryOutboxStore
 from broadcast.domain import EventType, OutboxEvent
-from broadcast.errors import PublishError
+from broadcast.errors import PublishError, UnavailableError
 from broadcast.ports import OutgoingRecord, RecordPosition
 from broadcast.relay import OutboxRelay
 from broadcast.settings import RelaySettings, Settings
@@ -199,3 +199,44 @@ async def test_the_failpoint_also_holds_on_the_one_row_at_a_time_path() -> None:
     with pytest.raises(Exited):
         await doomed.run_once()  # now one row at a time: m0 acknowledged, then the exit
     assert publisher.sent == [b"m0"] and await outbox.backlog() == 3
+
+
+class CountingOutbox(MemoryOutboxStore):
+    """The memory outbox, with the names of the calls a relay makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    async def claim(self, owner: str, max_lanes: int, lease: timedelta, limit: int) -> dict[int, list[Any]]:
+        self.calls.append("claim")
+        return await super().claim(owner, max_lanes, lease, limit)
+
+    async def finish(self, owner: str, lanes: Sequence[int], published: Sequence[int]) -> None:
+        self.calls.append(f"finish {len(lanes)} lanes, {len(published)} marked")
+        await super().finish(owner, lanes, published)
+
+
+async def test_a_round_costs_one_claim_and_one_finish_whatever_the_lanes() -> None:
+    outbox = CountingOutbox()
+    await outbox.append([OutboxEvent("t", f"user-{n}", EventType.CREATED, f"m{n}".encode()) for n in range(40)])
+    relay = OutboxRelay(outbox, FlakyPublisher(fail={b"m7"}), RelaySettings(lanes_per_claim=32), owner="r")
+    published = await relay.run_once()
+    lanes = len({outbox._rows[i].lane for i in outbox._rows})
+    assert published == 39
+    assert outbox.calls == ["claim", f"finish {lanes} lanes, 39 marked"], "the failed row is not marked"
+    assert await outbox.backlog() == 1
+
+
+async def test_a_round_that_fails_after_acknowledgements_still_marks_them_and_releases_its_lanes() -> None:
+    class Broken(CountingOutbox):
+        async def record_failure(self, ids: Sequence[int], error: str, poison: bool = False) -> None:
+            raise UnavailableError("database gone")
+
+    outbox = Broken()
+    await outbox.append([OutboxEvent("t", "alice", EventType.CREATED, f"m{n}".encode()) for n in range(3)])
+    relay = OutboxRelay(outbox, FlakyPublisher(fail={b"m1"}), RelaySettings(), owner="r")
+    with pytest.raises(UnavailableError):
+        await relay.run_once()
+    assert outbox.calls == ["claim", "finish 1 lanes, 2 marked"], "m0 and m2 were acknowledged: never again"
+    assert await outbox.claim("other", 10, timedelta(seconds=30), 10) != {}, "the lane was released"
