@@ -33,3 +33,30 @@ async def test_a_session_idle_in_a_transaction_is_ended(stack: StackInfo) -> Non
                 await conn.execute(text("SELECT 1"))
     finally:
         await engine.dispose()
+
+
+async def test_pooled_connections_the_server_closed_are_replaced_at_checkout_without_an_error(
+    stack: StackInfo,
+) -> None:
+    """No pre-ping round trip: a session the server ended (a restart, an admin's pg_terminate_backend) is
+    seen closed on the client and swapped for a fresh one when it is checked out."""
+    engine = create_engine(DatabaseSettings(url=SecretStr(stack.postgres_url), pool_size=3))
+    try:
+        async with engine.connect() as a, engine.connect() as b, engine.connect() as c:
+            pids = [(await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one() for conn in (a, b, c)]
+        async with engine.connect() as admin:  # one of the three, ending the other two and itself
+            own = (await admin.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+            others = [pid for pid in pids if pid != own]
+            await admin.execute(
+                text("SELECT pg_terminate_backend(pid) FROM unnest(CAST(:p AS int[])) AS pid"), {"p": others}
+            )
+        await asyncio.sleep(0.3)  # the client's event loop reads the server's goodbye
+
+        async def backend() -> int:
+            async with engine.begin() as conn:
+                return int((await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one())
+
+        seen = await asyncio.gather(*(backend() for _ in range(3)))
+        assert not set(seen) & set(others), "no statement ran on an ended session, and none failed"
+    finally:
+        await engine.dispose()
