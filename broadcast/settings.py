@@ -244,6 +244,10 @@ class TestingSettings(BaseModel):
     # Before each of its publishes the relay waits a random 0..N ms (RELIABILITY #18: two relays racing with
     # random per-publish delays must still keep per-key order). 0: off.
     relay_publish_delay_ms: int = Field(default=0, ge=0, le=10_000)
+    # The delivery listeners take this many ms per record (waited before each slice of 50 records of a batch),
+    # so a fault test can rebalance the group while a large broadcast is still being consumed (RELIABILITY
+    # #11). 0: off.
+    delivery_record_delay_ms: int = Field(default=0, ge=0, le=1_000)
 
 
 class ObservabilitySettings(BaseModel):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Protocol
 
@@ -20,15 +20,15 @@ from broadcast.components import Components
 from broadcast.errors import ValidationError
 from broadcast.loops import Supervisor
 from broadcast.observe import ConsumersHealth, LoopsHealth, Sampler
-from broadcast.ports import EventPublisher
+from broadcast.ports import EventPublisher, EventRecord
 from broadcast.preflight import check_topics
 from broadcast.relay import DelayedPublisher, OutboxPurger, OutboxRelay
 from broadcast.scheduler import Scheduler
 from broadcast.settings import RetrySettings
 from consumers.container import ListenerContainer
 from consumers.delivery import DeliveryHandlers
-from consumers.errors import BackOff, DefaultErrorHandler, Recoverer, log_and_skip
-from consumers.listener import AckMode, Listener
+from consumers.errors import BackOff, BatchListenerFailedError, DefaultErrorHandler, Recoverer, log_and_skip
+from consumers.listener import AckMode, BatchHandler, Listener
 from dlt.consumer import DeadLetterHandler
 from dlt.drill import DrillSwitch
 from dlt.recoverer import DeadLetterPublishingRecoverer
@@ -171,6 +171,11 @@ def _delivery_containers(c: Components) -> list[ListenerContainer]:
     drill = DrillSwitch(c.drills) if settings.testing.fault_drill_enabled else None
     level = logging.INFO if settings.observability.delivery_log else logging.DEBUG
     handlers = DeliveryHandlers(c.inbox, c.presence, c.bus, drill, level)
+    on_selected: BatchHandler = handlers.on_selected_batch
+    on_group: BatchHandler = handlers.on_group_batch
+    if delay_ms := settings.testing.delivery_record_delay_ms:
+        log.warning("failpoint on: the delivery listeners take %d ms per record (for the fault suite)", delay_ms)
+        on_selected, on_group = slowed(on_selected, delay_ms), slowed(on_group, delay_ms)
     recoverer = DeadLetterPublishingRecoverer(c.event_log.publisher(), kafka.consumer_group, metrics=c.metrics)
     return [
         ListenerContainer(
@@ -179,7 +184,7 @@ def _delivery_containers(c: Components) -> list[ListenerContainer]:
                 "delivery-selected",
                 (kafka.topic(constants.SELECTED_TOPIC),),
                 kafka.consumer_group,
-                batch_handler=handlers.on_selected_batch,
+                batch_handler=on_selected,
                 ack_mode=AckMode.BATCH,
             ),
             error_handler(settings.consumers.selected, recoverer),
@@ -192,7 +197,7 @@ def _delivery_containers(c: Components) -> list[ListenerContainer]:
                 "delivery-group",
                 (kafka.topic(constants.GROUP_TOPIC),),
                 kafka.consumer_group,
-                batch_handler=handlers.on_group_batch,
+                batch_handler=on_group,
                 ack_mode=AckMode.BATCH,
             ),
             error_handler(settings.consumers.group, recoverer),
@@ -200,6 +205,28 @@ def _delivery_containers(c: Components) -> list[ListenerContainer]:
             rebalance_log_level=_rebalance_log_level(c),
         ),
     ]
+
+
+SLOWED_SLICE = 50  # records per slice of a slowed batch handler
+
+
+def slowed(handler: BatchHandler, per_record_ms: int) -> BatchHandler:
+    """The failpoint ``testing.delivery_record_delay_ms``: ``handler`` given a batch's records in slices of
+    ``SLOWED_SLICE``, each after waiting ``per_record_ms`` per record; a failure names its index in the whole
+    batch, as the container expects."""
+
+    async def handle(records: Sequence[EventRecord]) -> None:
+        for start in range(0, len(records), SLOWED_SLICE):
+            part = records[start : start + SLOWED_SLICE]
+            await asyncio.sleep(len(part) * per_record_ms / 1000)
+            try:
+                await handler(part)
+            except BatchListenerFailedError as exc:
+                raise BatchListenerFailedError(start + exc.index) from exc.__cause__
+            except Exception as exc:
+                raise BatchListenerFailedError(start) from exc
+
+    return handle
 
 
 def _dlt_container(c: Components) -> ListenerContainer:

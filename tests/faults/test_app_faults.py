@@ -46,6 +46,7 @@ from tests.waiting import wait_until
 
 PARTITIONS = 10
 HANDLED = re.compile(r'"message":"delivery \w+ [\w-]+: [^"]* \(([\w.-]+)-(\d+)@(\d+)\)"')  # the delivery log
+SLOW_RECORD_MS = 8  # ~1,000 records per partition: ~8 s each, a batch of 500 in hand for <= 4 s
 
 
 def users(count: int, prefix: str = "u") -> list[str]:
@@ -202,6 +203,10 @@ async def test_a_kill_between_the_sse_write_and_the_delivered_update(
 async def test_a_rebalance_while_a_batch_is_processing(
     env: dict[str, str], tmp_path: Path, server_factory: list[Server]
 ) -> None:
+    """The delivery consumers run with ``BROADCAST_TESTING__DELIVERY_RECORD_DELAY_MS`` so that the 10,000-record
+    broadcast takes several seconds per partition: batch listeners drain it in about a second otherwise, before
+    a third instance has even joined."""
+    env = {**env, "BROADCAST_TESTING__DELIVERY_RECORD_DELAY_MS": str(SLOW_RECORD_MS)}
     fleet = Fleet.of(env, tmp_path, server_factory, "app-a", "app-b")
     recipients = users(10_000)
     online = recipients[:100]

@@ -11,6 +11,7 @@ import pytest
 from broadcast.adapters.memory_log import MemoryEventLog
 from broadcast.errors import ConfigurationError, ValidationError
 from broadcast.ports import EventRecord, TopicPartition
+from broadcast.workers import slowed
 from consumers.container import ListenerContainer
 from consumers.errors import BackOff, BatchListenerFailedError, DefaultErrorHandler
 from consumers.listener import AckMode, Listener
@@ -199,3 +200,19 @@ def test_a_batch_listener_takes_a_batch_handler_and_nothing_else() -> None:
     with pytest.raises(ConfigurationError, match="RECORD takes `handler`"):
         Listener("x", (TOPIC,), GROUP, handler=plain, batch_handler=batch)
     assert Listener("x", (TOPIC,), GROUP, batch_handler=batch, ack_mode=AckMode.BATCH).batch_handler is batch
+
+
+async def test_the_slowed_failpoint_hands_slices_over_and_names_a_failure_by_its_index_in_the_whole_batch() -> None:
+    seen: list[int] = []
+
+    async def handle(records: Sequence[EventRecord]) -> None:
+        for index, record in enumerate(records):
+            if record.offset == 57:
+                raise BatchListenerFailedError(index) from ValidationError("bad")
+            seen.append(record.offset)
+
+    records = [EventRecord(TOPIC, 0, offset, None, b"", (), 0) for offset in range(120)]
+    with pytest.raises(BatchListenerFailedError) as failed:
+        await slowed(handle, per_record_ms=0)(records)
+    assert failed.value.index == 57 and isinstance(failed.value.__cause__, ValidationError)
+    assert seen == list(range(57))
