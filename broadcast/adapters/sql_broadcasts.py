@@ -48,6 +48,17 @@ from broadcast.domain import (
 )
 from broadcast.errors import ConflictError, NotFoundError, ValidationError
 
+_INSERT_BROADCAST = insert(broadcast_messages)
+_INSERT_STATISTICS = insert(broadcast_statistics)
+
+
+COPY_FROM = 64  # rows: below, an INSERT costs less than COPY's set-up (a targeted message's 1 row and 1 event)
+
+
+def _copying(conn: AsyncConnection, records: Sequence[object]) -> bool:
+    """Whether to write ``records`` with COPY (PostgreSQL, and enough of them to pay for it)."""
+    return conn.dialect.name == "postgresql" and len(records) >= COPY_FROM
+
 
 class SqlBroadcastStore:
     def __init__(self, engine: AsyncEngine) -> None:
@@ -69,14 +80,10 @@ class SqlBroadcastStore:
                     existing = await self._by_key(conn, idempotency_key, request_hash)
                     if existing is not None:
                         return existing, False
-                await conn.execute(
-                    insert(broadcast_messages).values(**broadcast_row(broadcast, idempotency_key, request_hash))
-                )
-                await conn.execute(
-                    insert(broadcast_statistics).values(
-                        broadcast_id=broadcast.id, targeted=broadcast.targeted_count, updated_at=broadcast.created_at
-                    )
-                )
+                # statements with their parameters apart: one compiled form, cached, for every broadcast
+                await conn.execute(_INSERT_BROADCAST, broadcast_row(broadcast, idempotency_key, request_hash))
+                stats = {"broadcast_id": broadcast.id, "targeted": broadcast.targeted_count}
+                await conn.execute(_INSERT_STATISTICS, {**stats, "updated_at": broadcast.created_at})
                 await self._write_recipients(conn, broadcast, recipients)
                 await self._write_outbox(conn, events, broadcast.created_at)
         except IntegrityError as exc:
@@ -107,7 +114,7 @@ class SqlBroadcastStore:
         columns = ["broadcast_id", "user_id", "delivery_status", "read_status", "created_at", "updated_at"]
         for batch in chunks(user_ids):
             records = [(broadcast.id, u, pending, unread, now, now) for u in batch]
-            if conn.dialect.name == "postgresql":
+            if _copying(conn, records):
                 await copy_records(conn, user_broadcast_messages.name, columns, records)
             else:
                 await conn.execute(
@@ -116,7 +123,7 @@ class SqlBroadcastStore:
 
     async def _write_outbox(self, conn: AsyncConnection, events: Iterable[OutboxEvent], now: datetime) -> None:
         for batch in chunks(outbox_records(events, now)):
-            if conn.dialect.name == "postgresql":
+            if _copying(conn, batch):
                 headers_at = OUTBOX_COLUMNS.index("headers")
                 records = [(*r[:headers_at], orjson.dumps(r[headers_at]).decode(), *r[headers_at + 1 :]) for r in batch]
                 await copy_records(conn, outbox_events.name, list(OUTBOX_COLUMNS), records)

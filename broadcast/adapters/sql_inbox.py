@@ -63,6 +63,17 @@ _PG_LOOKUP = (
 )
 
 
+_PG_MARK_DELIVERED = """
+INSERT INTO user_broadcast_messages
+    (broadcast_id, user_id, delivery_status, read_status, delivered_at, created_at, updated_at)
+SELECT t.b, t.u, :delivered, :unread, :now, :now, :now
+FROM unnest(CAST(:b AS varchar[]), CAST(:u AS varchar[])) AS t(b, u)
+ON CONFLICT (broadcast_id, user_id) DO UPDATE
+SET delivery_status = :delivered, delivered_at = :now, updated_at = :now
+WHERE user_broadcast_messages.delivery_status = :pending
+"""
+
+
 class SqlInboxStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
@@ -269,6 +280,8 @@ class SqlInboxStore:
         if not pairs:
             return 0
         now = datetime.now(UTC)
+        if self._engine.dialect.name == "postgresql":
+            return await self._mark_delivered_pg(sorted(dict.fromkeys(pairs)), now)
         done = 0
         rows = [
             {
@@ -302,3 +315,23 @@ class SqlInboxStore:
         except (SQLAlchemyError, OSError) as exc:
             raise translate(exc) from exc
         return done
+
+    async def _mark_delivered_pg(self, pairs: Sequence[tuple[str, str]], now: datetime) -> int:
+        """One statement with two array parameters, whatever the count: its plan is prepared once per
+        session, where a multi-row ``VALUES`` of each new length is compiled and planned anew."""
+        try:
+            async with self._engine.begin() as conn:
+                result = await conn.execute(
+                    text(_PG_MARK_DELIVERED),
+                    {
+                        "b": [p[0] for p in pairs],
+                        "u": [p[1] for p in pairs],
+                        "now": now,
+                        "delivered": DeliveryStatus.DELIVERED.value,
+                        "unread": ReadStatus.UNREAD.value,
+                        "pending": DeliveryStatus.PENDING.value,
+                    },
+                )
+                return int(result.rowcount)
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc) from exc
