@@ -34,7 +34,7 @@ import re
 import resource
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Literal
@@ -176,14 +176,14 @@ def listener_main(pipe: Connection) -> None:
 
 
 class SseClient:
-    """The parent's handle on the SSE client process."""
+    """The parent's handle on the SSE client process (``main``: its entry point, obeying the commands)."""
 
-    def __init__(self) -> None:
+    def __init__(self, main: Callable[[Connection], None] = listener_main) -> None:
         import multiprocessing
 
         spawn = multiprocessing.get_context("spawn")
         self._pipe, child = spawn.Pipe()
-        self._proc = spawn.Process(target=listener_main, args=(child,), daemon=True)
+        self._proc = spawn.Process(target=main, args=(child,), daemon=True)
         self._proc.start()
 
     def connect(self, port: int, user: str, wait_s: float = 30.0) -> None:

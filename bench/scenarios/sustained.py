@@ -17,8 +17,6 @@ consumer in the path); the baseline is ``bench/baseline/server.py --database-url
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import multiprocessing
 import resource
 import time
 import uuid
@@ -30,6 +28,7 @@ from bench.scenarios.publishing import (
     FILLER,
     Kind,
     Listener,
+    SseClient,
     _errors,
     _ms,
     _open,
@@ -111,34 +110,17 @@ def clients_main(pipe: Connection) -> None:
     uvloop.run(_clients(pipe))
 
 
-class Clients:
-    """The parent's handle on the SSE clients' process."""
+class Clients(SseClient):
+    """The parent's handle on the SSE clients' process: ``SseClient``'s, connecting many users at once."""
 
     def __init__(self) -> None:
-        spawn = multiprocessing.get_context("spawn")
-        self._pipe, child = spawn.Pipe()
-        self._proc = spawn.Process(target=clients_main, args=(child,), daemon=True)
-        self._proc.start()
+        super().__init__(clients_main)
 
-    def connect(self, port: int, names: Sequence[str], wait_s: float = 60.0) -> None:
+    def connect_all(self, port: int, names: Sequence[str], wait_s: float = 60.0) -> None:
         self._pipe.send(("connect", (port, list(names), wait_s)))
         opened = self._pipe.recv()
         if opened != len(names):
             raise RuntimeError(f"{opened} of {len(names)} SSE streams opened")
-
-    def collect(self, markers: Sequence[str], wait_s: float) -> dict[str, float]:
-        self._pipe.send(("collect", (list(markers), wait_s)))
-        received: dict[str, float] = self._pipe.recv()
-        return received
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError, EOFError):
-            self._pipe.send(("close", ()))
-            self._pipe.recv()
-        self._proc.join(10)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join()
 
 
 # --- one rate, one server -------------------------------------------------------------------------------
@@ -187,7 +169,7 @@ def _run(kind: Kind, ctx: Context, r: int, rates: Sequence[int], window_s: float
     with _server(kind, ctx, f"sustained-{r}") as port:
         clients = Clients()
         try:
-            clients.connect(port, online(everyone))
+            clients.connect_all(port, online(everyone))
             warm = _rate(port, clients, 20, 1.0, drain_s, everyone)
             for rate in rates:
                 result = _rate(port, clients, rate, window_s, drain_s, everyone)

@@ -7,7 +7,7 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from broadcast import constants, envelope
 from broadcast.adapters.sql_tables import broadcast_messages, outbox_events, user_broadcast_messages
@@ -185,3 +185,31 @@ async def test_listing_pages_through_every_broadcast_once(pipeline: Pipeline) ->
     assert [b.id for b in cancelled.items] == [made[0]]
     with pytest.raises(ValidationError):
         await pipeline.lifecycle.list_broadcasts(None, "not-a-cursor", 3)
+
+
+async def test_a_targeted_message_is_written_in_one_statement_with_its_rows_events_and_stats(
+    pipeline: Pipeline,
+) -> None:
+    statements: list[str] = []
+
+    def seen(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        statements.append(statement.split(None, 1)[0].upper())
+
+    event.listen(pipeline.engine.sync_engine, "before_cursor_execute", seen)
+    try:
+        request = NewBroadcast("quick", TargetType.SELECTED, ("alice", "bob"), category="ops")
+        b, created = await pipeline.lifecycle.create(request, sender_id="admin", idempotency_key="k-one")
+    finally:
+        event.remove(pipeline.engine.sync_engine, "before_cursor_execute", seen)
+    assert created and statements == ["WITH"], statements
+    assert await pipeline.lifecycle.get(b.id) == b, "the broadcast as it was built"
+    stats = await pipeline.lifecycle.stats(b.id)
+    assert (stats.targeted, stats.delivered, stats.pending) == (2, 0, 2)
+    claimed = await pipeline.outbox.claim("probe", 100, timedelta(seconds=30), 10)
+    rows = [row for lane_rows in claimed.values() for row in lane_rows]
+    assert sorted(r.event.key for r in rows) == ["alice", "bob"]
+    expected = pipeline.lifecycle.events.headers(EventType.CREATED, b.correlation_id)
+    assert all(r.event.headers == expected and r.event.broadcast_id == b.id for r in rows), "headers intact"
+    replay, again = await pipeline.lifecycle.create(request, sender_id="admin", idempotency_key="k-one")
+    assert replay.id == b.id and not again
+    assert await count(pipeline, user_broadcast_messages) == 2 and await pipeline.outbox.backlog() == 2
