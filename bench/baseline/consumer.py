@@ -20,6 +20,7 @@ import contextlib
 import json
 import signal
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -58,7 +59,9 @@ async def handle(value: bytes, pool: asyncpg.Pool, redis: Redis, schema: str, pr
     return len(instances)
 
 
-async def consume(args: argparse.Namespace) -> None:
+@contextlib.asynccontextmanager
+async def clients(args: argparse.Namespace) -> AsyncIterator[tuple[AIOKafkaConsumer, asyncpg.Pool, Redis]]:
+    """The started consumer (its own group, no auto-commit, from the earliest offset), a pool and Redis."""
     consumer = AIOKafkaConsumer(
         args.topic,
         bootstrap_servers=args.bootstrap,
@@ -70,14 +73,19 @@ async def consume(args: argparse.Namespace) -> None:
     redis = Redis.from_url(args.redis_url)
     await consumer.start()
     try:
-        async for record in consumer:
-            assert record.value is not None
-            await handle(record.value, pool, redis, args.schema, args.redis_prefix)
-            await consumer.commit()
+        yield consumer, pool, redis
     finally:
         await consumer.stop()
         await pool.close()
         await redis.aclose()
+
+
+async def consume(args: argparse.Namespace) -> None:
+    async with clients(args) as (consumer, pool, redis):
+        async for record in consumer:
+            assert record.value is not None
+            await handle(record.value, pool, redis, args.schema, args.redis_prefix)
+            await consumer.commit()
 
 
 async def main(args: argparse.Namespace) -> None:

@@ -22,10 +22,9 @@ from typing import Any
 import asyncpg
 import orjson
 import uvloop
-from aiokafka import AIOKafkaConsumer
 from redis.asyncio import Redis
 
-from bench.baseline.consumer import parse
+from bench.baseline.consumer import clients, parse
 
 LOOKUP = (
     'SELECT m.broadcast_id, m.user_id, m.id FROM "{schema}".user_broadcast_messages m'
@@ -61,27 +60,13 @@ async def handle(values: list[bytes], pool: asyncpg.Pool, redis: Redis, schema: 
 
 
 async def consume(args: Any) -> None:
-    consumer = AIOKafkaConsumer(
-        args.topic,
-        bootstrap_servers=args.bootstrap,
-        group_id=args.group,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-    )
-    pool = await asyncpg.create_pool(args.dsn, min_size=1, max_size=10)
-    redis = Redis.from_url(args.redis_url)
-    await consumer.start()
-    try:
+    async with clients(args) as (consumer, pool, redis):
         while True:
             batches = await consumer.getmany(timeout_ms=1000, max_records=500)
             values = [[r.value for r in records if r.value is not None] for records in batches.values()]
             await asyncio.gather(*(handle(v, pool, redis, args.schema, args.redis_prefix) for v in values))
             if batches:
                 await consumer.commit()
-    finally:
-        await consumer.stop()
-        await pool.close()
-        await redis.aclose()
 
 
 async def main(args: Any) -> None:

@@ -490,7 +490,7 @@ def report(scenario: str, injected: str, result: Verdict, extra: str = "") -> No
 
 
 KAFKA_PORTS = ("11092", "12092", "13092")
-POOLS = 32 + 20  # descriptors pools may keep: Redis's bound (redis.max_connections) + PostgreSQL's (10 + 10)
+POOLS = 32 + 20  # descriptors pools may keep: Redis's bound (redis.max_connections) + PostgreSQL's (20 + 0)
 
 
 @dataclass(frozen=True)
