@@ -177,33 +177,22 @@ def _delivery_containers(c: Components) -> list[ListenerContainer]:
         log.warning("failpoint on: the delivery listeners take %d ms per record (for the fault suite)", delay_ms)
         on_selected, on_group = slowed(on_selected, delay_ms), slowed(on_group, delay_ms)
     recoverer = DeadLetterPublishingRecoverer(c.event_log.publisher(), kafka.consumer_group, metrics=c.metrics)
+
+    def container(name: str, topic: str, handler: BatchHandler, retry: RetrySettings) -> ListenerContainer:
+        listener = Listener(
+            name, (kafka.topic(topic),), kafka.consumer_group, batch_handler=handler, ack_mode=AckMode.BATCH
+        )
+        return ListenerContainer(
+            c.event_log,
+            listener,
+            error_handler(retry, recoverer),
+            metrics=c.metrics,
+            rebalance_log_level=_rebalance_log_level(c),
+        )
+
     return [
-        ListenerContainer(
-            c.event_log,
-            Listener(
-                "delivery-selected",
-                (kafka.topic(constants.SELECTED_TOPIC),),
-                kafka.consumer_group,
-                batch_handler=on_selected,
-                ack_mode=AckMode.BATCH,
-            ),
-            error_handler(settings.consumers.selected, recoverer),
-            metrics=c.metrics,
-            rebalance_log_level=_rebalance_log_level(c),
-        ),
-        ListenerContainer(
-            c.event_log,
-            Listener(
-                "delivery-group",
-                (kafka.topic(constants.GROUP_TOPIC),),
-                kafka.consumer_group,
-                batch_handler=on_group,
-                ack_mode=AckMode.BATCH,
-            ),
-            error_handler(settings.consumers.group, recoverer),
-            metrics=c.metrics,
-            rebalance_log_level=_rebalance_log_level(c),
-        ),
+        container("delivery-selected", constants.SELECTED_TOPIC, on_selected, settings.consumers.selected),
+        container("delivery-group", constants.GROUP_TOPIC, on_group, settings.consumers.group),
     ]
 
 

@@ -19,9 +19,10 @@ shared step (database, Redis) names the first record: nothing of the batch count
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TypeVar
 
 import orjson
 
@@ -50,10 +51,9 @@ def _due_at(created: datetime, record_ms: int) -> float:
 
 @dataclass(frozen=True, slots=True)
 class _Selected:
-    """One decoded selected-topic record: ``index`` in its batch; ``row`` is the (broadcast, user) pair
-    whose row id becomes the frame's SSE id (None: fire-and-forget or not a message)."""
+    """One decoded selected-topic record; ``row`` is the (broadcast, user) pair whose row id becomes the
+    frame's SSE id (None: fire-and-forget or not a message)."""
 
-    index: int
     record: EventRecord
     event: MessageDeliveryEvent
     user_id: str
@@ -61,6 +61,20 @@ class _Selected:
 
 
 Failure = tuple[int, Exception]  # the first record of a batch that failed, and why
+T = TypeVar("T")
+
+
+async def _until_failure(
+    records: Sequence[EventRecord], step: Callable[[EventRecord], Awaitable[T]]
+) -> tuple[list[T], Failure | None]:
+    """``step`` of each record in order, up to the first that raises: the results before it, and it."""
+    done: list[T] = []
+    for index, record in enumerate(records):
+        try:
+            done.append(await step(record))
+        except Exception as exc:  # this record fails; the ones before it are handled
+            return done, (index, exc)
+    return done, None
 
 
 class DeliveryHandlers:
@@ -82,18 +96,11 @@ class DeliveryHandlers:
 
     # -- selected topic -------------------------------------------------------------------------------
     async def on_selected_batch(self, records: Sequence[EventRecord]) -> None:
-        items: list[_Selected] = []
-        failure: Failure | None = None
-        for index, record in enumerate(records):
-            try:
-                items.append(await self._selected(index, record))
-            except Exception as exc:  # this record fails; the ones before it are handled
-                failure = (index, exc)
-                break
+        items, failure = await _until_failure(records, self._selected)  # items[i] is records[i]
         try:
             rows, refused = await self._rows(items)
             if refused is not None:
-                failure, items = refused, [item for item in items if item.index < refused[0]]
+                failure, items = refused, items[: refused[0]]
             pushed = await self._push(items, rows)
         except Exception as exc:  # a shared step: nothing of the batch is handled
             raise BatchListenerFailedError(0) from exc
@@ -102,7 +109,7 @@ class DeliveryHandlers:
         if failure is not None:
             raise BatchListenerFailedError(failure[0]) from failure[1]
 
-    async def _selected(self, index: int, record: EventRecord) -> _Selected:
+    async def _selected(self, record: EventRecord) -> _Selected:
         """Decode and check one record (and run the fault drill on it)."""
         event = envelope.decode(record.value)
         user_id = event.user_id
@@ -117,7 +124,7 @@ class DeliveryHandlers:
                 await self._drill.check(record, event.broadcast_id, snapshot.created_at)
             if not snapshot.fire_and_forget:
                 row = (event.broadcast_id, user_id)
-        return _Selected(index, record, event, user_id, row)
+        return _Selected(record, event, user_id, row)
 
     async def _rows(self, items: Sequence[_Selected]) -> tuple[dict[tuple[str, str], int], Failure | None]:
         """The row ids of the items' pairs, in one call; when the database refuses the batch, pair by pair
@@ -129,12 +136,12 @@ class DeliveryHandlers:
             return await self._inbox.rows_for(pairs), None
         except RejectedByDatabaseError:
             rows: dict[tuple[str, str], int] = {}
-            for item in items:
+            for index, item in enumerate(items):
                 if item.row is not None:
                     try:
                         rows[item.row] = await self._inbox.row_for(*item.row)
                     except RejectedByDatabaseError as exc:
-                        return rows, (item.index, exc)
+                        return rows, (index, exc)
             return rows, None
 
     async def _push(self, items: Sequence[_Selected], rows: dict[tuple[str, str], int]) -> list[int | None]:
@@ -168,15 +175,7 @@ class DeliveryHandlers:
 
     # -- group topic ----------------------------------------------------------------------------------
     async def on_group_batch(self, records: Sequence[EventRecord]) -> None:
-        handled: list[tuple[EventRecord, MessageDeliveryEvent, bytes | None]] = []
-        failure: Failure | None = None
-        for index, record in enumerate(records):
-            try:
-                event = envelope.decode(record.value)
-                handled.append((record, event, await self._group(record, event)))
-            except Exception as exc:  # this record fails; the ones before it are handled
-                failure = (index, exc)
-                break
+        handled, failure = await _until_failure(records, self._group)
         messages = [(constants.REDIS_GROUP_CHANNEL, payload) for _, _, payload in handled if payload is not None]
         try:
             received = iter(await self._bus.publish_many(messages) if messages else [])
@@ -187,8 +186,9 @@ class DeliveryHandlers:
         if failure is not None:
             raise BatchListenerFailedError(failure[0]) from failure[1]
 
-    async def _group(self, record: EventRecord, event: MessageDeliveryEvent) -> bytes | None:
-        """The bus message of one group-topic record (None: nothing to push)."""
+    async def _group(self, record: EventRecord) -> tuple[EventRecord, MessageDeliveryEvent, bytes | None]:
+        """One group-topic record decoded, with its bus message (None: nothing to push)."""
+        event = envelope.decode(record.value)
         snapshot = event.broadcast
         if event.event_type is EventType.CREATED:
             if snapshot is None or snapshot.target_type is TargetType.SELECTED:
@@ -210,8 +210,8 @@ class DeliveryHandlers:
             data = frame(EventName.MESSAGE_REMOVED, {"broadcastId": event.broadcast_id, "reason": reason})
             payload = {"kind": "all", "frame": data.decode()}
         else:
-            return None
-        return orjson.dumps(payload)
+            return record, event, None
+        return record, event, orjson.dumps(payload)
 
     def _log(self, record: EventRecord, event: MessageDeliveryEvent, instances: int | None) -> None:
         if not log.isEnabledFor(self._log_level):

@@ -20,7 +20,7 @@ import contextlib
 import json
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import asyncpg
@@ -89,7 +89,12 @@ async def consume(args: argparse.Namespace) -> None:
 
 
 async def main(args: argparse.Namespace) -> None:
-    task = asyncio.create_task(consume(args))
+    await until_signalled(consume(args))
+
+
+async def until_signalled(work: Coroutine[Any, Any, None]) -> None:
+    """Run ``work`` until it ends or SIGTERM/SIGINT cancels it."""
+    task = asyncio.create_task(work)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, task.cancel)

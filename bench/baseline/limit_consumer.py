@@ -14,8 +14,6 @@ Usage: ``python -m bench.baseline.limit_consumer --bootstrap B --topic T --group
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import signal
 import time
 from typing import Any
 
@@ -24,7 +22,7 @@ import orjson
 import uvloop
 from redis.asyncio import Redis
 
-from bench.baseline.consumer import clients, parse
+from bench.baseline.consumer import clients, parse, until_signalled
 
 LOOKUP = (
     'SELECT m.broadcast_id, m.user_id, m.id FROM "{schema}".user_broadcast_messages m'
@@ -69,14 +67,5 @@ async def consume(args: Any) -> None:
                 await consumer.commit()
 
 
-async def main(args: Any) -> None:
-    task = asyncio.create_task(consume(args))
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, task.cancel)
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-
-
 if __name__ == "__main__":
-    uvloop.run(main(parse()))
+    uvloop.run(until_signalled(consume(parse())))

@@ -451,6 +451,11 @@ def _targeted_rate(port: int, client: SseClient, rate: int, window_s: float, dra
     }
 
 
+def median_at(runs: Sequence[dict[str, Any]], kind: Kind, rate: int, key: str) -> float:
+    """The median over ``kind``'s runs of ``key`` at ``rate`` (runs as ``{"kind", "rates": [{"rate", key}]}``)."""
+    return median([x[key] for run in runs if run["kind"] == kind for x in run["rates"] if x["rate"] == rate])
+
+
 def _targeted_run(kind: Kind, ctx: Context, r: int, rates: Sequence[int], window_s: float) -> dict[str, Any]:
     drain_s = SMOKE_DRAIN_S if ctx.smoke else DRAIN_S
     with _server(kind, ctx, f"targeted-{r}") as port:
@@ -471,7 +476,7 @@ def targeted(ctx: Context) -> Outcome:
     runs = [_targeted_run(kind, ctx, r, rates, window_s) for r in range(ctx.repeat) for kind in _order(r)]
 
     def med(kind: Kind, rate: int, key: str) -> float:
-        return median([x[key] for run in runs if run["kind"] == kind for x in run["rates"] if x["rate"] == rate])
+        return median_at(runs, kind, rate, key)
 
     measures: list[Measure] = []
     for rate in rates:

@@ -36,9 +36,10 @@ from bench.scenarios.publishing import (
     _request,
     _send_rate,
     _server,
+    median_at,
     publish,
 )
-from bench.suite import Context, Measure, Outcome, Series, median
+from bench.suite import Context, Measure, Outcome, Series
 
 USERS = 1_000
 SMOKE_USERS = 20
@@ -188,7 +189,7 @@ def targeted_sustained(ctx: Context) -> Outcome:
     runs = [_run(kind, ctx, r, rates, window_s, n) for r in range(ctx.repeat) for kind in _order(r)]
 
     def med(kind: Kind, rate: int, key: str) -> float:
-        return median([x[key] for run in runs if run["kind"] == kind for x in run["rates"] if x["rate"] == rate])
+        return median_at(runs, kind, rate, key)
 
     measures: list[Measure] = []
     for rate in rates:

@@ -49,21 +49,22 @@ async def _lookup(conn: AsyncConnection, pairs: Sequence[tuple[str, str]]) -> di
     for start in range(0, len(pairs), ROWS_CHUNK):
         chunk = pairs[start : start + ROWS_CHUNK]
         if conn.dialect.name == "postgresql":
-            query: Any = text(_PG_LOOKUP).bindparams(b=[p[0] for p in chunk], u=[p[1] for p in chunk])
+            result = await conn.execute(_PG_LOOKUP, {"b": [p[0] for p in chunk], "u": [p[1] for p in chunk]})
         else:
             query = select(u.broadcast_id, u.user_id, u.id).where(tuple_(u.broadcast_id, u.user_id).in_(chunk))
-        found.update({(r[0], r[1]): int(r[2]) for r in (await conn.execute(query)).all()})
+            result = await conn.execute(query)
+        found.update({(r[0], r[1]): int(r[2]) for r in result.all()})
     return found
 
 
-_PG_LOOKUP = (
+_PG_LOOKUP = text(
     "SELECT m.broadcast_id, m.user_id, m.id FROM user_broadcast_messages m"
     " JOIN unnest(CAST(:b AS varchar[]), CAST(:u AS varchar[])) AS t(b, u)"
     " ON m.broadcast_id = t.b AND m.user_id = t.u"
 )
 
 
-_PG_MARK_DELIVERED = """
+_PG_MARK_DELIVERED = text("""
 INSERT INTO user_broadcast_messages
     (broadcast_id, user_id, delivery_status, read_status, delivered_at, created_at, updated_at)
 SELECT t.b, t.u, :delivered, :unread, :now, :now, :now
@@ -71,7 +72,7 @@ FROM unnest(CAST(:b AS varchar[]), CAST(:u AS varchar[])) AS t(b, u)
 ON CONFLICT (broadcast_id, user_id) DO UPDATE
 SET delivery_status = :delivered, delivered_at = :now, updated_at = :now
 WHERE user_broadcast_messages.delivery_status = :pending
-"""
+""")
 
 
 class SqlInboxStore:
@@ -322,7 +323,7 @@ class SqlInboxStore:
         try:
             async with self._engine.begin() as conn:
                 result = await conn.execute(
-                    text(_PG_MARK_DELIVERED),
+                    _PG_MARK_DELIVERED,
                     {
                         "b": [p[0] for p in pairs],
                         "u": [p[1] for p in pairs],
