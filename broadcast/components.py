@@ -27,6 +27,7 @@ from broadcast.adapters.sql_engine import SqlHealth, create_engine, pool_connect
 from broadcast.adapters.sql_inbox import SqlInboxStore
 from broadcast.adapters.sql_stores import SqlOutboxStore, SqlUserStore
 from broadcast.lifecycle import Lifecycle
+from broadcast.loops import Wakeups
 from broadcast.metrics import Metrics
 from broadcast.ports import (
     BroadcastStore,
@@ -64,7 +65,7 @@ class Components:
     presence: Presence
     broadcasts: BroadcastStore
     lifecycle: Lifecycle
-    outbox_wakeup: asyncio.Event
+    outbox_wakeup: Wakeups
     inbox: InboxStore
     hub: Hub
     marker: DeliveredMarker
@@ -122,7 +123,7 @@ async def open_components(settings: Settings) -> AsyncIterator[Components]:
 
         users = SqlUserStore(engine)
         broadcasts = SqlBroadcastStore(engine)
-        wakeup = asyncio.Event()
+        wakeup = Wakeups()
         inbox = SqlInboxStore(engine)
         lifecycle = Lifecycle(broadcasts, users, settings.kafka, settings.limits, on_outbox=wakeup.set)
         seen_clock = SeenClock()

@@ -8,11 +8,22 @@ from typing import Final
 
 SELECTED_TOPIC: Final = "broadcast-user-service-selected"
 GROUP_TOPIC: Final = "broadcast-user-service-group"
+# HIGH and URGENT SELECTED broadcasts to at most PRIORITY_MAX_RECIPIENTS users: their own topic (and consumer),
+# so they never queue behind a bulk broadcast's records in a partition (ARCHITECTURE.md, "Priority lanes").
+SELECTED_PRIORITY_TOPIC: Final = "broadcast-user-service-selected-priority"
 DLT_SUFFIX: Final = "-dlt"
 SELECTED_DLT_TOPIC: Final = SELECTED_TOPIC + DLT_SUFFIX
 GROUP_DLT_TOPIC: Final = GROUP_TOPIC + DLT_SUFFIX
-BASE_TOPICS: Final = (SELECTED_TOPIC, GROUP_TOPIC)
-ALL_TOPICS: Final = (SELECTED_TOPIC, GROUP_TOPIC, SELECTED_DLT_TOPIC, GROUP_DLT_TOPIC)
+SELECTED_PRIORITY_DLT_TOPIC: Final = SELECTED_PRIORITY_TOPIC + DLT_SUFFIX
+BASE_TOPICS: Final = (SELECTED_TOPIC, GROUP_TOPIC, SELECTED_PRIORITY_TOPIC)
+ALL_TOPICS: Final = (
+    SELECTED_TOPIC,
+    GROUP_TOPIC,
+    SELECTED_PRIORITY_TOPIC,
+    SELECTED_DLT_TOPIC,
+    GROUP_DLT_TOPIC,
+    SELECTED_PRIORITY_DLT_TOPIC,
+)
 
 TOPIC_PARTITIONS: Final = 10
 TOPIC_REPLICATION_FACTOR: Final = 3
@@ -20,6 +31,13 @@ TOPIC_MIN_INSYNC_REPLICAS: Final = 2
 
 # The outbox is split into lanes by key hash; one relay at a time owns a lane, which keeps per-key order.
 OUTBOX_LANES: Final = 32
+# Lanes OUTBOX_LANES .. OUTBOX_LANES + OUTBOX_PRIORITY_LANES - 1 hold the priority class's events (header
+# HEADER_LANE_CLASS), worked by a relay loop of their own: an urgent row never waits behind a bulk backlog.
+OUTBOX_PRIORITY_LANES: Final = 8
+NORMAL_LANES: Final = range(OUTBOX_LANES)
+PRIORITY_LANES: Final = range(OUTBOX_LANES, OUTBOX_LANES + OUTBOX_PRIORITY_LANES)
+# A HIGH or URGENT SELECTED broadcast to more users than this is bulk: it takes the normal class.
+PRIORITY_MAX_RECIPIENTS: Final = 1_000
 
 DEFAULT_CONSUMER_GROUP: Final = "broadcast-delivery"
 DLT_GROUP_SUFFIX: Final = "-dlt"  # the DLT consumer's group: the delivery group's name + this
@@ -28,6 +46,10 @@ DLT_GROUP_SUFFIX: Final = "-dlt"  # the DLT consumer's group: the delivery group
 HEADER_EVENT_TYPE: Final = "event_type"
 HEADER_SCHEMA_VERSION: Final = "schema_version"
 HEADER_CORRELATION_ID: Final = "correlation_id"
+# On every event of the priority class (HIGH and URGENT broadcasts; see PRIORITY_MAX_RECIPIENTS): its outbox
+# lane, kept by a dead outbox row or a dead letter, so a redrive goes back to the priority class.
+HEADER_LANE_CLASS: Final = "broadcast_lane_class"
+PRIORITY_CLASS: Final = b"priority"
 # Set on a record an admin re-drove from the dead-letter store (value: the dead letter's id); the fault
 # drill never fails such a record.
 HEADER_REDRIVEN_FROM: Final = "broadcast_redriven_from"

@@ -7,10 +7,13 @@ distinct types that convert to and from these.
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Generic, TypeVar
+
+from broadcast import constants
 
 T = TypeVar("T")
 
@@ -120,6 +123,17 @@ class OutboxEvent:
     headers: tuple[tuple[str, bytes], ...] = ()
     broadcast_id: str | None = None
     not_before: datetime | None = None
+
+
+PRIORITY_HEADER = (constants.HEADER_LANE_CLASS, constants.PRIORITY_CLASS)
+
+
+def outbox_lane(key: str, headers: tuple[tuple[str, bytes], ...]) -> int:
+    """The outbox lane of an event (stable across processes and restarts): by key hash, among the priority
+    lanes when its headers put it in the priority class, else among the normal ones."""
+    if PRIORITY_HEADER in headers:
+        return constants.PRIORITY_LANES[zlib.crc32(key.encode()) % constants.OUTBOX_PRIORITY_LANES]
+    return zlib.crc32(key.encode()) % constants.OUTBOX_LANES
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,11 @@
 - CREATED for ALL/ROLE, CANCELLED, EXPIRED: one event per broadcast on the group topic, keyed by its id;
 - READ: one event per (broadcast, user) on the selected topic, keyed by user id (tab sync).
 Scheduled CREATED events carry ``not_before = scheduledAt``.
+
+The priority class (``priority_class``): every event of a HIGH or URGENT broadcast carries the lane-class
+header, so it takes the priority outbox lanes; its per-recipient CREATED events go to the selected priority
+topic, unless it has more than ``constants.PRIORITY_MAX_RECIPIENTS`` recipients (a bulk broadcast stays bulk,
+whatever its priority). READ events stay in the normal class.
 """
 
 from __future__ import annotations
@@ -13,24 +18,29 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 
 from broadcast import constants, envelope
-from broadcast.domain import Broadcast, EventType, OutboxEvent
+from broadcast.domain import PRIORITY_HEADER, Broadcast, EventType, OutboxEvent, Priority
 from broadcast.settings import KafkaSettings
 
 
 class EventShapes:
     def __init__(self, kafka: KafkaSettings, clock: Callable[[], datetime]) -> None:
         self._selected_topic = kafka.topic(constants.SELECTED_TOPIC)
+        self._priority_topic = kafka.topic(constants.SELECTED_PRIORITY_TOPIC)
         self._group_topic = kafka.topic(constants.GROUP_TOPIC)
         self._clock = clock
 
     @staticmethod
-    def headers(event_type: EventType, correlation_id: str | None) -> tuple[tuple[str, bytes], ...]:
+    def headers(
+        event_type: EventType, correlation_id: str | None, priority: bool = False
+    ) -> tuple[tuple[str, bytes], ...]:
         headers = [
             (constants.HEADER_EVENT_TYPE, event_type.value.encode()),
             (constants.HEADER_SCHEMA_VERSION, str(envelope.SCHEMA_VERSION).encode()),
         ]
         if correlation_id:
             headers.append((constants.HEADER_CORRELATION_ID, correlation_id.encode()))
+        if priority:
+            headers.append(PRIORITY_HEADER)
         return tuple(headers)
 
     def created_for_users(self, broadcast: Broadcast, user_ids: Sequence[str]) -> Iterator[OutboxEvent]:
@@ -43,10 +53,12 @@ class EventShapes:
             broadcast=envelope.snapshot(broadcast),
         )
         encoder = envelope.PerUserEncoder(template)
-        headers = self.headers(EventType.CREATED, broadcast.correlation_id)
+        priority = priority_class(broadcast) and len(user_ids) <= constants.PRIORITY_MAX_RECIPIENTS
+        headers = self.headers(EventType.CREATED, broadcast.correlation_id, priority)
+        topic = self._priority_topic if priority else self._selected_topic
         for user_id in user_ids:
             yield OutboxEvent(
-                self._selected_topic,
+                topic,
                 user_id,
                 EventType.CREATED,
                 encoder.encode(user_id),
@@ -69,7 +81,7 @@ class EventShapes:
             broadcast.id,
             event_type,
             envelope.encode(event),
-            self.headers(event_type, broadcast.correlation_id),
+            self.headers(event_type, broadcast.correlation_id, priority_class(broadcast)),
             broadcast.id,
             broadcast.scheduled_at if event_type is EventType.CREATED else None,
         )
@@ -90,3 +102,8 @@ class EventShapes:
             self.headers(EventType.READ, None),
             broadcast_id,
         )
+
+
+def priority_class(broadcast: Broadcast) -> bool:
+    """Whether ``broadcast``'s events take the priority lanes (HIGH and URGENT)."""
+    return broadcast.priority in (Priority.HIGH, Priority.URGENT)

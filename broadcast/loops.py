@@ -10,6 +10,23 @@ from collections.abc import Awaitable, Callable
 log = logging.getLogger(__name__)
 
 
+class Wakeups:
+    """One signal, several sleepers: ``set`` sets the event of every loop that asked for one (``event``), and
+    each loop clears only its own, so one loop's clear never swallows another's wake-up."""
+
+    def __init__(self) -> None:
+        self._events: list[asyncio.Event] = []
+
+    def event(self) -> asyncio.Event:
+        event = asyncio.Event()
+        self._events.append(event)
+        return event
+
+    def set(self) -> None:
+        for event in self._events:
+            event.set()
+
+
 async def pause(stop: asyncio.Event, seconds: float, wakeup: asyncio.Event | None = None) -> None:
     """Wait ``seconds``, returning early when ``stop`` (or ``wakeup``, if given) is set."""
     waiters = [asyncio.ensure_future(stop.wait())]

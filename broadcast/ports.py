@@ -163,12 +163,15 @@ class OutboxStore(Protocol):
 
     A relay leases whole lanes (``claim_lanes``, ``FOR UPDATE SKIP LOCKED`` on the lane rows, committed at
     once), reads their due rows in id order and publishes them with no lock held; one owner per lane keeps
-    per-key order while several relays share the work.
+    per-key order while several relays share the work. ``among`` restricts a claim to a set of lanes (the
+    normal or the priority class, ``constants.NORMAL_LANES``/``PRIORITY_LANES``); None: any lane.
     """
 
     async def append(self, events: Sequence[OutboxEvent]) -> list[int]: ...
 
-    async def claim_lanes(self, owner: str, max_lanes: int, lease: timedelta) -> list[int]:
+    async def claim_lanes(
+        self, owner: str, max_lanes: int, lease: timedelta, among: Sequence[int] | None = None
+    ) -> list[int]:
         """Lease up to ``max_lanes`` lanes that have due rows and no live owner (least recently served first)."""
         ...
 
@@ -181,7 +184,7 @@ class OutboxStore(Protocol):
     async def mark_published(self, ids: Sequence[int]) -> None: ...
 
     async def claim(
-        self, owner: str, max_lanes: int, lease: timedelta, limit: int
+        self, owner: str, max_lanes: int, lease: timedelta, limit: int, among: Sequence[int] | None = None
     ) -> dict[int, list[ClaimedOutboxEvent]]:
         """``claim_lanes``, then ``due(lane, limit)`` of each lane it got, at once: the relay's round start."""
         ...
@@ -295,9 +298,10 @@ class InboxStore(Protocol):
         """PENDING rows of any of ``user_ids`` (user id, item), oldest first — one query for many users."""
         ...
 
-    async def selected_after(
-        self, user_id: str, row_id: int, since: datetime | None, limit: int
-    ) -> list[InboxItem]: ...
+    async def selected_after(self, user_id: str, row_id: int, since: datetime | None, limit: int) -> list[InboxItem]:
+        """A resume's SELECTED rows: after the cursor row ``row_id`` (or created after ``since``), PENDING, or
+        delivered since the cursor's row was (the priority class overtakes older rows), in row order."""
+        ...
 
     async def row_created_at(self, user_id: str, row_id: int) -> datetime | None: ...
 

@@ -5,7 +5,9 @@ transaction: ``FOR UPDATE SKIP LOCKED`` on the lane rows, then one statement for
 them pipelined with the idempotent ``acks=all`` producer — holding no transaction or lock while it awaits
 Kafka — then marks every acknowledged row published (an acknowledged row is never published again) and
 gives the lanes back (one more transaction). One
-owner per lane keeps per-key order; several relays (processes) share the lanes. A key's records go to one
+owner per lane keeps per-key order; several relays (processes) share the lanes. Lanes come in two classes
+(``constants.NORMAL_LANES``, ``PRIORITY_LANES``), each worked by a relay loop of its own, so a HIGH or URGENT
+row never waits for a bulk round. A key's records go to one
 partition in order, so a failure (a broker outage, a leader change) fails them together and they are
 retried together. A row the event log refuses for itself (too large, corrupt: ``PublishError.poison``) is
 a suspect: its lane is then published one row at a time up to it, and after ``poison_attempts`` refusals
@@ -57,7 +59,10 @@ class OutboxRelay:
         metrics: Metrics = NO_METRICS,
         exit_after_acks: int | None = None,
         exit_process: Callable[[int], NoReturn] = os._exit,
+        lanes: Sequence[int] | None = None,
     ) -> None:
+        """``lanes``: the only lanes this relay claims (one class, ``constants.NORMAL_LANES`` or
+        ``PRIORITY_LANES``); None: any."""
         self._metrics = metrics
         self._exit_after_acks = exit_after_acks  # the failpoint (``testing.relay_exit_after_acks``); None: off
         self._exit_process = exit_process
@@ -68,6 +73,7 @@ class OutboxRelay:
         self._owner = owner
         self._wakeup = wakeup or asyncio.Event()
         self._lease = timedelta(seconds=settings.lease_seconds)
+        self._lanes = lanes
         self.published = 0
 
     def wake(self) -> None:
@@ -78,7 +84,7 @@ class OutboxRelay:
         """One round: returns how many rows were published (0 when there was nothing due). Two transactions
         when all goes well: ``claim`` (lanes and their due rows) and ``finish`` (marks and lane release)."""
         s = self._settings
-        claimed = await self._outbox.claim(self._owner, s.lanes_per_claim, self._lease, s.batch_size)
+        claimed = await self._outbox.claim(self._owner, s.lanes_per_claim, self._lease, s.batch_size, self._lanes)
         if not claimed:
             return 0
         lanes = sorted(claimed)

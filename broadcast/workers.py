@@ -70,18 +70,22 @@ async def running(components: Components, roles: frozenset[str]) -> AsyncIterato
         if delay_ms := settings.testing.relay_publish_delay_ms:
             log.warning("failpoint on: the relay waits 0..%d ms before each publish (for the fault suite)", delay_ms)
             publisher = DelayedPublisher(publisher, delay_ms)
-        start(
-            "outbox-relay",
-            OutboxRelay(
+        # two loops, one per lane class: a priority row never waits for a bulk round (ARCHITECTURE.md)
+        for name, owner, lanes in (
+            ("outbox-relay", settings.server.instance_id, constants.NORMAL_LANES),
+            ("outbox-relay-priority", f"{settings.server.instance_id}:priority", constants.PRIORITY_LANES),
+        ):
+            relay = OutboxRelay(
                 components.outbox,
                 publisher,
                 settings.relay,
-                owner=settings.server.instance_id,
-                wakeup=components.outbox_wakeup,
+                owner=owner,
+                wakeup=components.outbox_wakeup.event(),
                 metrics=components.metrics,
                 exit_after_acks=settings.testing.relay_exit_after_acks,
-            ),
-        )
+                lanes=lanes,
+            )
+            start(name, relay)
         start("outbox-purger", OutboxPurger(components.outbox, settings.relay))
     if "scheduler" in roles:
         start(
@@ -165,7 +169,7 @@ def error_handler(
 
 
 def _delivery_containers(c: Components) -> list[ListenerContainer]:
-    """The two delivery listeners, one shared consumer group: work is split across instances; what fails
+    """The three delivery listeners, one shared consumer group: work is split across instances; what fails
     for good goes to ``<topic>-dlt`` (``DeadLetterPublishingRecoverer``)."""
     settings, kafka = c.settings, c.settings.kafka
     drill = DrillSwitch(c.drills) if settings.testing.fault_drill_enabled else None
@@ -193,6 +197,10 @@ def _delivery_containers(c: Components) -> list[ListenerContainer]:
     return [
         container("delivery-selected", constants.SELECTED_TOPIC, on_selected, settings.consumers.selected),
         container("delivery-group", constants.GROUP_TOPIC, on_group, settings.consumers.group),
+        # the priority class's own fetch positions: its records never queue behind a bulk backlog
+        container(
+            "delivery-selected-priority", constants.SELECTED_PRIORITY_TOPIC, on_selected, settings.consumers.selected
+        ),
     ]
 
 
@@ -219,7 +227,7 @@ def slowed(handler: BatchHandler, per_record_ms: int) -> BatchHandler:
 
 
 def _dlt_container(c: Components) -> ListenerContainer:
-    """The DLT listener: both dead-letter topics into the DLT store, in a consumer group of its own."""
+    """The DLT listener: every dead-letter topic into the DLT store, in a consumer group of its own."""
     kafka, consumers = c.settings.kafka, c.settings.consumers
     topics = tuple(kafka.topic(constants.dlt_topic(t)) for t in constants.BASE_TOPICS)
     handler = DeadLetterHandler(c.dead_letter_store, c.metrics)

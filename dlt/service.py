@@ -54,7 +54,7 @@ class DeadLetterService:
         self._redrives = metrics.redrives
         self._store = store
         self._publisher = publisher
-        self._targets = {kafka.topic(constants.SELECTED_TOPIC), kafka.topic(constants.GROUP_TOPIC)}
+        self._targets = {kafka.topic(t) for t in constants.BASE_TOPICS}
         self._on_outbox = on_outbox
 
     async def letter(self, letter_id: int) -> DeadLetter:

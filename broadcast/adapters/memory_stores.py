@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import itertools
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from broadcast import constants
-from broadcast.domain import ClaimedOutboxEvent, DeadOutboxRow, OutboxEvent, User
+from broadcast.domain import ClaimedOutboxEvent, DeadOutboxRow, OutboxEvent, User, outbox_lane
 
 
 class MemoryUserStore:
@@ -45,14 +44,14 @@ class MemoryOutboxStore:
         self._dead: dict[int, DeadOutboxRow] = {}
         self._dead_ids = itertools.count(1)
         self._lanes: dict[int, tuple[str | None, datetime | None]] = dict.fromkeys(
-            range(constants.OUTBOX_LANES), (None, None)
+            [*constants.NORMAL_LANES, *constants.PRIORITY_LANES], (None, None)
         )
 
     async def append(self, events: Sequence[OutboxEvent]) -> list[int]:
         now = datetime.now(UTC)
         ids = []
         for event in events:
-            row = _Row(next(self._ids), zlib.crc32(event.key.encode()) % constants.OUTBOX_LANES, event, now)
+            row = _Row(next(self._ids), outbox_lane(event.key, event.headers), event, now)
             self._rows[row.id] = row
             ids.append(row.id)
         return ids
@@ -69,12 +68,16 @@ class MemoryOutboxStore:
             key=lambda r: r.id,
         )
 
-    async def claim_lanes(self, owner: str, max_lanes: int, lease: timedelta) -> list[int]:
+    async def claim_lanes(
+        self, owner: str, max_lanes: int, lease: timedelta, among: Sequence[int] | None = None
+    ) -> list[int]:
         now = datetime.now(UTC)
         free = [
             lane
             for lane, (holder, until) in self._lanes.items()
-            if (holder is None or holder == owner or (until is not None and until < now)) and self._due_rows(lane, now)
+            if (among is None or lane in among)
+            and (holder is None or holder == owner or (until is not None and until < now))
+            and self._due_rows(lane, now)
         ]
         free.sort(key=lambda lane: (self._lanes[lane][1] or datetime.min.replace(tzinfo=UTC), lane))
         claimed = sorted(free[:max_lanes])
@@ -89,9 +92,10 @@ class MemoryOutboxStore:
                 self._lanes[lane] = (None, now)
 
     async def claim(
-        self, owner: str, max_lanes: int, lease: timedelta, limit: int
+        self, owner: str, max_lanes: int, lease: timedelta, limit: int, among: Sequence[int] | None = None
     ) -> dict[int, list[ClaimedOutboxEvent]]:
-        return {lane: await self.due(lane, limit) for lane in await self.claim_lanes(owner, max_lanes, lease)}
+        lanes = await self.claim_lanes(owner, max_lanes, lease, among)
+        return {lane: await self.due(lane, limit) for lane in lanes}
 
     async def finish(self, owner: str, lanes: Sequence[int], published: Sequence[int]) -> None:
         await self.mark_published(published)

@@ -8,7 +8,7 @@ only when the user reads one. A message is visible while its broadcast is ACTIVE
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select, text, tuple_, update
@@ -27,6 +27,9 @@ GROUP_TYPES = (TargetType.ALL.value, TargetType.ROLE.value)
 GROUP_SCAN_LIMIT = 1_000  # the newest visible group broadcasts one query looks at; past it, a page is incomplete
 USERS_PER_QUERY = 500
 ROWS_CHUNK = 500  # (broadcast id, user id) pairs per lookup
+# A resume also replays the rows delivered this recently (the delivered marks are flushed in batches, so the
+# cursor row's own mark may not be written yet); the client drops the ones it has by their SSE id.
+DELIVERED_OVERLAP = timedelta(seconds=5)
 MARK_CHUNK = 500  # rows per upsert: 7 parameters each, under SQLite's and asyncpg's parameter limits
 
 b = broadcast_messages.c
@@ -173,10 +176,25 @@ class SqlInboxStore:
         return found
 
     async def selected_after(self, user_id: str, row_id: int, since: datetime | None, limit: int) -> list[InboxItem]:
-        """Rows after ``row_id`` (or created after ``since``), and every PENDING row, in row order."""
+        """Rows after ``row_id`` (or created after ``since``), every PENDING row, and every row delivered
+        (to another tab) since the cursor's row was, or since ``since``, in row order.
+
+        Row ids do not give a user's delivery order: a priority-class row (HIGH, URGENT) overtakes the bulk
+        rows written before it. A tab that saw the urgent row and then dropped must still get the older bulk
+        row another tab was shown meanwhile (no longer PENDING, below the cursor): that is the third part."""
         now = datetime.now(UTC)
-        newer = u.id > row_id if since is None else u.created_at > since
-        query = self._selected(user_id, now).where(or_(newer, u.delivery_status == DeliveryStatus.PENDING.value))
+        if since is None:
+            newer = u.id > row_id
+            cursor = user_broadcast_messages.alias("cursor_row")
+            seen_at: Any = (
+                select(cursor.c.delivered_at)
+                .where(cursor.c.id == row_id, cursor.c.user_id == user_id)
+                .scalar_subquery()
+            )
+        else:
+            newer, seen_at = u.created_at > since, since
+        later = and_(u.id != row_id, or_(u.delivered_at >= seen_at, u.delivered_at >= now - DELIVERED_OVERLAP))
+        query = self._selected(user_id, now).where(or_(newer, u.delivery_status == DeliveryStatus.PENDING.value, later))
         return self._items(await read_all(self._engine, query.order_by(u.id).limit(limit)))
 
     async def row_created_at(self, user_id: str, row_id: int) -> datetime | None:

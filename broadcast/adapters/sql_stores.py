@@ -6,21 +6,32 @@ PostgreSQL; SQLite serialises writers), so no row lock is held while a relay awa
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import BigInteger, Text, any_, bindparam, cast, delete, func, insert, select, union_all, update
+from sqlalchemy import (
+    BigInteger,
+    Text,
+    any_,
+    bindparam,
+    cast,
+    delete,
+    func,
+    insert,
+    select,
+    true,
+    union_all,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from broadcast import constants
 from broadcast.adapters.sql_engine import translate
 from broadcast.adapters.sql_tables import outbox_dead, outbox_events, outbox_lanes, user_roles, users
-from broadcast.domain import ClaimedOutboxEvent, DeadOutboxRow, EventType, OutboxEvent, User
+from broadcast.domain import ClaimedOutboxEvent, DeadOutboxRow, EventType, OutboxEvent, User, outbox_lane
 
 
 def utc(value: datetime) -> datetime:
@@ -97,25 +108,29 @@ class SqlOutboxStore:
         except (SQLAlchemyError, OSError) as exc:
             raise translate(exc) from exc
 
-    async def claim_lanes(self, owner: str, max_lanes: int, lease: timedelta) -> list[int]:
+    async def claim_lanes(
+        self, owner: str, max_lanes: int, lease: timedelta, among: Sequence[int] | None = None
+    ) -> list[int]:
         try:
             async with self._engine.begin() as conn:
-                return await self._claim_lanes(conn, owner, max_lanes, lease)
+                return await self._claim_lanes(conn, owner, max_lanes, lease, among)
         except (SQLAlchemyError, OSError) as exc:
             raise translate(exc) from exc
 
     async def claim(
-        self, owner: str, max_lanes: int, lease: timedelta, limit: int
+        self, owner: str, max_lanes: int, lease: timedelta, limit: int, among: Sequence[int] | None = None
     ) -> dict[int, list[ClaimedOutboxEvent]]:
         """``claim_lanes`` and the due rows of every lane it got, in one transaction of two statements."""
         try:
             async with self._engine.begin() as conn:
-                lanes = await self._claim_lanes(conn, owner, max_lanes, lease)
+                lanes = await self._claim_lanes(conn, owner, max_lanes, lease, among)
                 return await self._due(conn, lanes, limit) if lanes else {}
         except (SQLAlchemyError, OSError) as exc:
             raise translate(exc) from exc
 
-    async def _claim_lanes(self, conn: AsyncConnection, owner: str, max_lanes: int, lease: timedelta) -> list[int]:
+    async def _claim_lanes(
+        self, conn: AsyncConnection, owner: str, max_lanes: int, lease: timedelta, among: Sequence[int] | None
+    ) -> list[int]:
         now = datetime.now(UTC)
         due = outbox_events.c.not_before.is_(None) | (outbox_events.c.not_before <= now)
         has_work = (
@@ -129,6 +144,7 @@ class SqlOutboxStore:
                 outbox_lanes.c.owner.is_(None) | (outbox_lanes.c.lease_until < now) | (outbox_lanes.c.owner == owner)
             )
             .where(has_work)
+            .where(outbox_lanes.c.lane.in_(list(among)) if among is not None else true())
             .order_by(outbox_lanes.c.lease_until.asc().nulls_first(), outbox_lanes.c.lane)
             .limit(max_lanes)
             .with_for_update(skip_locked=True)
@@ -344,11 +360,6 @@ def _dead_row(r: Any) -> DeadOutboxRow:
     return DeadOutboxRow(r.id, r.outbox_id, event, r.attempts, r.last_error, utc(r.created_at), utc(r.dead_at))
 
 
-def lane_of(key: str) -> int:
-    """The outbox lane of a partition key (stable across processes and restarts)."""
-    return zlib.crc32(key.encode()) % constants.OUTBOX_LANES
-
-
 OUTBOX_COLUMNS = (
     "lane",
     "topic",
@@ -373,7 +384,7 @@ def outbox_records(events: Iterable[OutboxEvent], now: datetime) -> Iterator[tup
         if headers is None:
             headers = encoded[e.headers] = [[k, v.decode("latin-1")] for k, v in e.headers]
         yield (
-            lane_of(e.key),
+            outbox_lane(e.key, e.headers),
             e.topic,
             e.key,
             e.event_type.value,

@@ -6,7 +6,8 @@ import asyncio
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-from broadcast.domain import EventType, OutboxEvent, User
+from broadcast import constants
+from broadcast.domain import PRIORITY_HEADER, EventType, OutboxEvent, User
 from broadcast.ports import OutboxStore, UserStore
 
 LEASE = timedelta(seconds=30)
@@ -170,3 +171,30 @@ async def test_a_buried_row_leaves_its_lane_and_can_be_redriven_or_purged(
     [dead] = await outbox.dead(10)
     assert await outbox.purge_dead(dead.id) and not await outbox.purge_dead(dead.id)
     assert await outbox.dead_count() == 0
+
+
+async def test_priority_class_rows_have_lanes_of_their_own_that_only_a_priority_claim_gets(
+    stores: tuple[UserStore, OutboxStore],
+) -> None:
+    """Priority lanes (issue 20): an event carrying the lane-class header sits in a priority lane, so a relay
+    claiming the normal lanes never holds it up behind a bulk backlog; a redriven dead one goes back there."""
+    _, outbox = stores
+    bulk = await outbox.append([event(i, key=f"user-{i}") for i in range(200)])
+    urgent = replace(event(900, key="user-7"), headers=(*event(900).headers, PRIORITY_HEADER))
+    [urgent_id] = await outbox.append([urgent])
+
+    normal = await outbox.claim("relay-bulk", 100, LEASE, 1_000, constants.NORMAL_LANES)
+    assert set(normal) <= set(constants.NORMAL_LANES) and len(normal) == constants.OUTBOX_LANES
+    assert sorted(r.id for rows in normal.values() for r in rows) == bulk, "every bulk row, not the urgent one"
+
+    priority = await outbox.claim("relay-priority", 100, LEASE, 1_000, constants.PRIORITY_LANES)
+    [(lane, rows)] = priority.items()
+    assert lane in constants.PRIORITY_LANES, "while the bulk relay holds every normal lane"
+    assert [r.id for r in rows] == [urgent_id] and rows[0].event == urgent
+
+    assert await outbox.bury([urgent_id]) == 1
+    [dead] = await outbox.dead(10)
+    again = await outbox.redrive_dead(dead.id)
+    await outbox.finish("relay-priority", [lane], [])
+    [(lane_again, rows)] = (await outbox.claim("relay-priority", 100, LEASE, 10, constants.PRIORITY_LANES)).items()
+    assert (lane_again, [r.id for r in rows]) == (lane, [again]), "the header kept its class"

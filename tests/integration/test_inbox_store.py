@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ from broadcast.adapters import sql_inbox, sql_migrate
 from broadcast.adapters.sql_broadcasts import SqlBroadcastStore
 from broadcast.adapters.sql_inbox import SqlInboxStore
 from broadcast.adapters.sql_stores import SqlUserStore
-from broadcast.domain import NewBroadcast, TargetType
+from broadcast.domain import NewBroadcast, Priority, TargetType
 from broadcast.errors import RejectedByDatabaseError
 from broadcast.lifecycle import Lifecycle
 from broadcast.settings import KafkaSettings, LimitsSettings
@@ -144,6 +146,33 @@ async def test_a_catch_up_is_bounded_to_the_newest_and_says_when_it_left_some_ou
     await inbox.mark_delivered([(i, "alice") for i in selected])
     items, resync = await catch_up(inbox, "alice", frozenset(), cursor, 3)
     assert resync == TOO_MANY and [i.broadcast.id for i in items] == group[-3:], "resume past the limit: newest"
+
+
+@pytest.mark.parametrize("overlap_s", [0, 5])
+async def test_a_tab_resuming_after_an_urgent_message_still_gets_the_older_bulk_one_another_tab_was_shown(
+    stores: tuple[Lifecycle, SqlInboxStore], monkeypatch: pytest.MonkeyPatch, overlap_s: int
+) -> None:
+    """Priority lanes (issue 20) let an URGENT row overtake an older bulk row of the same user. Tab B is shown
+    the urgent row, drops; tab A is then shown the bulk row (DELIVERED, below B's cursor). B's resume must
+    still carry it: no silent gap. A row delivered before the cursor's row is not replayed (overlap 0)."""
+    monkeypatch.setattr(sql_inbox, "DELIVERED_OVERLAP", timedelta(seconds=overlap_s))
+    lifecycle, inbox = stores
+    seen, _ = await lifecycle.create(NewBroadcast("seen", TargetType.SELECTED, ("alice",)), sender_id="admin")
+    bulk, _ = await lifecycle.create(NewBroadcast("bulk", TargetType.SELECTED, ("alice",)), sender_id="admin")
+    urgent_request = NewBroadcast("urgent", TargetType.SELECTED, ("alice",), priority=Priority.URGENT)
+    urgent, _ = await lifecycle.create(urgent_request, sender_id="admin")
+    await inbox.mark_delivered([(seen.id, "alice")])  # both tabs had this one before
+    await asyncio.sleep(0.01)
+    await inbox.mark_delivered([(urgent.id, "alice")])  # tab B is shown the urgent one, then drops
+    [urgent_row] = [i.row_id for i in await inbox.inbox("alice", frozenset()) if i.broadcast.id == urgent.id]
+    await asyncio.sleep(0.01)
+    await inbox.mark_delivered([(bulk.id, "alice")])  # tab A is shown the bulk one meanwhile
+
+    items, resync = await catch_up(inbox, "alice", frozenset(), Cursor(row_id=urgent_row).format(), 100)
+    ids = [i.broadcast.id for i in items]
+    assert resync is None and bulk.id in ids, "the bulk row tab B never saw"
+    if overlap_s == 0:
+        assert ids == [bulk.id], "neither the cursor's own row nor one delivered before it"
 
 
 async def test_rows_of_many_pairs_come_back_and_only_missing_ones_are_created(

@@ -16,7 +16,7 @@ from devstack.stack import StackInfo
 from tests.servers import Server, clean_env, free_port
 
 
-async def test_provisioning_creates_the_four_topics_and_is_idempotent(stack: StackInfo, unique_name: str) -> None:
+async def test_provisioning_creates_every_topic_and_is_idempotent(stack: StackInfo, unique_name: str) -> None:
     settings = KafkaSettings(bootstrap_servers=stack.kafka_bootstrap, topic_prefix=f"{unique_name}.")
     names = [settings.topic(t) for t in constants.ALL_TOPICS]
     first = await ensure_topics(settings, names)
@@ -25,7 +25,7 @@ async def test_provisioning_creates_the_four_topics_and_is_idempotent(stack: Sta
         assert report.created and report.ok, report
         assert (report.partitions, report.replication_factor, report.min_insync_replicas) == (10, 3, 2)
     second = await ensure_topics(settings, names)
-    assert [(r.created, r.ok) for r in second] == [(False, True)] * 4
+    assert [(r.created, r.ok) for r in second] == [(False, True)] * len(names)
 
 
 async def test_an_existing_topic_with_other_settings_is_reported(stack: StackInfo, unique_name: str) -> None:
@@ -44,7 +44,7 @@ async def test_an_existing_topic_with_other_settings_is_reported(stack: StackInf
 
 
 async def create_unsafe_topics(bootstrap: str, prefix: str) -> list[str]:
-    """The four topics as a careless development cluster has them: RF 1, min ISR 1, unclean leader election."""
+    """The topics as a careless development cluster has them: RF 1, min ISR 1, unclean leader election."""
     names = [f"{prefix}{t}" for t in constants.ALL_TOPICS]
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
@@ -64,14 +64,14 @@ async def test_run_refuses_to_start_on_misconfigured_topics_unless_told(
     settings = KafkaSettings(bootstrap_servers=stack.kafka_bootstrap, topic_prefix=prefix)
     for _ in range(40):  # a new topic reaches every broker's metadata a moment after its creation
         reports = await verify_topics(settings, [*names, f"{prefix}nothing"])
-        if all(r.partitions for r in reports[:4]):
+        if all(r.partitions for r in reports[: len(names)]):
             break
         await asyncio.sleep(0.25)
-    for report in reports[:4]:
+    for report in reports[: len(names)]:
         assert any("replication factor 1, expected 3" in p for p in report.problems), report
         assert any("min.insync.replicas=1, expected 2" in p for p in report.problems), report
         assert any("unclean.leader.election.enable=true" in p for p in report.problems), report
-    assert reports[4].problems == (MISSING,)
+    assert reports[len(names)].problems == (MISSING,)
 
     database = f"sqlite+aiosqlite:///{tmp_path}/b.db"  # migrated at start (PostgreSQL never is)
     env = clean_env(**{**stack.env(), "BROADCAST_KAFKA__TOPIC_PREFIX": prefix, "BROADCAST_DATABASE__URL": database})

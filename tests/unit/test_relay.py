@@ -9,13 +9,15 @@ from typing import Any, NoReturn
 
 import pytest
 
-from broadcast import relay
+from broadcast import constants, relay
 from broadcast.adapters.memory_stores import MemoryOutboxStore
-from broadcast.domain import EventType, OutboxEvent
+from broadcast.domain import PRIORITY_HEADER, EventType, OutboxEvent
 from broadcast.errors import PublishError, UnavailableError
+from broadcast.loops import Wakeups
 from broadcast.ports import OutgoingRecord, RecordPosition
 from broadcast.relay import OutboxRelay
 from broadcast.settings import RelaySettings, Settings
+from tests.waiting import wait_until
 
 
 class FlakyPublisher:
@@ -208,9 +210,11 @@ class CountingOutbox(MemoryOutboxStore):
         super().__init__()
         self.calls: list[str] = []
 
-    async def claim(self, owner: str, max_lanes: int, lease: timedelta, limit: int) -> dict[int, list[Any]]:
+    async def claim(
+        self, owner: str, max_lanes: int, lease: timedelta, limit: int, among: Sequence[int] | None = None
+    ) -> dict[int, list[Any]]:
         self.calls.append("claim")
-        return await super().claim(owner, max_lanes, lease, limit)
+        return await super().claim(owner, max_lanes, lease, limit, among)
 
     async def finish(self, owner: str, lanes: Sequence[int], published: Sequence[int]) -> None:
         self.calls.append(f"finish {len(lanes)} lanes, {len(published)} marked")
@@ -240,3 +244,47 @@ async def test_a_round_that_fails_after_acknowledgements_still_marks_them_and_re
         await relay.run_once()
     assert outbox.calls == ["claim", "finish 1 lanes, 2 marked"], "m0 and m2 were acknowledged: never again"
     assert await outbox.claim("other", 10, timedelta(seconds=30), 10) != {}, "the lane was released"
+
+
+class GatedPublisher(FlakyPublisher):
+    """Holds every call whose records go to ``held`` until ``gate`` opens: a bulk round stuck publishing."""
+
+    def __init__(self, held: str) -> None:
+        super().__init__(set())
+        self.held = held
+        self.gate = asyncio.Event()
+
+    async def publish_many(self, records: Sequence[OutgoingRecord]) -> list[RecordPosition | PublishError]:
+        if any(r.topic == self.held for r in records):
+            await self.gate.wait()
+        return await super().publish_many(records)
+
+
+async def test_the_priority_relay_publishes_an_urgent_row_while_the_bulk_relay_is_stuck_in_a_round() -> None:
+    """Priority lanes (issue 20): the two relay loops claim disjoint lane classes, so an URGENT row is
+    published while a bulk round holds every normal lane; the bulk rows follow once its round goes on."""
+    outbox = MemoryOutboxStore()
+    await outbox.append([OutboxEvent("bulk", f"user-{n}", EventType.CREATED, b"bulk-%d" % n) for n in range(500)])
+    urgent = OutboxEvent("urgent", "user-7", EventType.CREATED, b"urgent", (PRIORITY_HEADER,))
+    await outbox.append([urgent])
+    publisher = GatedPublisher(held="bulk")
+    wakeups = Wakeups()
+    settings = RelaySettings(lanes_per_claim=64, idle_poll_seconds=30)
+    bulk = OutboxRelay(outbox, publisher, settings, "r", wakeups.event(), lanes=constants.NORMAL_LANES)
+    priority = OutboxRelay(outbox, publisher, settings, "r:priority", wakeups.event(), lanes=constants.PRIORITY_LANES)
+    stop = asyncio.Event()
+    loops = [asyncio.create_task(r.run(stop)) for r in (bulk, priority)]
+    try:
+        await wait_until(lambda: b"urgent" in publisher.sent, 5, "the urgent row published")
+        assert publisher.sent == [b"urgent"], "nothing of the bulk yet: its round is stuck publishing"
+        later = OutboxEvent("urgent", "user-8", EventType.CREATED, b"urgent-2", (PRIORITY_HEADER,))
+        await outbox.append([later])
+        wakeups.set()  # as a commit does; the priority loop sleeps 30 s otherwise
+        await wait_until(lambda: b"urgent-2" in publisher.sent, 5, "the second urgent row published")
+        publisher.gate.set()
+        await wait_until(lambda: len(publisher.sent) == 502, 5, "the bulk published")
+        assert await outbox.backlog() == 0 and publisher.sent[:2] == [b"urgent", b"urgent-2"]
+    finally:
+        stop.set()
+        publisher.gate.set()
+        await asyncio.gather(*loops)
