@@ -41,6 +41,7 @@ SCENARIOS: dict[str, str] = {  # name -> module:function, in the order of the is
     "targeted-sustained": "bench.scenarios.sustained:targeted_sustained",
     "publish-api": "bench.scenarios.publishing:publish_api",
     "bulk": "bench.scenarios.bulk:bulk",
+    "urgent-under-bulk": "bench.scenarios.urgent:urgent_under_bulk",
     "reconnect": "bench.scenarios.reconnect:reconnect",
     "consumer": "bench.scenarios.consumer:consumer",
     "churn": "bench.scenarios.churn:churn",

@@ -75,11 +75,11 @@ async def test_a_missing_dlt_topic_keeps_the_record_uncommitted_until_the_dead_l
 
 
 async def settled_group(log: Path, quiet_s: float = 3.0) -> int:
-    """Wait until both delivery listeners are assigned and no further assignment came for ``quiet_s``
-    (the second listener's join rebalances the first); the number of "assigned" lines then."""
-    listeners = ("delivery-selected", "delivery-group")
+    """Wait until every delivery listener is assigned and no further assignment came for ``quiet_s``
+    (each listener's join rebalances the others); the number of "assigned" lines then."""
+    listeners = ("delivery-selected", "delivery-group", "delivery-selected-priority")
     await wait_until(
-        lambda: all(f"listener {n} member 0: assigned" in log.read_text() for n in listeners), 60, "both assigned"
+        lambda: all(f"listener {n} member 0: assigned" in log.read_text() for n in listeners), 60, "all assigned"
     )
     deadline = time.monotonic() + 60
     while True:
