@@ -45,7 +45,10 @@ def test_stack_env_serves_on_kafka_postgres_and_redis(
     assert "postgresql" in migrated.stdout and f"revision {sql_migrate.head()}" in migrated.stdout
     topics = cli("topics", env=env, cwd=tmp_path)
     assert topics.returncode == 0, topics.stdout + topics.stderr
-    assert topics.stdout.count(" ok") == 4 and f"{unique_name}.broadcast-user-service-group-dlt" in topics.stdout
+    assert (
+        topics.stdout.count(" ok") == len(constants.ALL_TOPICS)
+        and f"{unique_name}.broadcast-user-service-group-dlt" in topics.stdout
+    )
 
     server = Server(env, tmp_path)
     server_factory.append(server)
