@@ -10,6 +10,18 @@ from collections.abc import Awaitable, Callable
 log = logging.getLogger(__name__)
 
 
+# Items a long step (a million-row COPY, a relay round's rows, a publish) handles between two turns of the
+# event loop: whatever it carries, it never holds the loop (the API, the other relay, the consumers) for
+# more than a few milliseconds at a time.
+LOOP_SLICE = 1_000
+
+
+async def hand_back(count: int) -> None:
+    """Let the event loop run other tasks once every ``LOOP_SLICE`` items (``count``: items done so far)."""
+    if count % LOOP_SLICE == 0:
+        await asyncio.sleep(0)
+
+
 class Wakeups:
     """One signal, several sleepers: ``set`` sets the event of every loop that asked for one (``event``), and
     each loop clears only its own, so one loop's clear never swallows another's wake-up."""

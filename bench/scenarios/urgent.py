@@ -165,7 +165,9 @@ def urgent_under_bulk(ctx: Context) -> Outcome:
             med("normal", "p50_ms"),
             limit=med("quiet", "p50_ms"),
         ),
-        Measure(f"not received within the drain (while {tag})", "messages", med("urgent", "lost"), med("normal", "lost")),
+        Measure(
+            f"not received within the drain (while {tag})", "messages", med("urgent", "lost"), med("normal", "lost")
+        ),
         Measure(
             f"last message received, after the bulk upload started ({tag})",
             "s",

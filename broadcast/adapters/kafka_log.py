@@ -30,6 +30,7 @@ from broadcast.adapters.kafka_health import TIMEOUTS, ProducerWatch
 from broadcast.adapters.kafka_offsets import refresh_metadata_on_stale_leader
 from broadcast.adapters.kafka_producer import ProducerSlot, breaks_session
 from broadcast.errors import CommitFailedError, PublishError, UnavailableError
+from broadcast.loops import hand_back
 from broadcast.ports import EventRecord, OutgoingRecord, RebalanceCallback, RecordPosition, TopicPartition
 from broadcast.settings import KafkaSettings
 
@@ -156,14 +157,18 @@ class KafkaEventLog:
                 groups: dict[tuple[str, int], list[int]] = {}
                 counts: dict[str, int] = {}
                 for index, r in enumerate(records):
+                    await hand_back(index + 1)
                     if r.topic not in counts:
                         counts[r.topic] = len(await producer.partitions_for(r.topic))
                     partition = r.partition if r.partition is not None else _partition(r.key, counts[r.topic], index)
                     groups.setdefault((r.topic, partition), []).append(index)
+                appended = 0
                 for (topic, partition), indexes in groups.items():
                     batch, members = producer.create_batch(), list[tuple[int, int]]()
                     for index in indexes:
                         r = records[index]
+                        appended += 1
+                        await hand_back(appended)
                         meta = batch.append(key=r.key, value=r.value, timestamp=None, headers=list(r.headers))
                         if meta is None:  # full: submit it and start the next one
                             sent.append(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -81,6 +81,19 @@ WITH b AS (
 SELECT id FROM b
 """)
 COPY_FROM = 64  # rows: below, an INSERT costs less than COPY's set-up (a targeted message's 1 row and 1 event)
+
+
+def _headers_as_text(head: list[tuple[Any, ...]], rest: Iterable[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
+    """Outbox records for COPY: the headers column as JSON text, encoded once per distinct headers list (the
+    rows of one broadcast share one: ``outbox_records``)."""
+    at = OUTBOX_COLUMNS.index("headers")
+    texts: dict[int, str] = {}
+    for r in itertools.chain(head, rest):
+        headers = r[at]
+        text_value = texts.get(id(headers))
+        if text_value is None:
+            text_value = texts[id(headers)] = orjson.dumps(headers).decode()
+        yield (*r[:at], text_value, *r[at + 1 :])
 
 
 def _copying(conn: AsyncConnection, records: Sequence[object]) -> bool:
@@ -187,23 +200,21 @@ class SqlBroadcastStore:
         now = broadcast.created_at
         pending, unread = DeliveryStatus.PENDING.value, ReadStatus.UNREAD.value
         columns = ["broadcast_id", "user_id", "delivery_status", "read_status", "created_at", "updated_at"]
-        for batch in chunks(user_ids):
-            records = [(broadcast.id, u, pending, unread, now, now) for u in batch]
-            if _copying(conn, records):
-                await copy_records(conn, user_broadcast_messages.name, columns, records)
-            else:
-                await conn.execute(
-                    insert(user_broadcast_messages), [dict(zip(columns, r, strict=True)) for r in records]
-                )
+        records = ((broadcast.id, u, pending, unread, now, now) for u in user_ids)
+        if _copying(conn, user_ids):
+            await copy_records(conn, user_broadcast_messages.name, columns, records)
+            return
+        for batch in chunks(records):
+            await conn.execute(insert(user_broadcast_messages), [dict(zip(columns, r, strict=True)) for r in batch])
 
     async def _write_outbox(self, conn: AsyncConnection, events: Iterable[OutboxEvent], now: datetime) -> None:
-        for batch in chunks(outbox_records(events, now)):
-            if _copying(conn, batch):
-                headers_at = OUTBOX_COLUMNS.index("headers")
-                records = [(*r[:headers_at], orjson.dumps(r[headers_at]).decode(), *r[headers_at + 1 :]) for r in batch]
-                await copy_records(conn, outbox_events.name, list(OUTBOX_COLUMNS), records)
-            else:
-                await conn.execute(insert(outbox_events), [dict(zip(OUTBOX_COLUMNS, r, strict=True)) for r in batch])
+        records = outbox_records(events, now)
+        head = list(itertools.islice(records, COPY_FROM))
+        if _copying(conn, head):
+            await copy_records(conn, outbox_events.name, list(OUTBOX_COLUMNS), _headers_as_text(head, records))
+            return
+        for batch in chunks(itertools.chain(head, records)):
+            await conn.execute(insert(outbox_events), [dict(zip(OUTBOX_COLUMNS, r, strict=True)) for r in batch])
 
     async def transition(
         self,

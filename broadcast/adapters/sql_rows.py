@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -17,6 +17,7 @@ from broadcast.adapters.sql_engine import translate
 from broadcast.adapters.sql_stores import utc
 from broadcast.domain import Broadcast, BroadcastStatus, Priority, TargetType
 from broadcast.errors import ValidationError
+from broadcast.loops import hand_back
 
 CHUNK = 20_000
 T = TypeVar("T")
@@ -33,13 +34,23 @@ def chunks(items: Iterable[T], size: int = CHUNK) -> Iterator[list[T]]:
         yield batch
 
 
-async def copy_records(conn: AsyncConnection, table: str, columns: list[str], records: list[tuple[Any, ...]]) -> None:
-    """PostgreSQL ``COPY`` on the transaction's own connection (the table resolves through search_path)."""
+async def copy_records(
+    conn: AsyncConnection, table: str, columns: list[str], records: Iterable[tuple[Any, ...]]
+) -> None:
+    """One PostgreSQL ``COPY`` of every record, on the transaction's own connection (the table resolves
+    through search_path). The records are produced and encoded as the COPY streams, handing the event loop
+    back every ``loops.LOOP_SLICE`` of them."""
     raw = await conn.get_raw_connection()
     try:
-        await raw.driver_connection.copy_records_to_table(table, records=records, columns=columns)  # type: ignore[union-attr]
+        await raw.driver_connection.copy_records_to_table(table, records=_sliced(records), columns=columns)  # type: ignore[union-attr]
     except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:  # raw driver errors, not SQLAlchemy's
         raise translate(exc) from exc
+
+
+async def _sliced(records: Iterable[tuple[Any, ...]]) -> AsyncIterator[tuple[Any, ...]]:
+    for n, record in enumerate(records, 1):
+        yield record
+        await hand_back(n)
 
 
 def broadcast_row(b: Broadcast, idempotency_key: str | None, request_hash: str) -> dict[str, Any]:

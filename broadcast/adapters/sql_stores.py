@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from broadcast.adapters.sql_engine import translate
 from broadcast.adapters.sql_tables import outbox_dead, outbox_events, outbox_lanes, user_roles, users
 from broadcast.domain import ClaimedOutboxEvent, DeadOutboxRow, EventType, OutboxEvent, User, outbox_lane
+from broadcast.loops import hand_back
 
 
 def utc(value: datetime) -> datetime:
@@ -210,7 +211,8 @@ class SqlOutboxStore:
         headers: dict[str, tuple[tuple[str, bytes], ...]] = {}
         types = {t.value: t for t in EventType}
         found: dict[int, list[ClaimedOutboxEvent]] = {lane: [] for lane in lanes}
-        for r in sorted(rows, key=lambda r: r.id):
+        for n, r in enumerate(sorted(rows, key=lambda r: r.id), 1):
+            await hand_back(n)
             found[r.lane].append(
                 ClaimedOutboxEvent(
                     id=r.id,

@@ -4,19 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import event, func, select
 
 from broadcast import constants, envelope
+from broadcast.adapters.sql_broadcasts import COPY_FROM
 from broadcast.adapters.sql_tables import broadcast_messages, outbox_events, user_broadcast_messages
-from broadcast.domain import BroadcastStatus, EventType, NewBroadcast, TargetType
+from broadcast.domain import Broadcast, BroadcastStatus, EventType, NewBroadcast, OutboxEvent, Priority, TargetType
 from broadcast.errors import ConflictError, NotFoundError, ValidationError
+from broadcast.event_shapes import EventShapes
+from broadcast.loops import LOOP_SLICE
+from broadcast.ports import OutgoingRecord, RecordPosition
 from broadcast.scheduler import Scheduler
 from devstack.stack import StackInfo
 from tests.integration.conftest import Pipeline
 from tests.topics import read_topic
+
+NOW = datetime(2026, 12, 6, tzinfo=UTC)
+SAMPLE = Broadcast(
+    "b", "admin", "bulk", TargetType.SELECTED, (), Priority.NORMAL, None, BroadcastStatus.ACTIVE, False, 0, NOW, NOW
+)
 
 
 async def count(pipeline: Pipeline, table: object) -> int:
@@ -213,3 +226,78 @@ async def test_a_targeted_message_is_written_in_one_statement_with_its_rows_even
     replay, again = await pipeline.lifecycle.create(request, sender_id="admin", idempotency_key="k-one")
     assert replay.id == b.id and not again
     assert await count(pipeline, user_broadcast_messages) == 2 and await pipeline.outbox.backlog() == 2
+
+
+class LoopTurns:
+    """Counts turns of the event loop (a task that only yields), and, for the items a long step consumes,
+    the longest run of them consumed within one turn: how long that step held the loop, in items."""
+
+    def __init__(self) -> None:
+        self.turns = 0
+        self.longest = 0
+        self._run = (-1, 0)  # (turn, items consumed in it)
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> LoopTurns:
+        self._task = asyncio.create_task(self._count())
+        await asyncio.sleep(0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stop.set()
+        assert self._task is not None
+        await self._task
+
+    async def _count(self) -> None:
+        while not self._stop.is_set():
+            self.turns += 1
+            await asyncio.sleep(0)
+
+    def consumed(self) -> None:
+        turn, run = self._run
+        self._run = (self.turns, run + 1 if turn == self.turns else 1)
+        self.longest = max(self.longest, self._run[1])
+
+
+class Watched(list[OutgoingRecord]):
+    """Records that tell ``LoopTurns`` each time the event log reads one."""
+
+    def __init__(self, items: list[OutgoingRecord], turns: LoopTurns) -> None:
+        super().__init__(items)
+        self.turns = turns
+
+    def __iter__(self) -> Iterator[OutgoingRecord]:
+        for item in super().__iter__():
+            self.turns.consumed()
+            yield item
+
+    def __getitem__(self, index: Any) -> Any:
+        self.turns.consumed()
+        return super().__getitem__(index)
+
+
+async def test_a_bulk_write_and_its_publish_hand_the_event_loop_back_every_slice(pipeline: Pipeline) -> None:
+    """A bulk broadcast's COPY and the publish of its records are long synchronous steps unless they yield:
+    the API's other requests, the priority relay and the consumers would wait behind them (URGENT messages
+    queued for seconds behind a 1M CSV upload, issue 20). Counted in items, not time: at most about
+    ``LOOP_SLICE`` events are consumed per turn of the loop (before: a 20,000-row chunk at once)."""
+    users = [f"user-{n:05d}" for n in range(20_000)]
+    broadcast = replace(SAMPLE, id=str(uuid.uuid4()), targeted_count=len(users))
+    events = list(EventShapes(pipeline.settings.kafka, lambda: NOW).created_for_users(broadcast, users))
+    async with LoopTurns() as turns:
+
+        def watched() -> Iterator[OutboxEvent]:
+            for event in events:
+                turns.consumed()
+                yield event
+
+        await pipeline.broadcasts.create(broadcast, users, watched(), None, "hash")
+    assert turns.longest <= LOOP_SLICE + COPY_FROM, f"{turns.longest} outbox rows written within one turn"
+
+    records = [OutgoingRecord(e.topic, e.key.encode(), e.payload, e.headers) for e in events]
+    async with LoopTurns() as turns:
+        outcomes = await pipeline.log.publish_many(Watched(records, turns))
+    assert all(isinstance(o, RecordPosition) for o in outcomes)
+    assert turns.longest <= 2 * LOOP_SLICE, f"{turns.longest} records handled within one turn"
+    assert await count(pipeline, outbox_events) == len(users) == await count(pipeline, user_broadcast_messages)
