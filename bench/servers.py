@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -46,9 +47,10 @@ class BenchServer(Server):
             return self.proc.wait()  # killed by Server.stop's own clean-up
 
 
-def ours(env: dict[str, str], ctx: Context, name: str, roles: str | None = None) -> Server:
-    """One live ``broadcast-server run`` process (``Server.base``, ``.proc.pid``, ``.stop()``)."""
-    server = BenchServer(env, ctx.scratch, roles=roles, name=name)
+def ours(env: dict[str, str], ctx: Context, name: str, roles: str | None = None, prefix: Sequence[str] = ()) -> Server:
+    """One live ``broadcast-server run`` process (``Server.base``, ``.proc.pid``, ``.stop()``); ``prefix``
+    execs it (``nice -n 10``)."""
+    server = BenchServer(env, ctx.scratch, roles=roles, name=name, prefix=prefix)
     server.wait_live()
     return server
 

@@ -39,6 +39,12 @@ class ServerSettings(BaseModel):
     max_header_bytes: int = Field(default=32_768, ge=4_096, le=1_048_576)
     header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     max_heads_in_flight: int = Field(default=4_096, ge=1)
+    # Which priority class this process's relay and delivery roles work (ARCHITECTURE.md, "Priority lanes"):
+    # "both"; "normal": the normal lanes' relay and the selected topic's consumer (the bulk work); "priority":
+    # the priority lanes' relay and the priority and group topics' consumers (records that must not wait).
+    # Running the bulk in processes of their own, at a lower OS priority, keeps URGENT messages fast while a
+    # large broadcast saturates the CPU: one event loop has no priorities of its own.
+    lane_classes: Literal["both", "normal", "priority"] = "both"
 
 
 class KafkaSettings(BaseModel):

@@ -24,7 +24,7 @@ from broadcast.ports import EventPublisher, EventRecord
 from broadcast.preflight import check_topics
 from broadcast.relay import DelayedPublisher, OutboxPurger, OutboxRelay
 from broadcast.scheduler import Scheduler
-from broadcast.settings import RetrySettings
+from broadcast.settings import RetrySettings, Settings
 from consumers.container import ListenerContainer
 from consumers.delivery import DeliveryHandlers
 from consumers.errors import BackOff, BatchListenerFailedError, DefaultErrorHandler, Recoverer, log_and_skip
@@ -71,10 +71,15 @@ async def running(components: Components, roles: frozenset[str]) -> AsyncIterato
             log.warning("failpoint on: the relay waits 0..%d ms before each publish (for the fault suite)", delay_ms)
             publisher = DelayedPublisher(publisher, delay_ms)
         # two loops, one per lane class: a priority row never waits for a bulk round (ARCHITECTURE.md)
+        classes = _lane_classes(settings)
         for name, owner, lanes in (
             ("outbox-relay", settings.server.instance_id, constants.NORMAL_LANES),
             ("outbox-relay-priority", f"{settings.server.instance_id}:priority", constants.PRIORITY_LANES),
         ):
+            if (lanes is constants.NORMAL_LANES and "normal" not in classes) or (
+                lanes is constants.PRIORITY_LANES and "priority" not in classes
+            ):
+                continue
             relay = OutboxRelay(
                 components.outbox,
                 publisher,
@@ -194,14 +199,23 @@ def _delivery_containers(c: Components) -> list[ListenerContainer]:
             rebalance_log_level=_rebalance_log_level(c),
         )
 
-    return [
-        container("delivery-selected", constants.SELECTED_TOPIC, on_selected, settings.consumers.selected),
+    classes = _lane_classes(settings)
+    normal = [container("delivery-selected", constants.SELECTED_TOPIC, on_selected, settings.consumers.selected)]
+    priority = [
+        # the group topic carries one record per broadcast, never a bulk: it goes with the priority class
         container("delivery-group", constants.GROUP_TOPIC, on_group, settings.consumers.group),
         # the priority class's own fetch positions: its records never queue behind a bulk backlog
         container(
             "delivery-selected-priority", constants.SELECTED_PRIORITY_TOPIC, on_selected, settings.consumers.selected
         ),
     ]
+    return [*(normal if "normal" in classes else []), *(priority if "priority" in classes else [])]
+
+
+def _lane_classes(settings: Settings) -> frozenset[str]:
+    """The priority classes this process works (``server.lane_classes``)."""
+    chosen = settings.server.lane_classes
+    return frozenset({"normal", "priority"}) if chosen == "both" else frozenset({chosen})
 
 
 SLOWED_SLICE = 50  # records per slice of a slowed batch handler

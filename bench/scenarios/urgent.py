@@ -1,7 +1,13 @@
 """URGENT messages while a bulk broadcast drains (``urgent-under-bulk``, issue 20's priority lanes).
 
-One ``broadcast-server run`` process with every role on the real stack; ``USERS`` users each hold one SSE
-stream in a client process (``sustained.Clients``). Per run:
+Two topologies of ours on the real stack, each run in turn:
+
+- ``one``: one ``broadcast-server run`` process with every role (and both priority classes);
+- ``split``: the same, with ``SERVER__LANE_CLASSES=priority``, plus a second process at ``nice -n 10``
+  with the relay and consumer roles for the normal class (the bulk work: ``SERVER__LANE_CLASSES=normal``).
+
+``USERS`` users each hold one SSE stream (to the first process) in a client process (``sustained.Clients``).
+Per run:
 
 1. quiet: URGENT messages to the online users, one at a time in turn, at ``RATE`` msg/s for ``QUIET_S``:
    the latency with nothing else to do (the ``limit`` column);
@@ -18,10 +24,12 @@ long the bulk upload took to be accepted (201: all its rows and outbox rows comm
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Literal
 
 import httpx
 
@@ -33,10 +41,10 @@ from bench.scenarios.publishing import (
     _errors,
     _ms,
     _request,
-    _server,
     publish,
 )
 from bench.scenarios.sustained import Clients
+from bench.servers import ours, stack_env
 from bench.suite import Context, Measure, Outcome, Series, median
 
 BULK, SMOKE_BULK = 1_000_000, 2_000
@@ -79,15 +87,42 @@ def _upload(port: int, n: int, into: dict[str, Any]) -> None:
     into["answered"], into["status"] = time.time(), response.status_code
 
 
+Topology = Literal["one", "split"]
+TOPOLOGIES: tuple[Topology, ...] = ("one", "split")
+
+
+@contextlib.contextmanager
+def _ours(ctx: Context, name: str, topology: Topology) -> Iterator[int]:
+    """The port of the front process of ``topology`` (see the module); every process stopped on exit."""
+    env = stack_env(ctx, name)
+    if topology == "one":
+        server = ours(env, ctx, f"{name}-one")
+        try:
+            yield server.port
+        finally:
+            server.stop()
+        return
+    front = ours({**env, "BROADCAST_SERVER__LANE_CLASSES": "priority"}, ctx, f"{name}-front")
+    try:
+        bulk_env = {**env, "BROADCAST_SERVER__LANE_CLASSES": "normal"}
+        bulk = ours(bulk_env, ctx, f"{name}-bulk", roles="relay,consumers", prefix=("nice", "-n", "10"))
+        try:
+            yield front.port
+        finally:
+            bulk.stop()
+    finally:
+        front.stop()
+
+
 def _latencies(shots: list[Shot], received: dict[str, float]) -> list[float]:
     return [(received[s.marker] - s.sent) * 1000 for s in shots if s.marker in received]
 
 
-def _run(ctx: Context, r: int) -> dict[str, Any]:
+def _run(ctx: Context, r: int, topology: Topology) -> dict[str, Any]:
     bulk = SMOKE_BULK if ctx.smoke else BULK
     quiet_s, window_s = (SMOKE_QUIET_S, SMOKE_WINDOW_S) if ctx.smoke else (QUIET_S, WINDOW_S)
     drain_s = SMOKE_DRAIN_S if ctx.smoke else DRAIN_S
-    with _server("ours", ctx, f"urgent-{r}") as port:
+    with _ours(ctx, f"urgent-{r}", topology) as port:
         clients = Clients()
         try:
             clients.connect_all(port, [f"urgent-{i:03d}" for i in range(USERS)])
@@ -110,6 +145,7 @@ def _run(ctx: Context, r: int) -> dict[str, Any]:
     by_class = {p: [s for s in ok if priority[s.marker] == p] for p in ("URGENT", "NORMAL")}
     return {
         "repeat": r,
+        "topology": topology,
         "bulk": bulk,
         "quiet": {**_ms(_latencies(quiet_ok, quiet_received)), "lost": len(quiet_ok) - len(quiet_received)},
         "upload_status": upload.get("status"),
@@ -134,9 +170,46 @@ def _run(ctx: Context, r: int) -> dict[str, Any]:
 
 
 def urgent_under_bulk(ctx: Context) -> Outcome:
-    runs = [_run(ctx, r) for r in range(1 if ctx.smoke else ctx.repeat)]
+    runs = [_run(ctx, r, t) for r in range(1 if ctx.smoke else ctx.repeat) for t in TOPOLOGIES]
     bulk = runs[0]["bulk"]
+    measures: list[Measure] = []
+    for topology in TOPOLOGIES:
+        measures += _measures([run for run in runs if run["topology"] == topology], bulk, topology)
+    series = [
+        Series(
+            f"{cls.upper()} ({run['topology']})",
+            [x for x, _ in run[cls]["series"]],
+            [y for _, y in run[cls]["series"]],
+        )
+        for run in runs
+        if run["repeat"] == 0
+        for cls in ("urgent", "normal")
+    ]
+    return Outcome(
+        scenario="urgent-under-bulk",
+        title=f"URGENT targeted messages while a {bulk:,}-recipient bulk broadcast drains",
+        measures=measures,
+        series=series,
+        x_label="s after the bulk upload started (message sent)",
+        y_label="POST sent → MESSAGE received (ms)",
+        notes=[
+            f"{USERS} users with one SSE stream each; the bulk: a NORMAL CSV broadcast to {bulk:,} offline users; "
+            f"during it URGENT and NORMAL messages to the online users, alternating, {RATE} msg/s each, for "
+            f"{SMOKE_WINDOW_S if ctx.smoke else WINDOW_S:.0f} s from the upload's start",
+            "one: one server process, all roles; split: the same process with SERVER__LANE_CLASSES=priority, and "
+            "the normal class's relay and consumer (the bulk) in a second process at nice 10",
+            "baseline = the NORMAL messages of the same run (the bulk's lanes, topic and consumer: what an URGENT "
+            "message would wait without priority lanes); limit = URGENT messages before the bulk (no load)",
+            f"not received = 201 but not in within {SMOKE_DRAIN_S if ctx.smoke else DRAIN_S:.0f} s of the last "
+            f"answer; medians over {ctx.repeat if not ctx.smoke else 1} run(s) per topology",
+            f"issue 20's target: URGENT p99 ≤ {URGENT_MUST:.0f} ms (must), ≤ {URGENT_GOAL:.0f} ms (goal) while a "
+            "1M bulk drains",
+        ],
+        details={"runs": runs},
+    )
 
+
+def _measures(runs: list[dict[str, Any]], bulk: int, topology: Topology) -> list[Measure]:
     def med(*path: str) -> float:
         values = []
         for run in runs:
@@ -146,8 +219,8 @@ def urgent_under_bulk(ctx: Context) -> Outcome:
             values.append(float(value))
         return median(values)
 
-    tag = f"a {bulk:,}-recipient bulk drains"
-    measures = [
+    tag = f"a {bulk:,}-recipient bulk drains, {topology}"
+    return [
         Measure(
             f"URGENT p99 POST→onmessage while {tag}",
             "ms",
@@ -174,30 +247,5 @@ def urgent_under_bulk(ctx: Context) -> Outcome:
             med("urgent", "last_after_upload_s"),
             med("normal", "last_after_upload_s"),
         ),
-        Measure(f"bulk CSV upload accepted (rows committed), {bulk:,} recipients", "s", med("upload_accepted_s"), None),
+        Measure(f"bulk CSV upload accepted (rows committed), {tag}", "s", med("upload_accepted_s"), None),
     ]
-    series = [
-        Series(cls.upper(), [x for x, _ in runs[0][cls]["series"]], [y for _, y in runs[0][cls]["series"]])
-        for cls in ("urgent", "normal")
-    ]
-    return Outcome(
-        scenario="urgent-under-bulk",
-        title=f"URGENT targeted messages while a {bulk:,}-recipient bulk broadcast drains",
-        measures=measures,
-        series=series,
-        x_label="s after the bulk upload started (message sent)",
-        y_label="POST sent → MESSAGE received (ms)",
-        notes=[
-            f"one server, all roles, real stack; {USERS} users with one SSE stream each; the bulk: a NORMAL CSV "
-            f"broadcast to {bulk:,} offline users; during it URGENT and NORMAL messages to the online users, "
-            f"alternating, {RATE} msg/s each, for {SMOKE_WINDOW_S if ctx.smoke else WINDOW_S:.0f} s from the "
-            "upload's start",
-            "baseline = the NORMAL messages of the same run (the bulk's lanes, topic and consumer: what an URGENT "
-            "message would wait without priority lanes); limit = URGENT messages before the bulk (no load)",
-            f"not received = 201 but not in within {SMOKE_DRAIN_S if ctx.smoke else DRAIN_S:.0f} s of the last "
-            f"answer; medians over {len(runs)} run(s)",
-            f"issue 20's target: URGENT p99 ≤ {URGENT_MUST:.0f} ms (must), ≤ {URGENT_GOAL:.0f} ms (goal) while a "
-            "1M bulk drains",
-        ],
-        details={"runs": runs},
-    )
