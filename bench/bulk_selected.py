@@ -18,11 +18,15 @@ import asyncio
 import json
 import statistics
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import asyncpg
+import orjson
+from aiokafka import AIOKafkaProducer
 from pydantic import SecretStr
 from sqlalchemy import insert, text
 
@@ -97,6 +101,77 @@ async def one_run(
     finally:
         async with engine.begin() as conn:
             await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        await engine.dispose()
+
+
+async def limit_run(info: stack.StackInfo, recipients: list[str]) -> dict[str, float]:
+    """The raw-library limit of ``one_run``'s work: one asyncpg transaction with the broadcast row, a COPY of
+    the recipients' rows and a COPY of the outbox rows (an ``orjson``-encoded envelope each, built from a dict
+    per user), then ``AIOKafkaProducer`` (idempotent, acks=all) sending those envelopes, one record batch per
+    partition with ``send_batch`` (aiokafka's own partitioner, no lanes), until every batch is acknowledged.
+    No validation, domain objects, relay lanes, marks or metrics."""
+    schema = f"bench_limit_{time.monotonic_ns() % 10**9}"
+    database = DatabaseSettings(url=SecretStr(info.postgres_url), schema_name=schema)
+    kafka = KafkaSettings(bootstrap_servers=info.kafka_bootstrap, topic_prefix=f"{schema}.")
+    engine = create_engine(database)
+    await sql_migrate.upgrade(engine, database)  # the same tables and indexes
+    topic = kafka.topic(constants.SELECTED_TOPIC)
+    await ensure_topics(kafka, [topic])
+    dsn = info.postgres_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+    conn = await asyncpg.connect(dsn, server_settings={"search_path": schema})
+    producer = AIOKafkaProducer(bootstrap_servers=info.kafka_bootstrap, acks="all", enable_idempotence=True)
+    await producer.start()
+    try:
+        started = time.perf_counter()
+        now, bid = datetime.now(UTC), str(uuid.uuid4())
+        payloads = [
+            orjson.dumps({"eventId": f"{bid}:CREATED:{u}", "eventType": "CREATED", "broadcastId": bid, "userId": u})
+            for u in recipients
+        ]
+        async with conn.transaction():
+            await conn.execute(
+                "INSERT INTO broadcast_messages (id, sender_id, content, target_type, target_roles, priority, status,"
+                " fire_and_forget, targeted_count, created_at, updated_at) VALUES ($1, 'bench', 'bench', 'SELECTED',"
+                " '[]', 'NORMAL', 'ACTIVE', false, $2, $3, $3)",
+                bid, len(recipients), now,
+            )  # fmt: skip
+            rows = ((bid, u, "PENDING", "UNREAD", now, now) for u in recipients)
+            columns = ["broadcast_id", "user_id", "delivery_status", "read_status", "created_at", "updated_at"]
+            await conn.copy_records_to_table("user_broadcast_messages", records=rows, columns=columns)
+            outbox = ((0, topic, u, "CREATED", p, "[]", bid, now) for u, p in zip(recipients, payloads, strict=True))
+            columns = [
+                "lane",
+                "topic",
+                "partition_key",
+                "event_type",
+                "payload",
+                "headers",
+                "broadcast_id",
+                "created_at",
+            ]
+            await conn.copy_records_to_table("outbox_events", records=outbox, columns=columns)
+        committed = time.perf_counter()
+        partitions = sorted(await producer.partitions_for(topic))
+        batches: dict[int, Any] = {}
+        sent = []
+        for u, p in zip(recipients, payloads, strict=True):
+            key = u.encode()
+            partition = producer._partition(topic, None, key, p, key, p)  # aiokafka's default partitioner
+            batch = batches.get(partition) or batches.setdefault(partition, producer.create_batch())
+            if batch.append(key=key, value=p, timestamp=None) is None:
+                sent.append(await producer.send_batch(batch, topic, partition=partition))
+                batches[partition] = batch = producer.create_batch()
+                batch.append(key=key, value=p, timestamp=None)
+        sent += [await producer.send_batch(b, topic, partition=part) for part, b in batches.items()]
+        await asyncio.gather(*sent)
+        acked = time.perf_counter()
+        assert partitions
+        return {"commit_s": committed - started, "publish_s": acked - committed, "total_s": acked - started}
+    finally:
+        await producer.stop()
+        await conn.close()
+        async with engine.begin() as c:
+            await c.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
         await engine.dispose()
 
 

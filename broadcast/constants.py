@@ -41,6 +41,9 @@ PRIORITY_MAX_RECIPIENTS: Final = 1_000
 
 DEFAULT_CONSUMER_GROUP: Final = "broadcast-delivery"
 DLT_GROUP_SUFFIX: Final = "-dlt"  # the DLT consumer's group: the delivery group's name + this
+# the priority topic's consumer group: the delivery group's name + this (its own, so that a bulk consumer's
+# join, restart or slow heartbeat never stops it in a rebalance)
+PRIORITY_GROUP_SUFFIX: Final = "-priority"
 
 # Kafka record headers (Spring's names where Spring defines one).
 HEADER_EVENT_TYPE: Final = "event_type"

@@ -298,9 +298,9 @@ class InboxStore(Protocol):
         """PENDING rows of any of ``user_ids`` (user id, item), oldest first — one query for many users."""
         ...
 
-    async def selected_after(self, user_id: str, row_id: int, since: datetime | None, limit: int) -> list[InboxItem]:
-        """A resume's SELECTED rows: after the cursor row ``row_id`` (or created after ``since``), PENDING, or
-        delivered since the cursor's row was (the priority class overtakes older rows), in row order."""
+    async def selected_after(self, user_id: str, row_id: int, since: datetime, limit: int) -> list[InboxItem]:
+        """A resume's SELECTED rows: after the cursor row ``row_id`` (0: created after ``since``), PENDING, or
+        delivered since the cursor's moment ``since`` (the priority class overtakes older rows), in row order."""
         ...
 
     async def row_created_at(self, user_id: str, row_id: int) -> datetime | None: ...

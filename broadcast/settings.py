@@ -89,6 +89,11 @@ class KafkaSettings(BaseModel):
         return not self.bootstrap_servers.strip()
 
     @property
+    def priority_consumer_group(self) -> str:
+        """The priority topic's consumer group (its own: see ``constants.PRIORITY_GROUP_SUFFIX``)."""
+        return self.consumer_group + constants.PRIORITY_GROUP_SUFFIX
+
+    @property
     def dlt_consumer_group(self) -> str:
         """The DLT consumer's group (its own: it must not share partitions with the delivery listeners)."""
         return self.consumer_group + constants.DLT_GROUP_SUFFIX
@@ -351,6 +356,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 "environment=production refuses the development JWT secret: set BROADCAST_AUTH__JWT_SECRET "
                 "(32+ random bytes) or BROADCAST_AUTH__ALGORITHM with BROADCAST_AUTH__PUBLIC_KEY/JWKS_URL"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _lane_classes_need_shared_components(self) -> Settings:
+        if self.server.lane_classes != "both" and self.kafka.embedded:
+            raise ValueError(
+                f"server.lane_classes={self.server.lane_classes} leaves the other class to another process, and "
+                "the embedded event log has none: use it with Kafka (BROADCAST_KAFKA__BOOTSTRAP_SERVERS)"
             )
         return self
 

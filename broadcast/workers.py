@@ -71,15 +71,12 @@ async def running(components: Components, roles: frozenset[str]) -> AsyncIterato
             log.warning("failpoint on: the relay waits 0..%d ms before each publish (for the fault suite)", delay_ms)
             publisher = DelayedPublisher(publisher, delay_ms)
         # two loops, one per lane class: a priority row never waits for a bulk round (ARCHITECTURE.md)
-        classes = _lane_classes(settings)
-        for name, owner, lanes in (
-            ("outbox-relay", settings.server.instance_id, constants.NORMAL_LANES),
-            ("outbox-relay-priority", f"{settings.server.instance_id}:priority", constants.PRIORITY_LANES),
-        ):
-            if (lanes is constants.NORMAL_LANES and "normal" not in classes) or (
-                lanes is constants.PRIORITY_LANES and "priority" not in classes
-            ):
-                continue
+        relays = {
+            "normal": ("outbox-relay", settings.server.instance_id, constants.NORMAL_LANES),
+            "priority": ("outbox-relay-priority", f"{settings.server.instance_id}:priority", constants.PRIORITY_LANES),
+        }
+        for lane_class in _lane_classes(settings):
+            name, owner, lanes = relays[lane_class]
             relay = OutboxRelay(
                 components.outbox,
                 publisher,
@@ -133,7 +130,8 @@ def _report_crash(task: asyncio.Task[None]) -> None:
 def _sampler(c: Components) -> Sampler:
     kafka = c.settings.kafka
     groups = {
-        kafka.consumer_group: [kafka.topic(t) for t in constants.BASE_TOPICS],
+        kafka.consumer_group: [kafka.topic(constants.SELECTED_TOPIC), kafka.topic(constants.GROUP_TOPIC)],
+        kafka.priority_consumer_group: [kafka.topic(constants.SELECTED_PRIORITY_TOPIC)],
         kafka.dlt_consumer_group: [kafka.topic(constants.dlt_topic(t)) for t in constants.BASE_TOPICS],
     }
     interval = c.settings.observability.sample_seconds
@@ -174,8 +172,9 @@ def error_handler(
 
 
 def _delivery_containers(c: Components) -> list[ListenerContainer]:
-    """The three delivery listeners, one shared consumer group: work is split across instances; what fails
-    for good goes to ``<topic>-dlt`` (``DeadLetterPublishingRecoverer``)."""
+    """The delivery listeners of this process's lane classes, in consumer groups shared across instances (the
+    delivery group; the priority topic's own): work is split across instances; what fails for good goes to
+    ``<topic>-dlt`` (``DeadLetterPublishingRecoverer``, naming the listener's group)."""
     settings, kafka = c.settings, c.settings.kafka
     drill = DrillSwitch(c.drills) if settings.testing.fault_drill_enabled else None
     level = logging.INFO if settings.observability.delivery_log else logging.DEBUG
@@ -185,12 +184,12 @@ def _delivery_containers(c: Components) -> list[ListenerContainer]:
     if delay_ms := settings.testing.delivery_record_delay_ms:
         log.warning("failpoint on: the delivery listeners take %d ms per record (for the fault suite)", delay_ms)
         on_selected, on_group = slowed(on_selected, delay_ms), slowed(on_group, delay_ms)
-    recoverer = DeadLetterPublishingRecoverer(c.event_log.publisher(), kafka.consumer_group, metrics=c.metrics)
 
-    def container(name: str, topic: str, handler: BatchHandler, retry: RetrySettings) -> ListenerContainer:
-        listener = Listener(
-            name, (kafka.topic(topic),), kafka.consumer_group, batch_handler=handler, ack_mode=AckMode.BATCH
-        )
+    def container(
+        name: str, topic: str, handler: BatchHandler, retry: RetrySettings, group: str = kafka.consumer_group
+    ) -> ListenerContainer:
+        listener = Listener(name, (kafka.topic(topic),), group, batch_handler=handler, ack_mode=AckMode.BATCH)
+        recoverer = DeadLetterPublishingRecoverer(c.event_log.publisher(), group, metrics=c.metrics)
         return ListenerContainer(
             c.event_log,
             listener,
@@ -199,23 +198,29 @@ def _delivery_containers(c: Components) -> list[ListenerContainer]:
             rebalance_log_level=_rebalance_log_level(c),
         )
 
-    classes = _lane_classes(settings)
-    normal = [container("delivery-selected", constants.SELECTED_TOPIC, on_selected, settings.consumers.selected)]
-    priority = [
-        # the group topic carries one record per broadcast, never a bulk: it goes with the priority class
-        container("delivery-group", constants.GROUP_TOPIC, on_group, settings.consumers.group),
-        # the priority class's own fetch positions: its records never queue behind a bulk backlog
-        container(
-            "delivery-selected-priority", constants.SELECTED_PRIORITY_TOPIC, on_selected, settings.consumers.selected
-        ),
-    ]
-    return [*(normal if "normal" in classes else []), *(priority if "priority" in classes else [])]
+    by_class = {
+        "normal": [container("delivery-selected", constants.SELECTED_TOPIC, on_selected, settings.consumers.selected)],
+        "priority": [
+            # the group topic carries one record per broadcast, never a bulk: it goes with the priority class
+            container("delivery-group", constants.GROUP_TOPIC, on_group, settings.consumers.group),
+            # the priority class's own fetch positions and consumer group: its records never queue behind a
+            # bulk backlog, and a bulk consumer's rebalance never stops it
+            container(
+                "delivery-selected-priority",
+                constants.SELECTED_PRIORITY_TOPIC,
+                on_selected,
+                settings.consumers.selected,
+                kafka.priority_consumer_group,
+            ),
+        ],
+    }
+    return [container for lane_class in _lane_classes(settings) for container in by_class[lane_class]]
 
 
-def _lane_classes(settings: Settings) -> frozenset[str]:
+def _lane_classes(settings: Settings) -> tuple[str, ...]:
     """The priority classes this process works (``server.lane_classes``)."""
     chosen = settings.server.lane_classes
-    return frozenset({"normal", "priority"}) if chosen == "both" else frozenset({chosen})
+    return ("normal", "priority") if chosen == "both" else (chosen,)
 
 
 SLOWED_SLICE = 50  # records per slice of a slowed batch handler

@@ -60,7 +60,7 @@ async def catch_up(
     since = await _moment(inbox, user_id, cursor)
     if since is None:
         return await _fresh(inbox, user_id, roles, limit, UNKNOWN_CURSOR)
-    selected = await inbox.selected_after(user_id, cursor.row_id or 0, None if cursor.row_id else since, limit + 1)
+    selected = await inbox.selected_after(user_id, cursor.row_id or 0, since, limit + 1)
     group = await inbox.group(user_id, roles, since - GROUP_OVERLAP, limit)
     items = _in_order(selected + group.items)
     if len(items) > limit or not group.complete:

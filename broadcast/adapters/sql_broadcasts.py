@@ -87,13 +87,13 @@ def _headers_as_text(head: list[tuple[Any, ...]], rest: Iterable[tuple[Any, ...]
     """Outbox records for COPY: the headers column as JSON text, encoded once per distinct headers list (the
     rows of one broadcast share one: ``outbox_records``)."""
     at = OUTBOX_COLUMNS.index("headers")
-    texts: dict[int, str] = {}
+    texts: dict[int, tuple[object, str]] = {}  # by id, the list kept alive beside its text (no id reuse)
     for r in itertools.chain(head, rest):
         headers = r[at]
-        text_value = texts.get(id(headers))
-        if text_value is None:
-            text_value = texts[id(headers)] = orjson.dumps(headers).decode()
-        yield (*r[:at], text_value, *r[at + 1 :])
+        known = texts.get(id(headers))
+        if known is None or known[0] is not headers:
+            known = texts[id(headers)] = (headers, orjson.dumps(headers).decode())
+        yield (*r[:at], known[1], *r[at + 1 :])
 
 
 def _copying(conn: AsyncConnection, records: Sequence[object]) -> bool:

@@ -19,6 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from broadcast.errors import BroadcastError, RejectedByDatabaseError, UnavailableError
 from broadcast.settings import DatabaseSettings
 
+COMMAND_TIMEOUT_S = 30.0  # asyncpg's bound on one statement (a bulk COPY sets its own: sql_rows.COPY_TIMEOUT_S)
+
 
 def create_engine(settings: DatabaseSettings, application_name: str = "broadcast-server") -> AsyncEngine:
     """A pooled async engine for ``settings``; the caller disposes of it. PostgreSQL sessions carry
@@ -34,7 +36,7 @@ def create_engine(settings: DatabaseSettings, application_name: str = "broadcast
     }
     if settings.schema_name:
         server_settings["search_path"] = settings.schema_name
-    connect_args: dict[str, Any] = {"command_timeout": 30, "server_settings": server_settings}
+    connect_args: dict[str, Any] = {"command_timeout": COMMAND_TIMEOUT_S, "server_settings": server_settings}
     engine = create_async_engine(
         url,
         echo=settings.echo,

@@ -27,8 +27,8 @@ GROUP_TYPES = (TargetType.ALL.value, TargetType.ROLE.value)
 GROUP_SCAN_LIMIT = 1_000  # the newest visible group broadcasts one query looks at; past it, a page is incomplete
 USERS_PER_QUERY = 500
 ROWS_CHUNK = 500  # (broadcast id, user id) pairs per lookup
-# A resume also replays the rows delivered this recently (the delivered marks are flushed in batches, so the
-# cursor row's own mark may not be written yet); the client drops the ones it has by their SSE id.
+# A resume also replays the rows delivered since its cursor's row was created, less this margin for the
+# clocks of different instances (``selected_after``); the client drops the ones it has by their SSE id.
 DELIVERED_OVERLAP = timedelta(seconds=5)
 MARK_CHUNK = 500  # rows per upsert: 7 parameters each, under SQLite's and asyncpg's parameter limits
 
@@ -175,25 +175,19 @@ class SqlInboxStore:
                 break
         return found
 
-    async def selected_after(self, user_id: str, row_id: int, since: datetime | None, limit: int) -> list[InboxItem]:
-        """Rows after ``row_id`` (or created after ``since``), every PENDING row, and every row delivered
-        (to another tab) since the cursor's row was, or since ``since``, in row order.
+    async def selected_after(self, user_id: str, row_id: int, since: datetime, limit: int) -> list[InboxItem]:
+        """A resume's SELECTED rows, in row order: after the cursor's row ``row_id`` (0: created after
+        ``since``), every PENDING row, and every row delivered since ``since`` (the cursor's moment: its row's
+        creation, or a group cursor's time), less ``DELIVERED_OVERLAP``.
 
         Row ids do not give a user's delivery order: a priority-class row (HIGH, URGENT) overtakes the bulk
         rows written before it. A tab that saw the urgent row and then dropped must still get the older bulk
-        row another tab was shown meanwhile (no longer PENDING, below the cursor): that is the third part."""
+        row another tab was shown meanwhile (no longer PENDING, below the cursor): that is the third part.
+        Such a row was shown after the urgent one, so marked after the urgent one was created; the overlap
+        covers clocks of different instances."""
         now = datetime.now(UTC)
-        if since is None:
-            newer = u.id > row_id
-            cursor = user_broadcast_messages.alias("cursor_row")
-            seen_at: Any = (
-                select(cursor.c.delivered_at)
-                .where(cursor.c.id == row_id, cursor.c.user_id == user_id)
-                .scalar_subquery()
-            )
-        else:
-            newer, seen_at = u.created_at > since, since
-        later = and_(u.id != row_id, or_(u.delivered_at >= seen_at, u.delivered_at >= now - DELIVERED_OVERLAP))
+        newer = u.id > row_id if row_id else u.created_at > since
+        later = and_(u.id != row_id, u.delivered_at >= since - DELIVERED_OVERLAP)
         query = self._selected(user_id, now).where(or_(newer, u.delivery_status == DeliveryStatus.PENDING.value, later))
         return self._items(await read_all(self._engine, query.order_by(u.id).limit(limit)))
 

@@ -20,6 +20,9 @@ from broadcast.errors import ValidationError
 from broadcast.loops import hand_back
 
 CHUNK = 20_000
+# One streamed COPY carries a whole bulk (up to limits.max_csv_rows rows, built and encoded as it goes, the
+# loop handed back on the way): the pool's command_timeout (30 s) is sized for statements, not for that.
+COPY_TIMEOUT_S = 600.0
 T = TypeVar("T")
 
 
@@ -42,7 +45,9 @@ async def copy_records(
     back every ``loops.LOOP_SLICE`` of them."""
     raw = await conn.get_raw_connection()
     try:
-        await raw.driver_connection.copy_records_to_table(table, records=_sliced(records), columns=columns)  # type: ignore[union-attr]
+        await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
+            table, records=_sliced(records), columns=columns, timeout=COPY_TIMEOUT_S
+        )
     except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:  # raw driver errors, not SQLAlchemy's
         raise translate(exc) from exc
 

@@ -125,9 +125,10 @@ class SqlOutboxStore:
         try:
             async with self._engine.begin() as conn:
                 lanes = await self._claim_lanes(conn, owner, max_lanes, lease, among)
-                return await self._due(conn, lanes, limit) if lanes else {}
+                rows = await self._due_rows(conn, lanes, limit) if lanes else []
         except (SQLAlchemyError, OSError) as exc:
             raise translate(exc) from exc
+        return await _claimed(rows, lanes)  # after the commit: the lane rows' locks are gone
 
     async def _claim_lanes(
         self, conn: AsyncConnection, owner: str, max_lanes: int, lease: timedelta, among: Sequence[int] | None
@@ -184,13 +185,13 @@ class SqlOutboxStore:
     async def due(self, lane: int, limit: int) -> list[ClaimedOutboxEvent]:
         try:
             async with self._engine.connect() as conn:
-                return (await self._due(conn, [lane], limit)).get(lane, [])
+                rows = await self._due_rows(conn, [lane], limit)
         except (SQLAlchemyError, OSError) as exc:
             raise translate(exc) from exc
+        return (await _claimed(rows, [lane]))[lane]
 
-    async def _due(
-        self, conn: AsyncConnection, lanes: Sequence[int], limit: int
-    ) -> dict[int, list[ClaimedOutboxEvent]]:
+    @staticmethod
+    async def _due_rows(conn: AsyncConnection, lanes: Sequence[int], limit: int) -> Sequence[Any]:
         """The oldest ``limit`` due rows of each lane, in id order: one statement, a ``UNION ALL`` of one
         index range per lane (``ix_outbox_events_unpublished``), whatever the backlog behind them."""
         now = datetime.now(UTC)
@@ -207,30 +208,7 @@ class SqlOutboxStore:
             for lane in lanes
         ]
         query: Any = select(parts[0]) if len(parts) == 1 else union_all(*(select(part) for part in parts))
-        rows = (await conn.execute(query)).all()
-        headers: dict[str, tuple[tuple[str, bytes], ...]] = {}
-        types = {t.value: t for t in EventType}
-        found: dict[int, list[ClaimedOutboxEvent]] = {lane: [] for lane in lanes}
-        for n, r in enumerate(sorted(rows, key=lambda r: r.id), 1):
-            await hand_back(n)
-            found[r.lane].append(
-                ClaimedOutboxEvent(
-                    id=r.id,
-                    event=OutboxEvent(
-                        r.topic,
-                        r.partition_key,
-                        types[r.event_type],
-                        bytes(r.payload),
-                        decode_headers(r.headers, headers),
-                        r.broadcast_id,
-                        utc(r.not_before) if r.not_before else None,
-                    ),
-                    created_at=utc(r.created_at),
-                    attempts=r.attempts,
-                    poison_attempts=r.poison_attempts,
-                )
-            )
-        return found
+        return (await conn.execute(query)).all()
 
     async def mark_published(self, ids: Sequence[int]) -> None:
         if ids:
@@ -352,6 +330,33 @@ class SqlOutboxStore:
                 await conn.execute(stmt)
         except (SQLAlchemyError, OSError) as exc:
             raise translate(exc) from exc
+
+
+async def _claimed(rows: Sequence[Any], lanes: Sequence[int]) -> dict[int, list[ClaimedOutboxEvent]]:
+    """``_due_rows``' rows as claimed events per lane, in id order; the loop handed back as it goes."""
+    headers: dict[str, tuple[tuple[str, bytes], ...]] = {}
+    types = {t.value: t for t in EventType}
+    found: dict[int, list[ClaimedOutboxEvent]] = {lane: [] for lane in lanes}
+    for n, r in enumerate(sorted(rows, key=lambda r: r.id), 1):
+        await hand_back(n)
+        found[r.lane].append(
+            ClaimedOutboxEvent(
+                id=r.id,
+                event=OutboxEvent(
+                    r.topic,
+                    r.partition_key,
+                    types[r.event_type],
+                    bytes(r.payload),
+                    decode_headers(r.headers, headers),
+                    r.broadcast_id,
+                    utc(r.not_before) if r.not_before else None,
+                ),
+                created_at=utc(r.created_at),
+                attempts=r.attempts,
+                poison_attempts=r.poison_attempts,
+            )
+        )
+    return found
 
 
 def _dead_row(r: Any) -> DeadOutboxRow:

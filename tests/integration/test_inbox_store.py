@@ -154,25 +154,25 @@ async def test_a_tab_resuming_after_an_urgent_message_still_gets_the_older_bulk_
 ) -> None:
     """Priority lanes (issue 20) let an URGENT row overtake an older bulk row of the same user. Tab B is shown
     the urgent row, drops; tab A is then shown the bulk row (DELIVERED, below B's cursor). B's resume must
-    still carry it: no silent gap. A row delivered before the cursor's row is not replayed (overlap 0)."""
+    still carry it: no silent gap. A row delivered before the cursor's row was created is not replayed
+    (overlap 0), nor is the cursor's own row."""
     monkeypatch.setattr(sql_inbox, "DELIVERED_OVERLAP", timedelta(seconds=overlap_s))
     lifecycle, inbox = stores
     seen, _ = await lifecycle.create(NewBroadcast("seen", TargetType.SELECTED, ("alice",)), sender_id="admin")
+    await inbox.mark_delivered([(seen.id, "alice")])  # both tabs had this one before
+    await asyncio.sleep(0.01)
     bulk, _ = await lifecycle.create(NewBroadcast("bulk", TargetType.SELECTED, ("alice",)), sender_id="admin")
     urgent_request = NewBroadcast("urgent", TargetType.SELECTED, ("alice",), priority=Priority.URGENT)
     urgent, _ = await lifecycle.create(urgent_request, sender_id="admin")
-    await inbox.mark_delivered([(seen.id, "alice")])  # both tabs had this one before
-    await asyncio.sleep(0.01)
     await inbox.mark_delivered([(urgent.id, "alice")])  # tab B is shown the urgent one, then drops
     [urgent_row] = [i.row_id for i in await inbox.inbox("alice", frozenset()) if i.broadcast.id == urgent.id]
-    await asyncio.sleep(0.01)
     await inbox.mark_delivered([(bulk.id, "alice")])  # tab A is shown the bulk one meanwhile
 
     items, resync = await catch_up(inbox, "alice", frozenset(), Cursor(row_id=urgent_row).format(), 100)
     ids = [i.broadcast.id for i in items]
     assert resync is None and bulk.id in ids, "the bulk row tab B never saw"
     if overlap_s == 0:
-        assert ids == [bulk.id], "neither the cursor's own row nor one delivered before it"
+        assert ids == [bulk.id], "neither the cursor's own row nor one delivered before it was created"
 
 
 async def test_rows_of_many_pairs_come_back_and_only_missing_ones_are_created(

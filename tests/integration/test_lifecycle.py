@@ -8,13 +8,15 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import event, func, select
 
 from broadcast import constants, envelope
-from broadcast.adapters.sql_broadcasts import COPY_FROM
+from broadcast.adapters import sql_engine, sql_migrate
+from broadcast.adapters.sql_broadcasts import COPY_FROM, SqlBroadcastStore
 from broadcast.adapters.sql_tables import broadcast_messages, outbox_events, user_broadcast_messages
 from broadcast.domain import Broadcast, BroadcastStatus, EventType, NewBroadcast, OutboxEvent, Priority, TargetType
 from broadcast.errors import ConflictError, NotFoundError, ValidationError
@@ -22,7 +24,9 @@ from broadcast.event_shapes import EventShapes
 from broadcast.loops import LOOP_SLICE
 from broadcast.ports import OutgoingRecord, RecordPosition
 from broadcast.scheduler import Scheduler
+from broadcast.settings import KafkaSettings
 from devstack.stack import StackInfo
+from tests.databases import empty_database
 from tests.integration.conftest import Pipeline
 from tests.topics import read_topic
 
@@ -301,3 +305,28 @@ async def test_a_bulk_write_and_its_publish_hand_the_event_loop_back_every_slice
     assert all(isinstance(o, RecordPosition) for o in outcomes)
     assert turns.longest <= 2 * LOOP_SLICE, f"{turns.longest} records handled within one turn"
     assert await count(pipeline, outbox_events) == len(users) == await count(pipeline, user_broadcast_messages)
+
+
+async def test_a_bulk_copy_is_bounded_by_its_own_timeout_not_the_statement_timeout(
+    request: pytest.FixtureRequest, unique_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bulk broadcast is one streamed COPY per table, its rows built as it goes (a 1M CSV: tens of seconds
+    on a busy box). The sessions' statement timeout must not cut it: here 0.3 s, and the rows take longer to
+    come. Before the fix the COPY failed after 0.3 s (503, all rolled back, and so on every retry)."""
+    monkeypatch.setattr(sql_engine, "COMMAND_TIMEOUT_S", 0.3)
+    async with empty_database("postgresql", request, unique_name, tmp_path) as (engine, database):
+        await sql_migrate.upgrade(engine, database)
+        users = [f"user-{n:04d}" for n in range(2_000)]
+        broadcast = replace(SAMPLE, id=str(uuid.uuid4()), targeted_count=len(users))
+        events = list(EventShapes(KafkaSettings(), lambda: NOW).created_for_users(broadcast, users))
+
+        def slow() -> Iterator[OutboxEvent]:
+            for n, event in enumerate(events):
+                if n == 1_000:
+                    time.sleep(0.6)  # a slow producer of rows (a busy loop, a big upload's encoding)
+                yield event
+
+        await SqlBroadcastStore(engine).create(broadcast, users, slow(), None, "hash")
+        async with engine.connect() as conn:
+            written = (await conn.execute(select(func.count()).select_from(outbox_events))).scalar_one()
+        assert written == len(users)
