@@ -25,7 +25,10 @@ from devstack import paths, proc
 
 T = TypeVar("T")
 READY_TIMEOUT = 120.0
-JVM_OPTS = ["-Xms512m", "-Xmx512m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true"]
+# The full suite creates each test's own topics (six of 10 partitions, RF 3, since the priority topic): a run
+# had over 6,000 partition replicas per broker 40 % of the way in, when 512 MB of heap ran out
+# (OutOfMemoryError in two brokers, then every later Kafka test failed). 2 GB leaves room (3 brokers: 6 of 24 GB).
+JVM_OPTS = ["-Xms512m", "-Xmx2g", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true"]
 _COMPLETE = ".complete"
 
 
