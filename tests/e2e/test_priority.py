@@ -12,6 +12,7 @@ from devstack.stack import StackInfo
 from tests.e2e.test_delivery import post
 from tests.servers import Server, isolated_env
 from tests.sse_client import SseClient
+from tests.waiting import wait_until
 
 BULK = 3_000
 PER_RECORD_MS = 10  # the delivery failpoint: the bulk drains at most ~4 batches at a time, 10 ms a record
@@ -26,6 +27,10 @@ async def test_an_urgent_message_overtakes_a_bulk_broadcast_queued_before_it(ser
     """A NORMAL bulk to 3,000 users, alice last, is posted first; while its records queue in their partitions
     (alice's behind about 300 others, 10 ms each), an URGENT message to alice reaches her first, through the
     priority lanes, topic and consumer. Then the bulk one arrives too: each once, nothing lost."""
+    listeners = ("delivery-selected", "delivery-selected-priority")  # both consuming before the race starts
+    await wait_until(
+        lambda: all(f"{n} member 0: assigned" in server.log.read_text() for n in listeners), 60, "listeners assigned"
+    )
     async with SseClient(server.base, "alice") as alice:
         bulk = await post(
             server.base,
