@@ -138,18 +138,10 @@ async def limit_run(info: stack.StackInfo, recipients: list[str]) -> dict[str, f
             rows = ((bid, u, "PENDING", "UNREAD", now, now) for u in recipients)
             columns = ["broadcast_id", "user_id", "delivery_status", "read_status", "created_at", "updated_at"]
             await conn.copy_records_to_table("user_broadcast_messages", records=rows, columns=columns)
-            outbox = ((0, topic, u, "CREATED", p, "[]", bid, now) for u, p in zip(recipients, payloads, strict=True))
-            columns = [
-                "lane",
-                "topic",
-                "partition_key",
-                "event_type",
-                "payload",
-                "headers",
-                "broadcast_id",
-                "created_at",
-            ]
-            await conn.copy_records_to_table("outbox_events", records=outbox, columns=columns)
+            outbox = (
+                (0, topic, u, "CREATED", p, "[]", bid, None, now) for u, p in zip(recipients, payloads, strict=True)
+            )
+            await conn.copy_records_to_table("outbox_events", records=outbox, columns=list(OUTBOX_COLUMNS))
         committed = time.perf_counter()
         partitions = sorted(await producer.partitions_for(topic))
         batches: dict[int, Any] = {}
