@@ -17,7 +17,7 @@ from typing import cast
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from broadcast import constants
+from broadcast import constants, heap
 
 # parameters whose value is a credential, whatever it looks like
 _SECRET_QUERY = re.compile(
@@ -92,11 +92,18 @@ async def serve(config: uvicorn.Config) -> bool:
         await stop.wait()
         server.should_exit = True
 
+    async def settle_when_started() -> None:
+        while not server.started:  # noqa: ASYNC110  # uvicorn sets a flag, no event
+            await asyncio.sleep(0.05)
+        heap.settle()  # the start-up objects are the process's own, kept to the end: never scanned again
+
     watcher = asyncio.create_task(watch())
+    settler = asyncio.create_task(settle_when_started())
     try:
         await server.serve()
     finally:
         watcher.cancel()
+        settler.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     return server.started

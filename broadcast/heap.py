@@ -1,0 +1,29 @@
+"""The cyclic garbage collector, set for a long-running server process.
+
+CPython's defaults (collect generation 0 every 700 net allocations of tracked objects, and the whole heap
+about every 100 of those) suit short scripts. A server under load keeps thousands of requests, streams and
+Kafka records alive across collections, so they are promoted and scanned again and again: at 1,000 targeted
+messages/s one process spent 11.5 s of 50 s in the collector, 42 full collections of ~200 ms each (pauses
+that every message in flight waits out). Measured with ``gc.callbacks`` in ``bench targeted-sustained``.
+
+``settle`` runs once start-up is done: it collects, then freezes what survives (settings, modules, the
+app, open pools: objects that live as long as the process) into the permanent generation, which no later
+collection scans, and raises the thresholds so a collection runs per tens of thousands of allocations.
+Reference counting still frees nearly everything at once; the collector is only for cycles.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Final
+
+# gen 0 every 50,000 net allocations of container objects; gen 1 every 20 of those; gen 2 every 100 gen-1
+# collections (and only when the objects promoted since the last one exceed 25 % of the heap, CPython's rule)
+THRESHOLDS: Final = (50_000, 20, 100)
+
+
+def settle() -> None:
+    """Collect, freeze the survivors (start-up's objects are never scanned again), raise the thresholds."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*THRESHOLDS)
