@@ -20,7 +20,7 @@ from sqlalchemy import Row, and_, case, delete, func, insert, or_, select, text,
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from broadcast.adapters.sql_engine import read_all, translate
+from broadcast.adapters.sql_engine import DriverStatement, read_all, translate
 from broadcast.adapters.sql_rows import (
     broadcast_from_row,
     broadcast_row,
@@ -80,6 +80,7 @@ WITH b AS (
 )
 SELECT id FROM b
 """)
+_CREATE_AT_ONCE_DRIVER = DriverStatement.of(_CREATE_AT_ONCE)
 COPY_FROM = 64  # rows: below, an INSERT costs less than COPY's set-up (a targeted message's 1 row and 1 event)
 
 
@@ -175,10 +176,9 @@ class SqlBroadcastStore:
         }
         try:
             async with self._engine.connect() as conn:
-                once = await conn.execution_options(isolation_level="AUTOCOMMIT")
-                created = (await once.execute(_CREATE_AT_ONCE, params)).first() is not None
-                if created:
+                if await _CREATE_AT_ONCE_DRIVER.fetchval(conn, params) is not None:
                     return broadcast, True
+                once = await conn.execution_options(isolation_level="AUTOCOMMIT")
                 existing = await self._by_key(once, idempotency_key or "", request_hash)
         except (SQLAlchemyError, OSError) as exc:
             raise translate(exc) from exc

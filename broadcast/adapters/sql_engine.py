@@ -6,15 +6,17 @@ through the connection's ``search_path``. SQLite gets WAL, foreign keys and a bu
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 from asyncpg.exceptions._base import DataError as _ClientDataError
-from sqlalchemy import event, text
+from sqlalchemy import TextClause, event, text
+from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.exc import DataError, DisconnectionError, IntegrityError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from broadcast.errors import BroadcastError, RejectedByDatabaseError, UnavailableError
 from broadcast.settings import DatabaseSettings
@@ -106,6 +108,41 @@ async def translated() -> AsyncIterator[None]:
         yield
     except (SQLAlchemyError, OSError) as exc:
         raise translate(exc) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class DriverStatement:
+    """A ``text()`` statement compiled once for asyncpg, run on a pooled connection's driver.
+
+    For the hottest statement (a targeted message's one-statement create): SQLAlchemy's per-execution work
+    (compiled-cache lookup, execution context, parameter processing, the greenlet hop, the result) cost
+    about 120 µs of CPU per statement more than asyncpg's own on this box (``SELECT $1`` on a 20-connection
+    pool), and more with many parameters. The connection, its pool and its ``search_path`` stay SQLAlchemy's;
+    asyncpg prepares and caches the statement per connection. No transaction is opened: the statement
+    commits on its own, as under ``AUTOCOMMIT``. Driver errors come out as ``translate`` has them (a refused
+    value: ``RejectedByDatabaseError``; the rest: ``UnavailableError``); after a client-side failure (a closed
+    session, a timeout) the connection is invalidated, so the pool never hands it out again.
+    """
+
+    sql: str
+    names: tuple[str, ...]
+
+    @classmethod
+    def of(cls, statement: TextClause) -> DriverStatement:
+        compiled = statement.compile(dialect=asyncpg_dialect())  # type: ignore[no-untyped-call]
+        return cls(compiled.string, tuple(compiled.positiontup or ()))
+
+    async def fetchval(self, conn: AsyncConnection, params: Mapping[str, Any]) -> Any:
+        """The first column of the first row (None for no row) of the statement run with ``params``."""
+        raw = await conn.get_raw_connection()
+        driver: asyncpg.Connection = raw.driver_connection
+        try:
+            return await driver.fetchval(self.sql, *[params[name] for name in self.names])
+        except asyncpg.PostgresError as exc:  # the server refused the statement: the session is fine
+            raise translate(exc) from exc
+        except (asyncpg.InterfaceError, OSError, TimeoutError) as exc:  # the session itself may be broken
+            await conn.invalidate()
+            raise translate(exc) from exc
 
 
 async def read_all(engine: AsyncEngine, query: Any) -> Sequence[Any]:

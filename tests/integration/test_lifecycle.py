@@ -205,19 +205,27 @@ async def test_listing_pages_through_every_broadcast_once(pipeline: Pipeline) ->
 
 
 async def test_a_targeted_message_is_written_in_one_statement_with_its_rows_events_and_stats(
-    pipeline: Pipeline,
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     statements: list[str] = []
 
-    def seen(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+    def seen(_conn: object, _cursor: object, statement: str, *_: object) -> None:  # through SQLAlchemy
         statements.append(statement.split(None, 1)[0].upper())
 
+    driver_fetchval = sql_engine.DriverStatement.fetchval
+
+    async def on_the_driver(self: sql_engine.DriverStatement, conn: Any, params: Any) -> Any:
+        statements.append(self.sql.split(None, 1)[0].upper())
+        return await driver_fetchval(self, conn, params)
+
+    monkeypatch.setattr(sql_engine.DriverStatement, "fetchval", on_the_driver)
     event.listen(pipeline.engine.sync_engine, "before_cursor_execute", seen)
     try:
         request = NewBroadcast("quick", TargetType.SELECTED, ("alice", "bob"), category="ops")
         b, created = await pipeline.lifecycle.create(request, sender_id="admin", idempotency_key="k-one")
     finally:
         event.remove(pipeline.engine.sync_engine, "before_cursor_execute", seen)
+        monkeypatch.undo()
     assert created and statements == ["WITH"], statements
     assert await pipeline.lifecycle.get(b.id) == b, "the broadcast as it was built"
     stats = await pipeline.lifecycle.stats(b.id)

@@ -10,7 +10,8 @@ from pydantic import SecretStr
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from broadcast.adapters.sql_engine import create_engine
+from broadcast.adapters.sql_engine import DriverStatement, create_engine, pool_connections
+from broadcast.errors import RejectedByDatabaseError, UnavailableError
 from broadcast.settings import DatabaseSettings
 from devstack.stack import StackInfo
 
@@ -60,3 +61,44 @@ async def test_pooled_connections_the_server_closed_are_replaced_at_checkout_wit
         assert not set(seen) & set(others), "no statement ran on an ended session, and none failed"
     finally:
         await engine.dispose()
+
+
+SUM = DriverStatement.of(text("SELECT CAST(:a AS smallint) + CAST(:b AS smallint)"))
+
+
+async def test_a_driver_statement_runs_with_named_parameters_and_the_servers_refusal_keeps_the_session(
+    stack: StackInfo,
+) -> None:
+    engine = create_engine(DatabaseSettings(url=SecretStr(stack.postgres_url), pool_size=1))
+    try:
+        async with engine.connect() as conn:
+            assert await SUM.fetchval(conn, {"b": 2, "a": 40}) == 42
+            with pytest.raises(RejectedByDatabaseError):  # smallint out of range: SQLSTATE 22003
+                await SUM.fetchval(conn, {"a": 32_000, "b": 32_000})
+            assert await SUM.fetchval(conn, {"a": 1, "b": 1}) == 2  # the same session goes on
+        assert pool_connections(engine) == (0, 1)
+    finally:
+        await engine.dispose()
+
+
+async def test_a_driver_statement_on_a_session_that_died_fails_unavailable_and_the_next_checkout_works(
+    stack: StackInfo,
+) -> None:
+    """A session ended under a checked-out connection: the statement fails as ``UnavailableError`` (a 503 for
+    the API, a retry for a loop), not as the driver's own error; the next checkout gets a live session."""
+    engine = create_engine(DatabaseSettings(url=SecretStr(stack.postgres_url), pool_size=1))
+    other = create_engine(DatabaseSettings(url=SecretStr(stack.postgres_url), pool_size=1))
+    try:
+        async with engine.connect() as conn:
+            pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+            async with other.connect() as admin:
+                await admin.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+            await asyncio.sleep(0.3)  # the client reads the server's goodbye
+            with pytest.raises(UnavailableError):
+                await SUM.fetchval(conn, {"a": 1, "b": 1})
+        async with engine.connect() as fresh:
+            assert await SUM.fetchval(fresh, {"a": 20, "b": 22}) == 42
+            assert (await fresh.execute(text("SELECT pg_backend_pid()"))).scalar_one() != pid
+    finally:
+        await engine.dispose()
+        await other.dispose()
