@@ -33,6 +33,7 @@ DEFAULTS = {
 def stack_env(ctx: Context, name: str, **overrides: str) -> dict[str, str]:
     """Variables for servers of one scenario run on the real stack (fresh schema, topics, group, prefix)."""
     unique = f"bench_{name.replace('-', '_')}_{uuid.uuid4().hex[:8]}"
+    ctx.names.add(unique)  # its topics go when the scenario ends (Context.tidy)
     return isolated_env(ctx.stack(), unique, ctx.scratch, **{**DEFAULTS, **overrides})
 
 

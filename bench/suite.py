@@ -119,6 +119,7 @@ class Context:
     repeat: int
     scratch: Path
     _stack: Any = None
+    names: set[str] = field(default_factory=set)  # unique names whose topics are still on the stack
 
     def stack(self) -> Any:
         """The real stack (3 KRaft brokers, PostgreSQL, Redis), started on first use; a ``StackInfo``."""
@@ -127,6 +128,17 @@ class Context:
 
             self._stack = stack.up()
         return self._stack
+
+    def tidy(self) -> None:
+        """Delete the topics of the unique names handed out so far (``devstack.topics``): each scenario
+        starts on a cluster as small as the first one did."""
+        if self._stack is not None and self.names:
+            import asyncio
+
+            from devstack.topics import delete_scratch_topics
+
+            asyncio.run(delete_scratch_topics(self._stack.kafka_bootstrap, self.names))
+            self.names.clear()
 
 
 def median(values: Sequence[float]) -> float:
@@ -370,6 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 traceback.print_exc()
                 failures[name] = repr(exc)
                 continue
+            finally:
+                ctx.tidy()
             outcome.seconds = time.monotonic() - started
             outcomes.append(outcome)
             plot(outcome, args.out / f"{date}-{name}.png")

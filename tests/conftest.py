@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import uuid
+import warnings
 from collections.abc import Iterator
 
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 
 from devstack.stack import StackInfo, up
+from devstack.topics import delete_scratch_topics
 
 _STACK_USED = False
-_NAMES: set[str] = set()  # unique names handed out in this session: only their topics are deleted
+_NAMES: set[str] = set()  # unique names handed out in this session whose topics are not deleted yet
 
 
 @pytest.fixture(scope="session")
@@ -35,33 +36,26 @@ def unique_name() -> str:
     return name
 
 
-TEST_TOPIC = re.compile(r"^(t[0-9a-f]{10}|bench_\w+|prof_\w+)([.-].*)?$")
-
-
-async def delete_test_topics(bootstrap: str, owners: set[str] | None = None) -> int:
-    """Delete the topics tests and benchmarks created (unique-name prefixes), so the cluster stays small.
-
-    With ``owners``, only topics whose unique-name prefix is one of them (this session's), so that
-    concurrent test sessions on the same stack keep theirs.
-    """
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=60_000)
-    await admin.start()
-    try:
-        names = [
-            t
-            for t in await admin.list_topics()
-            if (m := TEST_TOPIC.match(t)) and (owners is None or m.group(1) in owners)
-        ]
-        for start in range(0, len(names), 50):
-            await admin.delete_topics(names[start : start + 50])
-        return len(names)
-    finally:
-        await admin.close()
+@pytest.fixture(scope="module", autouse=True)
+def tidy_topics() -> Iterator[None]:
+    """After each module, delete the topics of the unique names its tests were given (the stack keeps
+    running): the cluster stays at a few modules' topics all session, instead of every test's (see
+    ``devstack.topics``). Module-scoped and autouse, so it is torn down after the module's own fixtures
+    (a module-scoped server still using its topics)."""
+    before = set(_NAMES)
+    yield
+    if _STACK_USED and (names := _NAMES - before):
+        try:
+            asyncio.run(delete_scratch_topics(up().kafka_bootstrap, names))
+        except (KafkaError, OSError) as exc:  # the session's last sweep tries again
+            warnings.warn(f"could not delete this module's test topics yet: {exc!r}", stacklevel=1)
+        else:
+            _NAMES.difference_update(names)
 
 
 @pytest.fixture(scope="session", autouse=True)
-def tidy_topics() -> Iterator[None]:
-    """After a session that used the stack, delete its test topics (the stack itself keeps running)."""
+def tidy_leftover_topics() -> Iterator[None]:
+    """At the end of the session, the topics a module could not delete (a broker was down at the time)."""
     yield
-    if _STACK_USED:
-        asyncio.run(delete_test_topics(up().kafka_bootstrap, _NAMES))
+    if _STACK_USED and _NAMES:
+        asyncio.run(delete_scratch_topics(up().kafka_bootstrap, _NAMES))

@@ -28,8 +28,8 @@ import broadcast
 from broadcast import admin_api, openapi
 from broadcast.settings import Settings
 from devstack.stack import StackInfo
+from devstack.topics import delete_scratch_topics
 from tests.auth import bearer
-from tests.conftest import delete_test_topics
 from tests.servers import Server, isolated_env
 
 pytestmark = pytest.mark.stack
@@ -96,7 +96,7 @@ def fuzzed_server(stack: StackInfo, tmp_path_factory: pytest.TempPathFactory) ->
                 f"server log {server.log}"
             )
     finally:
-        asyncio.run(delete_test_topics(stack.kafka_bootstrap, {name}))
+        asyncio.run(delete_scratch_topics(stack.kafka_bootstrap, {name}))
     assert code == 0, f"the server did not stop cleanly ({code}):\n{server.log.read_text()[-6000:]}"
 
 

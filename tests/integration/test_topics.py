@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -13,6 +14,7 @@ from broadcast import constants
 from broadcast.adapters.kafka_admin import MISSING, ensure_topics, verify_topics
 from broadcast.settings import KafkaSettings
 from devstack.stack import StackInfo
+from devstack.topics import delete_scratch_topics
 from tests.servers import Server, clean_env, free_port
 
 
@@ -95,3 +97,25 @@ async def test_run_refuses_to_start_on_misconfigured_topics_unless_told(
         assert "starting on unsafe topics" in allowed.log.read_text()
     finally:
         allowed.stop()
+
+
+async def test_scratch_topics_are_deleted_by_owner_and_other_topics_stay(stack: StackInfo) -> None:
+    """``devstack.topics``: what the per-module tidy-up and the benchmark call; only the owners' topics go."""
+    owners = ["t" + uuid.uuid4().hex[:10] for _ in range(2)]
+    kept_owner, other = "t" + uuid.uuid4().hex[:10], f"keep-{uuid.uuid4().hex[:8]}"
+    mine = [f"{o}.{constants.SELECTED_TOPIC}" for o in owners] + [f"{owners[0]}.{constants.GROUP_DLT_TOPIC}"]
+    kept = [f"{kept_owner}.{constants.SELECTED_TOPIC}", other]
+    admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(t, 1, 1) for t in mine + kept])
+        assert await delete_scratch_topics(stack.kafka_bootstrap, set(owners)) == 3
+        deadline = asyncio.get_running_loop().time() + 30
+        while set(mine) & set(listed := await admin.list_topics()):  # deletion completes in the background
+            assert asyncio.get_running_loop().time() < deadline, f"still there: {set(mine) & set(listed)}"
+            await asyncio.sleep(0.2)
+        assert set(kept) <= set(listed)
+        assert await delete_scratch_topics(stack.kafka_bootstrap, set()) == 0  # no owners: nothing at all
+    finally:
+        await admin.delete_topics(kept)
+        await admin.close()
