@@ -110,6 +110,16 @@ async def translated() -> AsyncIterator[None]:
         raise translate(exc) from exc
 
 
+class AttributeRecord(asyncpg.Record):  # type: ignore[misc]  # asyncpg.Record is untyped here
+    """An asyncpg row whose columns also read as attributes, like a SQLAlchemy ``Row``."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
 @dataclass(frozen=True, slots=True)
 class DriverStatement:
     """A ``text()`` statement compiled once for asyncpg, run on a pooled connection's driver.
@@ -134,10 +144,21 @@ class DriverStatement:
 
     async def fetchval(self, conn: AsyncConnection, params: Mapping[str, Any]) -> Any:
         """The first column of the first row (None for no row) of the statement run with ``params``."""
+        return await self._run(conn, params, all_rows=False)
+
+    async def fetch(self, conn: AsyncConnection, params: Mapping[str, Any]) -> list[Any]:
+        """Every row, its columns readable as attributes (``row.id``) as on a SQLAlchemy row."""
+        rows: list[Any] = await self._run(conn, params, all_rows=True)
+        return rows
+
+    async def _run(self, conn: AsyncConnection, params: Mapping[str, Any], all_rows: bool) -> Any:
         raw = await conn.get_raw_connection()
         driver: asyncpg.Connection = raw.driver_connection
+        args = [params[name] for name in self.names]
         try:
-            return await driver.fetchval(self.sql, *[params[name] for name in self.names])
+            if all_rows:
+                return await driver.fetch(self.sql, *args, record_class=AttributeRecord)
+            return await driver.fetchval(self.sql, *args)
         except asyncpg.PostgresError as exc:  # the server refused the statement: the session is fine
             raise translate(exc) from exc
         except (asyncpg.InterfaceError, OSError, TimeoutError) as exc:  # the session itself may be broken

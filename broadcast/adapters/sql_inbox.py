@@ -15,7 +15,7 @@ from sqlalchemy import and_, func, or_, select, text, tuple_, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from broadcast.adapters.sql_engine import read_all, translate
+from broadcast.adapters.sql_engine import DriverStatement, read_all, translate
 from broadcast.adapters.sql_rows import broadcast_from_row
 from broadcast.adapters.sql_stores import dialect_insert
 from broadcast.adapters.sql_tables import broadcast_messages, user_broadcast_messages
@@ -51,12 +51,12 @@ async def _lookup(conn: AsyncConnection, pairs: Sequence[tuple[str, str]]) -> di
     found: dict[tuple[str, str], int] = {}
     for start in range(0, len(pairs), ROWS_CHUNK):
         chunk = pairs[start : start + ROWS_CHUNK]
-        if conn.dialect.name == "postgresql":
-            result = await conn.execute(_PG_LOOKUP, {"b": [p[0] for p in chunk], "u": [p[1] for p in chunk]})
+        if conn.dialect.name == "postgresql":  # on the driver: no BEGIN/ROLLBACK around it outside a transaction
+            rows = await _PG_LOOKUP_DRIVER.fetch(conn, {"b": [p[0] for p in chunk], "u": [p[1] for p in chunk]})
         else:
             query = select(u.broadcast_id, u.user_id, u.id).where(tuple_(u.broadcast_id, u.user_id).in_(chunk))
-            result = await conn.execute(query)
-        found.update({(r[0], r[1]): int(r[2]) for r in result.all()})
+            rows = list((await conn.execute(query)).all())
+        found.update({(r[0], r[1]): int(r[2]) for r in rows})
     return found
 
 
@@ -65,6 +65,7 @@ _PG_LOOKUP = text(
     " JOIN unnest(CAST(:b AS varchar[]), CAST(:u AS varchar[])) AS t(b, u)"
     " ON m.broadcast_id = t.b AND m.user_id = t.u"
 )
+_PG_LOOKUP_DRIVER = DriverStatement.of(_PG_LOOKUP)
 
 
 _PG_MARK_DELIVERED = text("""

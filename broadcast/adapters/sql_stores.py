@@ -29,6 +29,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from broadcast.adapters import sql_outbox_pg
 from broadcast.adapters.sql_engine import translate
 from broadcast.adapters.sql_tables import outbox_dead, outbox_events, outbox_lanes, user_roles, users
 from broadcast.domain import ClaimedOutboxEvent, DeadOutboxRow, EventType, OutboxEvent, User, outbox_lane
@@ -121,7 +122,10 @@ class SqlOutboxStore:
     async def claim(
         self, owner: str, max_lanes: int, lease: timedelta, limit: int, among: Sequence[int] | None = None
     ) -> dict[int, list[ClaimedOutboxEvent]]:
-        """``claim_lanes`` and the due rows of every lane it got, in one transaction of two statements."""
+        """``claim_lanes`` and the due rows of every lane it got: on PostgreSQL one statement
+        (``sql_outbox_pg.CLAIM``), elsewhere one transaction of two."""
+        if self._engine.dialect.name == "postgresql":
+            return await self._claim_at_once(owner, max_lanes, lease, limit, among)
         try:
             async with self._engine.begin() as conn:
                 lanes = await self._claim_lanes(conn, owner, max_lanes, lease, among)
@@ -129,6 +133,26 @@ class SqlOutboxStore:
         except (SQLAlchemyError, OSError) as exc:
             raise translate(exc) from exc
         return await _claimed(rows, lanes)  # after the commit: the lane rows' locks are gone
+
+    async def _claim_at_once(
+        self, owner: str, max_lanes: int, lease: timedelta, limit: int, among: Sequence[int] | None
+    ) -> dict[int, list[ClaimedOutboxEvent]]:
+        now = datetime.now(UTC)
+        params = {
+            "now": now,
+            "until": now + lease,
+            "owner": owner,
+            "among": None if among is None else list(among),
+            "max_lanes": max_lanes,
+            "lim": limit,
+        }
+        try:
+            async with self._engine.connect() as conn:
+                found = await sql_outbox_pg.CLAIM.fetch(conn, params)
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc) from exc
+        lanes = sorted({int(r.claimed_lane) for r in found})  # a lane whose rows stopped being due: no row
+        return await _claimed([r for r in found if r.id is not None], lanes)
 
     async def _claim_lanes(
         self, conn: AsyncConnection, owner: str, max_lanes: int, lease: timedelta, among: Sequence[int] | None
@@ -172,8 +196,14 @@ class SqlOutboxStore:
         )
 
     async def finish(self, owner: str, lanes: Sequence[int], published: Sequence[int]) -> None:
-        """``mark_published(published)`` and ``release_lanes(owner, lanes)`` in one transaction."""
+        """``mark_published(published)`` and ``release_lanes(owner, lanes)`` atomically: on PostgreSQL one
+        statement (``sql_outbox_pg.FINISH``), elsewhere one transaction."""
         try:
+            if self._engine.dialect.name == "postgresql":
+                params = {"now": datetime.now(UTC), "ids": list(published), "lanes": list(lanes), "owner": owner}
+                async with self._engine.connect() as conn:
+                    await sql_outbox_pg.FINISH.fetchval(conn, params)
+                return
             async with self._engine.begin() as conn:
                 if published:
                     await conn.execute(self._mark(published))
