@@ -39,8 +39,8 @@ WITH free AS (
     WHERE lane IN (SELECT lane FROM free)
     RETURNING lane
 )
-SELECT c.lane AS claimed_lane, r.lane, r.id, r.topic, r.partition_key, r.event_type, r.payload, r.headers,
-       r.broadcast_id, r.not_before, r.created_at, r.attempts, r.poison_attempts
+SELECT r.lane, r.id, r.topic, r.partition_key, r.event_type, r.payload, r.headers, r.broadcast_id, r.not_before,
+       r.created_at, r.attempts, r.poison_attempts, c.lane AS claimed_lane  -- sql_stores._claimed reads by position
 FROM claimed c
 LEFT JOIN LATERAL (
     SELECT o.lane, o.id, o.topic, o.partition_key, o.event_type, o.payload, CAST(o.headers AS text) AS headers,

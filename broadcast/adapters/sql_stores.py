@@ -6,6 +6,7 @@ PostgreSQL; SQLite serialises writers), so no row lock is held while a relay awa
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -33,7 +34,7 @@ from broadcast.adapters import sql_outbox_pg
 from broadcast.adapters.sql_engine import translate
 from broadcast.adapters.sql_tables import outbox_dead, outbox_events, outbox_lanes, user_roles, users
 from broadcast.domain import ClaimedOutboxEvent, DeadOutboxRow, EventType, OutboxEvent, User, outbox_lane
-from broadcast.loops import hand_back
+from broadcast.loops import LOOP_SLICE, hand_back
 
 
 def utc(value: datetime) -> datetime:
@@ -151,8 +152,9 @@ class SqlOutboxStore:
                 found = await sql_outbox_pg.CLAIM.fetch(conn, params)
         except (SQLAlchemyError, OSError) as exc:
             raise translate(exc) from exc
-        lanes = sorted({int(r.claimed_lane) for r in found})  # a lane whose rows stopped being due: no row
-        return await _claimed([r for r in found if r.id is not None], lanes)
+        last = CLAIMED_COLUMNS  # the claimed lane, after the row's own columns
+        lanes = sorted({int(r[last]) for r in found})  # a lane whose rows stopped being due: no row
+        return await _claimed([r for r in found if r[1] is not None], lanes)
 
     async def _claim_lanes(
         self, conn: AsyncConnection, owner: str, max_lanes: int, lease: timedelta, among: Sequence[int] | None
@@ -363,30 +365,33 @@ class SqlOutboxStore:
 
 
 async def _claimed(rows: Sequence[Any], lanes: Sequence[int]) -> dict[int, list[ClaimedOutboxEvent]]:
-    """``_due_rows``' rows as claimed events per lane, in id order; the loop handed back as it goes."""
+    """Claimed rows as events per lane, in id order; the loop handed back as it goes. A row's first
+    ``CLAIMED_COLUMNS`` columns, by position (as ``_due_rows`` and ``sql_outbox_pg.CLAIM`` select them): a
+    bulk claim converts 100k rows here, and positional unpacking costs a fraction of 13 attribute reads."""
     headers: dict[str, tuple[tuple[str, bytes], ...]] = {}
     types = {t.value: t for t in EventType}
     found: dict[int, list[ClaimedOutboxEvent]] = {lane: [] for lane in lanes}
-    for n, r in enumerate(sorted(rows, key=lambda r: r.id), 1):
-        await hand_back(n)
-        found[r.lane].append(
-            ClaimedOutboxEvent(
-                id=r.id,
-                event=OutboxEvent(
-                    r.topic,
-                    r.partition_key,
-                    types[r.event_type],
-                    bytes(r.payload),
-                    decode_headers(r.headers, headers),
-                    r.broadcast_id,
-                    utc(r.not_before) if r.not_before else None,
-                ),
-                created_at=utc(r.created_at),
-                attempts=r.attempts,
-                poison_attempts=r.poison_attempts,
-            )
+    for n, r in enumerate(sorted(rows, key=_ROW_ID), 1):
+        if n % LOOP_SLICE == 0:
+            await hand_back(n)
+        lane, row_id, topic, key, event_type, payload, head, broadcast_id, not_before, created, attempts, poison = r[
+            :CLAIMED_COLUMNS
+        ]
+        event = OutboxEvent(
+            topic,
+            key,
+            types[event_type],
+            payload if type(payload) is bytes else bytes(payload),
+            decode_headers(head, headers),
+            broadcast_id,
+            utc(not_before) if not_before else None,
         )
+        found[lane].append(ClaimedOutboxEvent(row_id, event, utc(created), attempts, poison))
     return found
+
+
+CLAIMED_COLUMNS = 12  # lane, id, topic, key, type, payload, headers, broadcast id, not_before, created, attempts x2
+_ROW_ID = operator.itemgetter(1)
 
 
 def _dead_row(r: Any) -> DeadOutboxRow:
