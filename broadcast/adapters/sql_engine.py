@@ -110,16 +110,6 @@ async def translated() -> AsyncIterator[None]:
         raise translate(exc) from exc
 
 
-class AttributeRecord(asyncpg.Record):  # type: ignore[misc]  # asyncpg.Record is untyped here
-    """An asyncpg row whose columns also read as attributes, like a SQLAlchemy ``Row``."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
 @dataclass(frozen=True, slots=True)
 class DriverStatement:
     """A ``text()`` statement compiled once for asyncpg, run on a pooled connection's driver.
@@ -147,7 +137,7 @@ class DriverStatement:
         return await self._run(conn, params, all_rows=False)
 
     async def fetch(self, conn: AsyncConnection, params: Mapping[str, Any]) -> list[Any]:
-        """Every row, its columns readable as attributes (``row.id``) as on a SQLAlchemy row."""
+        """Every row (asyncpg records: read their columns by position, or by name with ``row["id"]``)."""
         rows: list[Any] = await self._run(conn, params, all_rows=True)
         return rows
 
@@ -157,7 +147,7 @@ class DriverStatement:
         args = [params[name] for name in self.names]
         try:
             if all_rows:
-                return await driver.fetch(self.sql, *args, record_class=AttributeRecord)
+                return await driver.fetch(self.sql, *args)
             return await driver.fetchval(self.sql, *args)
         except asyncpg.PostgresError as exc:  # the server refused the statement: the session is fine
             raise translate(exc) from exc
