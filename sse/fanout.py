@@ -186,9 +186,13 @@ class Reconciler:
         """One query (per few hundred users) for the PENDING rows of everyone connected here; after a bus
         gap, one query per distinct role set for the group broadcasts since it."""
         pushed = 0
+        # Only to the connections open before the query: a newer one read its own catch-up after it, so what
+        # the query saw PENDING may since have been written to that user's closed stream and marked (its
+        # client holds it, and a resume from its cursor leaves it out); offering it would show it twice.
+        upto = self._hub.last_id
         for user_id, item in await self._inbox.pending_for(self._hub.users(), RECONCILE_BATCH):
             outgoing = Outgoing(item_frame(item), item.broadcast.id, counts=True, path="reconciliation")
-            if self._hub.to_user(user_id, outgoing):
+            if self._hub.to_user(user_id, outgoing, upto):
                 pushed += 1
         if (gap := self._gaps.take()) is not None:
             try:

@@ -312,10 +312,13 @@ class Hub:
             return tuple(self._by_user.get(user_id, ()))
         return tuple(c for cs in self._by_user.values() for c in cs)
 
-    def to_user(self, user_id: str, item: Outgoing) -> int:
-        """Offer ``item`` to every connection of ``user_id``; returns how many accepted it."""
+    def to_user(self, user_id: str, item: Outgoing, upto: int | None = None) -> int:
+        """Offer ``item`` to every connection of ``user_id`` (with ``upto``: those whose id is at most
+        ``upto``, the ones open at that moment); returns how many accepted it."""
         connections = self._by_user.get(user_id)
-        return self._offer(tuple(connections), item) if connections else 0
+        if not connections:
+            return 0
+        return self._offer(tuple(c for c in connections if upto is None or c.id <= upto), item)
 
     def to_matching(self, matches: Callable[[Connection], bool] | None, item: Outgoing) -> int:
         """Offer ``item`` to every connection (``matches`` None) or to those ``matches`` accepts."""

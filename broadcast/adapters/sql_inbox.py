@@ -179,7 +179,7 @@ class SqlInboxStore:
     async def selected_after(self, user_id: str, row_id: int, since: datetime, limit: int) -> list[InboxItem]:
         """A resume's SELECTED rows, in row order: after the cursor's row ``row_id`` (0: created after
         ``since``), every PENDING row, and every row delivered since ``since`` (the cursor's moment: its row's
-        creation, or a group cursor's time), less ``DELIVERED_OVERLAP``.
+        creation, or a group cursor's time), less ``DELIVERED_OVERLAP``; never the cursor's own row.
 
         Row ids do not give a user's delivery order: a priority-class row (HIGH, URGENT) overtakes the bulk
         rows written before it. A tab that saw the urgent row and then dropped must still get the older bulk
@@ -188,8 +188,10 @@ class SqlInboxStore:
         covers clocks of different instances."""
         now = datetime.now(UTC)
         newer = u.id > row_id if row_id else u.created_at > since
-        later = and_(u.id != row_id, u.delivered_at >= since - DELIVERED_OVERLAP)
-        query = self._selected(user_id, now).where(or_(newer, u.delivery_status == DeliveryStatus.PENDING.value, later))
+        pending = u.delivery_status == DeliveryStatus.PENDING.value
+        later = u.delivered_at >= since - DELIVERED_OVERLAP
+        # never the cursor's own row: the client has it, even while its delivery mark is still on its way
+        query = self._selected(user_id, now).where(u.id != row_id, or_(newer, pending, later))
         return self._items(await read_all(self._engine, query.order_by(u.id).limit(limit)))
 
     async def row_created_at(self, user_id: str, row_id: int) -> datetime | None:

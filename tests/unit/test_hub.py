@@ -256,6 +256,34 @@ async def test_a_bus_gap_that_swallowed_more_than_the_replay_limit_says_resync_a
     assert not any(b"#10" in e or b"#11" in e for e in events), "not the oldest"
 
 
+async def test_a_reconciliation_round_offers_nothing_to_a_stream_opened_while_it_read() -> None:
+    """The CI failure of stop 31: a resume showed a message twice. Its row was read PENDING by a round that
+    began before the delivery mark was written; the mark landed, alice reconnected with the row's id as her
+    cursor (her catch-up left it out), and the round then offered the row to her new stream. A stream opened
+    after the round's query ran its own catch-up later, so the round must leave it alone; streams open
+    before the query still get the row (the live path may have missed it)."""
+    selected = replace(group_item(5, datetime.now(UTC)).broadcast, target_type=TargetType.SELECTED)
+    row = InboxItem(selected, 50, False)
+    hub = Hub(queue_size=8, max_per_user=5)
+    _, bob_socket = started(hub, "bob")
+    reading, answer = asyncio.Event(), asyncio.Event()
+
+    class Slow(GroupOnly):
+        async def pending_for(self, user_ids: Sequence[str], limit: int) -> list[tuple[str, InboxItem]]:
+            reading.set()
+            await answer.wait()  # the query is slow; meanwhile alice reconnects
+            return [("alice", row), ("bob", row)]
+
+    reconciler = Reconciler(cast(InboxStore, Slow([])), hub, 60.0, asyncio.Event())
+    round_ = asyncio.create_task(reconciler.run_once())
+    await reading.wait()
+    _, alice_socket = started(hub, "alice")
+    answer.set()
+    await round_
+    assert alice_socket.bodies == [b"head"], "the stream opened after the query got no copy from the round"
+    assert sum(b"#5" in body for body in bob_socket.bodies) == 1, "a stream open before it still gets the row"
+
+
 def test_a_message_from_the_database_carries_the_correlation_id_as_the_live_one_does() -> None:
     """Reconciliation and catch-up frames are built from the stored broadcast; a browser tracing a broadcast
     must see the admin request's correlation id whichever way the message came."""
