@@ -13,6 +13,15 @@ lane, ``ix_outbox_events_unpublished``). A claimed lane comes back even when no 
 another relay marked published after that is read again only when that relay's lease had run out, the
 case in which the transaction form also published it twice (at least once; consumers are idempotent).
 
+Whether a lane has a due row is ``min(id)`` of its own range of that index, probed for the class's lanes
+only: PostgreSQL plans a ``min`` under equality on the leading column as one index probe whatever its
+statistics say. Written as ``EXISTS`` (and as a ``LIMIT 1`` subquery), the plan the relay's connection kept
+(made while the table was young: "about one unpublished row") was one scan of a whole partial index, every
+lane's entries. While a 1M-recipient CSV upload's transaction COPYs its rows into the normal lanes, those
+entries are invisible yet visited: each priority claim took 0.5-2.5 s (auto_explain: one index scan, no
+index condition, 155k buffers), and URGENT messages waited 2-5 s behind a bulk they have no lane in
+(``tests/integration/test_outbox_claim.py``).
+
 FINISH marks the acknowledged rows published and gives the lanes back, atomically, as ``finish`` did.
 """
 
@@ -26,14 +35,15 @@ CLAIM = DriverStatement.of(
     text("""
 WITH free AS (
     SELECT l.lane FROM outbox_lanes l
-    WHERE (l.owner IS NULL OR l.lease_until < :now OR l.owner = :owner)
+    CROSS JOIN LATERAL (  -- the lane's oldest due row: one probe of its own range of (lane, id)
+        SELECT min(o.id) AS first FROM outbox_events o
+        WHERE o.lane = l.lane AND o.published_at IS NULL AND (o.not_before IS NULL OR o.not_before <= :now)
+    ) due
+    WHERE due.first IS NOT NULL AND (l.owner IS NULL OR l.lease_until < :now OR l.owner = :owner)
       AND (CAST(:among AS smallint[]) IS NULL OR l.lane = ANY(CAST(:among AS smallint[])))
-      AND EXISTS (
-          SELECT 1 FROM outbox_events o
-          WHERE o.lane = l.lane AND o.published_at IS NULL AND (o.not_before IS NULL OR o.not_before <= :now))
     ORDER BY l.lease_until ASC NULLS FIRST, l.lane
     LIMIT :max_lanes
-    FOR UPDATE SKIP LOCKED
+    FOR UPDATE OF l SKIP LOCKED
 ), claimed AS (
     UPDATE outbox_lanes SET owner = :owner, lease_until = :until
     WHERE lane IN (SELECT lane FROM free)
