@@ -78,17 +78,23 @@ class Fleet:
 
 
 def last_assignment(log: Path, listener: str = "delivery-selected") -> set[int] | None:
-    """The partitions the last "assigned" line of ``listener`` in a server log names (None: none yet); the
-    line names them as ranges per topic, ``topic[0-3,7]`` (``consumers.container._spans``)."""
+    """The partitions the last "assigned" line of ``listener`` in a server log names (None: none yet)."""
     lines = [line for line in log.read_text().splitlines() if f"listener {listener} member 0: assigned" in line]
     if not lines:
         return None
-    partitions: set[int] = set()
-    for spans in re.findall(r"\[([0-9,\-]+)\]", lines[-1].split(": assigned ", 1)[1]):
-        for span in spans.split(","):
-            first, _, last = span.partition("-")
-            partitions.update(range(int(first), int(last or first) + 1))
-    return partitions
+    return set().union(*assigned_spans(lines[-1].split(": assigned ", 1)[1]).values())
+
+
+def assigned_spans(spans: str) -> dict[str, set[int]]:
+    """An "assigned" line's partitions per topic: it names them as ranges, ``topic[0-3,7] other[1]``
+    (``consumers.container._spans``)."""
+    found: dict[str, set[int]] = {}
+    for topic, runs in re.findall(r"(\S+?)\[([0-9,\-]*)\]", spans):
+        numbers = found.setdefault(topic, set())
+        for run in filter(None, runs.split(",")):
+            first, _, last = run.partition("-")
+            numbers.update(range(int(first), int(last or first) + 1))
+    return found
 
 
 @dataclass(frozen=True)
