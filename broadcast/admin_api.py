@@ -8,7 +8,6 @@ request is valid. User management lives in ``admin_users_api`` and is mounted wi
 
 from __future__ import annotations
 
-import asyncio
 import re
 from contextlib import aclosing
 
@@ -142,7 +141,7 @@ async def upload_broadcast(request: Request) -> Response:
         new = validated(CsvBroadcastForm, _form_document(fields)).to_domain()
         if upload.size is not None and upload.size > limits.max_csv_bytes:
             raise too_large(limits.max_csv_bytes, "CSV file")
-        recipients = await asyncio.to_thread(_parse_csv, upload, limits)
+        recipients = await _read_csv(upload, limits)
     finally:
         await form.close()
     if not recipients.ids:
@@ -198,10 +197,10 @@ def _form_document(fields: dict[str, str]) -> bytes:
     return orjson.dumps(document)
 
 
-def _parse_csv(upload: UploadFile, limits: LimitsSettings) -> csv_upload.Recipients:
+async def _read_csv(upload: UploadFile, limits: LimitsSettings) -> csv_upload.Recipients:
     upload.file.seek(0)
     try:
-        return csv_upload.parse_recipients(
+        return await csv_upload.read_recipients(
             upload.file, max_rows=limits.max_csv_rows, max_id_chars=limits.max_user_id_chars
         )
     except csv_upload.CsvTooManyRows as exc:
