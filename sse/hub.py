@@ -318,7 +318,9 @@ class Hub:
         connections = self._by_user.get(user_id)
         if not connections:
             return 0
-        return self._offer(tuple(c for c in connections if upto is None or c.id <= upto), item)
+        if upto is None:  # the live path, once per event: no filter
+            return self._offer(tuple(connections), item)
+        return self._offer([c for c in connections if c.id <= upto], item)
 
     def to_matching(self, matches: Callable[[Connection], bool] | None, item: Outgoing) -> int:
         """Offer ``item`` to every connection (``matches`` None) or to those ``matches`` accepts."""
