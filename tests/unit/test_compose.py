@@ -25,6 +25,7 @@ from pydantic import BaseModel
 
 from broadcast import constants
 from broadcast.settings import Settings
+from devstack.postgres import SERVER_SETTINGS
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -431,6 +432,13 @@ def test_services_start_in_dependency_order(services: dict[str, Service]) -> Non
     assert "pg_isready" in " ".join(command_args(service(services, "postgres")["healthcheck"]["test"]))
     assert "redis-cli ping" in " ".join(command_args(service(services, "redis")["healthcheck"]["test"]))
     assert service(services, "migrate").get("build") == service(services, "app").get("build")
+
+
+def test_postgres_runs_with_the_write_load_settings_of_the_local_stack(services: dict[str, Service]) -> None:
+    args = command_args(service(services, "postgres").get("command"))
+    assert args[:1] == ["postgres"], args
+    given = dict(value.split("=", 1) for flag, value in zip(args[1::2], args[2::2], strict=True) if flag == "-c")
+    assert given == SERVER_SETTINGS, "docker-compose.yml's PostgreSQL settings differ from devstack/postgres.py"
 
 
 def test_app_port_matches_dockerfile_and_command(services: dict[str, Service]) -> None:
