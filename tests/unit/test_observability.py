@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -295,6 +296,35 @@ async def test_the_sampler_survives_any_failing_source() -> None:
     }
     assert errors["consumer_lag"] >= 2 and errors["dead_letters"] >= 2 and "pending" not in errors
     assert metrics.pending._value.get() == 4
+
+
+async def test_a_slow_source_is_sampled_less_often_and_a_fast_one_every_time() -> None:
+    now = [0.0]
+    counted: list[float] = []
+
+    class SlowInbox:  # counting a million pending rows: one second of the database each time
+        async def pending_count(self) -> int:
+            counted.append(now[0])
+            now[0] += 1.0
+            return 1_000_000
+
+    class Letters:
+        async def count_by_status(self) -> dict[str, int]:
+            return {"NEW": 1}
+
+    metrics = Metrics()
+    inbox: Any = SlowInbox()
+    letters: Any = Letters()
+    log = MemoryEventLog(1)
+    sampler = Sampler(metrics, MemoryOutboxStore(), inbox, letters, log, {}, {}, 10.0, clock=lambda: now[0])
+    ticks = 0
+    while now[0] < 100.0:
+        await sampler.sample_once()
+        ticks += 1
+        now[0] = 10.0 * ticks  # the sampler's own pause between rounds
+    assert counted == [0.0, 20.0, 40.0, 60.0, 80.0], "a 1 s count every 20 s: 5 % of the time"
+    assert metrics.pending._value.get() == 1_000_000
+    assert ticks == 10
 
 
 async def test_memory_lag_counts_from_the_committed_offset() -> None:
