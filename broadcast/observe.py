@@ -5,13 +5,15 @@ run: ``loops`` — every background task alive — and ``consumers`` — every l
 moving) at once, each bounded by a timeout; ``/health/ready`` and the ``broadcast_ready`` gauge both come
 from it. ``Sampler`` sets the gauges of shared state (outbox, pending deliveries, dead letters, consumer
 lag, readiness) every ``sample_seconds``: a scrape reads numbers, it never queries the database or Kafka.
-A source whose queries grow slow (counting a million-row backlog takes the database a second) is sampled
-less often, so it never spends more than ``SAMPLE_DUTY`` of the time, however large the tables grow.
+A count whose query grows slow (a million-row backlog takes the database a second) is sampled less often,
+so it never spends more than ``SAMPLE_DUTY`` of the time, however large the tables grow; readiness and lag,
+whose slowness is waiting on a dependency rather than work, are sampled every round.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -26,10 +28,12 @@ from dlt.model import DeadLetterStore
 
 log = logging.getLogger(__name__)
 CHECK_TIMEOUT_S = 3.0
-# A source is sampled again once ``SAMPLE_DUTY`` of the time since its last start went to it, and never more
-# often than ``sample_seconds``: under a 1M-row bulk the outbox backlog, oldest-row and pending counts took
-# 0.5-1.2 s each every 10 s (auto_explain, bench urgent-under-bulk), a sixth of a core of the database.
+# A count (``COUNTS``) is sampled again once ``SAMPLE_DUTY`` of the time since its last successful start went
+# to it, and never more often than ``sample_seconds``: under a 1M-row bulk the outbox backlog, oldest-row and
+# pending counts took 0.5-1.2 s each every 10 s (auto_explain, bench urgent-under-bulk), a sixth of a core of
+# the database. A failed count is tried again next round (it measured an outage, not the count's cost).
 SAMPLE_DUTY = 0.05
+COUNTS = frozenset({"outbox", "pending", "dead_letters"})
 OK = "ok"
 
 
@@ -114,10 +118,10 @@ class Sampler:
         self._health = health
         self._interval_s = interval_s
         self._clock = clock
-        self._due: dict[str, float] = {}  # source -> when it may be sampled again (SAMPLE_DUTY)
+        self._due: dict[str, float] = {}  # count -> when it may be sampled again (SAMPLE_DUTY)
 
     async def sample_once(self) -> None:
-        lags = (lambda g=group, t=topics: self._sample_lag(g, t) for group, topics in self._groups.items())
+        lags = (functools.partial(self._sample_lag, group, topics) for group, topics in self._groups.items())
         await asyncio.gather(
             self._guarded("outbox", self._sample_outbox),
             self._guarded("pending", self._sample_pending),
@@ -139,9 +143,9 @@ class Sampler:
         except Exception:  # anything else must not end the sampler (and freeze every gauge)
             self._metrics.sample_errors.labels(source).inc()
             log.warning("sampling %s failed unexpectedly", source, exc_info=True)
-        finally:
-            spent = self._clock() - started
-            self._due[source] = started + spent / SAMPLE_DUTY
+        else:
+            if source in COUNTS:
+                self._due[source] = started + (self._clock() - started) / SAMPLE_DUTY
 
     async def _sample_outbox(self) -> None:
         self._metrics.outbox_backlog.set(await self._outbox.backlog())

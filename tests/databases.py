@@ -1,10 +1,13 @@
-"""An empty database of either dialect for one test: an SQLite file, or a PostgreSQL schema of its own."""
+"""An empty database of either dialect for one test: an SQLite file, or a PostgreSQL schema of its own; and
+the buffers a PostgreSQL plan read (``EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)``), which do not depend on the
+machine's speed."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import SecretStr
@@ -34,3 +37,8 @@ async def empty_database(
                 await conn.execute(text(f'DROP SCHEMA IF EXISTS "{settings.schema_name}" CASCADE'))
     finally:
         await engine.dispose()
+
+
+def plan_buffers(plan: dict[str, Any]) -> int:
+    """Shared buffers an executed plan's top node read, hit or not (its children's included)."""
+    return int(plan["Shared Hit Blocks"]) + int(plan["Shared Read Blocks"])

@@ -25,7 +25,7 @@ from broadcast.adapters.sql_stores import SqlUserStore
 from broadcast.domain import NewBroadcast, TargetType
 from broadcast.lifecycle import Lifecycle
 from broadcast.settings import KafkaSettings, LimitsSettings
-from tests.databases import empty_database
+from tests.databases import empty_database, plan_buffers
 
 ONLINE = [f"online-{i:02d}" for i in range(20)]
 QUIET_BROADCASTS = 50
@@ -59,7 +59,7 @@ async def test_the_row_lookup_after_a_bulk_broadcast_probes_the_index_not_the_bu
     scans = {(node["Node Type"], node.get("Relation Name")) for node in _nodes(plan)}
     assert plan["Actual Rows"] == len(pairs)
     assert ("Seq Scan", "user_broadcast_messages") not in scans, f"the lookup scanned the bulk's rows: {scans}"
-    assert _buffers(plan) < 10 * len(pairs), f"{_buffers(plan)} buffers for {len(pairs)} rows"
+    assert plan_buffers(plan) < 10 * len(pairs), f"{plan_buffers(plan)} buffers for {len(pairs)} rows"
 
 
 def _execute(explain: str, pairs: list[tuple[str, str]]) -> str:
@@ -69,7 +69,3 @@ def _execute(explain: str, pairs: list[tuple[str, str]]) -> str:
 
 def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
     return [plan, *(node for child in plan.get("Plans", []) for node in _nodes(child))]
-
-
-def _buffers(plan: dict[str, Any]) -> int:
-    return int(plan["Shared Hit Blocks"]) + int(plan["Shared Read Blocks"])

@@ -23,7 +23,7 @@ from broadcast import constants
 from broadcast.adapters import sql_migrate
 from broadcast.adapters.sql_outbox_pg import CLAIM
 from broadcast.adapters.sql_stores import SqlOutboxStore
-from tests.databases import empty_database
+from tests.databases import empty_database, plan_buffers
 
 BULK_ROWS = 200_000
 ROW = (
@@ -45,10 +45,6 @@ async def _claim(probe: AsyncConnection) -> dict[str, Any]:
     await probe.commit()
     plan: dict[str, Any] = (json.loads(raw) if isinstance(raw, str) else raw)[0]["Plan"]
     return plan
-
-
-def _buffers(plan: dict[str, Any]) -> int:
-    return int(plan["Shared Hit Blocks"]) + int(plan["Shared Read Blocks"])
 
 
 @pytest.mark.parametrize("plan_mode", ["force_generic_plan", "force_custom_plan"])
@@ -74,6 +70,8 @@ async def test_a_priority_claim_reads_only_its_own_lanes_while_a_bulk_is_being_w
             plan = await _claim(probe)
             await bulk.rollback()
         claimed = await SqlOutboxStore(engine).claim("relay", 8, timedelta(seconds=30), 100, constants.PRIORITY_LANES)
-    assert _buffers(plan) < 300, f"the claim read {_buffers(plan)} buffers: it crossed the bulk's {BULK_ROWS} rows"
+    assert plan_buffers(plan) < 300, (
+        f"the claim read {plan_buffers(plan)} buffers: it crossed the bulk's {BULK_ROWS} rows"
+    )
     assert plan["Actual Rows"] == 1, "the urgent row was claimed"
     assert list(claimed) == [urgent_lane] and len(claimed[urgent_lane]) == 1, "claimed again: the bulk never committed"

@@ -8,15 +8,17 @@ settings must reach the server on every start, including a data dir made by an o
 
 from __future__ import annotations
 
+from pydantic import SecretStr
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
 
+from broadcast.adapters.sql_engine import create_engine
+from broadcast.settings import DatabaseSettings
 from devstack.postgres import SERVER_SETTINGS
 from devstack.stack import StackInfo
 
 
 async def test_the_stack_server_runs_with_the_write_load_settings(stack: StackInfo) -> None:
-    engine = create_async_engine(stack.postgres_url)
+    engine = create_engine(DatabaseSettings(url=SecretStr(stack.postgres_url)))
     try:
         async with engine.connect() as conn:
             shown = {

@@ -298,33 +298,47 @@ async def test_the_sampler_survives_any_failing_source() -> None:
     assert metrics.pending._value.get() == 4
 
 
-async def test_a_slow_source_is_sampled_less_often_and_a_fast_one_every_time() -> None:
+async def test_a_slow_count_is_sampled_less_often_and_the_rest_every_round() -> None:
     now = [0.0]
     counted: list[float] = []
+    letters_counted: list[float] = []
+    checked: list[float] = []
+    failing_at = {40.0}
 
     class SlowInbox:  # counting a million pending rows: one second of the database each time
         async def pending_count(self) -> int:
             counted.append(now[0])
             now[0] += 1.0
+            if now[0] - 1.0 in failing_at:  # the database went away mid-count: not the count's cost
+                raise UnavailableError("connection lost")
             return 1_000_000
 
     class Letters:
         async def count_by_status(self) -> dict[str, int]:
+            letters_counted.append(now[0])
             return {"NEW": 1}
+
+    class SlowCheck:  # a dependency that answers only at the timeout: waiting, not work
+        async def check(self) -> None:
+            checked.append(now[0])
+            now[0] += 3.0
 
     metrics = Metrics()
     inbox: Any = SlowInbox()
     letters: Any = Letters()
     log = MemoryEventLog(1)
-    sampler = Sampler(metrics, MemoryOutboxStore(), inbox, letters, log, {}, {}, 10.0, clock=lambda: now[0])
+    health = {"kafka": SlowCheck()}
+    sampler = Sampler(metrics, MemoryOutboxStore(), inbox, letters, log, {}, health, 10.0, clock=lambda: now[0])
     ticks = 0
-    while now[0] < 100.0:
+    while ticks < 10:
+        now[0] = 10.0 * ticks  # the sampler's own pause between rounds
         await sampler.sample_once()
         ticks += 1
-        now[0] = 10.0 * ticks  # the sampler's own pause between rounds
-    assert counted == [0.0, 20.0, 40.0, 60.0, 80.0], "a 1 s count every 20 s: 5 % of the time"
+    # a 1 s count every 20 s (5 % of the time); the one that failed at 40 s tried again the next round
+    assert counted == [0.0, 20.0, 40.0, 50.0, 70.0, 90.0]
     assert metrics.pending._value.get() == 1_000_000
-    assert ticks == 10
+    assert len(letters_counted) == ticks, "a fast count every round"
+    assert len(checked) == ticks, "readiness every round, however long its checks wait"
 
 
 async def test_memory_lag_counts_from_the_committed_offset() -> None:
