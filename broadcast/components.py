@@ -41,6 +41,7 @@ from broadcast.ports import (
     TicketStore,
     UserStore,
 )
+from broadcast.reach import Reach
 from broadcast.settings import Settings
 from broadcast.shutdown import ShutdownClock
 from dlt.model import DeadLetterStore, DrillStore
@@ -127,7 +128,8 @@ async def open_components(settings: Settings) -> AsyncIterator[Components]:
         inbox = SqlInboxStore(engine)
         lifecycle = Lifecycle(broadcasts, users, settings.kafka, settings.limits, on_outbox=wakeup.set)
         seen_clock = SeenClock()
-        marker = DeliveredMarker(inbox, settings.sse.delivered_flush_seconds, seen_clock)
+        reach = Reach(settings.server.instance_id)
+        marker = DeliveredMarker(inbox, settings.sse.delivered_flush_seconds, seen_clock, reach)
         sse = settings.sse
         metrics = Metrics(settings.server.instance_id)
         hub = Hub(

@@ -684,7 +684,7 @@ def _broadcast_paths(bounds: Bounds) -> dict[str, Schema]:
             "parameters": [broadcast_id],
             "get": _operation(
                 "broadcastDeliveries",
-                "Per-user delivery states",
+                "Per-user delivery states (of an ALL/ROLE broadcast: its readers)",
                 tag,
                 {200: _ok(ref("DeliveryPage"))},
                 (404,),

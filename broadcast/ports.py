@@ -26,6 +26,7 @@ from broadcast.domain import (
     User,
 )
 from broadcast.errors import PublishError
+from broadcast.reach import ReachRow
 
 
 # --------------------------------------------------------------------------- event log (Kafka)
@@ -316,7 +317,19 @@ class InboxStore(Protocol):
         """Mark read only what the user received or is targeted by; returns the newly read ids."""
         ...
 
-    async def mark_delivered(self, pairs: Sequence[tuple[str, str]]) -> int: ...
+    async def mark_delivered(self, pairs: Sequence[tuple[str, str]]) -> int:
+        """SELECTED rows written to a live stream, as (broadcast id, user id): PENDING → DELIVERED; a pair
+        without a row changes nothing. Returns how many rows changed."""
+        ...
+
+    async def user_numbers(self, user_ids: Sequence[str]) -> dict[str, int]:
+        """Each user's number for the group tallies, assigned on first use (``broadcast/reach.py``)."""
+        ...
+
+    async def save_reach(self, rows: Sequence[ReachRow]) -> int:
+        """Store group tallies, each replacing its earlier version; returns how many were stored (a tally of
+        a broadcast that no longer exists is left out)."""
+        ...
 
     async def pending_count(self) -> int:
         """SELECTED rows still PENDING, across all users."""

@@ -13,7 +13,8 @@
   the subscription was last known working, since group messages have no PENDING row to fall back on.
 - ``Heartbeat``: a comment frame on every stream every ~15 s.
 - ``PresenceKeeper``: heartbeats presence for every locally connected user (entries expire otherwise).
-- ``DeliveredMarker``: batches "written to a live stream" marks into PENDING → DELIVERED updates.
+- ``DeliveredMarker``: batches "written to a live stream" marks into PENDING → DELIVERED updates (SELECTED)
+  and group tallies (ALL/ROLE).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from broadcast import constants
 from broadcast.errors import BroadcastError
 from broadcast.loops import pause
 from broadcast.ports import Bus, BusMessage, InboxStore, Presence
+from broadcast.reach import Reach
 from sse.admission import Admission
 from sse.frames import HEARTBEAT, EventName, frame
 from sse.hub import Connection, Hub, Outgoing
@@ -155,7 +157,8 @@ class BusListener:
             if payload["kind"] == "group":
                 matches = _group_matches(payload["targetType"], frozenset(payload["roles"]))
                 counts = payload.get("counts", True)
-                return self._hub.to_matching(matches, Outgoing(data, payload["broadcast"], counts, created=created))
+                item = Outgoing(data, payload["broadcast"], counts, created=created, group=True)
+                return self._hub.to_matching(matches, item)
             return self._hub.to_matching(None, Outgoing(data))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             log.error("malformed bus message on %s dropped: %r", message.channel, exc)
@@ -220,7 +223,7 @@ class Reconciler:
                 )
             for item in page.items:
                 counts = not item.broadcast.fire_and_forget  # as on the live path
-                outgoing = Outgoing(item_frame(item), item.broadcast.id, counts=counts, path="reconciliation")
+                outgoing = Outgoing(item_frame(item), item.broadcast.id, counts, "reconciliation", group=True)
                 pushed += self._hub.to_matching(holding, outgoing)
         if pushed:
             log.info("replayed group broadcasts since %s after a bus gap (%d offers)", since.isoformat(), pushed)
@@ -278,18 +281,36 @@ class Heartbeat:
 
 
 class DeliveredMarker:
-    def __init__(self, inbox: InboxStore, interval_s: float, seen_clock: SeenClock | None = None) -> None:
+    """Batches what streams were written: SELECTED rows go PENDING → DELIVERED (``mark_delivered``); group
+    broadcasts' deliveries are tallied per broadcast in this process's ``Reach`` and the tallies that grew
+    are saved, one row per broadcast (``save_reach``): never a row per user."""
+
+    def __init__(
+        self, inbox: InboxStore, interval_s: float, seen_clock: SeenClock | None = None, reach: Reach | None = None
+    ) -> None:
         self._inbox = inbox
         self._interval_s = interval_s
         self._seen_clock = seen_clock or SeenClock()  # held while marks fail (the rows stay PENDING)
+        self._reach = reach or Reach("local")
         self._pending: set[tuple[str, str]] = set()
+        self._groups: dict[str, set[str]] = {}
         self.marked = 0
 
-    def add(self, pair: tuple[str, str]) -> None:
-        self._pending.add(pair)
+    def add(self, broadcast_id: str, user_id: str, group: bool = False) -> None:
+        if group:
+            self._groups.setdefault(broadcast_id, set()).add(user_id)
+        else:
+            self._pending.add((broadcast_id, user_id))
 
     async def flush(self) -> None:
+        await self._mark_rows()
+        await self._tally_groups()
+
+    async def _mark_rows(self) -> None:
         batch, self._pending = list(self._pending), set()
+        if not batch:
+            self._seen_clock.release(DELIVERY_MARKS)
+            return
         try:
             self.marked += await self._inbox.mark_delivered(batch)
         except BroadcastError as exc:
@@ -299,6 +320,29 @@ class DeliveredMarker:
             self._seen_clock.hold(DELIVERY_MARKS)
             return
         self._seen_clock.release(DELIVERY_MARKS)
+
+    async def _tally_groups(self) -> None:
+        groups, self._groups = self._groups, {}
+        try:
+            unknown = self._reach.unknown(u for users in groups.values() for u in users)
+            numbers = await self._inbox.user_numbers(unknown) if unknown else {}
+        except BroadcastError as exc:  # counted next time: the stats lag, nothing else waits on them
+            log.warning("could not number %d users for the group tallies, retrying: %s", len(unknown), exc)
+            for broadcast_id, users in groups.items():
+                self._groups.setdefault(broadcast_id, set()).update(users)
+            return
+        self._reach.learn(numbers)
+        for broadcast_id, users in groups.items():
+            self._reach.add(broadcast_id, users, numbers)
+        rows = self._reach.dirty()
+        if not rows:
+            return
+        try:
+            await self._inbox.save_reach(rows)
+        except BroadcastError as exc:  # the tallies stay dirty: saved whole next time
+            log.warning("could not save %d group tallies, retrying: %s", len(rows), exc)
+            return
+        self._reach.saved(rows)
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

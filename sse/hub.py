@@ -23,7 +23,7 @@ from sse.seen import SeenClock, SeenIds
 
 log = logging.getLogger(__name__)
 Send = Callable[[dict[str, Any]], Awaitable[None]]
-Delivered = Callable[[tuple[str, str]], None]
+Delivered = Callable[[str, str, bool], None]  # (broadcast id, user id, a group broadcast?)
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +31,8 @@ class Outgoing:
     """Bytes for connections; a MESSAGE names its broadcast, and ``counts`` when writing it is a delivery.
 
     ``path`` says how it came (``live``, ``reconnect`` catch-up, ``reconciliation``) and ``created`` is its
-    broadcast's creation time (epoch seconds, 0 unknown), for the delivery metrics.
+    broadcast's creation time (epoch seconds, 0 unknown), for the delivery metrics. ``group``: an ALL/ROLE
+    broadcast, whose deliveries are tallied (``broadcast/reach.py``), not marked on a row.
     """
 
     data: bytes
@@ -39,9 +40,10 @@ class Outgoing:
     counts: bool = False
     path: str = "live"
     created: float = 0.0
+    group: bool = False
 
 
-def _ignore(_: tuple[str, str]) -> None:
+def _ignore(broadcast_id: str, user_id: str, group: bool) -> None:
     return None
 
 
@@ -225,7 +227,7 @@ class Connection:
         """Written: tell the delivered-marks batcher, count each delivery (and time the live ones)."""
         for item in items:
             assert item.broadcast_id is not None
-            self._delivered((item.broadcast_id, self.user_id))
+            self._delivered(item.broadcast_id, self.user_id, item.group)
             self._stats.delivered(item.path, item.created)
 
     def _discard_inflight(self) -> None:
@@ -256,7 +258,7 @@ class Hub:
         self._queue_size = queue_size
         self._max_per_user = max_per_user
         self._send_timeout = send_timeout
-        self._delivered = delivered  # told of each (broadcast id, user id) MESSAGE written to a stream
+        self._delivered = delivered  # told of each MESSAGE written to a stream
         self._by_user: dict[str, set[Connection]] = {}
         self.seen_clock = seen_clock or SeenClock()  # held while repeats could come from further back
         self._ids = itertools.count(1)

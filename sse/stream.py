@@ -25,7 +25,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from broadcast import constants
-from broadcast.domain import InboxItem
+from broadcast.domain import InboxItem, TargetType
 from broadcast.ports import InboxStore
 from sse.frames import RETRY, Cursor, EventName, frame, from_micros, parse_cursor
 from sse.hub import Connection, Outgoing
@@ -97,7 +97,8 @@ def _in_order(items: list[InboxItem]) -> list[InboxItem]:
 
 def outgoing(item: InboxItem, user_id: str) -> Outgoing:
     """A catch-up item as bytes for the hub; writing it counts as a delivery."""
-    return Outgoing(item_frame(item), item.broadcast.id, counts=True, path="reconnect")
+    group = item.broadcast.target_type is not TargetType.SELECTED
+    return Outgoing(item_frame(item), item.broadcast.id, counts=True, path="reconnect", group=group)
 
 
 def bounded(items: list[InboxItem], user_id: str, max_bytes: int) -> tuple[list[Outgoing], bool]:

@@ -21,6 +21,7 @@ from sqlalchemy import Row, and_, case, delete, func, insert, or_, select, text,
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from broadcast import reach
 from broadcast.adapters.sql_engine import DriverStatement, read_all, translate
 from broadcast.adapters.sql_rows import (
     broadcast_from_row,
@@ -34,8 +35,10 @@ from broadcast.adapters.sql_stores import OUTBOX_COLUMNS, outbox_records, utc
 from broadcast.adapters.sql_tables import (
     broadcast_messages,
     broadcast_statistics,
+    group_reach,
     outbox_events,
     user_broadcast_messages,
+    user_numbers,
 )
 from broadcast.domain import (
     Broadcast,
@@ -47,6 +50,7 @@ from broadcast.domain import (
     OutboxEvent,
     Page,
     ReadStatus,
+    TargetType,
 )
 from broadcast.errors import ConflictError, NotFoundError, ValidationError
 
@@ -309,8 +313,8 @@ class SqlBroadcastStore:
         broadcast = await self.get(broadcast_id)
         if broadcast is None:
             return None
-        # SELECTED rows are written at creation; ALL/ROLE rows when a user's stream got the message or the
-        # user read it — so both count the same way (a read implies a delivery).
+        # SELECTED rows are written at creation; an ALL/ROLE row only when the user reads it (a read implies a
+        # delivery), its other deliveries being tallied in bitmaps (broadcast/reach.py)
         u = user_broadcast_messages.c
         query = select(
             func.coalesce(func.sum(case((u.delivery_status == DeliveryStatus.DELIVERED.value, 1), else_=0)), 0),
@@ -319,11 +323,27 @@ class SqlBroadcastStore:
         ).where(u.broadcast_id == broadcast_id)
         row = await self._first(query)
         delivered, read, failed = (int(v) for v in row) if row is not None else (0, 0, 0)
+        if broadcast.target_type is not TargetType.SELECTED:
+            delivered = await self._group_delivered(broadcast_id)
         # ALL/ROLE: dead-lettered events not redriven yet (the DLT consumer counts them; there are no rows)
         s = broadcast_statistics.c
         dead = await self._first(select(s.failed).where(s.broadcast_id == broadcast_id))
         failed += int(dead[0]) if dead is not None else 0
         return BroadcastStats(broadcast_id, broadcast.targeted_count, delivered, read, failed, broadcast.status)
+
+    async def _group_delivered(self, broadcast_id: str) -> int:
+        """The distinct users a group broadcast reached: its tallies' union with the users holding a
+        DELIVERED row (readers, and deliveries recorded as rows before the tallies), each user once."""
+        u, n, g = user_broadcast_messages.c, user_numbers.c, group_reach.c
+        tallies = await read_all(self._engine, select(g.users).where(g.broadcast_id == broadcast_id))
+        holders = await read_all(
+            self._engine,
+            select(n.number)
+            .select_from(user_broadcast_messages.outerjoin(user_numbers, n.user_id == u.user_id))
+            .where(u.broadcast_id == broadcast_id, u.delivery_status == DeliveryStatus.DELIVERED.value),
+        )
+        numbered = [int(h.number) for h in holders if h.number is not None]
+        return len(reach.union((t.users for t in tallies), numbered)) + len(holders) - len(numbered)
 
     async def deliveries(self, broadcast_id: str, cursor: str | None, limit: int) -> Page[Delivery]:
         u = user_broadcast_messages.c

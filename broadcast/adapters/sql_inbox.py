@@ -7,21 +7,23 @@ only when the user reads one. A message is visible while its broadcast is ACTIVE
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, text, tuple_, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import and_, bindparam, func, or_, select, text, tuple_, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from broadcast.adapters.sql_engine import DriverStatement, read_all, translate
 from broadcast.adapters.sql_rows import broadcast_from_row
 from broadcast.adapters.sql_stores import dialect_insert
-from broadcast.adapters.sql_tables import broadcast_messages, user_broadcast_messages
+from broadcast.adapters.sql_tables import broadcast_messages, group_reach, user_broadcast_messages, user_numbers
 from broadcast.coalesce import FreshRead
 from broadcast.domain import Broadcast, BroadcastStatus, DeliveryStatus, InboxItem, ReadStatus, TargetType
 from broadcast.ports import GroupPage
+from broadcast.reach import ReachRow
 
 GROUP_TYPES = (TargetType.ALL.value, TargetType.ROLE.value)
 GROUP_SCAN_LIMIT = 1_000  # the newest visible group broadcasts one query looks at; past it, a page is incomplete
@@ -43,6 +45,15 @@ def _visible(now: datetime) -> Any:
 def matches(broadcast: Broadcast, roles: frozenset[str]) -> bool:
     """Whether a group broadcast targets a user holding ``roles``."""
     return broadcast.target_type is TargetType.ALL or bool(roles.intersection(broadcast.target_roles))
+
+
+async def _numbers(conn: AsyncConnection, user_ids: Sequence[str]) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for start in range(0, len(user_ids), ROWS_CHUNK):
+        query = select(user_numbers.c.user_id, user_numbers.c.number)
+        rows = await conn.execute(query.where(user_numbers.c.user_id.in_(user_ids[start : start + ROWS_CHUNK])))
+        found.update({r.user_id: int(r.number) for r in rows})
+    return found
 
 
 async def _lookup(conn: AsyncConnection, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
@@ -69,13 +80,10 @@ _PG_LOOKUP_DRIVER = DriverStatement.of(_PG_LOOKUP)
 
 
 _PG_MARK_DELIVERED = text("""
-INSERT INTO user_broadcast_messages
-    (broadcast_id, user_id, delivery_status, read_status, delivered_at, created_at, updated_at)
-SELECT t.b, t.u, :delivered, :unread, :now, :now, :now
-FROM unnest(CAST(:b AS varchar[]), CAST(:u AS varchar[])) AS t(b, u)
-ON CONFLICT (broadcast_id, user_id) DO UPDATE
+UPDATE user_broadcast_messages AS m
 SET delivery_status = :delivered, delivered_at = :now, updated_at = :now
-WHERE user_broadcast_messages.delivery_status = :pending
+FROM unnest(CAST(:b AS varchar[]), CAST(:u AS varchar[])) AS t(b, u)
+WHERE m.broadcast_id = t.b AND m.user_id = t.u AND m.delivery_status = :pending
 """)
 
 
@@ -290,47 +298,80 @@ class SqlInboxStore:
         return int((await read_all(self._engine, query))[0][0])
 
     async def mark_delivered(self, pairs: Sequence[tuple[str, str]]) -> int:
-        """(broadcast id, user id) pairs written to a live stream: a SELECTED row goes PENDING → DELIVERED, a
-        group broadcast gets its DELIVERED row (what the stats count); repeats change nothing. One upsert
-        statement per ``MARK_CHUNK`` pairs; returns how many rows changed."""
+        """(broadcast id, user id) pairs of SELECTED rows written to a live stream: PENDING → DELIVERED; a pair
+        without a row changes nothing (group broadcasts have none: their deliveries are tallied, ``save_reach``),
+        nor does a repeat. One statement per ``MARK_CHUNK`` pairs; returns how many rows changed."""
         if not pairs:
             return 0
         now = datetime.now(UTC)
         if self._engine.dialect.name == "postgresql":
             return await self._mark_delivered_pg(sorted(dict.fromkeys(pairs)), now)
+        statement = (
+            update(user_broadcast_messages)
+            .where(
+                u.broadcast_id == bindparam("b"),
+                u.user_id == bindparam("u"),
+                u.delivery_status == DeliveryStatus.PENDING.value,
+            )
+            .values(delivery_status=DeliveryStatus.DELIVERED.value, delivered_at=now, updated_at=now)
+        )
         done = 0
-        rows = [
-            {
-                "broadcast_id": broadcast_id,
-                "user_id": user_id,
-                "delivery_status": DeliveryStatus.DELIVERED.value,
-                "read_status": ReadStatus.UNREAD.value,
-                "delivered_at": now,
-                "created_at": now,
-                "updated_at": now,
-            }
-            for broadcast_id, user_id in dict.fromkeys(pairs)
-        ]
         try:
             async with self._engine.begin() as conn:
-                insert = dialect_insert(conn)
-                for start in range(0, len(rows), MARK_CHUNK):
-                    statement = insert(user_broadcast_messages).values(rows[start : start + MARK_CHUNK])
-                    result = await conn.execute(
-                        statement.on_conflict_do_update(
-                            index_elements=[u.broadcast_id, u.user_id],
-                            set_={
-                                "delivery_status": DeliveryStatus.DELIVERED.value,
-                                "delivered_at": now,
-                                "updated_at": now,
-                            },
-                            where=u.delivery_status == DeliveryStatus.PENDING.value,
-                        )
-                    )
-                    done += result.rowcount
+                for broadcast_id, user_id in sorted(dict.fromkeys(pairs)):
+                    done += (await conn.execute(statement, {"b": broadcast_id, "u": user_id})).rowcount
         except (SQLAlchemyError, OSError) as exc:
             raise translate(exc) from exc
         return done
+
+    async def user_numbers(self, user_ids: Sequence[str]) -> dict[str, int]:
+        """Each user's number (``broadcast/reach.py``), assigned on first use: a lookup, and for the users
+        without one an insert (a concurrent insert wins quietly) and a second lookup."""
+        wanted = list(dict.fromkeys(user_ids))
+        try:
+            async with self._engine.connect() as conn:
+                found = await _numbers(conn, wanted)
+            missing = sorted(set(wanted) - found.keys())
+            if missing:
+                async with self._engine.begin() as conn:
+                    insert = dialect_insert(conn)(user_numbers).on_conflict_do_nothing()
+                    for start in range(0, len(missing), ROWS_CHUNK):
+                        await conn.execute(insert, [{"user_id": m} for m in missing[start : start + ROWS_CHUNK]])
+                    found.update(await _numbers(conn, missing))
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc) from exc
+        return found
+
+    async def save_reach(self, rows: Sequence[ReachRow]) -> int:
+        """Store tallies (each replaces its earlier version); one of a broadcast that no longer exists is
+        left out. Returns how many were stored."""
+        if not rows:
+            return 0
+        try:
+            try:
+                await self._save_reach(rows)
+                return len(rows)
+            except IntegrityError:  # a broadcast deleted since: store the others
+                saved = 0
+                for row in rows:
+                    with contextlib.suppress(IntegrityError):
+                        await self._save_reach([row])
+                        saved += 1
+                return saved
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc) from exc
+
+    async def _save_reach(self, rows: Sequence[ReachRow]) -> None:
+        now = datetime.now(UTC)
+        async with self._engine.begin() as conn:
+            statement = dialect_insert(conn)(group_reach)
+            upsert = statement.on_conflict_do_update(
+                index_elements=[group_reach.c.broadcast_id, group_reach.c.tally],
+                set_={"users": statement.excluded.users, "reached": statement.excluded.reached, "updated_at": now},
+            )
+            fields = ("broadcast_id", "tally", "users", "reached")
+            values = [{**{f: getattr(r, f) for f in fields}, "updated_at": now} for r in rows]
+            await conn.execute(upsert, values)
 
     async def _mark_delivered_pg(self, pairs: Sequence[tuple[str, str]], now: datetime) -> int:
         """One statement with two array parameters, whatever the count: its plan is prepared once per

@@ -103,6 +103,27 @@ user_broadcast_messages = Table(
     Index(None, "user_id", "id"),  # a user's inbox and pending rows, in order
 )
 
+# Who a group (ALL/ROLE) broadcast reached, without a row per user (broadcast/reach.py): each user holds a
+# small number once, and each process saves, per group broadcast it wrote to streams, a roaring bitmap of
+# the numbers of the users it reached, under a tally key of its own (one row per broadcast and process
+# lifetime, rewritten as the bitmap grows).
+user_numbers = Table(
+    "user_numbers",
+    metadata,
+    Column("number", Integer, primary_key=True, autoincrement=True),
+    Column("user_id", String(128), nullable=False, unique=True),
+)
+
+group_reach = Table(
+    "group_reach",
+    metadata,
+    Column("broadcast_id", String(36), ForeignKey("broadcast_messages.id", ondelete="CASCADE"), primary_key=True),
+    Column("tally", String(200), primary_key=True),
+    Column("users", LargeBinary, nullable=False),
+    Column("reached", BigInteger, nullable=False),
+    _ts("updated_at", nullable=False, default_now=True),
+)
+
 outbox_events = Table(
     "outbox_events",
     metadata,

@@ -58,13 +58,19 @@ async def test_all_and_role_broadcasts_reach_exactly_the_matching_users(server: 
         for user, roles in (("alice", ["ops"]), ("bob", []), ("carol", ["ops"])):
             r = await http.put(f"{server.base}/api/admin/users/{user}", json={"roles": roles}, headers=ADMIN)
             assert r.status_code == 200, r.text
-    async with SseClient(server.base, "alice") as alice, SseClient(server.base, "bob") as bob:
+    async with (
+        SseClient(server.base, "alice") as alice,
+        SseClient(server.base, "alice") as alice_tab,
+        SseClient(server.base, "bob") as bob,
+    ):
         ops = await post(server.base, {"content": "ops only", "targetType": "ROLE", "targetIds": ["ops"]})
         everyone = await post(server.base, {"content": "everyone", "targetType": "ALL"})
         await alice.wait_for(lambda e: e.event == "MESSAGE", count=2)
+        await alice_tab.wait_for(lambda e: e.event == "MESSAGE", count=2)
         await bob.wait_for(lambda e: e.event == "MESSAGE")
         await asyncio.sleep(1.0)
         assert {m.data["broadcastId"] for m in alice.messages} == {ops["id"], everyone["id"]}
+        assert {m.data["broadcastId"] for m in alice_tab.messages} == {ops["id"], everyone["id"]}
         assert [m.data["broadcastId"] for m in bob.messages] == [everyone["id"]]
     async with SseClient(server.base, "carol") as carol:  # offline until now: gets both on connect
         await carol.wait_for(lambda e: e.event == "MESSAGE", count=2)
@@ -72,10 +78,11 @@ async def test_all_and_role_broadcasts_reach_exactly_the_matching_users(server: 
         await asyncio.sleep(1.0)  # delivery marks are flushed in batches
     async with httpx.AsyncClient() as http:
         for broadcast, delivered in ((everyone, 3), (ops, 2)):  # what the streams got, live or on connect
-            stats = (
-                await http.get(f"{server.base}/api/admin/broadcasts/{broadcast['id']}/stats", headers=ADMIN)
-            ).json()
+            url = f"{server.base}/api/admin/broadcasts/{broadcast['id']}"
+            stats = (await http.get(url + "/stats", headers=ADMIN)).json()
             assert (stats["targeted"], stats["delivered"], stats["read"]) == (delivered, delivered, 0), stats
+            # DESIGN §2: a group broadcast costs no row per user (alice's two tabs count once, above)
+            assert (await http.get(url + "/deliveries", headers=ADMIN)).json()["items"] == [], "no row per user"
 
 
 async def test_resume_with_last_event_id_replays_everything_missed_in_order_once(server: Server) -> None:

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -16,7 +17,9 @@ from broadcast.adapters.sql_stores import SqlUserStore
 from broadcast.domain import NewBroadcast, Priority, TargetType
 from broadcast.errors import RejectedByDatabaseError
 from broadcast.lifecycle import Lifecycle
+from broadcast.reach import Reach
 from broadcast.settings import KafkaSettings, LimitsSettings
+from sse.fanout import DeliveredMarker
 from sse.frames import Cursor, micros
 from sse.messages import item_frame
 from sse.stream import TOO_MANY, bounded, catch_up, outgoing
@@ -65,9 +68,20 @@ async def test_deliveries_and_reads_count_for_selected_and_group_broadcasts_alik
     everyone, _ = await lifecycle.create(NewBroadcast("to all", TargetType.ALL), sender_id="admin")
     chosen, _ = await lifecycle.create(NewBroadcast("to two", TargetType.SELECTED, ("alice", "bob")), sender_id="admin")
 
-    pairs = [(everyone.id, "alice"), (everyone.id, "bob"), (everyone.id, "alice"), (chosen.id, "alice")]
-    assert await inbox.mark_delivered(pairs) == 3, "a repeat in the batch counts once"
-    assert await inbox.mark_delivered(pairs) == 0, "marking again changes nothing"
+    # two instances wrote the ALL broadcast to streams: alice has a tab on each (and two on the first)
+    first, second = DeliveredMarker(inbox, 1.0, reach=Reach("i1")), DeliveredMarker(inbox, 1.0, reach=Reach("i2"))
+    for marker, user in ((first, "alice"), (first, "alice"), (first, "bob"), (second, "alice")):
+        marker.add(everyone.id, user, group=True)
+    first.add(chosen.id, "alice")
+    await first.flush()
+    await second.flush()
+    assert first.marked == 1, "the SELECTED row went PENDING -> DELIVERED"
+    assert await inbox.mark_delivered([(chosen.id, "alice"), (everyone.id, "alice")]) == 0, (
+        "marking again changes nothing; a group broadcast has no row to mark"
+    )
+    assert (await lifecycle.stats(everyone.id)).delivered == 2, "alice counts once, across tabs and instances"
+    assert (await lifecycle.deliveries(everyone.id, None, 10)).items == (), "and no row per user was written"
+
     assert sorted(await inbox.mark_read("alice", frozenset(), [everyone.id, chosen.id])) == sorted(
         [everyone.id, chosen.id]
     )
@@ -79,12 +93,34 @@ async def test_deliveries_and_reads_count_for_selected_and_group_broadcasts_alik
 
     group = await lifecycle.stats(everyone.id)
     assert (group.delivered, group.read) == (3, 2), "alice and bob got it; carol read it, so she got it too"
+    assert [d.user_id for d in (await lifecycle.deliveries(everyone.id, None, 10)).items] == ["alice", "carol"], (
+        "a group broadcast's rows are its readers'"
+    )
     selected = await lifecycle.stats(chosen.id)
     assert (selected.delivered, selected.read) == (1, 1)
+
+    second.add(everyone.id, "dave", group=True)  # a later delivery grows the same tally, saved whole again
+    await second.flush()
+    assert (await lifecycle.stats(everyone.id)).delivered == 4
 
     shown = [i.broadcast.id for i in await inbox.inbox("alice", frozenset())]
     assert sorted(shown) == sorted([everyone.id, chosen.id]), "a read or delivered ALL broadcast is listed once"
     assert [item.broadcast.id for item in await inbox.pending("bob", 10)] == [chosen.id], "group rows never pend"
+
+
+async def test_user_numbers_are_stable_and_a_tally_of_a_deleted_broadcast_is_left_out(
+    stores: tuple[Lifecycle, SqlInboxStore],
+) -> None:
+    lifecycle, inbox = stores
+    numbers = await inbox.user_numbers(["alice", "bob", "alice"])
+    assert sorted(numbers) == ["alice", "bob"] and len(set(numbers.values())) == 2
+    assert await inbox.user_numbers(["bob", "carol"]) == {"bob": numbers["bob"], "carol": mock.ANY}
+    everyone, _ = await lifecycle.create(NewBroadcast("to all", TargetType.ALL), sender_id="admin")
+    reach = Reach("i1")
+    reach.add(everyone.id, ["alice"], numbers)
+    reach.add("no-such-broadcast", ["bob"], numbers)
+    assert await inbox.save_reach(reach.dirty()) == 1
+    assert (await lifecycle.stats(everyone.id)).delivered == 1
 
 
 # ----------------------------------------------------------------- catch-up past the limits (invariant 3)

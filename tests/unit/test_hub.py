@@ -61,18 +61,18 @@ async def test_bytes_are_written_during_the_offer_and_the_same_object_reaches_ev
 
 
 async def test_a_blocked_socket_queues_coalesces_and_marks_delivered_only_once_written() -> None:
-    marked: list[tuple[str, str]] = []
-    hub = Hub(queue_size=4, max_per_user=5, delivered=marked.append)
+    marked: list[tuple[str, str, bool]] = []
+    hub = Hub(queue_size=4, max_per_user=5, delivered=lambda *mark: marked.append(mark))
     connection, socket = started(hub, "alice")
     socket.writable.clear()
     hub.to_user("alice", Outgoing(b"1", "b1", counts=True))
     hub.to_user("alice", Outgoing(b"2", "b2", counts=True))
-    hub.to_user("alice", Outgoing(b"3", "b3", counts=True))
+    hub.to_user("alice", Outgoing(b"3", "b3", counts=True, group=True))
     assert socket.bodies == [b"head"] and marked == []
     socket.writable.set()
     await asyncio.sleep(0.01)
     assert socket.bodies == [b"head", b"1", b"23"], "what queued behind a blocked write goes out in one chunk"
-    assert marked == [("b1", "alice"), ("b2", "alice"), ("b3", "alice")]
+    assert marked == [("b1", "alice", False), ("b2", "alice", False), ("b3", "alice", True)]
     assert not connection.closed
 
 
@@ -322,7 +322,7 @@ async def test_failing_delivery_marks_hold_the_seen_clock_until_a_flush_succeeds
 
     inbox, clock = Flaky(), SeenClock()
     marker = DeliveredMarker(cast(InboxStore, inbox), 0.2, clock)
-    marker.add(("b1", "alice"))
+    marker.add("b1", "alice")
     await marker.flush()
     assert clock.held == {DELIVERY_MARKS}, "the row stays PENDING: the reconciler will offer it again"
     inbox.fail = False
