@@ -44,6 +44,7 @@ from broadcast.ports import (
 from broadcast.reach import Reach
 from broadcast.settings import Settings
 from broadcast.shutdown import ShutdownClock
+from broadcast.user_cache import CachedUsers
 from dlt.model import DeadLetterStore, DrillStore
 from dlt.service import DeadLetterService
 from sse.admission import Admission, ConnectGate
@@ -122,7 +123,7 @@ async def open_components(settings: Settings) -> AsyncIterator[Components]:
             slots = RedisSlots(client, settings.redis.key_prefix, ttl)
             health["redis"] = RedisHealth(client)
 
-        users = SqlUserStore(engine)
+        users = CachedUsers(SqlUserStore(engine))
         broadcasts = SqlBroadcastStore(engine)
         wakeup = Wakeups()
         inbox = SqlInboxStore(engine)

@@ -154,6 +154,10 @@ class UserStore(Protocol):
 
     async def get(self, user_id: str) -> User | None: ...
 
+    async def get_many(self, user_ids: Sequence[str]) -> dict[str, User | None]:
+        """``get`` for many users in one round trip: every id asked for is a key (None: no such user)."""
+        ...
+
     async def count(self, roles: Sequence[str] | None = None) -> int:
         """All users, or the distinct users holding any of ``roles``."""
         ...

@@ -21,6 +21,9 @@ class MemoryUserStore:
     async def get(self, user_id: str) -> User | None:
         return self._users.get(user_id)
 
+    async def get_many(self, user_ids: Sequence[str]) -> dict[str, User | None]:
+        return {user_id: self._users.get(user_id) for user_id in user_ids}
+
     async def count(self, roles: Sequence[str] | None = None) -> int:
         return sum(1 for u in self._users.values() if roles is None or u.roles & set(roles))
 

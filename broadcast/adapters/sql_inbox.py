@@ -8,11 +8,11 @@ only when the user reads one. A message is visible while its broadcast is ACTIVE
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, or_, select, text, tuple_, update
+from sqlalchemy import BigInteger, String, and_, bindparam, column, func, or_, select, text, tuple_, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -20,7 +20,7 @@ from broadcast.adapters.sql_engine import DriverStatement, read_all, translate
 from broadcast.adapters.sql_rows import broadcast_from_row
 from broadcast.adapters.sql_stores import dialect_insert
 from broadcast.adapters.sql_tables import broadcast_messages, group_reach, user_broadcast_messages, user_numbers
-from broadcast.coalesce import FreshRead
+from broadcast.coalesce import Batched, FreshRead
 from broadcast.domain import Broadcast, BroadcastStatus, DeliveryStatus, InboxItem, ReadStatus, TargetType
 from broadcast.ports import GroupPage
 from broadcast.reach import ReachRow
@@ -56,27 +56,34 @@ async def _numbers(conn: AsyncConnection, user_ids: Sequence[str]) -> dict[str, 
     return found
 
 
-async def _lookup(conn: AsyncConnection, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
-    """The ids of the existing rows of ``pairs``: on PostgreSQL a join with the two unnested arrays (one
-    index probe per pair, two parameters whatever the count); on SQLite a row-value ``IN``."""
+async def _lookup(
+    conn: AsyncConnection, pairs: Sequence[tuple[str, str]], read_only: bool = False
+) -> dict[tuple[str, str], int]:
+    """The ids of the existing rows of ``pairs`` (``read_only``: of those that are READ): on PostgreSQL a
+    join with the two unnested arrays (one index probe per pair, two parameters whatever the count); on
+    SQLite a row-value ``IN``."""
     found: dict[tuple[str, str], int] = {}
     for start in range(0, len(pairs), ROWS_CHUNK):
         chunk = pairs[start : start + ROWS_CHUNK]
         if conn.dialect.name == "postgresql":  # on the driver: no BEGIN/ROLLBACK around it outside a transaction
-            rows = await _PG_LOOKUP_DRIVER.fetch(conn, {"b": [p[0] for p in chunk], "u": [p[1] for p in chunk]})
+            statement = _PG_LOOKUP_READ_DRIVER if read_only else _PG_LOOKUP_DRIVER
+            rows = await statement.fetch(conn, {"b": [p[0] for p in chunk], "u": [p[1] for p in chunk]})
         else:
             query = select(u.broadcast_id, u.user_id, u.id).where(tuple_(u.broadcast_id, u.user_id).in_(chunk))
+            if read_only:
+                query = query.where(u.read_status == ReadStatus.READ.value)
             rows = list((await conn.execute(query)).all())
         found.update({(r[0], r[1]): int(r[2]) for r in rows})
     return found
 
 
-_PG_LOOKUP = text(
+_PG_LOOKUP = (
     "SELECT m.broadcast_id, m.user_id, m.id FROM user_broadcast_messages m"
     " JOIN unnest(CAST(:b AS varchar[]), CAST(:u AS varchar[])) AS t(b, u)"
     " ON m.broadcast_id = t.b AND m.user_id = t.u"
 )
-_PG_LOOKUP_DRIVER = DriverStatement.of(_PG_LOOKUP)
+_PG_LOOKUP_DRIVER = DriverStatement.of(text(_PG_LOOKUP))
+_PG_LOOKUP_READ_DRIVER = DriverStatement.of(text(_PG_LOOKUP + f" WHERE m.read_status = '{ReadStatus.READ.value}'"))
 
 
 _PG_MARK_DELIVERED = text("""
@@ -87,10 +94,32 @@ WHERE m.broadcast_id = t.b AND m.user_id = t.u AND m.delivery_status = :pending
 """)
 
 
+_BROADCAST_COLUMNS = ", ".join(f"b.{c.name}" for c in broadcast_messages.c)
+# The newest PENDING rows of each of many users (at most :n each): one index walk per user (user_id, id).
+# (S608: the column names come from the table model; every value is bound)
+_PG_PENDING_MANY = text(f"""
+SELECT t.user_id AS row_user, p.*
+FROM unnest(CAST(:users AS varchar[])) AS t(user_id)
+CROSS JOIN LATERAL (
+    SELECT {_BROADCAST_COLUMNS}, u.id AS row_id, u.read_status
+    FROM user_broadcast_messages u JOIN broadcast_messages b ON b.id = u.broadcast_id
+    WHERE u.user_id = t.user_id AND u.delivery_status = :pending AND b.target_type = :selected
+      AND b.status = :active AND (b.expires_at IS NULL OR b.expires_at > :now)
+    ORDER BY u.id DESC
+    LIMIT :n
+) AS p
+""").columns(  # noqa: S608
+    column("row_user", String()), *broadcast_messages.c, column("row_id", BigInteger()), column("read_status", String())
+)
+
+
 class SqlInboxStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._active_group = FreshRead(self._read_active_group)  # many connects at once: one query
+        # many connects at once: one PENDING query, and one read-marks query, for all of them
+        self._pending_batch: Batched[tuple[str, int], list[InboxItem]] = Batched(self._pending_batched)
+        self._unread_batch: Batched[tuple[str, frozenset[str], int], GroupPage] = Batched(self._unread_batched)
 
     async def _read_active_group(self) -> list[Broadcast]:
         return await self._newest_group(None)
@@ -156,10 +185,76 @@ class SqlInboxStore:
         return found
 
     async def pending(self, user_id: str, limit: int) -> list[InboxItem]:
-        """The user's newest ``limit`` PENDING rows, oldest first."""
+        """The user's newest ``limit`` PENDING rows, oldest first; on PostgreSQL, concurrent callers share
+        one query (``pending_many``)."""
+        if self._engine.dialect.name == "postgresql":
+            return await self._pending_batch.get((user_id, limit))
+        return await self._pending_one(user_id, limit)
+
+    async def _pending_batched(self, keys: list[tuple[str, int]]) -> dict[tuple[str, int], list[InboxItem]]:
+        found: dict[tuple[str, int], list[InboxItem]] = {}
+        for limit in {n for _, n in keys}:
+            pending = await self.pending_many([user_id for user_id, n in keys if n == limit], limit)
+            found.update({(user_id, limit): items for user_id, items in pending.items()})
+        return found
+
+    async def _pending_one(self, user_id: str, limit: int) -> list[InboxItem]:
         now = datetime.now(UTC)
         query = self._selected(user_id, now).where(u.delivery_status == DeliveryStatus.PENDING.value)
         return self._items(await read_all(self._engine, query.order_by(u.id.desc()).limit(limit)))[::-1]
+
+    async def pending_many(self, user_ids: Sequence[str], limit: int) -> dict[str, list[InboxItem]]:
+        """``pending`` for many users at once (a storm of connects): one statement on PostgreSQL."""
+        wanted = list(dict.fromkeys(user_ids))
+        if self._engine.dialect.name != "postgresql":
+            return {user_id: await self._pending_one(user_id, limit) for user_id in wanted}
+        params = {
+            "users": wanted,
+            "n": limit,
+            "now": datetime.now(UTC),
+            "pending": DeliveryStatus.PENDING.value,
+            "selected": TargetType.SELECTED.value,
+            "active": BroadcastStatus.ACTIVE.value,
+        }
+        rows = await read_all(self._engine, _PG_PENDING_MANY.bindparams(**params))
+        found: dict[str, list[InboxItem]] = {user_id: [] for user_id in wanted}
+        for row, item in zip(rows, self._items(rows), strict=True):
+            found[row.row_user].append(item)
+        return {user_id: items[::-1] for user_id, items in found.items()}  # oldest first
+
+    async def _unread_batched(
+        self, keys: list[tuple[str, frozenset[str], int]]
+    ) -> dict[tuple[str, frozenset[str], int], GroupPage]:
+        found: dict[tuple[str, frozenset[str], int], GroupPage] = {}
+        for limit in {n for _, _, n in keys}:
+            pages = await self.unread_group_many({user_id: roles for user_id, roles, n in keys if n == limit}, limit)
+            found.update({key: pages[key[0]] for key in keys if key[2] == limit})
+        return found
+
+    async def unread_group_many(self, users: Mapping[str, frozenset[str]], limit: int) -> dict[str, GroupPage]:
+        """``group(user, roles, None, limit)`` for many users at once: the shared scan of visible group
+        broadcasts, and one query for which of them each user has read."""
+        scanned = await self._active_group.get()
+        complete = len(scanned) <= GROUP_SCAN_LIMIT
+        visible = scanned[:GROUP_SCAN_LIMIT]
+        mine = {user_id: [c for c in visible if matches(c, roles)] for user_id, roles in users.items()}
+        read = await self._read_pairs([(c.id, user_id) for user_id, cs in mine.items() for c in cs])
+        pages: dict[str, GroupPage] = {}
+        for user_id, candidates in mine.items():
+            wanted = [InboxItem(c, None, False) for c in candidates if (c.id, user_id) not in read]
+            pages[user_id] = GroupPage(wanted[:limit][::-1], complete and len(wanted) <= limit)
+        return pages
+
+    async def _read_pairs(self, pairs: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which (broadcast id, user id) pairs are read."""
+        if not pairs:
+            return set()
+        try:
+            async with self._engine.connect() as conn:
+                rows = await _lookup(conn, pairs, read_only=True)
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc) from exc
+        return set(rows)
 
     async def pending_for(self, user_ids: Sequence[str], limit: int) -> list[tuple[str, InboxItem]]:
         found: list[tuple[str, InboxItem]] = []
@@ -218,11 +313,13 @@ class SqlInboxStore:
     async def group(self, user_id: str, roles: frozenset[str], since: datetime | None, limit: int) -> GroupPage:
         """Visible ALL/ROLE broadcasts for the user: created after ``since``, or the unread ones; the newest
         ``limit``, oldest first. Incomplete when more matched, or the scan reached ``GROUP_SCAN_LIMIT``."""
-        scanned = await (self._active_group.get() if since is None else self._newest_group(since))
+        if since is None:
+            return await self._unread_batch.get((user_id, roles, limit))
+        scanned = await self._newest_group(since)
         complete = len(scanned) <= GROUP_SCAN_LIMIT
         mine = [c for c in scanned[:GROUP_SCAN_LIMIT] if matches(c, roles)]
         read = await self._read_ids(user_id, [c.id for c in mine])
-        wanted = [InboxItem(c, None, c.id in read) for c in mine if since is not None or c.id not in read]
+        wanted = [InboxItem(c, None, c.id in read) for c in mine]
         return GroupPage(wanted[:limit][::-1], complete and len(wanted) <= limit)
 
     async def _read_ids(self, user_id: str, broadcast_ids: Sequence[str]) -> set[str]:

@@ -42,6 +42,9 @@ def utc(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+GET_CHUNK = 500  # users per lookup
+
+
 class SqlUserStore:
     """Users and roles in ``users`` / ``user_roles``."""
 
@@ -71,19 +74,27 @@ class SqlUserStore:
             raise translate(exc) from exc
 
     async def get(self, user_id: str) -> User | None:
+        return (await self.get_many([user_id]))[user_id]
+
+    async def get_many(self, user_ids: Sequence[str]) -> dict[str, User | None]:
+        wanted = list(dict.fromkeys(user_ids))
+        rows_of: dict[str, list[Any]] = {}
         try:
-            query = (
-                select(users.c.id, users.c.display_name, user_roles.c.role)
-                .outerjoin(user_roles, user_roles.c.user_id == users.c.id)
-                .where(users.c.id == user_id)
-            )
             async with self._engine.connect() as conn:
-                rows = (await conn.execute(query)).all()
-            if not rows:
-                return None
-            return User(rows[0].id, rows[0].display_name, frozenset(r.role for r in rows if r.role is not None))
+                for start in range(0, len(wanted), GET_CHUNK):
+                    query = (
+                        select(users.c.id, users.c.display_name, user_roles.c.role)
+                        .outerjoin(user_roles, user_roles.c.user_id == users.c.id)
+                        .where(users.c.id.in_(wanted[start : start + GET_CHUNK]))
+                    )
+                    for row in await conn.execute(query):
+                        rows_of.setdefault(row.id, []).append(row)
         except (SQLAlchemyError, OSError) as exc:
             raise translate(exc) from exc
+        found: dict[str, User | None] = dict.fromkeys(wanted)
+        for user_id, rows in rows_of.items():
+            found[user_id] = User(user_id, rows[0].display_name, frozenset(r.role for r in rows if r.role is not None))
+        return found
 
     async def count(self, roles: Sequence[str] | None = None) -> int:
         query = (

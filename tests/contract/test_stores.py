@@ -32,6 +32,17 @@ async def test_users_round_trip_with_roles_and_are_counted(stores: tuple[UserSto
     assert await users.count(["missing-role"]) == 0
 
 
+async def test_many_users_are_read_at_once(stores: tuple[UserStore, OutboxStore]) -> None:
+    users, _ = stores
+    await users.upsert([User("alice", "Alice", frozenset({"admin", "ops"})), User("bob")])
+    assert await users.get_many(["bob", "nobody", "alice", "bob"]) == {
+        "alice": User("alice", "Alice", frozenset({"admin", "ops"})),
+        "bob": User("bob"),
+        "nobody": None,
+    }
+    assert await users.get_many([]) == {}
+
+
 async def test_upserting_a_user_replaces_name_and_roles(stores: tuple[UserStore, OutboxStore]) -> None:
     users, _ = stores
     await users.upsert([User("alice", "Alice", frozenset({"admin"}))])
