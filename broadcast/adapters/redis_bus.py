@@ -16,6 +16,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from broadcast import constants
+from broadcast.coalesce import Batched
 from broadcast.errors import UnavailableError
 from broadcast.ports import BusMessage
 from broadcast.settings import RedisSettings
@@ -149,12 +150,21 @@ class RedisPresence:
         self._prefix = key_prefix
         self._ttl_ms = int(ttl_seconds * 1000)
         self._live = client.register_script(LIVE_MEMBERS)  # EVALSHA, loaded again after NOSCRIPT
+        # a storm of connects (or of closes) at once: one pipeline for all of them
+        self._beats: Batched[tuple[str, str], None] = Batched(self._beat_batch)
+        self._leaves: Batched[tuple[str, str], None] = Batched(self._leave_batch)
 
     def _key(self, user_id: str) -> str:
         return self._prefix + constants.REDIS_PRESENCE_KEY.format(user_id=user_id)
 
     async def heartbeat(self, user_id: str, instance_id: str) -> None:
-        await self.heartbeat_many([user_id], instance_id)
+        """Concurrent callers share one pipeline (``heartbeat_many``)."""
+        await self._beats.get((user_id, instance_id))
+
+    async def _beat_batch(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], None]:
+        for instance_id in {i for _, i in keys}:
+            await self.heartbeat_many([u for u, i in keys if i == instance_id], instance_id)
+        return dict.fromkeys(keys)
 
     async def heartbeat_many(self, user_ids: Sequence[str], instance_id: str) -> None:
         """One pipelined round trip per ``HEARTBEAT_CHUNK`` users (not a transaction: each key stands alone)."""
@@ -172,10 +182,18 @@ class RedisPresence:
                 raise UnavailableError(f"redis presence heartbeat failed: {exc!r}") from exc
 
     async def leave(self, user_id: str, instance_id: str) -> None:
+        """Concurrent callers (10k streams closing at once) share one pipeline."""
+        await self._leaves.get((user_id, instance_id))
+
+    async def _leave_batch(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], None]:
         try:
-            await self._client.zrem(self._key(user_id), instance_id)
+            async with self._client.pipeline(transaction=False) as pipe:
+                for user_id, instance_id in keys:
+                    pipe.zrem(self._key(user_id), instance_id)
+                await pipe.execute()
         except RedisError as exc:
             raise UnavailableError(f"redis presence leave failed: {exc!r}") from exc
+        return dict.fromkeys(keys)
 
     async def instances(self, user_id: str) -> frozenset[str]:
         return (await self.instances_many([user_id]))[user_id]

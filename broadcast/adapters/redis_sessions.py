@@ -16,6 +16,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from broadcast.coalesce import Batched
 from broadcast.domain import Principal
 from broadcast.errors import UnavailableError
 
@@ -80,19 +81,36 @@ class RedisSlots:
         self._ttl_ms = int(ttl_seconds * 1000)
         self._acquire = client.register_script(_ACQUIRE)
         self._refresh = client.register_script(_REFRESH)
+        self._acquires: Batched[tuple[str, str, int], bool] = Batched(self._acquire_batch)
+        self._releases: Batched[tuple[str, str], None] = Batched(self._release_batch)
 
     async def acquire(self, user_id: str, slot: str, limit: int) -> bool:
+        """Concurrent callers share one pipeline of script calls (each still atomic on its own)."""
+        return await self._acquires.get((user_id, slot, limit))
+
+    async def _acquire_batch(self, keys: list[tuple[str, str, int]]) -> dict[tuple[str, str, int], bool]:
         try:
-            taken = await self._acquire(keys=[self._prefix + user_id], args=[slot, limit, self._ttl_ms])
+            async with self._client.pipeline(transaction=False) as pipe:
+                for user_id, slot, limit in keys:
+                    await self._acquire(keys=[self._prefix + user_id], args=[slot, limit, self._ttl_ms], client=pipe)
+                taken = await pipe.execute()
         except RedisError as exc:
             raise _unavailable("connection slot", exc) from exc
-        return bool(taken)
+        return {key: bool(t) for key, t in zip(keys, taken, strict=True)}
 
     async def release(self, user_id: str, slot: str) -> None:
+        """Concurrent callers (10k streams closing at once) share one pipeline."""
+        await self._releases.get((user_id, slot))
+
+    async def _release_batch(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], None]:
         try:
-            await self._client.zrem(self._prefix + user_id, slot)
+            async with self._client.pipeline(transaction=False) as pipe:
+                for user_id, slot in keys:
+                    pipe.zrem(self._prefix + user_id, slot)
+                await pipe.execute()
         except RedisError as exc:
             raise _unavailable("connection slot release", exc) from exc
+        return dict.fromkeys(keys)
 
     async def refresh(self, slots: Sequence[tuple[str, str]]) -> None:
         try:
