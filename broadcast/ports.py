@@ -348,7 +348,9 @@ class BusMessage:
 
 
 class BusSubscription(Protocol):
-    async def get(self, timeout_s: float = 1.0) -> BusMessage | None: ...
+    async def get(self, timeout_s: float = 1.0) -> BusMessage | None:
+        """The next message, or None after ``timeout_s`` (0: only one that has already arrived)."""
+        ...
 
 
 class Bus(Protocol):

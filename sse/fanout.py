@@ -34,7 +34,7 @@ from broadcast.ports import Bus, BusMessage, InboxStore, Presence
 from broadcast.reach import Reach
 from sse.admission import Admission
 from sse.frames import HEARTBEAT, EventName, frame
-from sse.hub import Connection, Hub, Outgoing
+from sse.hub import Connection, Hub, Matches, Outgoing
 from sse.messages import item_frame
 from sse.seen import BUS_GAP, DELIVERY_MARKS, SeenClock
 
@@ -47,6 +47,7 @@ GAP_LOOKBACK_S = 120.0
 # slow or down) live delivery goes on, and the reconciler's later rounds fill the gap (nothing is lost, but
 # a replayed message can then arrive after a newer live one).
 CATCH_UP_TIMEOUT_S = 10.0
+DRAIN_MAX = 256  # bus messages taken at once when a burst has queued up
 GAP_TOO_LONG = "live delivery was interrupted for longer than the server replays: the newest follow; refetch the inbox"
 
 
@@ -70,7 +71,7 @@ class BusGaps:
         return gap
 
 
-def _group_matches(target_type: str, roles: frozenset[str]) -> Callable[[Connection], bool] | None:
+def _group_matches(target_type: str, roles: frozenset[str]) -> Matches | None:
     """None (everyone) for ALL; for ROLE, connections holding one of ``roles``."""
     if target_type == "ALL":
         return None
@@ -121,8 +122,12 @@ class BusListener:
                     while not stop.is_set():
                         message = await subscription.get(timeout_s=1.0)
                         self._working_at = time.time()
-                        if message is not None:
-                            self.dispatch(message)
+                        if message is None:
+                            continue
+                        burst = [message]  # and whatever else has arrived meanwhile (a burst): one write each
+                        while len(burst) < DRAIN_MAX and (more := await subscription.get(timeout_s=0)) is not None:
+                            burst.append(more)
+                        await self.dispatch_many(burst)
             except BroadcastError as exc:
                 self.subscribed.clear()
                 self._hub.seen_clock.hold(BUS_GAP)  # until the gap is replayed: connections forget nothing
@@ -147,22 +152,53 @@ class BusListener:
             log.warning("catch-up after a bus gap failed, live delivery goes on: %r", exc)
 
     def dispatch(self, message: BusMessage) -> int:
-        try:
-            payload = orjson.loads(message.payload)
-            data = payload["frame"].encode()
-            created = float(payload.get("at") or 0.0)
-            if payload["kind"] == "user":
-                item = Outgoing(data, payload.get("broadcast"), counts=bool(payload.get("delivers")), created=created)
-                return self._hub.to_user(payload["user"], item)
-            if payload["kind"] == "group":
-                matches = _group_matches(payload["targetType"], frozenset(payload["roles"]))
-                counts = payload.get("counts", True)
-                item = Outgoing(data, payload["broadcast"], counts, created=created, group=True)
-                return self._hub.to_matching(matches, item)
-            return self._hub.to_matching(None, Outgoing(data))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            log.error("malformed bus message on %s dropped: %r", message.channel, exc)
+        """Hand one message to the hub at once; returns how many connections took it."""
+        parsed = _parse(message)
+        if parsed is None:
             return 0
+        user_id, matches, item = parsed
+        return self._hub.to_user(user_id, item) if user_id is not None else self._hub.to_matching(matches, item)
+
+    async def dispatch_many(self, messages: list[BusMessage]) -> int:
+        """Hand messages to the hub in order; consecutive group messages go out as one fan-out, each
+        connection getting the ones it matches in a single write (``Hub.fan_out``)."""
+        offers = 0
+        group: list[tuple[Matches | None, Outgoing]] = []
+        for message in messages:
+            parsed = _parse(message)
+            if parsed is None:
+                continue
+            user_id, matches, item = parsed
+            if user_id is None:
+                group.append((matches, item))
+                continue
+            if group:
+                offers += await self._hub.fan_out(group)
+                group = []
+            offers += self._hub.to_user(user_id, item)
+        if group:
+            offers += await self._hub.fan_out(group)
+        return offers
+
+
+def _parse(message: BusMessage) -> tuple[str | None, Matches | None, Outgoing] | None:
+    """(user id, None, item) for one user's message; (None, matches, item) for the connections ``matches``
+    accepts (None: every connection); None for a malformed message (logged, dropped)."""
+    try:
+        payload = orjson.loads(message.payload)
+        data = payload["frame"].encode()
+        created = float(payload.get("at") or 0.0)
+        if payload["kind"] == "user":
+            item = Outgoing(data, payload.get("broadcast"), counts=bool(payload.get("delivers")), created=created)
+            return str(payload["user"]), None, item
+        if payload["kind"] == "group":
+            matches = _group_matches(payload["targetType"], frozenset(payload["roles"]))
+            counts = payload.get("counts", True)
+            return None, matches, Outgoing(data, payload["broadcast"], counts, created=created, group=True)
+        return None, None, Outgoing(data)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        log.error("malformed bus message on %s dropped: %r", message.channel, exc)
+        return None
 
 
 class Reconciler:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,8 @@ from sse.seen import SeenClock, SeenIds
 log = logging.getLogger(__name__)
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Delivered = Callable[[str, str, bool], None]  # (broadcast id, user id, a group broadcast?)
+FANOUT_SLICE = 1_000  # connections written per turn of the loop during a fan-out
+Matches = Callable[["Connection"], bool]  # which connections a group item is for
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +129,26 @@ class Connection:
             self._backlog.append(item)
             return True
         self._write([item])
+        return True
+
+    def offer_many(self, items: list[Outgoing]) -> bool:
+        """``offer`` for several items at once (a burst): what is new to the connection goes out in one
+        write, or queues as one; False (dropped) when the backlog cannot take them."""
+        if len(items) == 1:
+            return self.offer(items[0])
+        if self.closed:
+            return False
+        if self._send is not None:
+            items = [i for i in items if i.broadcast_id is None or self._first_time(i.broadcast_id)]
+            if not items:
+                return True
+        if self._send is None or self._inflight is not None:
+            if len(self._backlog) + len(items) > self._limit:
+                self.drop("backlog full", "backlog_full")
+                return False
+            self._backlog.extend(items)
+            return True
+        self._write(items)
         return True
 
     def start(self, send: Send, abort: Callable[[], None] | None, head: bytes, items: Iterable[Outgoing]) -> None:
@@ -309,7 +331,7 @@ class Hub:
         """(open streams, distinct users) on this instance."""
         return sum(len(cs) for cs in self._by_user.values()), len(self._by_user)
 
-    def connections(self, user_id: str | None = None) -> Iterable[Connection]:
+    def connections(self, user_id: str | None = None) -> tuple[Connection, ...]:
         if user_id is not None:
             return tuple(self._by_user.get(user_id, ()))
         return tuple(c for cs in self._by_user.values() for c in cs)
@@ -324,7 +346,7 @@ class Hub:
             return self._offer(tuple(connections), item)
         return self._offer([c for c in connections if c.id <= upto], item)
 
-    def to_matching(self, matches: Callable[[Connection], bool] | None, item: Outgoing) -> int:
+    def to_matching(self, matches: Matches | None, item: Outgoing) -> int:
         """Offer ``item`` to every connection (``matches`` None) or to those ``matches`` accepts."""
         everyone = self.connections()
         return self._offer(everyone if matches is None else [c for c in everyone if matches(c)], item)
@@ -335,6 +357,23 @@ class Hub:
         for connection in connections:
             if connection.offer(item):
                 accepted += 1
+        return accepted
+
+    async def fan_out(self, batch: Sequence[tuple[Matches | None, Outgoing]], slice_size: int = FANOUT_SLICE) -> int:
+        """Offer each connection, in one write, the items of ``batch`` it matches (``None``: everyone), in
+        order; the loop is handed back every ``slice_size`` connections, so accepts, heartbeats and the
+        database replies of a busy instance are not held up behind a fan-out to every stream. Returns how
+        many (connection, item) offers were taken."""
+        self.seen_clock.tick()
+        everyone = self.connections()
+        accepted = 0
+        for start in range(0, len(everyone), slice_size):
+            for connection in everyone[start : start + slice_size]:
+                items = [item for matches, item in batch if matches is None or matches(connection)]
+                if items and connection.offer_many(items):
+                    accepted += len(items)
+            if start + slice_size < len(everyone):
+                await asyncio.sleep(0)
         return accepted
 
     def shutdown(self, farewell: bytes) -> None:

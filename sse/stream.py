@@ -213,7 +213,7 @@ class SseStream(Response):
                 await send({"type": "http.response.body", "body": RETRY, "more_body": False})
                 return
             items, self._items = self._items, []  # written now: a long-lived stream must not keep them
-            self._connection.start(send, abort_of(scope), self._head, items)
+            self._connection.start(_body_send(scope, send), abort_of(scope), self._head, items)
             del items
             try:
                 async with asyncio.timeout(None if self._expires_at is None else self._expires_at - time.time()):
@@ -223,6 +223,16 @@ class SseStream(Response):
                 await _disconnected(receive)
         finally:
             await self._on_end()
+
+
+def _body_send(scope: Scope, send: Send) -> Send:
+    """Where the stream's body goes once its headers went out through every middleware: the server's own
+    ``send`` when it is known (``serve.py`` puts it in the scope). The middlewares here only act on
+    ``http.response.start`` (headers, status, timing); skipping their wrappers for every frame saves six
+    coroutine calls per delivery. A middleware that rewrote bodies (compression) would have to go before
+    this: an event stream must not be compressed or buffered anyway."""
+    raw: Send | None = scope.get(constants.RAW_SEND_SCOPE_KEY)
+    return raw if raw is not None else send
 
 
 async def _disconnected(receive: Receive) -> None:

@@ -18,6 +18,11 @@ class MemorySubscriptionQueue:
         self.queue: asyncio.Queue[BusMessage] = asyncio.Queue(SUBSCRIPTION_QUEUE_LIMIT)
 
     async def get(self, timeout_s: float = 1.0) -> BusMessage | None:
+        if timeout_s <= 0:
+            try:
+                return self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return None
         try:
             return await asyncio.wait_for(self.queue.get(), timeout_s)
         except TimeoutError:
