@@ -46,6 +46,7 @@ SCENARIOS: dict[str, str] = {  # name -> module:function, in the order of the is
     "reconnect": "bench.scenarios.reconnect:reconnect",
     "consumer": "bench.scenarios.consumer:consumer",
     "churn": "bench.scenarios.churn:churn",
+    "burst": "bench.scenarios.burst:burst",
 }
 
 
@@ -327,10 +328,11 @@ def plot(outcome: Outcome, path: Path) -> None:
         ours = [1.0 if m.ratio is None else m.ratio for m in outcome.measures]
         peers = [_peer_over_base(m) for m in outcome.measures]
         width = 0.27 if any(peers) else 0.4
-        ax.bar([i - width / 2 for i in range(len(names))], ours, width=width, label="ours / baseline")
-        ax.bar([i + width / 2 for i in range(len(names))], [1.0] * len(names), width=width, label="baseline = 1")
+        at = [-width, 0.0, width] if any(peers) else [-0.2, 0.2]  # bar offsets, centred on the tick
+        ax.bar([i + at[0] for i in range(len(names))], ours, width=width, label="ours / baseline")
+        ax.bar([i + at[1] for i in range(len(names))], [1.0] * len(names), width=width, label="baseline = 1")
         if any(peers):
-            ax.bar([i + 1.5 * width for i in range(len(names))], peers, width=width, label="peer / baseline")
+            ax.bar([i + at[2] for i in range(len(names))], peers, width=width, label="peer / baseline")
         ax.set_xticks(range(len(names)), names, fontsize=7)
         ax.set_ylabel("ratio to the baseline")
         ax.legend()
