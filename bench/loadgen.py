@@ -2,9 +2,13 @@
 
 Each stream is a bare ``asyncio.Protocol`` (no task, no ``StreamReader``, no HTTP client object): it
 writes one ``GET … HTTP/1.1`` request, waits for the server's first event (``ready`` bytes, e.g.
-``CONNECTED``) and from then on only scans what arrives for the marker of the broadcast being
-measured, recording ``time.time()`` the first time it sees it. On 2 cores this holds 10k+ connections
-per process for a few MB and very little CPU.
+``CONNECTED``) and from then on only scans what arrives for the markers of the broadcasts being
+measured (one, or a burst of several), recording ``time.time()`` the first time it sees each. On 2 cores
+this holds 10k+ connections per process for a few MB and very little CPU.
+
+The same program drives every server: ours and the baseline (``path`` with ``{user}``, a bearer token),
+and Centrifugo's unidirectional SSE (``Target.paths`` builds each user's ``cf_connect`` URL with its
+connection JWT; ready at its ``connect`` push; a publication frame carries the marker in its data).
 
 A worker runs in its own process (``multiprocessing``) so its CPU is not charged to the server, and is
 driven by the parent over a pipe: ``connect`` → ``arm`` → ``collect`` → ``close``.
@@ -17,6 +21,7 @@ import contextlib
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,10 +50,14 @@ class Target:
     path: str  # formatted with ``user=<user id>``
     ready: bytes  # bytes of the server's first event; the stream counts as connected once seen
     bearer: bool = True  # send each user's development bearer token (minted with the dev secret)
+    paths: Callable[[str], str] | None = None  # user -> request path, instead of ``path`` (picklable)
+
+    def path_of(self, user: str) -> str:
+        return self.paths(user) if self.paths is not None else self.path.format(user=user)
 
 
 class Stream(asyncio.Protocol):
-    __slots__ = ("buffer", "closed", "ready", "received_at", "request", "tail", "transport", "waiter", "worker")
+    __slots__ = ("buffer", "closed", "pending", "ready", "request", "tail", "times", "transport", "waiter", "worker")
 
     def __init__(self, worker: Worker, request: bytes, waiter: asyncio.Future[bool]) -> None:
         self.worker = worker
@@ -58,7 +67,8 @@ class Stream(asyncio.Protocol):
         self.closed = False
         self.buffer = b""
         self.tail = b""
-        self.received_at = 0.0
+        self.times: list[float] = []  # marker index -> first receipt (0: not yet)
+        self.pending = 0  # markers armed and not seen yet
         self.waiter: asyncio.Future[bool] | None = waiter
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -73,21 +83,26 @@ class Stream(asyncio.Protocol):
                 self._settle(self.ready)
                 self.buffer = b""
             return
-        marker = self.worker.marker
-        if marker and not self.received_at:
-            seen = self.tail + data
-            if marker in seen:
-                self.received_at = time.time()
+        if not self.pending:
+            return
+        seen = self.tail + data
+        now = 0.0
+        for index, marker in enumerate(self.worker.markers):
+            if not self.times[index] and marker in seen:
+                now = now or time.time()
+                self.times[index] = now
+                self.pending -= 1
                 self.worker.received += 1
-                self.worker.check()
-            else:
-                self.tail = data[-len(marker) :]
+        self.tail = seen[-self.worker.longest :]
+        if now:
+            self.worker.check()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._settle(False)
         self.closed = True
-        if self.ready and not self.received_at:
+        if self.ready and self.pending:
             self.worker.lost += 1
+            self.worker.missed += self.pending
             self.worker.check()  # a collector waiting for this stream must not wait for ever
 
     def _settle(self, ok: bool) -> None:
@@ -103,20 +118,23 @@ class Worker:
     def __init__(self, target: Target) -> None:
         self.target = target
         self.streams: list[Stream] = []
-        self.marker = b""
-        self.received = 0
-        self.lost = 0
+        self.markers: list[bytes] = []
+        self.longest = 0
+        self.received = 0  # (stream, marker) receipts
+        self.missed = 0  # markers still pending on streams that were lost
+        self.lost = 0  # streams closed before they had every marker
         self.done = asyncio.Event()
 
     def check(self) -> None:
-        if self.marker and self.received + self.lost >= len(self.streams):
+        if self.markers and self.received + self.missed >= len(self.streams) * len(self.markers):
             self.done.set()
 
-    def arm(self, marker: bytes) -> None:
+    def arm(self, markers: list[bytes]) -> None:
         self.streams = [s for s in self.streams if not s.closed]
         for stream in self.streams:
-            stream.received_at, stream.tail = 0.0, b""
-        self.marker, self.received, self.lost = marker, 0, 0
+            stream.times, stream.pending, stream.tail = [0.0] * len(markers), len(markers), b""
+        self.markers, self.longest = markers, max(len(m) for m in markers)
+        self.received, self.missed, self.lost = 0, 0, 0
         self.done.clear()
 
     async def connect(self, users: list[str], sources: list[str], concurrency: int, wait_s: float) -> dict[str, Any]:
@@ -129,7 +147,7 @@ class Worker:
             nonlocal first_ready, last_ready
             auth = f"Authorization: Bearer {mint(DEV_AUTH, user, ttl_seconds=86_400)}\r\n" if self.target.bearer else ""
             request = (
-                f"GET {self.target.path.format(user=user)} HTTP/1.1\r\nHost: {self.target.host}:{self.target.port}\r\n"
+                f"GET {self.target.path_of(user)} HTTP/1.1\r\nHost: {self.target.host}:{self.target.port}\r\n"
                 f"{auth}Accept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n"
             ).encode()
             async with gate:
@@ -168,8 +186,13 @@ class Worker:
         self.check()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.done.wait(), wait_s)
-        times = [s.received_at for s in self.streams if s.received_at]
-        return {"times": times, "missing": len(self.streams) - len(times), "lost": self.lost}
+        by_marker = [[s.times[i] for s in self.streams if s.times[i]] for i in range(len(self.markers))]
+        return {
+            "times": [t for times in by_marker for t in times],  # every receipt, of every marker
+            "by_marker": by_marker,
+            "missing": sum(s.pending for s in self.streams),  # (stream, marker) pairs never seen
+            "lost": self.lost,
+        }
 
     def close(self) -> None:
         for stream in self.streams:
@@ -192,8 +215,9 @@ class Clients(WorkerPool):
         k = self.size
         self.send("connect", [(users[i::k], sources, concurrency, timeout) for i in range(k)])
 
-    def arm(self, marker: bytes) -> None:
-        self.all("arm", marker)
+    def arm(self, *markers: bytes) -> None:
+        """Scan for these markers from now on (a burst: several, each timed on its own)."""
+        self.all("arm", list(markers))
 
     def send_collect(self, timeout: float) -> None:
         self.send("collect", [(timeout,)] * self.size)

@@ -1,7 +1,8 @@
 """The benchmark suite: every scenario of docs/DESIGN.md §7 beside a naive baseline, in one run.
 
 ``broadcast-server bench [scenario …] [--smoke] [--repeat R]`` (or ``make bench``) runs the named scenarios
-(all when none is named), prints one table (ours, baseline, ratio, the §7 target and whether it is met),
+(all when none is named), prints one table (ours, baseline, ratio, a peer server's figure where measured, the
+§7 target and whether it is met),
 writes ``bench/results/<date>.json`` and a PNG per scenario beside it. It asserts nothing.
 
 A scenario is a function ``run(ctx: Context) -> Outcome`` in its own module (``SCENARIOS`` maps names to
@@ -45,12 +46,14 @@ SCENARIOS: dict[str, str] = {  # name -> module:function, in the order of the is
     "reconnect": "bench.scenarios.reconnect:reconnect",
     "consumer": "bench.scenarios.consumer:consumer",
     "churn": "bench.scenarios.churn:churn",
+    "burst": "bench.scenarios.burst:burst",
 }
 
 
 @dataclass
 class Measure:
-    """One figure, ours beside the baseline's, with the §7 target it answers to (same unit), if any."""
+    """One figure, ours beside the baseline's (and a peer's: Centrifugo's, where measured), with the §7 target
+    it answers to (same unit), if any."""
 
     metric: str
     unit: str
@@ -61,6 +64,14 @@ class Measure:
     goal: float | None = None
     note: str = ""
     limit: float | None = None  # the raw libraries doing the same work in the same run, where measured
+    peer: float | None = None  # the peer server (bench/peers: Centrifugo) doing the same work, same unit
+
+    @property
+    def of_peer(self) -> float | None:
+        """ours / peer (NaN-safe); below 1 is better when lower is better."""
+        if self.peer is None or not _finite(self.ours) or not _finite(self.peer) or self.peer == 0:
+            return None
+        return self.ours / self.peer
 
     @property
     def of_limit(self) -> float | None:
@@ -217,27 +228,50 @@ def _share(value: float | None) -> str:
     return "-" if value is None else f"{value * 100:.1f} %"
 
 
+COLUMNS = (
+    "scenario",
+    "measure",
+    "unit",
+    "ours",
+    "baseline",
+    "ours/base",
+    "peer",
+    "ours/peer",
+    "limit",
+    "ours/limit",
+    "§7 must",
+    "§7 goal",
+    "verdict",
+)
+
+
+def _times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _cells(m: Measure) -> tuple[str, ...]:
+    """A measure's cells after the scenario's, in the order of ``COLUMNS``; an absent figure is '-'."""
+    return (
+        m.metric,
+        m.unit,
+        _fmt(m.ours),
+        _fmt(m.baseline),
+        _times(m.ratio),
+        _fmt(m.peer),
+        _times(m.of_peer),
+        _fmt(m.limit),
+        _share(m.of_limit),
+        _fmt(m.must),
+        _fmt(m.goal),
+        m.verdict(),
+    )
+
+
 def table(outcomes: Sequence[Outcome]) -> str:
-    header = ("scenario", "measure", "unit", "ours", "baseline", "ours/base", "limit", "ours/limit", "§7 must")
-    rows: list[tuple[str, ...]] = [(*header, "§7 goal", "verdict")]
+    rows: list[tuple[str, ...]] = [COLUMNS]
     for outcome in outcomes:
         for m in outcome.measures:
-            ratio = m.ratio
-            rows.append(
-                (
-                    outcome.scenario,
-                    m.metric,
-                    m.unit,
-                    _fmt(m.ours),
-                    _fmt(m.baseline),
-                    "-" if ratio is None else f"{ratio:.2f}x",
-                    _fmt(m.limit),
-                    _share(m.of_limit),
-                    _fmt(m.must),
-                    _fmt(m.goal),
-                    m.verdict(),
-                )
-            )
+            rows.append((outcome.scenario, *_cells(m)))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for index, row in enumerate(rows):
@@ -259,17 +293,12 @@ def markdown(outcomes: Sequence[Outcome], info: dict[str, Any]) -> str:
         f"{info['machine']['kernel']}; commit {info['machine']['commit']}. {info['machine']['pinning']}. "
         f"Command: `{info['command']}`.",
         "",
-        "| scenario | measure | unit | ours | baseline | ours/base | limit | ours/limit | §7 must | §7 goal "
-        "| verdict |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|---|---|---|" + "---:|" * (len(COLUMNS) - 4) + "---|",
     ]
     for outcome in outcomes:
         for m in outcome.measures:
-            ratio = m.ratio
-            cells = [outcome.scenario, m.metric, m.unit, _fmt(m.ours), _fmt(m.baseline)]
-            cells += ["-" if ratio is None else f"{ratio:.2f}x", _fmt(m.limit), _share(m.of_limit)]
-            cells += [_fmt(m.must), _fmt(m.goal), m.verdict()]
-            out.append("| " + " | ".join(cells) + " |")
+            out.append("| " + " | ".join((outcome.scenario, *_cells(m))) + " |")
     out.append("")
     for outcome in outcomes:
         out.append(f"## {outcome.scenario}: {outcome.title}")
@@ -294,11 +323,16 @@ def plot(outcome: Outcome, path: Path) -> None:
         ax.set_ylabel(outcome.y_label)
         ax.legend()
         ax.grid(True, alpha=0.3)
-    else:  # one pair of bars per measure, normalised to the baseline (or ours when there is none)
+    else:  # bars per measure, normalised to the baseline (or ours when there is none), the peer's when measured
         names = [f"{m.metric}\n({m.unit})" for m in outcome.measures]
         ours = [1.0 if m.ratio is None else m.ratio for m in outcome.measures]
-        ax.bar([i - 0.2 for i in range(len(names))], ours, width=0.4, label="ours / baseline")
-        ax.bar([i + 0.2 for i in range(len(names))], [1.0] * len(names), width=0.4, label="baseline = 1")
+        peers = [_peer_over_base(m) for m in outcome.measures]
+        width = 0.27 if any(peers) else 0.4
+        at = [-width, 0.0, width] if any(peers) else [-0.2, 0.2]  # bar offsets, centred on the tick
+        ax.bar([i + at[0] for i in range(len(names))], ours, width=width, label="ours / baseline")
+        ax.bar([i + at[1] for i in range(len(names))], [1.0] * len(names), width=width, label="baseline = 1")
+        if any(peers):
+            ax.bar([i + at[2] for i in range(len(names))], peers, width=width, label="peer / baseline")
         ax.set_xticks(range(len(names)), names, fontsize=7)
         ax.set_ylabel("ratio to the baseline")
         ax.legend()
@@ -306,6 +340,13 @@ def plot(outcome: Outcome, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _peer_over_base(m: Measure) -> float:
+    """peer / baseline for the bar plot; 0 (no bar) when either is missing."""
+    if m.peer is None or m.baseline is None or not _finite(m.peer) or not _finite(m.baseline) or m.baseline == 0:
+        return 0.0
+    return m.peer / m.baseline
 
 
 def outcome_from(data: dict[str, Any]) -> Outcome:
@@ -388,7 +429,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             outcomes.append(outcome)
             plot(outcome, args.out / f"{date}-{name}.png")
             print(table([outcome]), flush=True)
-    print(f"\nall scenarios ({'smoke' if args.smoke else f'medians of {ctx.repeat}'}; ratio = ours/baseline)")
+    print(
+        f"\nall scenarios ({'smoke' if args.smoke else f'medians of {ctx.repeat}'}; ratios = ours/baseline, ours/peer)"
+    )
     print(table(outcomes))
     for name, error in failures.items():
         print(f"FAILED scenario {name}: {error}")

@@ -20,6 +20,9 @@ Measured per run, from the drop (``time.time()`` when the client processes abort
 - duplicates shown: the same broadcast a second time under another SSE id (an SSE-id dedupe would not
   hide it); raw repeats: every second receipt of a broadcast, also those under the same SSE id (ours
   replays the last 30 s of group broadcasts on resume; the client drops them by id).
+
+No peer column here: Centrifugo's unidirectional SSE ignores ``Last-Event-ID``; its recovery needs channel
+history and the last ``offset``/``epoch`` in a new ``cf_connect`` command, which this client does not speak.
 """
 
 from __future__ import annotations

@@ -37,6 +37,45 @@ def test_ratios_are_ours_over_the_baseline_and_absent_without_one() -> None:
     assert Measure("untargeted", "ms", 30.0, 10.0).verdict() == ""
 
 
+def test_the_peer_ratio_is_ours_over_the_peer_and_absent_without_one() -> None:
+    assert Measure("p99", "ms", 30.0, 120.0, peer=20.0).of_peer == 1.5
+    assert Measure("p99", "ms", 30.0, 120.0).of_peer is None
+    assert Measure("p99", "ms", 30.0, None, peer=float("nan")).of_peer is None
+    assert Measure("p99", "ms", 30.0, None, peer=0.0).of_peer is None
+
+
+def test_the_table_shows_the_peer_beside_the_baseline_and_an_empty_cell_without_one() -> None:
+    with_peer = Outcome("burst", "t", [Measure("p99", "ms", 30.0, 120.0, must=1000, peer=20.0)])
+    without = Outcome("idle", "t", [Measure("rss", "KB", 12.0, 40.0)])
+    header, _, first, second = suite.table([with_peer, without]).splitlines()
+    assert header.split() == [
+        "scenario", "measure", "unit", "ours", "baseline", "ours/base", "peer", "ours/peer", "limit",
+        "ours/limit", "§7", "must", "§7", "goal", "verdict",
+    ]  # fmt: skip
+    assert first.split() == [
+        "burst",
+        "p99",
+        "ms",
+        "30.0",
+        "120.0",
+        "0.25x",
+        "20.0",
+        "1.50x",
+        "-",
+        "-",
+        "1,000",
+        "-",
+        "met",
+    ]
+    assert second.split()[6:8] == ["-", "-"]
+
+
+def test_results_written_before_the_peer_column_read_back_without_a_peer() -> None:
+    old = {"metric": "p99", "unit": "ms", "ours": 30.0, "baseline": 120.0, "better": "lower", "must": None}
+    data = {"scenario": "idle", "title": "t", "measures": [old], "series": []}
+    assert suite.outcome_from(data).measures[0].peer is None
+
+
 def test_percentiles_are_nearest_rank() -> None:
     values = [float(v) for v in range(1, 101)]
     assert (suite.percentile(values, 0.5), suite.percentile(values, 0.99), suite.percentile(values, 1.0)) == (
@@ -61,7 +100,7 @@ def test_a_run_writes_the_table_json_markdown_and_a_plot_per_scenario(
         )
 
     def bars(ctx: Context) -> Outcome:
-        return Outcome("bars", "no series", [Measure("rate", "1/s", 2.0, 1.0, "higher", limit=8.0)])
+        return Outcome("bars", "no series", [Measure("rate", "1/s", 2.0, 1.0, "higher", limit=8.0, peer=4.0)])
 
     def broken(ctx: Context) -> Outcome:
         raise RuntimeError("boom")
@@ -73,6 +112,7 @@ def test_a_run_writes_the_table_json_markdown_and_a_plot_per_scenario(
     printed = capsys.readouterr().out
     assert code == 1 and "FAILED scenario broken: RuntimeError('boom')" in printed
     assert "0.25x" in printed and "goal" in printed and "2.00x" in printed and "25.0 %" in printed
+    assert "ours/peer" in printed and "0.50x" in printed
     [result] = list(tmp_path.glob("*.json"))
     data = json.loads(result.read_text())
     assert [o["scenario"] for o in data["outcomes"]] == ["demo", "bars"] and data["failures"] == {
@@ -81,8 +121,9 @@ def test_a_run_writes_the_table_json_markdown_and_a_plot_per_scenario(
     assert data["machine"]["cpus"] >= 1 and data["machine"]["python"].startswith("3.")
     assert sorted(p.name.split("-smoke-")[1] for p in tmp_path.glob("*.png")) == ["bars.png", "demo.png"]
     written = next(tmp_path.glob("*.md")).read_text()
-    assert "| demo | p99 | ms | 30.0 | 120.0 | 0.25x | - | - | 250.0 | 50.0 | goal |" in written
-    assert "| bars | rate | 1/s | 2.00 | 1.00 | 2.00x | 8.00 | 25.0 % | - | - |  |" in written
+    assert "| ours | baseline | ours/base | peer | ours/peer | limit | ours/limit | §7 must |" in written
+    assert "| demo | p99 | ms | 30.0 | 120.0 | 0.25x | - | - | - | - | 250.0 | 50.0 | goal |" in written
+    assert "| bars | rate | 1/s | 2.00 | 1.00 | 2.00x | 4.00 | 0.50x | 8.00 | 25.0 % | - | - |  |" in written
 
 
 def test_a_merged_rerun_replaces_its_scenario_and_keeps_the_others(
