@@ -12,6 +12,7 @@ from typing import Any, cast
 import orjson
 import pytest
 
+from broadcast import constants
 from broadcast.adapters.memory_bus import MemoryBus, MemoryPresence, MemorySubscriptionQueue
 from broadcast.adapters.memory_sessions import MemorySlots
 from broadcast.domain import Broadcast, BroadcastStatus, InboxItem, Priority, TargetType
@@ -438,3 +439,47 @@ async def test_after_a_resubscription_presence_is_written_again_before_the_catch
         stop.set()
         await running
     assert seen_by_catch_up == [frozenset({"i1"})], "presence names this instance before the round reads"
+
+
+def group_message(broadcast_id: str, target: str = "ALL", roles: Sequence[str] = ()) -> bytes:
+    frame_ = f"id: g1\nevent: MESSAGE\ndata: {broadcast_id}\n\n"
+    body = {"kind": "group", "broadcast": broadcast_id, "frame": frame_, "targetType": target, "roles": list(roles)}
+    return orjson.dumps(body)
+
+
+async def test_a_burst_that_queued_up_goes_out_as_one_write_per_connection_in_order() -> None:
+    """Ten group broadcasts arrived while the listener was busy: each stream gets them in one write (not ten
+    fan-outs, each over every connection), each only the ones it matches, a user message keeping its place."""
+    hub, bus, stop = Hub(queue_size=64, max_per_user=5), MemoryBus(), asyncio.Event()
+    (_, alice), (_, ops) = started(hub, "alice"), started(hub, "olga", frozenset({"ops"}))
+    listener = BusListener(bus, hub, "i1", asyncio.Event())
+    loop = asyncio.create_task(listener.run(stop))
+    await asyncio.wait_for(listener.subscribed.wait(), 5)
+    for i in range(10):
+        target = ("ROLE", ["ops"]) if i == 4 else ("ALL", [])
+        await bus.publish(constants.REDIS_GROUP_CHANNEL, group_message(f"b{i}", *target))
+    user = {"kind": "user", "user": "alice", "broadcast": "s1", "frame": "event: MESSAGE\ndata: s1\n\n"}
+    await bus.publish(constants.instance_channel("i1"), orjson.dumps(user))
+    await bus.publish(constants.REDIS_GROUP_CHANNEL, group_message("b10"))
+    await wait_until(lambda: any(b"b10" in body for body in alice.bodies), 5, "the burst is written")
+    stop.set()
+    await loop
+    assert len(alice.bodies) == 4, alice.bodies  # head, b0-b9 but b4, s1, b10
+    assert alice.bodies[1] == b"".join(f"id: g1\nevent: MESSAGE\ndata: b{i}\n\n".encode() for i in range(10) if i != 4)
+    assert alice.bodies[2:] == [b"event: MESSAGE\ndata: s1\n\n", b"id: g1\nevent: MESSAGE\ndata: b10\n\n"]
+    assert b"data: b4\n" in ops.bodies[1] and ops.bodies[1].count(b"event: MESSAGE") == 10
+
+
+async def test_a_fan_out_hands_the_loop_back_between_slices() -> None:
+    hub = Hub(queue_size=4, max_per_user=5)
+    for i in range(5):
+        started(hub, f"u{i}")
+    written_when_other_ran: list[int] = []
+
+    async def other() -> None:
+        written_when_other_ran.append(sum(len(c.seen) for c in hub.connections()))
+
+    task = asyncio.create_task(other())
+    assert await hub.fan_out([(None, Outgoing(b"x", "b1", counts=True))], slice_size=2) == 5
+    await task
+    assert 0 < written_when_other_ran[0] < 5, "another task ran in the middle of the fan-out"
