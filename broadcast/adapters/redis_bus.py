@@ -150,6 +150,8 @@ class RedisPresence:
         self._prefix = key_prefix
         self._ttl_ms = int(ttl_seconds * 1000)
         self._live = client.register_script(LIVE_MEMBERS)  # EVALSHA, loaded again after NOSCRIPT
+        self._beat = client.register_script(HEARTBEAT)
+        self._remove = client.register_script(REMOVE_MEMBERS)
         # a storm of connects (or of closes) at once: one pipeline for all of them
         self._beats: Batched[tuple[str, str], None] = Batched(self._beat_batch)
         self._leaves: Batched[tuple[str, str], None] = Batched(self._leave_batch)
@@ -167,17 +169,13 @@ class RedisPresence:
         return dict.fromkeys(keys)
 
     async def heartbeat_many(self, user_ids: Sequence[str], instance_id: str) -> None:
-        """One pipelined round trip per ``HEARTBEAT_CHUNK`` users (not a transaction: each key stands alone)."""
+        """One script call per ``HEARTBEAT_CHUNK`` users: a single command carrying all their keys costs the
+        client a fraction of three pipelined commands per user."""
         for start in range(0, len(user_ids), HEARTBEAT_CHUNK):
             now = int(time.time() * 1000)
+            keys = [self._key(user_id) for user_id in user_ids[start : start + HEARTBEAT_CHUNK]]
             try:
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for user_id in user_ids[start : start + HEARTBEAT_CHUNK]:
-                        key = self._key(user_id)
-                        pipe.zadd(key, {instance_id: now + self._ttl_ms})
-                        pipe.zremrangebyscore(key, "-inf", now)
-                        pipe.pexpire(key, self._ttl_ms)
-                    await pipe.execute()
+                await self._beat(keys=keys, args=[instance_id, now + self._ttl_ms, now, self._ttl_ms])
             except RedisError as exc:
                 raise UnavailableError(f"redis presence heartbeat failed: {exc!r}") from exc
 
@@ -187,10 +185,7 @@ class RedisPresence:
 
     async def _leave_batch(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], None]:
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for user_id, instance_id in keys:
-                    pipe.zrem(self._key(user_id), instance_id)
-                await pipe.execute()
+            await self._remove(keys=[self._key(u) for u, _ in keys], args=[i for _, i in keys])
         except RedisError as exc:
             raise UnavailableError(f"redis presence leave failed: {exc!r}") from exc
         return dict.fromkeys(keys)
@@ -216,6 +211,23 @@ class RedisPresence:
 
 
 # the live members (score > ARGV[1], now in epoch ms) of each sorted set in KEYS, in order
+# KEYS: users' presence keys; ARGV: instance id, its new expiry, now (ms), ttl (ms)
+HEARTBEAT = """
+for _, key in ipairs(KEYS) do
+  redis.call('ZADD', key, ARGV[2], ARGV[1])
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', ARGV[3])
+  redis.call('PEXPIRE', key, ARGV[4])
+end
+return #KEYS
+"""
+# KEYS[i] loses member ARGV[i]
+REMOVE_MEMBERS = """
+for i, key in ipairs(KEYS) do
+  redis.call('ZREM', key, ARGV[i])
+end
+return #KEYS
+"""
+
 LIVE_MEMBERS = """
 local found = {}
 for i, key in ipairs(KEYS) do

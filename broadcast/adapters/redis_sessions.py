@@ -2,7 +2,8 @@
 
 A ticket is stored under the SHA-256 of its value, so Redis never holds a usable ticket. Slots are one
 sorted set per user (member = slot id, score = expiry in Redis server time, ms): ``acquire`` runs as one
-Lua script (drop expired, count, add), so two instances cannot both take the last slot.
+Lua script (drop expired, count, add), so two instances cannot both take the last slot; concurrent acquires
+(and releases) of an instance go as one script call for all of them.
 """
 
 from __future__ import annotations
@@ -22,14 +23,31 @@ from broadcast.errors import UnavailableError
 
 TICKET_BYTES = 32
 REFRESH_CHUNK = 1_000
+# KEYS[i] is a user's slots; ARGV: ttl (ms), then (slot, limit) for each key in turn. One result per key:
+# 1 taken, 0 the user already holds ``limit`` live slots (keys repeat: a user's acquires count in order).
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
-return 1
+local ttl = tonumber(ARGV[1])
+local taken = {}
+for i, key in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  if redis.call('ZCARD', key) >= tonumber(ARGV[2 * i + 1]) then
+    taken[i] = 0
+  else
+    redis.call('ZADD', key, now + ttl, ARGV[2 * i])
+    redis.call('PEXPIRE', key, ttl)
+    taken[i] = 1
+  end
+end
+return taken
+"""
+# KEYS[i] loses slot ARGV[i]
+_RELEASE = """
+for i, key in ipairs(KEYS) do
+  redis.call('ZREM', key, ARGV[i])
+end
+return #KEYS
 """
 _REFRESH = """
 local t = redis.call('TIME')
@@ -81,6 +99,7 @@ class RedisSlots:
         self._ttl_ms = int(ttl_seconds * 1000)
         self._acquire = client.register_script(_ACQUIRE)
         self._refresh = client.register_script(_REFRESH)
+        self._release = client.register_script(_RELEASE)
         self._acquires: Batched[tuple[str, str, int], bool] = Batched(self._acquire_batch)
         self._releases: Batched[tuple[str, str], None] = Batched(self._release_batch)
 
@@ -89,11 +108,11 @@ class RedisSlots:
         return await self._acquires.get((user_id, slot, limit))
 
     async def _acquire_batch(self, keys: list[tuple[str, str, int]]) -> dict[tuple[str, str, int], bool]:
+        args: list[str | int] = [self._ttl_ms]
+        for _, slot, limit in keys:
+            args += [slot, limit]
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for user_id, slot, limit in keys:
-                    await self._acquire(keys=[self._prefix + user_id], args=[slot, limit, self._ttl_ms], client=pipe)
-                taken = await pipe.execute()
+            taken = await self._acquire(keys=[self._prefix + user_id for user_id, _, _ in keys], args=args)
         except RedisError as exc:
             raise _unavailable("connection slot", exc) from exc
         return {key: bool(t) for key, t in zip(keys, taken, strict=True)}
@@ -104,10 +123,7 @@ class RedisSlots:
 
     async def _release_batch(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], None]:
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for user_id, slot in keys:
-                    pipe.zrem(self._prefix + user_id, slot)
-                await pipe.execute()
+            await self._release(keys=[self._prefix + user_id for user_id, _ in keys], args=[slot for _, slot in keys])
         except RedisError as exc:
             raise _unavailable("connection slot release", exc) from exc
         return dict.fromkeys(keys)
