@@ -428,3 +428,83 @@ async def test_a_pool_of_five_serves_500_streams_and_resets_mid_catch_up_leave_n
     assert 1 <= len(sessions) <= 5, f"the instance holds {len(sessions)} sessions with a pool of 5"
     stuck = [(state, age) for state, age in sessions if str(state).startswith("idle in transaction") and age > 2]
     assert not stuck, f"sessions left idle in a transaction: {stuck}"
+
+
+MASS_CLOSE = 5_000  # streams on one instance that all go at once (the issue's scenario: 10k over two)
+QUIET_S = 15.0  # past aiokafka's heartbeat session (10 s): a starved heartbeat would have shown by then
+
+
+async def open_stream(base: str, user: str) -> asyncio.StreamWriter:
+    """A bare stream (as many as a browser fleet holds, without a client object each), read until CONNECTED."""
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        f"GET /api/user/sse/connect HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token(user)}\r\n"
+        "Accept: text/event-stream\r\n\r\n".encode()
+    )
+    await reader.readuntil(b"event: CONNECTED")
+    return writer
+
+
+async def test_five_thousand_streams_closing_at_once_are_quiet(
+    env: dict[str, str], tmp_path: Path, server_factory: list[Server]
+) -> None:
+    """Every client of an instance vanishes at once (a proxy restart, a network blip): the instance frees
+    every slot and presence entry without a warning per stream, its Kafka members keep their heartbeats (no
+    rebalance), and no stream ending is logged as an error."""
+    fleet = Fleet(env, tmp_path, server_factory)
+    server = fleet.start(
+        "app-a", BROADCAST_LIMITS__CONNECT_BURST_PER_IP="20000", BROADCAST_LIMITS__CONNECT_PER_SECOND_PER_IP="5000"
+    )
+    await wait_until(lambda: bool(last_assignment(server.log)), 60, "app-a consuming")
+    gate = asyncio.Semaphore(200)
+
+    async def one(user: str) -> asyncio.StreamWriter:
+        async with gate:
+            return await asyncio.wait_for(open_stream(server.base, user), 60)
+
+    writers = await asyncio.gather(*(one(user) for user in users(MASS_CLOSE, "q")))
+    probe = Probe(server)
+    assert (await probe.snapshot()).streams == MASS_CLOSE
+    mark = len(server.log.read_text())
+    closed = time.monotonic()
+    for writer in writers:  # all at once, as resets: the server learns of every one in the same instant
+        writer.transport.abort()
+    drained = await wait_until_streams(probe, 0, 30)
+    await asyncio.sleep(max(0.0, QUIET_S - (time.monotonic() - closed)))
+    after = server.log.read_text()[mark:]
+    rebalances = [line for line in after.splitlines() if ": revoked " in line or ": assigned " in line]
+    print(
+        f"\n[mass disconnect] {MASS_CLOSE} streams reset at once: closed within {drained:.1f} s; "
+        f"rebalance lines {len(rebalances)}; ASGI errors {after.count('Exception in ASGI application')}; "
+        f"slot release warnings {after.count('could not release connection slot')}"
+    )
+    assert "Exception in ASGI application" not in after, "a stream ending is not an application error"
+    assert "could not release connection slot" not in after, "slot releases are batched, never refused"
+    assert rebalances == [], f"no rebalance: the members' heartbeats were not starved: {rebalances}"
+
+    # and once more, ended by the server this time: SIGTERM with every stream open
+    writers = await asyncio.gather(*(one(user) for user in users(MASS_CLOSE, "r")))
+    mark = len(server.log.read_text())
+    started = time.monotonic()
+    code = await asyncio.to_thread(fleet.retire, "app-a")
+    took = time.monotonic() - started
+    for writer in writers:
+        writer.transport.abort()
+    shutdown = server.log.read_text()[mark:]
+    print(
+        f"[mass disconnect] SIGTERM with {MASS_CLOSE} streams open: exit {code} after {took:.1f} s; "
+        f"ASGI errors {shutdown.count('Exception in ASGI application')}; "
+        f"slot release warnings {shutdown.count('could not release connection slot')}"
+    )
+    assert code == 0
+    assert "Exception in ASGI application" not in shutdown and "Traceback" not in shutdown, shutdown[-3000:]
+    assert "could not release connection slot" not in shutdown
+
+
+async def wait_until_streams(probe: Probe, streams: int, timeout_s: float) -> float:
+    started = time.monotonic()
+    while (await probe.snapshot()).streams != streams:
+        assert time.monotonic() - started < timeout_s, f"streams still open after {timeout_s} s"
+        await asyncio.sleep(0.25)
+    return time.monotonic() - started
