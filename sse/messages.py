@@ -61,4 +61,22 @@ def cursor_of(item: InboxItem) -> Cursor:
 
 
 def item_frame(item: InboxItem) -> bytes:
+    """A catch-up item's MESSAGE frame. A group broadcast's is the same bytes for every user (same cursor,
+    same payload but for ``read``): a reconnect storm encodes each once (``GROUP_FRAMES_CACHED`` kept)."""
+    if item.row_id is not None:
+        return _encode(item)
+    key = (item.broadcast.id, item.broadcast.updated_at, item.read)
+    cached = _group_frames.get(key)
+    if cached is None:
+        cached = _group_frames[key] = _encode(item)
+        if len(_group_frames) > GROUP_FRAMES_CACHED:
+            del _group_frames[next(iter(_group_frames))]  # the oldest entry
+    return cached
+
+
+def _encode(item: InboxItem) -> bytes:
     return frame(EventName.MESSAGE, from_broadcast(item.broadcast, item.read), cursor_of(item).format())
+
+
+GROUP_FRAMES_CACHED = 4_096
+_group_frames: dict[tuple[str, datetime, bool], bytes] = {}

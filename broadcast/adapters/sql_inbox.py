@@ -113,6 +113,29 @@ CROSS JOIN LATERAL (
 )
 
 
+# A resume's SELECTED rows for each of many (user, cursor row, cursor moment): see ``selected_after``.
+_PG_AFTER_MANY = text(f"""
+SELECT t.ord, p.*
+FROM unnest(CAST(:users AS varchar[]), CAST(:rows AS bigint[]), CAST(:sinces AS timestamptz[]))
+    WITH ORDINALITY AS t(user_id, row_id, since, ord)
+CROSS JOIN LATERAL (
+    SELECT {_BROADCAST_COLUMNS}, u.id AS row_id, u.read_status
+    FROM user_broadcast_messages u JOIN broadcast_messages b ON b.id = u.broadcast_id
+    WHERE u.user_id = t.user_id AND u.delivery_status <> :failed AND b.target_type = :selected
+      AND b.status = :active AND (b.expires_at IS NULL OR b.expires_at > :now) AND u.id <> t.row_id
+      AND (CASE WHEN t.row_id > 0 THEN u.id > t.row_id ELSE u.created_at > t.since END
+           OR u.delivery_status = :pending OR u.delivered_at >= t.since - CAST(:overlap AS interval))
+    ORDER BY u.id
+    LIMIT :n
+) AS p
+ORDER BY t.ord, p.row_id
+""").columns(  # noqa: S608
+    column("ord", BigInteger()), *broadcast_messages.c, column("row_id", BigInteger()), column("read_status", String())
+)
+AfterKey = tuple[str, int, datetime, int]  # user, cursor row (0: none), cursor moment, limit
+SinceKey = tuple[str, frozenset[str], datetime, int]  # user, roles, since, limit
+
+
 class SqlInboxStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
@@ -120,6 +143,9 @@ class SqlInboxStore:
         # many connects at once: one PENDING query, and one read-marks query, for all of them
         self._pending_batch: Batched[tuple[str, int], list[InboxItem]] = Batched(self._pending_batched)
         self._unread_batch: Batched[tuple[str, frozenset[str], int], GroupPage] = Batched(self._unread_batched)
+        # many resumes at once: one statement for their SELECTED rows, one scan for their group broadcasts
+        self._after_batch: Batched[AfterKey, list[InboxItem]] = Batched(self._selected_after_batched)
+        self._since_batch: Batched[SinceKey, GroupPage] = Batched(self._since_batched)
 
     async def _read_active_group(self) -> list[Broadcast]:
         return await self._newest_group(None)
@@ -289,6 +315,11 @@ class SqlInboxStore:
         row another tab was shown meanwhile (no longer PENDING, below the cursor): that is the third part.
         Such a row was shown after the urgent one, so marked after the urgent one was created; the overlap
         covers clocks of different instances."""
+        if self._engine.dialect.name == "postgresql":  # concurrent resumes share one statement
+            return await self._after_batch.get((user_id, row_id, since, limit))
+        return await self._selected_after_one(user_id, row_id, since, limit)
+
+    async def _selected_after_one(self, user_id: str, row_id: int, since: datetime, limit: int) -> list[InboxItem]:
         now = datetime.now(UTC)
         newer = u.id > row_id if row_id else u.created_at > since
         pending = u.delivery_status == DeliveryStatus.PENDING.value
@@ -296,6 +327,30 @@ class SqlInboxStore:
         # never the cursor's own row: the client has it, even while its delivery mark is still on its way
         query = self._selected(user_id, now).where(u.id != row_id, or_(newer, pending, later))
         return self._items(await read_all(self._engine, query.order_by(u.id).limit(limit)))
+
+    async def _selected_after_batched(self, keys: list[AfterKey]) -> dict[AfterKey, list[InboxItem]]:
+        """``selected_after`` for every resume of a batch: one LATERAL statement per distinct limit."""
+        found: dict[AfterKey, list[InboxItem]] = {}
+        for limit in {key[3] for key in keys}:
+            batch = [key for key in keys if key[3] == limit]
+            params = {
+                "users": [k[0] for k in batch],
+                "rows": [k[1] for k in batch],
+                "sinces": [k[2] for k in batch],
+                "n": limit,
+                "overlap": DELIVERED_OVERLAP,
+                "now": datetime.now(UTC),
+                "pending": DeliveryStatus.PENDING.value,
+                "failed": DeliveryStatus.FAILED.value,
+                "selected": TargetType.SELECTED.value,
+                "active": BroadcastStatus.ACTIVE.value,
+            }
+            rows = await read_all(self._engine, _PG_AFTER_MANY.bindparams(**params))
+            items: dict[int, list[InboxItem]] = {k: [] for k in range(len(batch))}
+            for row, item in zip(rows, self._items(rows), strict=True):
+                items[row.ord - 1].append(item)
+            found.update({key: items[k] for k, key in enumerate(batch)})
+        return found
 
     async def row_created_at(self, user_id: str, row_id: int) -> datetime | None:
         """When the user's row ``row_id`` was written (None if it is not this user's)."""
@@ -315,12 +370,30 @@ class SqlInboxStore:
         ``limit``, oldest first. Incomplete when more matched, or the scan reached ``GROUP_SCAN_LIMIT``."""
         if since is None:
             return await self._unread_batch.get((user_id, roles, limit))
-        scanned = await self._newest_group(since)
-        complete = len(scanned) <= GROUP_SCAN_LIMIT
-        mine = [c for c in scanned[:GROUP_SCAN_LIMIT] if matches(c, roles)]
-        read = await self._read_ids(user_id, [c.id for c in mine])
-        wanted = [InboxItem(c, None, c.id in read) for c in mine]
-        return GroupPage(wanted[:limit][::-1], complete and len(wanted) <= limit)
+        return await self._since_batch.get((user_id, roles, since, limit))
+
+    async def _since_batched(self, keys: list[SinceKey]) -> dict[SinceKey, GroupPage]:
+        """``group(…, since, …)`` for every resume of a batch: one scan since the oldest ``since`` of them,
+        each key taking the part after its own (a key older than a truncated scan reaches gets a scan of its
+        own), and one lookup of what they read."""
+        shared = await self._newest_group(min(key[2] for key in keys))
+        kept = shared[:GROUP_SCAN_LIMIT]
+        truncated = len(shared) > GROUP_SCAN_LIMIT
+        scans: dict[SinceKey, tuple[list[Broadcast], bool]] = {}
+        for key in keys:
+            since = key[2]
+            if not truncated or since >= kept[-1].created_at:
+                scans[key] = ([c for c in kept if c.created_at > since], True)
+            else:  # rare: a cursor older than the newest GROUP_SCAN_LIMIT of the batch's scan
+                own = await self._newest_group(since)
+                scans[key] = (own[:GROUP_SCAN_LIMIT], len(own) <= GROUP_SCAN_LIMIT)
+        mine = {key: [c for c in scans[key][0] if matches(c, key[1])] for key in keys}
+        read = await self._read_pairs([(c.id, key[0]) for key in keys for c in mine[key]])
+        pages: dict[SinceKey, GroupPage] = {}
+        for key in keys:
+            wanted = [InboxItem(c, None, (c.id, key[0]) in read) for c in mine[key]]
+            pages[key] = GroupPage(wanted[: key[3]][::-1], scans[key][1] and len(wanted) <= key[3])
+        return pages
 
     async def _read_ids(self, user_id: str, broadcast_ids: Sequence[str]) -> set[str]:
         if not broadcast_ids:

@@ -225,6 +225,39 @@ async def test_a_resume_leaves_out_the_cursors_own_row_even_before_its_delivery_
     assert (resync, [i.broadcast.id for i in items]) == (None, [missed.id]), f"{shown.id} is the cursor's own row"
 
 
+@pytest.mark.parametrize("scan_limit", [1_000, 3])
+async def test_concurrent_resumes_share_their_reads_and_each_gets_what_it_alone_would(
+    stores: tuple[Lifecycle, SqlInboxStore], monkeypatch: pytest.MonkeyPatch, scan_limit: int
+) -> None:
+    """A reconnect storm: resumes from different cursors are answered by one statement and one scan
+    (PostgreSQL), each key taking its own part; with a scan shorter than the storm's span (scan_limit 3), the
+    cursors it does not reach fall back to a scan of their own. Same answers as one resume at a time."""
+    monkeypatch.setattr(sql_inbox, "GROUP_SCAN_LIMIT", scan_limit)
+    lifecycle, inbox = stores
+    moments, rows = [], {}
+    for n in range(6):
+        group, _ = await lifecycle.create(NewBroadcast(f"all {n}", TargetType.ALL), sender_id="admin")
+        moments.append((await lifecycle.get(group.id)).created_at)
+        for user in ("ann", "bob", "cid")[: n % 3 + 1]:
+            chosen, _ = await lifecycle.create(NewBroadcast(f"{user} {n}", TargetType.SELECTED, (user,)), sender_id="a")
+            rows[(user, n)] = (await inbox.rows_for([(chosen.id, user)]))[(chosen.id, user)]
+        await asyncio.sleep(0.002)
+    await inbox.mark_delivered([(b.id, "ann") for b in (await lifecycle.list_broadcasts(None, None, 100)).items])
+    await inbox.mark_read("bob", frozenset(), [(await lifecycle.list_broadcasts(None, None, 100)).items[-1].id])
+    cursors = [
+        ("ann", Cursor(row_id=rows[("ann", 1)]).format()),
+        ("bob", Cursor(group_micros=micros(moments[2])).format()),
+        ("cid", Cursor(row_id=rows[("cid", 2)]).format()),
+        ("bob", Cursor(group_micros=micros(moments[0])).format()),
+        ("ann", None),
+        ("cid", "not-a-cursor"),
+    ]
+    alone = [await catch_up(inbox, user, frozenset(), cursor, 4) for user, cursor in cursors]
+    together = await asyncio.gather(*(catch_up(inbox, user, frozenset(), cursor, 4) for user, cursor in cursors))
+    assert together == alone
+    assert any(items for items, _ in alone) and any(resync for _, resync in alone)
+
+
 async def test_rows_of_many_pairs_come_back_and_only_missing_ones_are_created(
     stores: tuple[Lifecycle, SqlInboxStore], monkeypatch: pytest.MonkeyPatch
 ) -> None:
