@@ -54,6 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         log_level=settings.server.log_level,
         lifespan="on",
         timeout_graceful_shutdown=ShutdownClock(settings.server.shutdown_grace_seconds).http_drain_s(),
+        backlog=settings.server.listen_backlog,
         http=guarded_protocol(
             settings.server.max_header_bytes,
             settings.server.header_timeout_seconds,

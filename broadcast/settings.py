@@ -39,6 +39,11 @@ class ServerSettings(BaseModel):
     max_header_bytes: int = Field(default=32_768, ge=4_096, le=1_048_576)
     header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     max_heads_in_flight: int = Field(default=4_096, ge=1)
+    # Connections the kernel may hold for the server to accept (listen backlog; the kernel caps it at
+    # net.core.somaxconn). A reconnect storm arrives in well under a second: a connect past a full backlog
+    # has its SYN dropped and retried by the client's kernel after 1, 3, 7, 15, 31 s (uvicorn's 2,048 made
+    # the last of 10,000 resuming clients wait a minute).
+    listen_backlog: int = Field(default=16_384, ge=128, le=65_535)
     # Which priority class this process's relay and delivery roles work (ARCHITECTURE.md, "Priority lanes"):
     # "both"; "normal": the normal lanes' relay and the selected topic's consumer (the bulk work); "priority":
     # the priority lanes' relay and the priority and group topics' consumers (records that must not wait).
