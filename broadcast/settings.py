@@ -218,7 +218,7 @@ class SseSettings(BaseModel):
     # A reconnect storm queues here, not in the database pool: connects doing their reads at once, connects
     # allowed to wait, and how long; past either bound a connect is refused at once with 503 + Retry-After.
     connect_concurrency: int = Field(default=200, ge=1)
-    connect_queue: int = Field(default=1_000, ge=0)
+    connect_queue: int = Field(default=5_000, ge=0)
     connect_wait_seconds: float = Field(default=10.0, gt=0)
 
 
