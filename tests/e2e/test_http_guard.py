@@ -45,6 +45,17 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def fd_targets(pid: int) -> list[str]:
+    """What the process's descriptors point at (``socket:[…]``, files); one that closed meanwhile is left out."""
+    found = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            found.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:
+            continue
+    return found
+
+
 async def send_head(port: int, head_bytes: int, finish: bool) -> bytes:
     """Send a request whose one header is ``head_bytes`` long (unfinished unless ``finish``), 64 KiB at a time,
     while reading; what the server answered (b"" if it only closed)."""
@@ -116,7 +127,7 @@ async def test_unfinished_8_mib_headers_do_not_hold_memory(guarded: Server) -> N
 
 async def test_slowloris_connections_are_closed_after_the_header_timeout(guarded: Server) -> None:
     pid = guarded.proc.pid
-    baseline = open_fds(pid)
+    before = fd_targets(pid)
 
     async def slowloris() -> tuple[bytes, float]:
         reader, writer = await asyncio.open_connection("127.0.0.1", guarded.port)
@@ -141,7 +152,12 @@ async def test_slowloris_connections_are_closed_after_the_header_timeout(guarded
     assert all(answer.startswith(b"HTTP/1.1 408 ") for answer, _ in results), results
     assert max(spent for _, spent in results) < HEAD_TIMEOUT_S + 2.0, results
     await asyncio.sleep(0.5)
-    assert open_fds(pid) <= baseline + 2, f"descriptors {baseline} -> {open_fds(pid)}"
+    # Sockets only: what the slow clients held. Other descriptors may open meanwhile (the embedded database's
+    # pool growing by a connection: a database file, its WAL and shared memory). A CI run once saw 24 -> 27
+    # descriptors here, what they were unrecorded; the message now names them.
+    after = fd_targets(pid)
+    sockets = [t for t in after if t.startswith("socket:")]
+    assert len(sockets) <= sum(t.startswith("socket:") for t in before) + 2, f"descriptors {before} -> {after}"
 
 
 async def test_connections_past_the_heads_in_flight_bound_get_503_with_a_retry_hint(guarded: Server) -> None:
