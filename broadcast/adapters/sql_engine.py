@@ -151,7 +151,9 @@ class DriverStatement:
             return await driver.fetchval(self.sql, *args)
         except asyncpg.PostgresError as exc:  # the server refused the statement: the session is fine
             raise translate(exc) from exc
-        except (asyncpg.InterfaceError, OSError, TimeoutError) as exc:  # the session itself may be broken
+        # the session itself may be broken; InternalClientError ("another operation is in progress"): the
+        # client's state for it is (seen in a PostgreSQL fast restart, where it had made a POST answer 500)
+        except (asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, TimeoutError) as exc:
             await conn.invalidate()
             raise translate(exc) from exc
 
