@@ -16,14 +16,18 @@
 // cannot be replayed, so the browser's own retry would be refused: on any stream error this client closes
 // the EventSource and opens a new one with a fresh ticket and `lastEventId` = the last event id the browser
 // reported, after the server's `retry:` hint (3 s) or sooner when the browser comes back online.
+// Retries are spread: each waits between half and all of `retryMs` × 2^(failures in a row), at most
+// `maxRetryMs` (60 s), so the tabs of a restarted server or a dropped network do not come back in one
+// wave; a refusal that says when to come back (`Retry-After`) is followed. An open stream resets the count.
 (function (global) {
   "use strict";
 
   class BroadcastError extends Error {
-    constructor(status, problem) {
+    constructor(status, problem, retryAfterS) {
       super((problem && (problem.detail || problem.title)) || "HTTP " + status);
       this.status = status;
       this.problem = problem;
+      this.retryAfterS = retryAfterS; // the server's Retry-After in seconds, or null
     }
   }
 
@@ -33,6 +37,8 @@
       this.baseUrl = opts.baseUrl || "";
       this.token = opts.token || (() => null);
       this.retryMs = opts.retryMs || 3000;
+      this.maxRetryMs = opts.maxRetryMs || 60000;
+      this.failures = 0; // attempts in a row that did not open a stream
       this.handlers = {};
       this.seen = new Set();
       this.lastEventId = null;
@@ -81,7 +87,10 @@
       const response = await fetch(this.baseUrl + path, init);
       const text = await response.text();
       const data = text ? JSON.parse(text) : null;
-      if (!response.ok) throw new BroadcastError(response.status, data);
+      if (!response.ok) {
+        const retryAfter = Number(response.headers.get("Retry-After"));
+        throw new BroadcastError(response.status, data, retryAfter > 0 ? retryAfter : null);
+      }
       return data;
     }
 
@@ -123,6 +132,13 @@
       if (!this.stopped) this._setState("reconnecting");
     }
 
+    /** The next retry's delay: exponential in the failures in a row, capped, with equal jitter. */
+    _backoff() {
+      const ceiling = Math.min(this.maxRetryMs, this.retryMs * 2 ** Math.min(this.failures, 16));
+      this.failures++;
+      return ceiling / 2 + Math.random() * (ceiling / 2);
+    }
+
     _reconnect(delayMs) {
       if (this.stopped) return;
       clearTimeout(this.timer);
@@ -145,7 +161,7 @@
           this._setState("closed");
           return;
         }
-        this._reconnect(this.retryMs);
+        this._reconnect(err.retryAfterS ? err.retryAfterS * 1000 : this._backoff());
         return;
       }
       if (this.stopped || generation !== this.generation) return;
@@ -168,6 +184,7 @@
       source.addEventListener("CONNECTED", (event) => {
         const hello = parsed(event);
         if (!hello) return;
+        this.failures = 0;
         this._setState("open");
         this._emit("connected", hello);
       });
@@ -198,13 +215,13 @@
           if (!data) return;
           this._emit(name === "TOKEN_EXPIRED" ? "expired" : "shutdown", data);
           this._drop();
-          this._reconnect(name === "TOKEN_EXPIRED" ? 0 : this.retryMs);
+          this._reconnect(name === "TOKEN_EXPIRED" ? 0 : this._backoff());
         });
       }
       source.onerror = () => {
         if (this.source !== source) return;
         this._drop();
-        this._reconnect(navigator.onLine === false ? 60000 : this.retryMs);
+        this._reconnect(navigator.onLine === false ? this.maxRetryMs : this._backoff());
       };
     }
   }
