@@ -91,7 +91,7 @@ class TokenVerifier:
         else:  # the key depends on the token's kid: read the header first
             try:
                 header = self._jws.get_unverified_header(token)
-            except jwt.PyJWTError as exc:
+            except Exception as exc:  # PyJWTError, and UnicodeEncodeError for a lone surrogate
                 raise InvalidToken(f"malformed token: {type(exc).__name__}") from None
             _check_header(header, auth)
             decoded = self._decode(token, await self._key(header.get("kid")))

@@ -164,6 +164,12 @@ async def read_all(engine: AsyncEngine, query: Any) -> Sequence[Any]:
         return (await conn.execute(query)).all()
 
 
+async def driver_read(engine: AsyncEngine, statement: DriverStatement, params: Mapping[str, Any]) -> list[Any]:
+    """``read_all`` for a PostgreSQL ``DriverStatement``: asyncpg records, and no BEGIN/ROLLBACK around it."""
+    async with translated(), engine.connect() as conn:
+        return await statement.fetch(conn, params)
+
+
 class SqlHealth:
     """Readiness check: one round trip to the database."""
 

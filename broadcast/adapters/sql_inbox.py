@@ -16,9 +16,9 @@ from sqlalchemy import BigInteger, String, and_, bindparam, column, func, or_, s
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from broadcast.adapters.sql_engine import DriverStatement, read_all, translate
-from broadcast.adapters.sql_rows import broadcast_from_row
-from broadcast.adapters.sql_stores import dialect_insert
+from broadcast.adapters.sql_engine import DriverStatement, driver_read, read_all, translate
+from broadcast.adapters.sql_rows import broadcast_from_row, columns_of
+from broadcast.adapters.sql_stores import dialect_insert, utc
 from broadcast.adapters.sql_tables import broadcast_messages, group_reach, user_broadcast_messages, user_numbers
 from broadcast.coalesce import Batched, FreshRead
 from broadcast.domain import Broadcast, BroadcastStatus, DeliveryStatus, InboxItem, ReadStatus, TargetType
@@ -108,9 +108,26 @@ CROSS JOIN LATERAL (
     ORDER BY u.id DESC
     LIMIT :n
 ) AS p
-""").columns(  # noqa: S608
-    column("row_user", String()), *broadcast_messages.c, column("row_id", BigInteger()), column("read_status", String())
+""")  # noqa: S608
+_PG_PENDING_MANY_DRIVER = DriverStatement.of(_PG_PENDING_MANY)
+# The newest visible group broadcasts (after :since): ``_newest_group`` on the driver, read at every batch of
+# connects and resumes.
+_PG_NEWEST_GROUP = f"""
+SELECT {_BROADCAST_COLUMNS} FROM broadcast_messages b
+WHERE b.status = :active AND (b.expires_at IS NULL OR b.expires_at > :now)
+  AND b.target_type IN ('{TargetType.ALL.value}', '{TargetType.ROLE.value}'){{since}}
+ORDER BY b.created_at DESC, b.id DESC
+LIMIT :n
+"""  # noqa: S608
+# When each of many (row id, user id) rows was written: the moments of a batch of resumes' ``s<row>`` cursors.
+_PG_ROW_MOMENTS = DriverStatement.of(
+    text(
+        "SELECT m.id, m.user_id, m.created_at FROM user_broadcast_messages m"
+        " JOIN unnest(CAST(:ids AS bigint[]), CAST(:users AS varchar[])) AS t(id, u) ON m.id = t.id AND m.user_id = t.u"
+    )
 )
+_PG_NEWEST_GROUP_DRIVER = DriverStatement.of(text(_PG_NEWEST_GROUP.format(since="")))
+_PG_NEWEST_GROUP_SINCE_DRIVER = DriverStatement.of(text(_PG_NEWEST_GROUP.format(since=" AND b.created_at > :since")))
 
 
 # A resume's SELECTED rows for each of many (user, cursor row, cursor moment): see ``selected_after``.
@@ -146,6 +163,7 @@ class SqlInboxStore:
         # many resumes at once: one statement for their SELECTED rows, one scan for their group broadcasts
         self._after_batch: Batched[AfterKey, list[InboxItem]] = Batched(self._selected_after_batched)
         self._since_batch: Batched[SinceKey, GroupPage] = Batched(self._since_batched)
+        self._moment_batch: Batched[tuple[str, int], datetime | None] = Batched(self._row_moments)
 
     async def _read_active_group(self) -> list[Broadcast]:
         return await self._newest_group(None)
@@ -153,7 +171,12 @@ class SqlInboxStore:
     async def _newest_group(self, since: datetime | None) -> list[Broadcast]:
         """The newest visible group broadcasts (after ``since``), newest first: at most one more than
         ``GROUP_SCAN_LIMIT``, so that a caller can tell the scan left older ones out."""
-        query = select(broadcast_messages).where(_visible(datetime.now(UTC)), b.target_type.in_(GROUP_TYPES))
+        now = datetime.now(UTC)
+        if self._engine.dialect.name == "postgresql":
+            params = {"active": BroadcastStatus.ACTIVE.value, "now": now, "since": since, "n": GROUP_SCAN_LIMIT + 1}
+            statement = _PG_NEWEST_GROUP_DRIVER if since is None else _PG_NEWEST_GROUP_SINCE_DRIVER
+            return [broadcast_from_row(r) for r in await driver_read(self._engine, statement, params)]
+        query = select(broadcast_messages).where(_visible(now), b.target_type.in_(GROUP_TYPES))
         if since is not None:
             query = query.where(b.created_at > since)
         newest_first = query.order_by(b.created_at.desc(), b.id.desc()).limit(GROUP_SCAN_LIMIT + 1)
@@ -175,7 +198,11 @@ class SqlInboxStore:
 
     @staticmethod
     def _items(rows: Sequence[Any]) -> list[InboxItem]:
-        return [InboxItem(broadcast_from_row(r), r.row_id, r.read_status == ReadStatus.READ.value) for r in rows]
+        items = []
+        for r in rows:
+            m = columns_of(r)
+            items.append(InboxItem(broadcast_from_row(m), m["row_id"], m["read_status"] == ReadStatus.READ.value))
+        return items
 
     async def row_for(self, broadcast_id: str, user_id: str) -> int:
         """The user's row for a broadcast, created PENDING if missing (idempotent)."""
@@ -242,10 +269,10 @@ class SqlInboxStore:
             "selected": TargetType.SELECTED.value,
             "active": BroadcastStatus.ACTIVE.value,
         }
-        rows = await read_all(self._engine, _PG_PENDING_MANY.bindparams(**params))
+        rows = await driver_read(self._engine, _PG_PENDING_MANY_DRIVER, params)
         found: dict[str, list[InboxItem]] = {user_id: [] for user_id in wanted}
         for row, item in zip(rows, self._items(rows), strict=True):
-            found[row.row_user].append(item)
+            found[row["row_user"]].append(item)
         return {user_id: items[::-1] for user_id, items in found.items()}  # oldest first
 
     async def _unread_batched(
@@ -353,13 +380,25 @@ class SqlInboxStore:
         return found
 
     async def row_created_at(self, user_id: str, row_id: int) -> datetime | None:
-        """When the user's row ``row_id`` was written (None if it is not this user's)."""
+        """When the user's row ``row_id`` was written (None if it is not this user's); on PostgreSQL,
+        concurrent resumes share one query."""
+        if self._engine.dialect.name == "postgresql":
+            return await self._moment_batch.get((user_id, row_id))
         rows = await read_all(self._engine, select(u.created_at).where(u.id == row_id, u.user_id == user_id))
         return (
             rows[0].created_at.replace(tzinfo=UTC)
             if rows and rows[0].created_at.tzinfo is None
             else (rows[0].created_at if rows else None)
         )
+
+    async def _row_moments(self, keys: list[tuple[str, int]]) -> dict[tuple[str, int], datetime | None]:
+        found: dict[tuple[str, int], datetime | None] = dict.fromkeys(keys)
+        for start in range(0, len(keys), ROWS_CHUNK):
+            chunk = keys[start : start + ROWS_CHUNK]
+            params = {"ids": [row_id for _, row_id in chunk], "users": [user_id for user_id, _ in chunk]}
+            for row_id, user_id, created_at in await driver_read(self._engine, _PG_ROW_MOMENTS, params):
+                found[(user_id, row_id)] = utc(created_at)
+        return found
 
     async def max_row_id(self, user_id: str) -> int:
         rows = await read_all(self._engine, select(func.max(u.id)).where(u.user_id == user_id))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import asyncpg
 import orjson
@@ -80,23 +80,31 @@ def broadcast_row(b: Broadcast, idempotency_key: str | None, request_hash: str) 
     }
 
 
-def broadcast_from_row(r: Row[Any]) -> Broadcast:
+def columns_of(r: Row[Any] | Mapping[str, Any]) -> Mapping[str, Any]:
+    """A row's columns by name: a SQLAlchemy row's mapping, or an asyncpg record as it is (read on the
+    driver by a ``DriverStatement``)."""
+    return cast("Mapping[str, Any]", r._mapping) if isinstance(r, Row) else r
+
+
+def broadcast_from_row(r: Row[Any] | Mapping[str, Any]) -> Broadcast:
+    m = columns_of(r)
     return Broadcast(
-        id=r.id,
-        sender_id=r.sender_id,
-        content=r.content,
-        target_type=TargetType(r.target_type),
-        target_roles=tuple(r.target_roles or ()),
-        priority=Priority(r.priority),
-        category=r.category,
-        status=BroadcastStatus(r.status),
-        fire_and_forget=bool(r.fire_and_forget),
-        targeted_count=int(r.targeted_count),
-        created_at=utc(r.created_at),
-        updated_at=utc(r.updated_at),
-        scheduled_at=utc(r.scheduled_at) if r.scheduled_at else None,
-        expires_at=utc(r.expires_at) if r.expires_at else None,
-        correlation_id=r.correlation_id,
+        id=m["id"],
+        sender_id=m["sender_id"],
+        content=m["content"],
+        target_type=TargetType(m["target_type"]),
+        # JSON, decoded on the driver too (SQLAlchemy's asyncpg dialect registers the codec on its connections)
+        target_roles=tuple(m["target_roles"] or ()),
+        priority=Priority(m["priority"]),
+        category=m["category"],
+        status=BroadcastStatus(m["status"]),
+        fire_and_forget=bool(m["fire_and_forget"]),
+        targeted_count=int(m["targeted_count"]),
+        created_at=utc(m["created_at"]),
+        updated_at=utc(m["updated_at"]),
+        scheduled_at=utc(m["scheduled_at"]) if m["scheduled_at"] else None,
+        expires_at=utc(m["expires_at"]) if m["expires_at"] else None,
+        correlation_id=m["correlation_id"],
     )
 
 

@@ -22,6 +22,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
     true,
     union_all,
     update,
@@ -31,7 +32,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from broadcast.adapters import sql_outbox_pg
-from broadcast.adapters.sql_engine import translate
+from broadcast.adapters.sql_engine import DriverStatement, translate
 from broadcast.adapters.sql_tables import outbox_dead, outbox_events, outbox_lanes, user_roles, users
 from broadcast.domain import ClaimedOutboxEvent, DeadOutboxRow, EventType, OutboxEvent, User, outbox_lane
 from broadcast.loops import LOOP_SLICE, hand_back
@@ -43,6 +44,13 @@ def utc(value: datetime) -> datetime:
 
 
 GET_CHUNK = 500  # users per lookup
+# ``get_many`` on PostgreSQL, on the driver (read at every batch of connects whose users are not cached)
+_PG_USERS = DriverStatement.of(
+    text(
+        "SELECT u.id, u.display_name, r.role FROM users u LEFT JOIN user_roles r ON r.user_id = u.id"
+        " WHERE u.id = ANY(CAST(:ids AS varchar[]))"
+    )
+)
 
 
 class SqlUserStore:
@@ -82,18 +90,23 @@ class SqlUserStore:
         try:
             async with self._engine.connect() as conn:
                 for start in range(0, len(wanted), GET_CHUNK):
-                    query = (
-                        select(users.c.id, users.c.display_name, user_roles.c.role)
-                        .outerjoin(user_roles, user_roles.c.user_id == users.c.id)
-                        .where(users.c.id.in_(wanted[start : start + GET_CHUNK]))
-                    )
-                    for row in await conn.execute(query):
-                        rows_of.setdefault(row.id, []).append(row)
+                    chunk = wanted[start : start + GET_CHUNK]
+                    if conn.dialect.name == "postgresql":
+                        rows = await _PG_USERS.fetch(conn, {"ids": chunk})
+                    else:
+                        query = (
+                            select(users.c.id, users.c.display_name, user_roles.c.role)
+                            .outerjoin(user_roles, user_roles.c.user_id == users.c.id)
+                            .where(users.c.id.in_(chunk))
+                        )
+                        rows = list(await conn.execute(query))
+                    for row in rows:  # id, display name, role (by position: a row or a driver record)
+                        rows_of.setdefault(row[0], []).append(row)
         except (SQLAlchemyError, OSError) as exc:
             raise translate(exc) from exc
         found: dict[str, User | None] = dict.fromkeys(wanted)
         for user_id, rows in rows_of.items():
-            found[user_id] = User(user_id, rows[0].display_name, frozenset(r.role for r in rows if r.role is not None))
+            found[user_id] = User(user_id, rows[0][1], frozenset(r[2] for r in rows if r[2] is not None))
         return found
 
     async def count(self, roles: Sequence[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from broadcast.settings import KafkaSettings, LimitsSettings
 from sse.fanout import DeliveredMarker
 from sse.frames import Cursor, micros
 from sse.messages import item_frame
-from sse.stream import TOO_MANY, bounded, catch_up, outgoing
+from sse.stream import TOO_MANY, UNKNOWN_CURSOR, bounded, catch_up, outgoing
 from tests.databases import empty_database
 
 
@@ -251,11 +251,13 @@ async def test_concurrent_resumes_share_their_reads_and_each_gets_what_it_alone_
         ("bob", Cursor(group_micros=micros(moments[0])).format()),
         ("ann", None),
         ("cid", "not-a-cursor"),
+        ("bob", Cursor(row_id=rows[("ann", 1)]).format()),  # another user's row: not a position of bob's
     ]
     alone = [await catch_up(inbox, user, frozenset(), cursor, 4) for user, cursor in cursors]
     together = await asyncio.gather(*(catch_up(inbox, user, frozenset(), cursor, 4) for user, cursor in cursors))
     assert together == alone
     assert any(items for items, _ in alone) and any(resync for _, resync in alone)
+    assert alone[-1][1] == UNKNOWN_CURSOR
 
 
 async def test_rows_of_many_pairs_come_back_and_only_missing_ones_are_created(
