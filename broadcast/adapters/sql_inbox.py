@@ -198,11 +198,10 @@ class SqlInboxStore:
 
     @staticmethod
     def _items(rows: Sequence[Any]) -> list[InboxItem]:
-        items = []
-        for r in rows:
-            m = columns_of(r)
-            items.append(InboxItem(broadcast_from_row(m), m["row_id"], m["read_status"] == ReadStatus.READ.value))
-        return items
+        return [
+            InboxItem(broadcast_from_row(m), m["row_id"], m["read_status"] == ReadStatus.READ.value)
+            for m in map(columns_of, rows)
+        ]
 
     async def row_for(self, broadcast_id: str, user_id: str) -> int:
         """The user's row for a broadcast, created PENDING if missing (idempotent)."""
@@ -385,11 +384,7 @@ class SqlInboxStore:
         if self._engine.dialect.name == "postgresql":
             return await self._moment_batch.get((user_id, row_id))
         rows = await read_all(self._engine, select(u.created_at).where(u.id == row_id, u.user_id == user_id))
-        return (
-            rows[0].created_at.replace(tzinfo=UTC)
-            if rows and rows[0].created_at.tzinfo is None
-            else (rows[0].created_at if rows else None)
-        )
+        return utc(rows[0].created_at) if rows else None
 
     async def _row_moments(self, keys: list[tuple[str, int]]) -> dict[tuple[str, int], datetime | None]:
         found: dict[tuple[str, int], datetime | None] = dict.fromkeys(keys)
