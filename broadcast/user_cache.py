@@ -2,9 +2,11 @@
 
 Every stream open needs the user's roles (which ALL/ROLE broadcasts reach it). A reconnect storm asks for
 thousands at once: concurrent lookups share one query (``Batched``), and a user asked for again within
-``ttl_s`` is answered from memory. A change made through this process (``upsert``: the admin users API)
-is seen at once; one made through another instance within ``ttl_s`` (default 15 s) — as an open stream
-keeps the roles it was opened with until it reconnects, a role change reaches streams as they reopen.
+``ttl_s`` is answered from memory. Expired entries are dropped as new ones are read (oldest first), so the
+cache holds the users read in the last ``ttl_s``, not every user seen up to ``max_cached``. A change made
+through this process (``upsert``: the admin users API) is seen at once; one made through another instance
+within ``ttl_s`` (default 15 s) — as an open stream keeps the roles it was opened with until it
+reconnects, a role change reaches streams as they reopen.
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ class CachedUsers:
             return hit[1]
         return await self._batch.get(user_id)
 
+    def __len__(self) -> int:
+        """Users remembered now."""
+        return len(self._cached)
+
     async def get_many(self, user_ids: Sequence[str]) -> dict[str, User | None]:
         return {user_id: await self.get(user_id) for user_id in dict.fromkeys(user_ids)}
 
@@ -50,12 +56,12 @@ class CachedUsers:
         found = await self._inner.get_many(user_ids)
         if changes != self._changes:
             return found
-        until = self._clock() + self._ttl_s
+        now = self._clock()
         for user_id, user in found.items():
-            self._cached[user_id] = (until, user)
+            self._cached[user_id] = (now + self._ttl_s, user)
             self._cached.move_to_end(user_id)
-        while len(self._cached) > self._max_cached:
-            self._cached.popitem(last=False)
+        while self._cached and (len(self._cached) > self._max_cached or next(iter(self._cached.values()))[0] <= now):
+            self._cached.popitem(last=False)  # oldest first: over the bound, or expired (all share one ttl)
         return found
 
     async def upsert(self, users: Sequence[User]) -> None:

@@ -31,7 +31,15 @@ RETRY_SPREAD_S = 5  # a refused connect is told to come back after 1..RETRY_SPRE
 
 
 class TokenBuckets:
-    """One bucket of ``burst`` tokens per key, refilled at ``per_second``; least recently used keys go first."""
+    """One bucket of ``burst`` tokens per key, refilled at ``per_second``; least recently used keys go first.
+
+    A bucket that has refilled to ``burst`` is the same as no bucket, so it is forgotten: each ``take``
+    drops up to ``SWEEP`` such buckets from the least recently used end. Kept, they would hold an entry per
+    user ever seen until ``max_keys``, scattered among short-lived stream objects (a churn of new users
+    grew the process by about 3 KB per replaced stream, mostly in allocator pages those entries pinned).
+    """
+
+    SWEEP = 2  # forgotten per take at most: the table shrinks faster than one new key per take can grow it
 
     def __init__(self, burst: int, per_second: float, max_keys: int = MAX_TRACKED_KEYS) -> None:
         self._burst, self._rate, self._max_keys = float(burst), per_second, max_keys
@@ -46,7 +54,20 @@ class TokenBuckets:
         self._buckets[key] = (tokens - 1 if wait == 0 else tokens, now)
         if len(self._buckets) > self._max_keys:
             self._buckets.popitem(last=False)
+        self._forget_full(now)
         return wait
+
+    def _forget_full(self, now: float) -> None:
+        for _ in range(self.SWEEP):
+            if not self._buckets:
+                return
+            key, (tokens, last) = next(iter(self._buckets.items()))
+            if tokens + (now - last) * self._rate < self._burst:
+                return
+            del self._buckets[key]
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
 
 class Admission:

@@ -154,7 +154,7 @@ def detect_dead_peer(scope: Scope, dead_after_s: float) -> bool:
     try:
         for level, name, value in options:
             sock.setsockopt(level, name, value)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: uvloop's socket of a transport the client already closed (fd -1)
         return False
     return True
 

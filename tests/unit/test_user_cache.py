@@ -39,6 +39,21 @@ async def test_concurrent_gets_share_one_read_and_repeats_come_from_memory_until
     assert len(inner.reads) == 2, "read again after the ttl"
 
 
+async def test_expired_users_are_forgotten_as_new_ones_are_read_not_kept_until_the_bound() -> None:
+    inner, now = Counting(), [0.0]
+    users = CachedUsers(inner, ttl_s=10, max_cached=100_000, clock=lambda: now[0])
+    await users.get_many([f"old-{i}" for i in range(100)])
+    now[0] = 5
+    await users.get("middle")
+    assert len(users) == 101, "within the ttl all are remembered"
+    now[0] = 11
+    await users.get("new")
+    assert len(users) == 2, "the 100 read at 0 expired at 10 and are gone; 'middle' (5) and 'new' stay"
+    reads = len(inner.reads)
+    await users.get("middle")
+    assert len(inner.reads) == reads, "'middle' still comes from memory"
+
+
 async def test_a_local_change_is_seen_at_once_even_while_a_read_is_running() -> None:
     inner = Counting()
     users = CachedUsers(inner, ttl_s=60)
