@@ -61,3 +61,10 @@ class CommitFailedError(UnavailableError):
     Nothing is lost: the uncommitted records are delivered again, to this member or another, so a
     listener container logs it and carries on (processing is idempotent).
     """
+
+
+def fqcn(exc: BaseException) -> str:
+    """The exception's fully qualified class name (Python's counterpart of a Java FQCN): the dead-letter
+    headers and the retry classification name exceptions this way."""
+    kind = type(exc)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"

@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
-from broadcast.errors import UnavailableError, ValidationError
+from broadcast.errors import UnavailableError, ValidationError, fqcn
 from broadcast.ports import EventRecord
 
 log = logging.getLogger(__name__)
@@ -182,9 +182,3 @@ def _caused_by(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bo
             return True
         seen = seen.__cause__
     return False
-
-
-def fqcn(exc: BaseException) -> str:
-    """The exception's fully qualified class name (Python's counterpart of a Java FQCN)."""
-    kind = type(exc)
-    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"

@@ -15,10 +15,9 @@ import traceback
 from collections.abc import Callable
 
 from broadcast import constants
-from broadcast.errors import PublishError
+from broadcast.errors import PublishError, fqcn
 from broadcast.metrics import NO_METRICS, Metrics
 from broadcast.ports import EventPublisher, EventRecord
-from consumers.errors import fqcn
 
 MAX_MESSAGE_CHARS = 4_096
 MAX_STACKTRACE_CHARS = 32_768

@@ -16,7 +16,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
 
-from broadcast.adapters.kafka_log import client_options
+from broadcast.adapters.kafka_options import client_options
 from broadcast.errors import UnavailableError
 from broadcast.settings import KafkaSettings
 

@@ -15,7 +15,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition as KafkaTopicPartition
 
-from broadcast.adapters.kafka_log import client_options
+from broadcast.adapters.kafka_options import client_options
 from broadcast.errors import UnavailableError
 from broadcast.ports import TopicPartition
 from broadcast.settings import KafkaSettings

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.errors import (
@@ -27,15 +27,14 @@ from aiokafka.structs import OffsetAndMetadata
 from aiokafka.structs import TopicPartition as KafkaTopicPartition
 
 from broadcast.adapters.kafka_health import TIMEOUTS, ProducerWatch
+from broadcast.adapters.kafka_lag import KafkaLag
 from broadcast.adapters.kafka_offsets import refresh_metadata_on_stale_leader
+from broadcast.adapters.kafka_options import client_options
 from broadcast.adapters.kafka_producer import ProducerSlot, breaks_session
 from broadcast.errors import CommitFailedError, PublishError, UnavailableError
 from broadcast.loops import hand_back
 from broadcast.ports import EventRecord, OutgoingRecord, RebalanceCallback, RecordPosition, TopicPartition
 from broadcast.settings import KafkaSettings
-
-if TYPE_CHECKING:
-    from broadcast.adapters.kafka_lag import KafkaLag
 
 # The broker (or the client, before sending) refused the record itself: sending it again cannot succeed.
 # A topic this principal may not write to (no Write ACL) is one too (RELIABILITY #21): its rows go to the
@@ -49,22 +48,6 @@ POISON = (
     UnsupportedForMessageFormatError,
     TopicAuthorizationFailedError,
 )
-
-
-def client_options(settings: KafkaSettings) -> dict[str, Any]:
-    """Connection options shared by producers, consumers and the admin client."""
-    options: dict[str, Any] = {
-        "bootstrap_servers": settings.bootstrap_servers,
-        "client_id": settings.client_id,
-        "security_protocol": settings.security_protocol,
-        "request_timeout_ms": settings.request_timeout_ms,
-        "metadata_max_age_ms": settings.metadata_max_age_ms,
-    }
-    if settings.sasl_mechanism:
-        options["sasl_mechanism"] = settings.sasl_mechanism
-        options["sasl_plain_username"] = settings.sasl_username
-        options["sasl_plain_password"] = settings.sasl_password.get_secret_value() if settings.sasl_password else None
-    return options
 
 
 def _describe(settings: KafkaSettings) -> str:
@@ -212,8 +195,6 @@ class KafkaEventLog:
 
     async def lag(self, group_id: str, topics: Sequence[str]) -> dict[TopicPartition, int]:
         if self._lag is None:
-            from broadcast.adapters.kafka_lag import KafkaLag
-
             self._lag = KafkaLag(self._settings)
         return await self._lag.lag(group_id, topics)
 
