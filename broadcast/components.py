@@ -45,9 +45,11 @@ from broadcast.reach import Reach
 from broadcast.settings import Settings
 from broadcast.shutdown import ShutdownClock
 from broadcast.user_cache import CachedUsers
+from dlt.context import DeadLetterContext
 from dlt.model import DeadLetterStore, DrillStore
 from dlt.service import DeadLetterService
 from sse.admission import Admission, ConnectGate
+from sse.context import SseContext
 from sse.fanout import DeliveredMarker
 from sse.hub import Hub
 from sse.seen import SeenClock
@@ -83,6 +85,11 @@ class Components:
     health: dict[str, Health] = field(default_factory=dict)
     # set while this instance's bus subscription is confirmed: a push to it now reaches the hub
     bus_subscribed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def feature_views(components: Components) -> tuple[SseContext, DeadLetterContext]:
+    """The views the feature routes take of ``Components`` (mypy checks here that it satisfies them)."""
+    return components, components
 
 
 @asynccontextmanager

@@ -24,10 +24,10 @@ from broadcast import constants
 from broadcast.domain import is_printable, rfc3339
 from broadcast.errors import NotFoundError, ValidationError
 from broadcast.http_body import id_number, known_query, read_model
-from broadcast.http_context import components
 from broadcast.http_problems import HttpProblem
 from broadcast.identity import acting_admin
 from broadcast.schemas import RequestModel, WholeNumber, json_data
+from dlt.context import dead_letter_context
 from dlt.model import AuditEntry, DeadLetter, DeadLetterFilter, DeadLetterStatus, Drill
 from dlt.recoverer import header_int
 from dlt.service import BulkResult
@@ -71,7 +71,7 @@ def _text_filter(request: Request, name: str, limit: int = MAX_FILTER_CHARS) -> 
 
 def _filter(request: Request) -> DeadLetterFilter:
     known_query(request, "topic", "exception", "broadcastId", "from", "to", "status", "cursor", "limit")
-    kafka = components(request).settings.kafka
+    kafka = dead_letter_context(request).settings.kafka
     topic = _text_filter(request, "topic")
     if topic in constants.ALL_TOPICS:  # the logical name works whatever the deployment's topic prefix
         topic = kafka.topic(topic)
@@ -155,16 +155,16 @@ async def list_messages(request: Request) -> Response:
     cursor = id_number(cursor_raw, "cursor") if cursor_raw is not None else None
     limit_raw = request.query_params.get("limit") or None
     limit = id_number(limit_raw, "limit") if limit_raw is not None else DEFAULT_PAGE_SIZE
-    max_page = components(request).settings.limits.max_page_size
+    max_page = dead_letter_context(request).settings.limits.max_page_size
     if not 1 <= limit <= max_page:
         raise ValidationError(f"limit must be between 1 and {max_page}")
-    page = await components(request).dead_letter_store.page(where, cursor, limit)
+    page = await dead_letter_context(request).dead_letter_store.page(where, cursor, limit)
     return json_data({"items": [_summary(x) for x in page.items], "nextCursor": page.next_cursor})
 
 
 async def get_message(request: Request) -> Response:
     await acting_admin(request)
-    c = components(request)
+    c = dead_letter_context(request)
     letter = await c.dead_letters.letter(_letter_id(request))
     assert letter.id is not None
     body = _summary(letter)
@@ -181,7 +181,7 @@ async def get_message(request: Request) -> Response:
 
 async def summary(request: Request) -> Response:
     await acting_admin(request)
-    rows = await components(request).dead_letter_store.summary(_filter(request))
+    rows = await dead_letter_context(request).dead_letter_store.summary(_filter(request))
     return json_data(
         {
             "total": sum(r.count for r in rows),
@@ -202,7 +202,7 @@ async def redrive(request: Request) -> Response:
     actor = await acting_admin(request)
     letter_id = _letter_id(request)
     try:
-        done = await components(request).dead_letters.redrive(letter_id, actor)
+        done = await dead_letter_context(request).dead_letters.redrive(letter_id, actor)
     except ValidationError as exc:
         raise HttpProblem(422, "Cannot redrive", str(exc)) from None
     return json_data({"id": letter_id, "status": DeadLetterStatus.REDRIVEN.value, "alreadyRedriven": not done})
@@ -210,20 +210,20 @@ async def redrive(request: Request) -> Response:
 
 async def redrive_all(request: Request) -> Response:
     actor = await acting_admin(request)
-    result = await components(request).dead_letters.redrive_all(_filter(request), actor)
+    result = await dead_letter_context(request).dead_letters.redrive_all(_filter(request), actor)
     return json_data({**_bulk(result, "redriven"), "alreadyRedriven": result.skipped})
 
 
 async def purge(request: Request) -> Response:
     actor = await acting_admin(request)
     letter_id = _letter_id(request)
-    await components(request).dead_letters.purge(letter_id, actor)
+    await dead_letter_context(request).dead_letters.purge(letter_id, actor)
     return json_data({"id": letter_id, "purged": True})
 
 
 async def purge_all(request: Request) -> Response:
     actor = await acting_admin(request)
-    result = await components(request).dead_letters.purge_all(_filter(request), actor)
+    result = await dead_letter_context(request).dead_letters.purge_all(_filter(request), actor)
     return json_data(_bulk(result, "purged"))
 
 
@@ -234,7 +234,7 @@ class ArmDrillRequest(RequestModel):
 
 
 def _drill_enabled(request: Request) -> None:
-    if not components(request).settings.testing.fault_drill_enabled:
+    if not dead_letter_context(request).settings.testing.fault_drill_enabled:
         raise HttpProblem(
             404, "Not Found", "the fault drill is disabled (set BROADCAST_TESTING__FAULT_DRILL_ENABLED=true)"
         )
@@ -243,7 +243,7 @@ def _drill_enabled(request: Request) -> None:
 async def arm_drill(request: Request) -> Response:
     actor = await acting_admin(request)
     _drill_enabled(request)
-    c = components(request)
+    c = dead_letter_context(request)
     body = await read_model(request, ArmDrillRequest, c.settings.limits.max_body_bytes)
     if body.expires_in_seconds > c.settings.testing.max_drill_seconds:
         raise ValidationError(f"expiresInSeconds must be at most {c.settings.testing.max_drill_seconds}")
@@ -255,7 +255,7 @@ async def arm_drill(request: Request) -> Response:
 async def armed_drills(request: Request) -> Response:
     await acting_admin(request)
     _drill_enabled(request)
-    drills = await components(request).drills.armed(datetime.now(UTC))
+    drills = await dead_letter_context(request).drills.armed(datetime.now(UTC))
     return json_data({"armed": [_drill(d) for d in drills]})
 
 
@@ -267,7 +267,7 @@ async def disarm_drill(request: Request) -> Response:
         drill_id = id_number(raw, "id")
     except ValidationError:
         drill_id = None
-    if drill_id is None or not await components(request).drills.disarm(drill_id, datetime.now(UTC)):
+    if drill_id is None or not await dead_letter_context(request).drills.disarm(drill_id, datetime.now(UTC)):
         raise NotFoundError(f"no armed drill {raw[:40]!r}")
     return json_data({"id": drill_id, "disarmed": True})
 

@@ -11,13 +11,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from broadcast.components import Components
 from broadcast.domain import Principal
 from broadcast.errors import BroadcastError, ConflictError, ValidationError
 from broadcast.http_body import known_query, read_model
-from broadcast.http_context import components
 from broadcast.identity import acting_user, principal, via_ticket
 from broadcast.schemas import MarkReadRequest, json_data
+from sse.context import SseContext, sse_context
 from sse.frames import EventName, frame, is_event_id
 from sse.hub import Connection
 from sse.messages import from_broadcast
@@ -36,7 +35,7 @@ async def ticket(request: Request) -> Response:
     the caller's token would have expired.
     """
     who = principal(request)
-    c = components(request)
+    c = sse_context(request)
     c.admission.rate(who.sub, request.client.host if request.client else None)
     ttl = c.settings.auth.ticket_ttl_seconds
     issued = await c.tickets.issue(who, ttl)
@@ -45,7 +44,7 @@ async def ticket(request: Request) -> Response:
 
 async def connect(request: Request) -> Response:
     who = principal(request)
-    c = components(request)
+    c = sse_context(request)
     # Unknown query parameters are ignored here (not a 400 as on the admin lists): an EventSource URL often
     # carries a cache buster or a tracking parameter, and a stream must not fail on one.
     resume = request.query_params.get("lastEventId")
@@ -59,7 +58,7 @@ async def connect(request: Request) -> Response:
         return await _open(request, who, c)
 
 
-async def _open(request: Request, who: Principal, c: Components) -> Response:
+async def _open(request: Request, who: Principal, c: SseContext) -> Response:
     """Register the stream, make it reachable live, read its catch-up; the response writes the rest."""
     user_id, settings = who.sub, c.settings.sse
     user = await c.users.get(user_id)
@@ -84,7 +83,7 @@ async def _open(request: Request, who: Principal, c: Components) -> Response:
     return SseStream(connection, start, items, lambda: _close(request, connection), ends_at, settings.dead_peer_seconds)
 
 
-async def _join_live_path(c: Components, user_id: str) -> None:
+async def _join_live_path(c: SseContext, user_id: str) -> None:
     """Make the stream reachable live before it says CONNECTED (and before its catch-up reads): the user's
     presence names this instance, and this instance's bus subscription is confirmed (at start-up or after
     a Redis outage it may not be yet, and a push published meanwhile is lost). Past ``LIVE_PATH_WAIT_S``
@@ -108,7 +107,7 @@ def _limit_reached(limit: int) -> Response:
 
 
 async def _close(request: Request, connection: Connection) -> None:
-    c = components(request)
+    c = sse_context(request)
     await c.admission.release(connection)
     if c.hub.close(connection):
         with contextlib.suppress(BroadcastError):
@@ -117,7 +116,7 @@ async def _close(request: Request, connection: Connection) -> None:
 
 async def inbox(request: Request) -> Response:
     user_id = await acting_user(request)
-    c = components(request)
+    c = sse_context(request)
     user = await c.users.get(user_id)
     known_query(request, "cursor", "limit")
     items = await c.inbox.inbox(user_id, user.roles if user else frozenset())
@@ -140,7 +139,7 @@ async def inbox(request: Request) -> Response:
 
 async def unread(request: Request) -> Response:
     user_id = await acting_user(request)
-    c = components(request)
+    c = sse_context(request)
     user = await c.users.get(user_id)
     items = [i for i in await c.inbox.inbox(user_id, user.roles if user else frozenset()) if not i.read]
     return json_data({"count": len(items), "items": [from_broadcast(i.broadcast) for i in items]})
@@ -149,7 +148,7 @@ async def unread(request: Request) -> Response:
 async def mark_read(request: Request) -> Response:
     """Idempotent; each newly read message emits one READ event that syncs the user's other tabs."""
     user_id = await acting_user(request)
-    c = components(request)
+    c = sse_context(request)
     body = await read_model(request, MarkReadRequest, c.settings.limits.max_body_bytes)
     user = await c.users.get(user_id)
     ids = [i for i in body.broadcast_ids if _names_a_broadcast(i)]
