@@ -27,7 +27,7 @@ log "import-linter"
 lint-imports
 log "pytest"
 set +e
-pytest -p no:cacheprovider "$@"
+pytest -p no:cacheprovider --durations=25 "$@"
 code=$?
 set -e
 printf '\n== full test run took %s s\n' "$(( $(date +%s) - start ))"
