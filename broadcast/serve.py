@@ -96,6 +96,7 @@ async def serve(config: uvicorn.Config) -> bool:
         while not server.started:  # noqa: ASYNC110  # uvicorn sets a flag, no event
             await asyncio.sleep(0.05)
         heap.settle()  # the start-up objects are the process's own, kept to the end: never scanned again
+        await heap.sweep()  # the old generation's cycles: see heap.py
 
     watcher = asyncio.create_task(watch())
     settler = asyncio.create_task(settle_when_started())

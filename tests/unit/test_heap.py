@@ -6,6 +6,7 @@ import asyncio
 import gc
 import os
 import signal
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -58,3 +59,44 @@ async def test_serve_settles_the_heap_once_the_server_has_started() -> None:
     finally:
         os.kill(os.getpid(), signal.SIGINT)  # serve's own handler: stop accepting, shut down
         assert await asyncio.wait_for(serving, 20) is True
+
+
+class _Node:
+    def __init__(self) -> None:
+        self.other: _Node | None = None
+
+
+def _promoted_cycle() -> weakref.ref[_Node]:
+    """A two-object cycle, promoted to the oldest generation while alive (as a long stream's objects are),
+    then dropped: garbage only a full collection frees."""
+    a, b = _Node(), _Node()
+    a.other, b.other = b, a
+    gc.collect(0)
+    gc.collect(1)  # now in generation 2, and generation 2 counts one promotion
+    return weakref.ref(a)
+
+
+@pytest.mark.usefixtures("restored_collector")
+def test_a_cycle_promoted_to_the_old_generation_is_freed_by_the_sweep_not_left_to_the_thresholds() -> None:
+    gc.collect()
+    gc.set_threshold(*heap.THRESHOLDS)
+    gone = _promoted_cycle()
+    for _ in range(5_000):  # ordinary allocation: far below what the thresholds wait for
+        _ = [object()]
+    assert gone() is not None, "the thresholds alone leave it"
+    assert heap.sweep_once() >= 2, "the two objects of the cycle, at least"
+    assert gone() is None
+
+
+@pytest.mark.usefixtures("restored_collector")
+async def test_the_sweep_runs_every_period() -> None:
+    gc.collect()
+    gc.set_threshold(*heap.THRESHOLDS)
+    gone = _promoted_cycle()
+    sweeping = asyncio.create_task(heap.sweep(every_s=0.01))
+    try:
+        async with asyncio.timeout(5):
+            while gone() is not None:  # noqa: ASYNC110  # a weak reference, no event
+                await asyncio.sleep(0.01)
+    finally:
+        sweeping.cancel()
