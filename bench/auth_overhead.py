@@ -36,10 +36,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message
 
-from broadcast.domain import Principal
-from broadcast.http_security import AuthGate, BodyLimit, SecurityHeaders
-from broadcast.settings import AuthSettings
-from broadcast.tokens import TokenVerifier, mint
+from broadcast.auth.tokens import TokenVerifier, mint
+from broadcast.core.domain import Principal
+from broadcast.core.settings import AuthSettings
+from broadcast.http.security import AuthGate, BodyLimit, SecurityHeaders
 
 RESULTS = Path(__file__).parent / "results"
 PEM = serialization.Encoding.PEM

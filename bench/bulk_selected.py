@@ -30,19 +30,19 @@ from aiokafka import AIOKafkaProducer
 from pydantic import SecretStr
 from sqlalchemy import insert, text
 
-from broadcast import constants
-from broadcast.adapters import sql_migrate
-from broadcast.adapters.kafka_admin import ensure_topics
-from broadcast.adapters.kafka_log import KafkaEventLog
-from broadcast.adapters.sql_broadcasts import SqlBroadcastStore
-from broadcast.adapters.sql_engine import create_engine
-from broadcast.adapters.sql_rows import chunks
-from broadcast.adapters.sql_stores import OUTBOX_COLUMNS, SqlOutboxStore, SqlUserStore, outbox_records
-from broadcast.adapters.sql_tables import outbox_events, user_broadcast_messages
-from broadcast.domain import Broadcast, NewBroadcast, OutboxEvent, TargetType
-from broadcast.lifecycle import Lifecycle
-from broadcast.relay import OutboxRelay
-from broadcast.settings import DatabaseSettings, KafkaSettings, LimitsSettings, RelaySettings
+from broadcast.adapters.kafka.admin import ensure_topics
+from broadcast.adapters.kafka.log import KafkaEventLog
+from broadcast.adapters.sql import migrate as sql_migrate
+from broadcast.adapters.sql.broadcasts import SqlBroadcastStore
+from broadcast.adapters.sql.engine import create_engine
+from broadcast.adapters.sql.rows import chunks
+from broadcast.adapters.sql.stores import OUTBOX_COLUMNS, SqlOutboxStore, SqlUserStore, outbox_records
+from broadcast.adapters.sql.tables import outbox_events, user_broadcast_messages
+from broadcast.core import constants
+from broadcast.core.domain import Broadcast, NewBroadcast, OutboxEvent, TargetType
+from broadcast.core.settings import DatabaseSettings, KafkaSettings, LimitsSettings, RelaySettings
+from broadcast.lifecycle.service import Lifecycle
+from broadcast.outbox.relay import OutboxRelay
 from devstack import stack
 
 RESULTS = Path(__file__).parent / "results"

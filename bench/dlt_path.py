@@ -28,21 +28,22 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from broadcast import constants
-from broadcast.adapters import sql_migrate
-from broadcast.adapters.kafka_admin import ensure_topics
-from broadcast.adapters.kafka_log import KafkaEventLog
-from broadcast.adapters.memory_bus import MemoryBus, MemoryPresence
-from broadcast.adapters.sql_broadcasts import SqlBroadcastStore
-from broadcast.adapters.sql_dlt import SqlDeadLetterStore, SqlDrillStore
-from broadcast.adapters.sql_engine import create_engine
-from broadcast.adapters.sql_inbox import SqlInboxStore
-from broadcast.adapters.sql_stores import SqlOutboxStore, SqlUserStore
-from broadcast.domain import NewBroadcast, TargetType
-from broadcast.lifecycle import Lifecycle
-from broadcast.ports import EventRecord, OutgoingRecord
-from broadcast.relay import OutboxRelay
-from broadcast.settings import DatabaseSettings, KafkaSettings, LimitsSettings, RelaySettings
+from broadcast.adapters.kafka.admin import ensure_topics
+from broadcast.adapters.kafka.log import KafkaEventLog
+from broadcast.adapters.memory.bus import MemoryBus, MemoryPresence
+from broadcast.adapters.sql import migrate as sql_migrate
+from broadcast.adapters.sql.broadcasts import SqlBroadcastStore
+from broadcast.adapters.sql.dlt import SqlDeadLetterStore, SqlDrillStore
+from broadcast.adapters.sql.engine import create_engine
+from broadcast.adapters.sql.inbox import SqlInboxStore
+from broadcast.adapters.sql.stores import SqlOutboxStore, SqlUserStore
+from broadcast.core import constants
+from broadcast.core.dead_letters import DeadLetterFilter
+from broadcast.core.domain import NewBroadcast, TargetType
+from broadcast.core.ports import EventRecord, OutgoingRecord
+from broadcast.core.settings import DatabaseSettings, KafkaSettings, LimitsSettings, RelaySettings
+from broadcast.lifecycle.service import Lifecycle
+from broadcast.outbox.relay import OutboxRelay
 from consumers.container import ListenerContainer
 from consumers.delivery import DeliveryHandlers
 from consumers.errors import BackOff, BatchListenerFailedError, DefaultErrorHandler
@@ -50,7 +51,6 @@ from consumers.listener import AckMode, Listener
 from devstack import stack
 from dlt.consumer import DeadLetterHandler
 from dlt.drill import DrillSwitch
-from dlt.model import DeadLetterFilter
 from dlt.recoverer import DeadLetterPublishingRecoverer
 from dlt.service import DeadLetterService
 

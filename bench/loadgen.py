@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.workers import WorkerPool
-from broadcast.settings import AuthSettings
-from broadcast.tokens import mint
+from broadcast.auth.tokens import mint
+from broadcast.core.settings import AuthSettings
 
 DEV_AUTH = AuthSettings()
 

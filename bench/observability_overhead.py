@@ -36,10 +36,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Message
 
-from broadcast import logs
-from broadcast.http_observe import Correlation, RequestTimer
-from broadcast.metrics import Metrics, StreamStats
-from broadcast.ports import EventRecord
+from broadcast.core.ports import EventRecord
+from broadcast.http.observe import Correlation, RequestTimer
+from broadcast.observability import logs
+from broadcast.observability.metrics import Metrics, StreamStats
 from consumers.container import _correlation_id
 from sse.hub import Hub, Outgoing
 

@@ -32,7 +32,7 @@ import httpx
 
 from bench.loadgen import DEV_AUTH, reset
 from bench.workers import WorkerPool
-from broadcast.tokens import mint
+from broadcast.auth.tokens import mint
 
 DEFAULT_RETRY_S = 3.0  # EventSource's reconnection time until the server sends ``retry:``
 ERROR_RETRY_S = 1.0  # after a socket error or a timeout while opening

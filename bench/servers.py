@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 
 from bench.suite import ROOT, Context
-from broadcast.settings import RelaySettings, SseSettings
+from broadcast.core.settings import RelaySettings, SseSettings
 from tests.servers import Server, clean_env, free_port, isolated_env
 
 DEFAULTS = {

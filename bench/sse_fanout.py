@@ -44,7 +44,7 @@ from typing import Any
 from bench.loadgen import DEV_AUTH, Clients, Target
 from bench.servers import cpu_s, rss_kb
 from bench.servers import stop_process as stop
-from broadcast.tokens import mint
+from broadcast.auth.tokens import mint
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"

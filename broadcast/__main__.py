@@ -2,6 +2,6 @@
 
 import sys
 
-from broadcast.cli import main
+from broadcast.runtime.cli import main
 
 sys.exit(main())

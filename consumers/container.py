@@ -28,11 +28,12 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from broadcast import constants, logs
+from broadcast.core import constants
+from broadcast.core.ports import EventLog, EventRecord, EventSubscription, TopicPartition
 from broadcast.errors import UnavailableError
-from broadcast.loops import pause
-from broadcast.metrics import NO_METRICS, Metrics
-from broadcast.ports import EventLog, EventRecord, EventSubscription, TopicPartition
+from broadcast.observability import logs
+from broadcast.observability.loops import pause
+from broadcast.observability.metrics import NO_METRICS, Metrics
 from consumers.errors import BatchListenerFailedError, Decision, DefaultErrorHandler, ErrorHandler, Retry
 from consumers.listener import AckMode, Listener
 

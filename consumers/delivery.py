@@ -26,11 +26,12 @@ from typing import TypeVar
 
 import orjson
 
-from broadcast import constants, envelope, logs
-from broadcast.domain import EventType, TargetType
-from broadcast.envelope import MessageDeliveryEvent
+from broadcast.core import constants, envelope
+from broadcast.core.domain import EventType, TargetType
+from broadcast.core.envelope import MessageDeliveryEvent
+from broadcast.core.ports import Bus, EventRecord, InboxStore, Presence
 from broadcast.errors import RejectedByDatabaseError, ValidationError
-from broadcast.ports import Bus, EventRecord, InboxStore, Presence
+from broadcast.observability import logs
 from consumers.errors import BatchListenerFailedError
 from dlt.drill import DrillSwitch
 from sse.frames import EventName, frame, micros

@@ -32,8 +32,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
+from broadcast.core.ports import EventRecord
 from broadcast.errors import UnavailableError, ValidationError, fqcn
-from broadcast.ports import EventRecord
 
 log = logging.getLogger(__name__)
 

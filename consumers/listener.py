@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
+from broadcast.core.ports import EventRecord
 from broadcast.errors import ConfigurationError
-from broadcast.ports import EventRecord
 
 
 class AckMode(StrEnum):

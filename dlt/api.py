@@ -20,15 +20,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from broadcast import constants
-from broadcast.domain import is_printable, rfc3339
+from broadcast.core import constants
+from broadcast.core.dead_letters import AuditEntry, DeadLetter, DeadLetterFilter, DeadLetterStatus, Drill
+from broadcast.core.domain import is_printable, rfc3339
+from broadcast.core.schemas import RequestModel, WholeNumber
 from broadcast.errors import NotFoundError, ValidationError
-from broadcast.http_body import id_number, known_query, read_model
-from broadcast.http_problems import HttpProblem
-from broadcast.identity import acting_admin
-from broadcast.schemas import RequestModel, WholeNumber, json_data
+from broadcast.http.body import id_number, json_data, known_query, read_model
+from broadcast.http.identity import acting_admin
+from broadcast.http.problems import HttpProblem
 from dlt.context import dead_letter_context
-from dlt.model import AuditEntry, DeadLetter, DeadLetterFilter, DeadLetterStatus, Drill
 from dlt.recoverer import header_int
 from dlt.service import BulkResult
 

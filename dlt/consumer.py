@@ -12,11 +12,11 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 
-from broadcast import constants, envelope
+from broadcast.core import constants, envelope
+from broadcast.core.dead_letters import DeadLetter, DeadLetterStore
+from broadcast.core.ports import EventRecord
 from broadcast.errors import ValidationError
-from broadcast.metrics import NO_METRICS, Metrics
-from broadcast.ports import EventRecord
-from dlt.model import DeadLetter, DeadLetterStore
+from broadcast.observability.metrics import NO_METRICS, Metrics
 from dlt.recoverer import header_int
 
 log = logging.getLogger(__name__)

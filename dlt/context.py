@@ -6,8 +6,8 @@ from typing import Protocol
 
 from starlette.requests import Request
 
-from broadcast.settings import Settings
-from dlt.model import DeadLetterStore, DrillStore
+from broadcast.core.dead_letters import DeadLetterStore, DrillStore
+from broadcast.core.settings import Settings
 from dlt.service import DeadLetterService
 
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
-from broadcast import constants
-from broadcast.ports import EventRecord
-from dlt.model import DrillStore
+from broadcast.core import constants
+from broadcast.core.dead_letters import DrillStore
+from broadcast.core.ports import EventRecord
 
 CACHE_LIMIT = 10_000
 

@@ -14,10 +14,10 @@ import struct
 import traceback
 from collections.abc import Callable
 
-from broadcast import constants
+from broadcast.core import constants
+from broadcast.core.ports import EventPublisher, EventRecord
 from broadcast.errors import PublishError, fqcn
-from broadcast.metrics import NO_METRICS, Metrics
-from broadcast.ports import EventPublisher, EventRecord
+from broadcast.observability.metrics import NO_METRICS, Metrics
 
 MAX_MESSAGE_CHARS = 4_096
 MAX_STACKTRACE_CHARS = 32_768

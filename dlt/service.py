@@ -14,13 +14,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from broadcast import constants, envelope
-from broadcast.domain import OutboxEvent
+from broadcast.core import constants, envelope
+from broadcast.core.dead_letters import DeadLetter, DeadLetterFilter, DeadLetterStatus, DeadLetterStore
+from broadcast.core.domain import OutboxEvent
+from broadcast.core.ports import EventPublisher, OutgoingRecord
+from broadcast.core.settings import KafkaSettings
 from broadcast.errors import NotFoundError, PublishError, UnavailableError, ValidationError
-from broadcast.metrics import NO_METRICS, Metrics
-from broadcast.ports import EventPublisher, OutgoingRecord
-from broadcast.settings import KafkaSettings
-from dlt.model import DeadLetter, DeadLetterFilter, DeadLetterStatus, DeadLetterStore
+from broadcast.observability.metrics import NO_METRICS, Metrics
 
 BULK_CHUNK = 500
 MAX_REPORTED_FAILURES = 1_000

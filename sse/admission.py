@@ -19,10 +19,10 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from broadcast.core.ports import ConnectionSlots
+from broadcast.core.settings import LimitsSettings
 from broadcast.errors import UnavailableError
-from broadcast.http_problems import HttpProblem
-from broadcast.ports import ConnectionSlots
-from broadcast.settings import LimitsSettings
+from broadcast.http.problems import HttpProblem
 from sse.hub import Connection
 
 log = logging.getLogger(__name__)

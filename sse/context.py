@@ -1,7 +1,7 @@
 """What the stream and inbox routes need from the process: a narrow view of the composition root.
 
-The routes ask for this Protocol, not for ``broadcast.components.Components``, so the ``sse`` package
-depends on the kernel and on itself only (``Components`` satisfies it; ``broadcast.components`` checks
+The routes ask for this Protocol, not for ``broadcast.runtime.components.Components``, so the ``sse`` package
+depends on the kernel and on itself only (``Components`` satisfies it; ``broadcast.runtime.components`` checks
 that with mypy).
 """
 
@@ -12,10 +12,10 @@ from typing import Protocol
 
 from starlette.requests import Request
 
-from broadcast.lifecycle import Lifecycle
-from broadcast.loops import Wakeups
-from broadcast.ports import InboxStore, OutboxStore, Presence, TicketStore, UserStore
-from broadcast.settings import Settings
+from broadcast.core.ports import InboxStore, OutboxStore, Presence, TicketStore, UserStore
+from broadcast.core.settings import Settings
+from broadcast.lifecycle.service import Lifecycle
+from broadcast.observability.loops import Wakeups
 from sse.admission import Admission, ConnectGate
 from sse.hub import Hub
 

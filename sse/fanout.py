@@ -27,11 +27,11 @@ from datetime import UTC, datetime
 
 import orjson
 
-from broadcast import constants
+from broadcast.core import constants
+from broadcast.core.ports import Bus, BusMessage, InboxStore, Presence
+from broadcast.core.reach import Reach
 from broadcast.errors import BroadcastError
-from broadcast.loops import pause
-from broadcast.ports import Bus, BusMessage, InboxStore, Presence
-from broadcast.reach import Reach
+from broadcast.observability.loops import pause
 from sse.admission import Admission
 from sse.frames import HEARTBEAT, EventName, frame
 from sse.hub import Connection, Hub, Matches, Outgoing

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from broadcast.errors import ConflictError
-from broadcast.metrics import NO_METRICS, StreamStats
+from broadcast.observability.metrics import NO_METRICS, StreamStats
 from sse.seen import SeenClock, SeenIds
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ class Outgoing:
 
     ``path`` says how it came (``live``, ``reconnect`` catch-up, ``reconciliation``) and ``created`` is its
     broadcast's creation time (epoch seconds, 0 unknown), for the delivery metrics. ``group``: an ALL/ROLE
-    broadcast, whose deliveries are tallied (``broadcast/reach.py``), not marked on a row.
+    broadcast, whose deliveries are tallied (``broadcast/core/reach.py``), not marked on a row.
     """
 
     data: bytes

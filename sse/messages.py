@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Protocol
 
-from broadcast.domain import Broadcast, InboxItem, Priority, TargetType, rfc3339
-from broadcast.envelope import MessageDeliveryEvent
+from broadcast.core.domain import Broadcast, InboxItem, Priority, TargetType, rfc3339
+from broadcast.core.envelope import MessageDeliveryEvent
 from sse.frames import Cursor, EventName, frame, micros
 
 

@@ -11,11 +11,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from broadcast.domain import Principal
+from broadcast.core.domain import Principal
+from broadcast.core.schemas import MarkReadRequest
 from broadcast.errors import BroadcastError, ConflictError, ValidationError
-from broadcast.http_body import known_query, read_model
-from broadcast.identity import acting_user, principal, via_ticket
-from broadcast.schemas import MarkReadRequest, json_data
+from broadcast.http.body import json_data, known_query, read_model
+from broadcast.http.identity import acting_user, principal, via_ticket
 from sse.context import SseContext, sse_context
 from sse.frames import EventName, frame, is_event_id
 from sse.hub import Connection

@@ -24,9 +24,9 @@ from datetime import UTC, datetime, timedelta
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from broadcast import constants
-from broadcast.domain import InboxItem, TargetType
-from broadcast.ports import InboxStore
+from broadcast.core import constants
+from broadcast.core.domain import InboxItem, TargetType
+from broadcast.core.ports import InboxStore
 from sse.frames import RETRY, Cursor, EventName, frame, from_micros, parse_cursor
 from sse.hub import Connection, Outgoing
 from sse.messages import item_frame

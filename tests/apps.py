@@ -13,10 +13,17 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 
-from broadcast.adapters import sql_migrate
-from broadcast.adapters.sql_engine import create_engine
-from broadcast.app import create_app
-from broadcast.settings import DatabaseSettings, KafkaSettings, LimitsSettings, RedisSettings, ServerSettings, Settings
+from broadcast.adapters.sql import migrate as sql_migrate
+from broadcast.adapters.sql.engine import create_engine
+from broadcast.core.settings import (
+    DatabaseSettings,
+    KafkaSettings,
+    LimitsSettings,
+    RedisSettings,
+    ServerSettings,
+    Settings,
+)
+from broadcast.runtime.app import create_app
 from devstack.stack import StackInfo
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from broadcast.settings import AuthSettings
-from broadcast.tokens import mint
+from broadcast.auth.tokens import mint
+from broadcast.core.settings import AuthSettings
 
 TEST_TOKEN_TTL_S = 6 * 3_600
 

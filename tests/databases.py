@@ -14,8 +14,8 @@ from pydantic import SecretStr
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from broadcast.adapters.sql_engine import create_engine
-from broadcast.settings import DatabaseSettings
+from broadcast.adapters.sql.engine import create_engine
+from broadcast.core.settings import DatabaseSettings
 from devstack.stack import StackInfo
 
 

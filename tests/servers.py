@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from broadcast.settings import ServerSettings
+from broadcast.core.settings import ServerSettings
 from devstack.stack import StackInfo
 
 START_TIMEOUT_S = 60.0

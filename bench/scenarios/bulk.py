@@ -22,9 +22,9 @@ from typing import Any
 
 from bench.bulk_selected import PerRowStore, limit_run, one_run
 from bench.suite import Context, Measure, Outcome, Series, median
-from broadcast.adapters.sql_broadcasts import SqlBroadcastStore
-from broadcast.csv_upload import parse_recipients
-from broadcast.settings import LimitsSettings
+from broadcast.adapters.sql.broadcasts import SqlBroadcastStore
+from broadcast.core.settings import LimitsSettings
+from broadcast.lifecycle.csv_upload import parse_recipients
 
 SIZES = [100_000, 1_000_000]
 SMOKE_SIZES = [2_000]

@@ -45,18 +45,18 @@ from sqlalchemy import text
 from bench.servers import cpu_s, ours, stack_env
 from bench.servers import stop_process as stop
 from bench.suite import ROOT, Context, Measure, Outcome, Series, median
-from broadcast import constants
-from broadcast.adapters.kafka_lag import KafkaLag
-from broadcast.adapters.kafka_log import KafkaEventLog
-from broadcast.adapters.redis_bus import RedisPresence, create_client
-from broadcast.adapters.sql_broadcasts import SqlBroadcastStore
-from broadcast.adapters.sql_engine import create_engine
-from broadcast.adapters.sql_stores import SqlOutboxStore, SqlUserStore
-from broadcast.domain import NewBroadcast, TargetType
+from broadcast.adapters.kafka.lag import KafkaLag
+from broadcast.adapters.kafka.log import KafkaEventLog
+from broadcast.adapters.redis.bus import RedisPresence, create_client
+from broadcast.adapters.sql.broadcasts import SqlBroadcastStore
+from broadcast.adapters.sql.engine import create_engine
+from broadcast.adapters.sql.stores import SqlOutboxStore, SqlUserStore
+from broadcast.core import constants
+from broadcast.core.domain import NewBroadcast, TargetType
+from broadcast.core.settings import DatabaseSettings, KafkaSettings, LimitsSettings, RedisSettings, RelaySettings
 from broadcast.errors import UnavailableError
-from broadcast.lifecycle import Lifecycle
-from broadcast.relay import OutboxRelay
-from broadcast.settings import DatabaseSettings, KafkaSettings, LimitsSettings, RedisSettings, RelaySettings
+from broadcast.lifecycle.service import Lifecycle
+from broadcast.outbox.relay import OutboxRelay
 from tests.servers import clean_env
 
 N_FULL = 100_000

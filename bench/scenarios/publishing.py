@@ -43,7 +43,7 @@ from bench.loadgen import DEV_AUTH
 from bench.servers import Baseline, ours, stack_env
 from bench.sse_fanout import ADMIN_TOKEN, FILLER
 from bench.suite import Context, Measure, Outcome, Series, median, percentile
-from broadcast.tokens import mint
+from broadcast.auth.tokens import mint
 
 Kind = Literal["ours", "baseline"]
 

@@ -1,10 +1,10 @@
-"""Alembic environment: runs on the connection handed over by ``broadcast.adapters.sql_migrate``."""
+"""Alembic environment: runs on the connection handed over by ``broadcast.adapters.sql.migrate``."""
 
 from __future__ import annotations
 
 from alembic import context
 
-from broadcast.adapters.sql_tables import metadata
+from broadcast.adapters.sql.tables import metadata
 
 connection = context.config.attributes["connection"]
 schema = context.config.attributes.get("schema")

@@ -17,12 +17,12 @@ from starlette.responses import FileResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from broadcast.domain import USER_ID_PATTERN
+from broadcast.admin.context import admin_context
+from broadcast.auth.tokens import mint
+from broadcast.core.domain import USER_ID_PATTERN
+from broadcast.core.schemas import ROLE_PATTERN
 from broadcast.errors import NotFoundError
-from broadcast.http_body import read_model
-from broadcast.http_context import components
-from broadcast.schemas import ROLE_PATTERN, json_data
-from broadcast.tokens import mint
+from broadcast.http.body import json_data, read_model
 
 HERE = Path(__file__).parent
 PAGE_CSP = (
@@ -60,7 +60,7 @@ async def home(request: Request) -> Response:
 
 
 async def dev_token(request: Request) -> Response:
-    settings = components(request).settings
+    settings = admin_context(request).settings
     if not settings.auth.dev_secret_in_use:
         raise NotFoundError("development sign-in is off (a real token issuer is configured)")
     body = await read_model(request, DevTokenRequest, settings.limits.max_body_bytes)
@@ -70,7 +70,7 @@ async def dev_token(request: Request) -> Response:
 
 
 async def dev_status(request: Request) -> Response:
-    enabled = components(request).settings.auth.dev_secret_in_use
+    enabled = admin_context(request).settings.auth.dev_secret_in_use
     return json_data({"devSignIn": enabled})
 
 

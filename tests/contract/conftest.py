@@ -9,18 +9,18 @@ import pytest
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
-from broadcast.adapters import sql_migrate
-from broadcast.adapters.kafka_admin import ensure_topics
-from broadcast.adapters.kafka_log import KafkaEventLog
-from broadcast.adapters.memory_bus import MemoryBus, MemoryPresence
-from broadcast.adapters.memory_log import MemoryEventLog
-from broadcast.adapters.memory_sessions import MemorySlots, MemoryTickets
-from broadcast.adapters.memory_stores import MemoryOutboxStore, MemoryUserStore
-from broadcast.adapters.redis_bus import RedisBus, RedisPresence, create_client
-from broadcast.adapters.redis_sessions import RedisSlots, RedisTickets
-from broadcast.adapters.sql_stores import SqlOutboxStore, SqlUserStore
-from broadcast.ports import Bus, ConnectionSlots, OutboxStore, Presence, TicketStore, UserStore
-from broadcast.settings import KafkaSettings, RedisSettings
+from broadcast.adapters.kafka.admin import ensure_topics
+from broadcast.adapters.kafka.log import KafkaEventLog
+from broadcast.adapters.memory.bus import MemoryBus, MemoryPresence
+from broadcast.adapters.memory.log import MemoryEventLog
+from broadcast.adapters.memory.sessions import MemorySlots, MemoryTickets
+from broadcast.adapters.memory.stores import MemoryOutboxStore, MemoryUserStore
+from broadcast.adapters.redis.bus import RedisBus, RedisPresence, create_client
+from broadcast.adapters.redis.sessions import RedisSlots, RedisTickets
+from broadcast.adapters.sql import migrate as sql_migrate
+from broadcast.adapters.sql.stores import SqlOutboxStore, SqlUserStore
+from broadcast.core.ports import Bus, ConnectionSlots, OutboxStore, Presence, TicketStore, UserStore
+from broadcast.core.settings import KafkaSettings, RedisSettings
 from devstack.stack import StackInfo
 from tests.contract.support import PARTITIONS, PRESENCE_TTL_S, LogUnderTest
 from tests.databases import empty_database

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from broadcast.ports import EventLog
+from broadcast.core.ports import EventLog
 
 PARTITIONS = 3
 PRESENCE_TTL_S = 1.0

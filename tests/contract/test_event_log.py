@@ -7,8 +7,8 @@ import time
 
 import pytest
 
+from broadcast.core.ports import EventRecord, EventSubscription, OutgoingRecord, TopicPartition
 from broadcast.errors import CommitFailedError, PublishError
-from broadcast.ports import EventRecord, EventSubscription, OutgoingRecord, TopicPartition
 from tests.contract.support import PARTITIONS, LogUnderTest
 
 DEADLINE_S = 45.0

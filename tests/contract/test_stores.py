@@ -6,9 +6,9 @@ import asyncio
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-from broadcast import constants
-from broadcast.domain import PRIORITY_HEADER, EventType, OutboxEvent, User
-from broadcast.ports import OutboxStore, UserStore
+from broadcast.core import constants
+from broadcast.core.domain import PRIORITY_HEADER, EventType, OutboxEvent, User
+from broadcast.core.ports import OutboxStore, UserStore
 
 LEASE = timedelta(seconds=30)
 

@@ -24,7 +24,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from broadcast import constants
+from broadcast.core import constants
 from devstack.stack import StackInfo
 from devstack.tools import require
 from tests.auth import bearer

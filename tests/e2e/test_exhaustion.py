@@ -15,7 +15,7 @@ import httpx
 import orjson
 import pytest
 
-from broadcast.openapi import OPENAPI_PATH
+from broadcast.runtime.openapi import OPENAPI_PATH
 from tests.auth import bearer
 from tests.servers import Server, clean_env
 

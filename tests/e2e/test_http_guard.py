@@ -1,4 +1,4 @@
-"""The server defends its port below the app (``broadcast/http_guard.py``): request heads have a size cap, a read
+"""The server defends its port below the app (``broadcast/http/guard.py``): request heads have a size cap, a read
 deadline, and a bound on how many connections may be sending one. Raw sockets against a real server process
 (the embedded default: nothing here needs the stack)."""
 
@@ -15,7 +15,7 @@ import httpx
 import jwt
 import pytest
 
-from broadcast.settings import DEV_JWT_SECRET
+from broadcast.core.settings import DEV_JWT_SECRET
 from tests.servers import Server, clean_env
 
 HEAD_TIMEOUT_S = 1.5

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import httpx
 
-from broadcast import constants, envelope
-from broadcast.adapters import sql_migrate
+from broadcast.adapters.sql import migrate as sql_migrate
+from broadcast.core import constants, envelope
 from devstack.stack import StackInfo
 from tests.auth import bearer
 from tests.servers import Server, clean_env, cli

@@ -24,7 +24,7 @@ import httpx
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from broadcast import constants, envelope
+from broadcast.core import constants, envelope
 from devstack.stack import StackInfo, set_scram_user
 from tests.auth import bearer
 from tests.faults.harness import Fleet, Publisher, alternating, base_samples, close_all, report, settled, subscribe

@@ -21,8 +21,8 @@ import orjson
 from pydantic import SecretStr
 from sqlalchemy import text
 
-from broadcast.adapters.sql_engine import create_engine
-from broadcast.settings import DatabaseSettings
+from broadcast.adapters.sql.engine import create_engine
+from broadcast.core.settings import DatabaseSettings
 from devstack.stack import StackInfo
 from tests.auth import token
 from tests.faults.harness import (

@@ -23,9 +23,9 @@ from aiokafka.errors import KafkaError
 from pydantic import SecretStr
 from sqlalchemy import text
 
-from broadcast import constants
-from broadcast.adapters.sql_engine import create_engine
-from broadcast.settings import DatabaseSettings
+from broadcast.adapters.sql.engine import create_engine
+from broadcast.core import constants
+from broadcast.core.settings import DatabaseSettings
 from devstack.stack import StackInfo, kafka_node_pid, kill_kafka_node, start_kafka_node
 from tests.faults.harness import (
     ADMIN,

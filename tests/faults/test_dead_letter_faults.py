@@ -14,11 +14,11 @@ from pathlib import Path
 
 import httpx
 
-from broadcast.adapters.kafka_admin import ensure_topics
-from broadcast.adapters.kafka_log import KafkaEventLog
+from broadcast.adapters.kafka.admin import ensure_topics
+from broadcast.adapters.kafka.log import KafkaEventLog
+from broadcast.core.ports import EventRecord, TopicPartition
+from broadcast.core.settings import KafkaSettings
 from broadcast.errors import ValidationError
-from broadcast.ports import EventRecord, TopicPartition
-from broadcast.settings import KafkaSettings
 from consumers.container import ListenerContainer
 from consumers.errors import BackOff, DefaultErrorHandler
 from consumers.listener import Listener

@@ -20,7 +20,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from redis.asyncio import Redis
 
-from broadcast import constants
+from broadcast.core import constants
 from devstack import postgres
 from devstack.stack import StackInfo, pause_redis, resume_redis, start_redis, stop_redis
 from tests.faults.harness import (

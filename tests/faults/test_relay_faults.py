@@ -15,7 +15,7 @@ from pathlib import Path
 
 import orjson
 
-from broadcast import constants, envelope
+from broadcast.core import constants, envelope
 from devstack.stack import StackInfo
 from tests.faults.harness import (
     Fleet,

@@ -12,15 +12,15 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from broadcast import constants
-from broadcast.adapters import sql_migrate
-from broadcast.adapters.kafka_admin import ensure_topics
-from broadcast.adapters.kafka_log import KafkaEventLog
-from broadcast.adapters.sql_broadcasts import SqlBroadcastStore
-from broadcast.adapters.sql_stores import SqlOutboxStore, SqlUserStore
-from broadcast.lifecycle import Lifecycle
-from broadcast.relay import OutboxRelay
-from broadcast.settings import DatabaseSettings, KafkaSettings, LimitsSettings, RelaySettings, Settings
+from broadcast.adapters.kafka.admin import ensure_topics
+from broadcast.adapters.kafka.log import KafkaEventLog
+from broadcast.adapters.sql import migrate as sql_migrate
+from broadcast.adapters.sql.broadcasts import SqlBroadcastStore
+from broadcast.adapters.sql.stores import SqlOutboxStore, SqlUserStore
+from broadcast.core import constants
+from broadcast.core.settings import DatabaseSettings, KafkaSettings, LimitsSettings, RelaySettings, Settings
+from broadcast.lifecycle.service import Lifecycle
+from broadcast.outbox.relay import OutboxRelay
 from devstack.stack import StackInfo
 from tests.databases import empty_database
 

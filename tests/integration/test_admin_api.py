@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import func, select, table, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from broadcast.settings import LimitsSettings
+from broadcast.core.settings import LimitsSettings
 from devstack.stack import StackInfo
 from tests.apps import api_in_process
 from tests.auth import bearer

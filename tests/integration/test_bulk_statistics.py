@@ -18,13 +18,13 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from broadcast.adapters import sql_migrate
-from broadcast.adapters.sql_broadcasts import SqlBroadcastStore
-from broadcast.adapters.sql_inbox import _PG_LOOKUP_DRIVER
-from broadcast.adapters.sql_stores import SqlUserStore
-from broadcast.domain import NewBroadcast, TargetType
-from broadcast.lifecycle import Lifecycle
-from broadcast.settings import KafkaSettings, LimitsSettings
+from broadcast.adapters.sql import migrate as sql_migrate
+from broadcast.adapters.sql.broadcasts import SqlBroadcastStore
+from broadcast.adapters.sql.inbox import _PG_LOOKUP_DRIVER
+from broadcast.adapters.sql.stores import SqlUserStore
+from broadcast.core.domain import NewBroadcast, TargetType
+from broadcast.core.settings import KafkaSettings, LimitsSettings
+from broadcast.lifecycle.service import Lifecycle
 from tests.databases import empty_database, plan_buffers
 
 ONLINE = [f"online-{i:02d}" for i in range(20)]

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from broadcast.adapters.kafka_admin import ensure_topics
-from broadcast.adapters.kafka_log import KafkaEventLog
+from broadcast.adapters.kafka.admin import ensure_topics
+from broadcast.adapters.kafka.log import KafkaEventLog
+from broadcast.core.ports import EventRecord, TopicPartition
+from broadcast.core.settings import KafkaSettings
 from broadcast.errors import PublishError
-from broadcast.ports import EventRecord, TopicPartition
-from broadcast.settings import KafkaSettings
 from consumers.container import ListenerContainer
 from consumers.errors import BackOff, BatchListenerFailedError, DefaultErrorHandler
 from consumers.listener import AckMode, Acknowledgment, Listener

@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from broadcast.adapters import sql_migrate
-from broadcast.adapters.sql_broadcasts import SqlBroadcastStore
-from broadcast.adapters.sql_dlt import SqlDeadLetterStore
-from broadcast.adapters.sql_inbox import SqlInboxStore
-from broadcast.adapters.sql_stores import SqlUserStore
-from broadcast.domain import NewBroadcast, TargetType
+from broadcast.adapters.sql import migrate as sql_migrate
+from broadcast.adapters.sql.broadcasts import SqlBroadcastStore
+from broadcast.adapters.sql.dlt import SqlDeadLetterStore
+from broadcast.adapters.sql.inbox import SqlInboxStore
+from broadcast.adapters.sql.stores import SqlUserStore
+from broadcast.core.dead_letters import DeadLetter, DeadLetterFilter
+from broadcast.core.domain import NewBroadcast, TargetType
+from broadcast.core.settings import KafkaSettings, LimitsSettings
 from broadcast.errors import RejectedByDatabaseError
-from broadcast.lifecycle import Lifecycle
-from broadcast.settings import KafkaSettings, LimitsSettings
-from dlt.model import DeadLetter, DeadLetterFilter
+from broadcast.lifecycle.service import Lifecycle
 from tests.databases import empty_database
 
 

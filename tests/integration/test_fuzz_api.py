@@ -25,8 +25,9 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import CHECKS, CheckFunction, is_check_class, load_all_checks, max_response_time
 
 import broadcast
-from broadcast import admin_api, openapi
-from broadcast.settings import Settings
+from broadcast.admin import api as admin_api
+from broadcast.core.settings import Settings
+from broadcast.runtime import openapi
 from devstack.stack import StackInfo
 from devstack.topics import delete_scratch_topics
 from tests.auth import bearer

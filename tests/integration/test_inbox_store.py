@@ -10,15 +10,16 @@ from unittest import mock
 
 import pytest
 
-from broadcast.adapters import sql_inbox, sql_migrate
-from broadcast.adapters.sql_broadcasts import SqlBroadcastStore
-from broadcast.adapters.sql_inbox import SqlInboxStore
-from broadcast.adapters.sql_stores import SqlUserStore
-from broadcast.domain import NewBroadcast, Priority, TargetType
+from broadcast.adapters.sql import inbox as sql_inbox
+from broadcast.adapters.sql import migrate as sql_migrate
+from broadcast.adapters.sql.broadcasts import SqlBroadcastStore
+from broadcast.adapters.sql.inbox import SqlInboxStore
+from broadcast.adapters.sql.stores import SqlUserStore
+from broadcast.core.domain import NewBroadcast, Priority, TargetType
+from broadcast.core.reach import Reach
+from broadcast.core.settings import KafkaSettings, LimitsSettings
 from broadcast.errors import RejectedByDatabaseError
-from broadcast.lifecycle import Lifecycle
-from broadcast.reach import Reach
-from broadcast.settings import KafkaSettings, LimitsSettings
+from broadcast.lifecycle.service import Lifecycle
 from sse.fanout import DeliveredMarker
 from sse.frames import Cursor, micros
 from sse.messages import item_frame

@@ -14,17 +14,18 @@ from typing import Any
 import pytest
 from sqlalchemy import event, func, select
 
-from broadcast import constants, envelope
-from broadcast.adapters import sql_engine, sql_migrate
-from broadcast.adapters.sql_broadcasts import COPY_FROM, SqlBroadcastStore
-from broadcast.adapters.sql_tables import broadcast_messages, outbox_events, user_broadcast_messages
-from broadcast.domain import Broadcast, BroadcastStatus, EventType, NewBroadcast, OutboxEvent, Priority, TargetType
+from broadcast.adapters.sql import engine as sql_engine
+from broadcast.adapters.sql import migrate as sql_migrate
+from broadcast.adapters.sql.broadcasts import COPY_FROM, SqlBroadcastStore
+from broadcast.adapters.sql.tables import broadcast_messages, outbox_events, user_broadcast_messages
+from broadcast.core import constants, envelope
+from broadcast.core.domain import Broadcast, BroadcastStatus, EventType, NewBroadcast, OutboxEvent, Priority, TargetType
+from broadcast.core.event_shapes import EventShapes
+from broadcast.core.ports import OutgoingRecord, RecordPosition
+from broadcast.core.settings import KafkaSettings
 from broadcast.errors import ConflictError, NotFoundError, ValidationError
-from broadcast.event_shapes import EventShapes
-from broadcast.loops import LOOP_SLICE
-from broadcast.ports import OutgoingRecord, RecordPosition
-from broadcast.scheduler import Scheduler
-from broadcast.settings import KafkaSettings
+from broadcast.lifecycle.scheduler import Scheduler
+from broadcast.observability.loops import LOOP_SLICE
 from devstack.stack import StackInfo
 from tests.databases import empty_database
 from tests.integration.conftest import Pipeline

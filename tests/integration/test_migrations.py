@@ -12,11 +12,11 @@ from pydantic import SecretStr
 from sqlalchemy import Connection, inspect, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from broadcast.adapters import sql_migrate
-from broadcast.adapters.sql_engine import create_engine
-from broadcast.adapters.sql_tables import metadata
+from broadcast.adapters.sql import migrate as sql_migrate
+from broadcast.adapters.sql.engine import create_engine
+from broadcast.adapters.sql.tables import metadata
+from broadcast.core.settings import DatabaseSettings
 from broadcast.errors import ConfigurationError
-from broadcast.settings import DatabaseSettings
 from devstack.stack import StackInfo
 from tests.databases import empty_database
 

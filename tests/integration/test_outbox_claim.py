@@ -19,10 +19,10 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from broadcast import constants
-from broadcast.adapters import sql_migrate
-from broadcast.adapters.sql_outbox_pg import CLAIM
-from broadcast.adapters.sql_stores import SqlOutboxStore
+from broadcast.adapters.sql import migrate as sql_migrate
+from broadcast.adapters.sql.outbox_pg import CLAIM
+from broadcast.adapters.sql.stores import SqlOutboxStore
+from broadcast.core import constants
 from tests.databases import empty_database, plan_buffers
 
 BULK_ROWS = 200_000

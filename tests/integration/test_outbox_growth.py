@@ -16,10 +16,10 @@ from datetime import timedelta
 
 from sqlalchemy import text
 
-from broadcast import constants
-from broadcast.adapters.sql_stores import append_outbox
-from broadcast.domain import EventType, OutboxEvent
-from broadcast.relay import PURGE_BATCH, OutboxPurger
+from broadcast.adapters.sql.stores import append_outbox
+from broadcast.core import constants
+from broadcast.core.domain import EventType, OutboxEvent
+from broadcast.outbox.relay import PURGE_BATCH, OutboxPurger
 from tests.integration.conftest import Pipeline
 
 PUBLISHED = 1_000_000

@@ -14,11 +14,11 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
-from broadcast.adapters.kafka_admin import ensure_topics
-from broadcast.adapters.kafka_log import KafkaEventLog
+from broadcast.adapters.kafka.admin import ensure_topics
+from broadcast.adapters.kafka.log import KafkaEventLog
+from broadcast.core.ports import OutgoingRecord, RecordPosition
+from broadcast.core.settings import KafkaSettings
 from broadcast.errors import PublishError
-from broadcast.ports import OutgoingRecord, RecordPosition
-from broadcast.settings import KafkaSettings
 from devstack.stack import StackInfo
 
 PARTITION = 0

@@ -7,10 +7,10 @@ import asyncio
 import pytest
 from pydantic import SecretStr
 
-from broadcast.adapters.redis_bus import RedisBus, RedisPresence, create_client
+from broadcast.adapters.redis.bus import RedisBus, RedisPresence, create_client
+from broadcast.core.ports import BusMessage
+from broadcast.core.settings import RedisSettings
 from broadcast.errors import UnavailableError
-from broadcast.ports import BusMessage
-from broadcast.settings import RedisSettings
 from devstack.stack import StackInfo
 
 

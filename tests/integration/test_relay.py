@@ -16,11 +16,11 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from sqlalchemy import func, select
 
-from broadcast import constants, envelope
-from broadcast.adapters.sql_stores import append_outbox
-from broadcast.adapters.sql_tables import user_broadcast_messages
-from broadcast.domain import BroadcastStatus, EventType, NewBroadcast, OutboxEvent, TargetType, User
-from broadcast.relay import OutboxRelay
+from broadcast.adapters.sql.stores import append_outbox
+from broadcast.adapters.sql.tables import user_broadcast_messages
+from broadcast.core import constants, envelope
+from broadcast.core.domain import BroadcastStatus, EventType, NewBroadcast, OutboxEvent, TargetType, User
+from broadcast.outbox.relay import OutboxRelay
 from devstack.stack import StackInfo, kill_kafka_node, start_kafka_node
 from tests.integration.conftest import Pipeline
 from tests.topics import default_partition, read_to_end, read_topic

@@ -27,13 +27,8 @@ import orjson
 import pytest
 from starlette.routing import Mount, Route
 
-from broadcast.app import create_app
-from broadcast.settings import (
-    DEV_JWT_SECRET,
-    LimitsSettings,
-    ServerSettings,
-    Settings,
-)
+from broadcast.core.settings import DEV_JWT_SECRET, LimitsSettings, ServerSettings, Settings
+from broadcast.runtime.app import create_app
 from devstack.stack import StackInfo
 from tests.apps import api_in_process
 from tests.auth import bearer

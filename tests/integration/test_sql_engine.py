@@ -10,9 +10,9 @@ from pydantic import SecretStr
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from broadcast.adapters.sql_engine import DriverStatement, create_engine, pool_connections
+from broadcast.adapters.sql.engine import DriverStatement, create_engine, pool_connections
+from broadcast.core.settings import DatabaseSettings
 from broadcast.errors import RejectedByDatabaseError, UnavailableError
-from broadcast.settings import DatabaseSettings
 from devstack.stack import StackInfo
 
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from broadcast.adapters import sql_migrate
-from broadcast.adapters.sql_broadcasts import SqlBroadcastStore
-from broadcast.adapters.sql_stores import SqlUserStore
-from broadcast.domain import Broadcast, BroadcastStatus, NewBroadcast, TargetType
+from broadcast.adapters.sql import migrate as sql_migrate
+from broadcast.adapters.sql.broadcasts import SqlBroadcastStore
+from broadcast.adapters.sql.stores import SqlUserStore
+from broadcast.core.domain import Broadcast, BroadcastStatus, NewBroadcast, TargetType
+from broadcast.core.settings import KafkaSettings, LimitsSettings
 from broadcast.errors import ConflictError
-from broadcast.lifecycle import Lifecycle
-from broadcast.settings import KafkaSettings, LimitsSettings
+from broadcast.lifecycle.service import Lifecycle
 from tests.databases import empty_database
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from pydantic import SecretStr
 from sqlalchemy import text
 
-from broadcast.adapters.sql_engine import create_engine
-from broadcast.settings import DatabaseSettings
+from broadcast.adapters.sql.engine import create_engine
+from broadcast.core.settings import DatabaseSettings
 from devstack.postgres import SERVER_SETTINGS
 from devstack.stack import StackInfo
 

@@ -14,11 +14,11 @@ import time
 
 from aiokafka.structs import TopicPartition as KafkaTopicPartition
 
-from broadcast.adapters.kafka_admin import ensure_topics
-from broadcast.adapters.kafka_log import KafkaEventLog, KafkaSubscription
+from broadcast.adapters.kafka.admin import ensure_topics
+from broadcast.adapters.kafka.log import KafkaEventLog, KafkaSubscription
+from broadcast.core.ports import EventRecord
+from broadcast.core.settings import KafkaSettings
 from broadcast.errors import PublishError
-from broadcast.ports import EventRecord
-from broadcast.settings import KafkaSettings
 from devstack.stack import StackInfo
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from broadcast import constants
-from broadcast.adapters.kafka_admin import MISSING, ensure_topics, verify_topics
-from broadcast.settings import KafkaSettings
+from broadcast.adapters.kafka.admin import MISSING, ensure_topics, verify_topics
+from broadcast.core import constants
+from broadcast.core.settings import KafkaSettings
 from devstack.stack import StackInfo
 from devstack.topics import delete_scratch_topics
 from tests.servers import Server, clean_env, free_port

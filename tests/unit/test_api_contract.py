@@ -15,11 +15,11 @@ import jsonschema_rs
 import pytest
 from pydantic import SecretStr
 
-from broadcast import openapi
-from broadcast.app import create_app
-from broadcast.http_body import validated
-from broadcast.http_problems import HttpProblem
-from broadcast.settings import DatabaseSettings, Settings
+from broadcast.core.settings import DatabaseSettings, Settings
+from broadcast.http.body import validated
+from broadcast.http.problems import HttpProblem
+from broadcast.runtime import openapi
+from broadcast.runtime.app import create_app
 from dlt import api as dlt_api
 from tests.auth import bearer
 

@@ -8,10 +8,10 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
 
-from broadcast.adapters.memory_log import MemoryEventLog
+from broadcast.adapters.memory.log import MemoryEventLog
+from broadcast.core.ports import EventRecord, TopicPartition
 from broadcast.errors import ConfigurationError, ValidationError
-from broadcast.ports import EventRecord, TopicPartition
-from broadcast.workers import slowed
+from broadcast.runtime.workers import slowed
 from consumers.container import ListenerContainer
 from consumers.errors import BackOff, BatchListenerFailedError, DefaultErrorHandler
 from consumers.listener import AckMode, Listener

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from broadcast.cli import build_parser, main
+from broadcast.runtime.cli import build_parser, main
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from broadcast.coalesce import FreshRead
+from broadcast.core.coalesce import FreshRead
 
 
 async def test_callers_arriving_together_share_one_read_and_later_ones_get_a_newer_read() -> None:

@@ -1,4 +1,4 @@
-"""docker-compose.yml, the Dockerfile and .dockerignore agree with ``broadcast.settings`` and ``constants``.
+"""docker-compose.yml, the Dockerfile and .dockerignore agree with ``broadcast.core.settings`` and ``constants``.
 
 No Docker engine runs here, so the files are checked statically: parsed with PyYAML (which resolves the
 compose file's anchors and merge keys the way Compose does) and compared with the names and numbers the
@@ -23,8 +23,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from broadcast import constants
-from broadcast.settings import Settings
+from broadcast.core import constants
+from broadcast.core.settings import Settings
 from devstack.postgres import SERVER_SETTINGS
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from broadcast.http_problems import HttpProblem
+from broadcast.http.problems import HttpProblem
 from sse.admission import RETRY_SPREAD_S, ConnectGate
 
 

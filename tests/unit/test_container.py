@@ -9,9 +9,9 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import pytest
 
-from broadcast.adapters.memory_log import MemoryEventLog
+from broadcast.adapters.memory.log import MemoryEventLog
+from broadcast.core.ports import EventRecord, EventSubscription, RebalanceCallback, TopicPartition
 from broadcast.errors import CommitFailedError, ConfigurationError, ValidationError
-from broadcast.ports import EventRecord, EventSubscription, RebalanceCallback, TopicPartition
 from consumers.container import ListenerContainer
 from consumers.errors import RECOVERED, BackOff, Decision, DefaultErrorHandler, Retry
 from consumers.listener import AckMode, Acknowledgment, Listener

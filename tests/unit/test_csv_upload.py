@@ -8,7 +8,7 @@ import tempfile
 
 import pytest
 
-from broadcast.csv_upload import (
+from broadcast.lifecycle.csv_upload import (
     MAX_LINE_CHARS,
     MAX_REPORTED_ERRORS,
     CsvRejected,
@@ -18,7 +18,7 @@ from broadcast.csv_upload import (
     parse_recipients,
     read_recipients,
 )
-from broadcast.loops import LOOP_SLICE
+from broadcast.observability.loops import LOOP_SLICE
 
 
 def parse(data: bytes, max_rows: int = 1_000, max_id_chars: int = 16) -> Recipients:

@@ -7,7 +7,7 @@ from typing import Any
 
 import uvloop
 
-from broadcast import constants
+from broadcast.core import constants
 from sse.stream import detect_dead_peer
 
 

@@ -13,18 +13,18 @@ import orjson
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from broadcast import constants
-from broadcast.adapters import sql_migrate
-from broadcast.adapters.memory_bus import MemoryBus, MemoryPresence
-from broadcast.adapters.sql_broadcasts import SqlBroadcastStore
-from broadcast.adapters.sql_inbox import SqlInboxStore
-from broadcast.adapters.sql_stores import SqlUserStore
-from broadcast.domain import Broadcast, EventType, NewBroadcast, OutboxEvent, TargetType
+from broadcast.adapters.memory.bus import MemoryBus, MemoryPresence
+from broadcast.adapters.sql import migrate as sql_migrate
+from broadcast.adapters.sql.broadcasts import SqlBroadcastStore
+from broadcast.adapters.sql.inbox import SqlInboxStore
+from broadcast.adapters.sql.stores import SqlUserStore
+from broadcast.core import constants
+from broadcast.core.domain import Broadcast, EventType, NewBroadcast, OutboxEvent, TargetType
+from broadcast.core.event_shapes import EventShapes
+from broadcast.core.ports import BusMessage, EventRecord
+from broadcast.core.settings import KafkaSettings, LimitsSettings
 from broadcast.errors import RejectedByDatabaseError, UnavailableError, ValidationError
-from broadcast.event_shapes import EventShapes
-from broadcast.lifecycle import Lifecycle
-from broadcast.ports import BusMessage, EventRecord
-from broadcast.settings import KafkaSettings, LimitsSettings
+from broadcast.lifecycle.service import Lifecycle
 from consumers.delivery import DeliveryHandlers
 from consumers.errors import BatchListenerFailedError
 from sse.frames import EventName

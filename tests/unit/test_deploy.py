@@ -2,7 +2,7 @@
 metrics the server exposes and with docker-compose.yml.
 
 Every ``broadcast_*`` name in an alert expression or a dashboard query must be a series that
-``broadcast.metrics.Metrics`` exposes: a counter family ``x`` as ``x_total``, a histogram ``x`` as
+``broadcast.observability.metrics.Metrics`` exposes: a counter family ``x`` as ``x_total``, a histogram ``x`` as
 ``x_bucket``/``x_sum``/``x_count``, a gauge ``x`` as ``x``. Renaming a metric without updating deploy/ fails
 here, and so does a metric the dashboard does not chart. promtool (Debian's ``prometheus`` package, installed
 by the test command's setup step, ``broadcast-server stack tools``) checks the config and rules and runs the
@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from broadcast.metrics import Metrics
+from broadcast.observability.metrics import Metrics
 from devstack.tools import require
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,11 +11,11 @@ import pytest
 from pydantic import SecretStr
 from starlette.applications import Starlette
 
-from broadcast import constants
-from broadcast.app import create_app
-from broadcast.components import Components
-from broadcast.ports import EventRecord
-from broadcast.settings import DatabaseSettings, Settings
+from broadcast.core import constants
+from broadcast.core.ports import EventRecord
+from broadcast.core.settings import DatabaseSettings, Settings
+from broadcast.runtime.app import create_app
+from broadcast.runtime.components import Components
 from dlt.drill import DrillSwitch, FaultDrillError
 from tests.apps import embedded_api
 from tests.auth import bearer

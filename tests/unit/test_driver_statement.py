@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from broadcast.adapters.sql_engine import DriverStatement
+from broadcast.adapters.sql.engine import DriverStatement
 from broadcast.errors import UnavailableError
 
 

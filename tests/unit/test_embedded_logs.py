@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from broadcast.app import create_app
-from broadcast.ports import TopicPartition
-from broadcast.settings import DatabaseSettings, Settings
+from broadcast.core.ports import TopicPartition
+from broadcast.core.settings import DatabaseSettings, Settings
+from broadcast.runtime.app import create_app
 from consumers.container import _spans
 from tests.faults.harness import last_assignment
 

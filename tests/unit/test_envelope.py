@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 
-from broadcast import envelope
-from broadcast.domain import EventType, Priority, TargetType
+from broadcast.core import envelope
+from broadcast.core.domain import EventType, Priority, TargetType
 from broadcast.errors import ValidationError
 
 CREATED_AT = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)

@@ -9,11 +9,11 @@ from datetime import UTC, datetime
 
 import pytest
 
-from broadcast import constants, envelope
-from broadcast.adapters.memory_log import MemoryEventLog
-from broadcast.domain import EventType
+from broadcast.adapters.memory.log import MemoryEventLog
+from broadcast.core import constants, envelope
+from broadcast.core.domain import EventType
+from broadcast.core.ports import EventRecord, TopicPartition
 from broadcast.errors import PublishError, RejectedByDatabaseError, UnavailableError, ValidationError
-from broadcast.ports import EventRecord, TopicPartition
 from consumers.container import ListenerContainer
 from consumers.errors import RECOVERED, BackOff, DefaultErrorHandler, Retry
 from consumers.listener import Listener

@@ -6,10 +6,18 @@ from datetime import UTC, datetime
 
 import pytest
 
-from broadcast import constants
-from broadcast.domain import PRIORITY_HEADER, Broadcast, BroadcastStatus, EventType, Priority, TargetType, outbox_lane
-from broadcast.event_shapes import EventShapes
-from broadcast.settings import KafkaSettings
+from broadcast.core import constants
+from broadcast.core.domain import (
+    PRIORITY_HEADER,
+    Broadcast,
+    BroadcastStatus,
+    EventType,
+    Priority,
+    TargetType,
+    outbox_lane,
+)
+from broadcast.core.event_shapes import EventShapes
+from broadcast.core.settings import KafkaSettings
 
 NOW = datetime(2026, 12, 6, tzinfo=UTC)
 SHAPES = EventShapes(KafkaSettings(topic_prefix="p."), lambda: NOW)

@@ -1,4 +1,4 @@
-"""``broadcast.heap``: a started server freezes its start-up heap and raises the collector's thresholds."""
+"""``broadcast.observability.heap``: a started server freezes its start-up heap, raises the thresholds."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import uvicorn
 from starlette.types import Receive, Scope, Send
 
-from broadcast import heap
-from broadcast.serve import serve
+from broadcast.observability import heap
+from broadcast.runtime.serve import serve
 
 
 @pytest.fixture

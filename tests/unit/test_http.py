@@ -12,8 +12,8 @@ from pydantic import SecretStr
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from broadcast.app import create_app
-from broadcast.settings import DatabaseSettings, Settings
+from broadcast.core.settings import DatabaseSettings, Settings
+from broadcast.runtime.app import create_app
 from tests.auth import bearer
 
 

@@ -15,13 +15,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message
 
-from broadcast.app import create_app
-from broadcast.domain import Principal
-from broadcast.http_problems import EXCEPTION_HANDLERS
-from broadcast.http_security import AuthGate, BodyLimit
-from broadcast.serve import RedactSecrets
-from broadcast.settings import AuthSettings, DatabaseSettings, ServerSettings, Settings
-from broadcast.tokens import TokenVerifier, mint
+from broadcast.auth.tokens import TokenVerifier, mint
+from broadcast.core.domain import Principal
+from broadcast.core.settings import AuthSettings, DatabaseSettings, ServerSettings, Settings
+from broadcast.http.problems import EXCEPTION_HANDLERS
+from broadcast.http.security import AuthGate, BodyLimit
+from broadcast.runtime.app import create_app
+from broadcast.runtime.serve import RedactSecrets
 from tests.auth import token
 
 AUTH = AuthSettings()

@@ -12,13 +12,13 @@ from typing import Any, cast
 import orjson
 import pytest
 
-from broadcast import constants
-from broadcast.adapters.memory_bus import MemoryBus, MemoryPresence, MemorySubscriptionQueue
-from broadcast.adapters.memory_sessions import MemorySlots
-from broadcast.domain import Broadcast, BroadcastStatus, InboxItem, Priority, TargetType
+from broadcast.adapters.memory.bus import MemoryBus, MemoryPresence, MemorySubscriptionQueue
+from broadcast.adapters.memory.sessions import MemorySlots
+from broadcast.core import constants
+from broadcast.core.domain import Broadcast, BroadcastStatus, InboxItem, Priority, TargetType
+from broadcast.core.ports import GroupPage, InboxStore
+from broadcast.core.settings import LimitsSettings
 from broadcast.errors import ConflictError, UnavailableError
-from broadcast.ports import GroupPage, InboxStore
-from broadcast.settings import LimitsSettings
 from sse.admission import Admission
 from sse.fanout import BusGaps, BusListener, DeliveredMarker, Heartbeat, PresenceKeeper, Reconciler
 from sse.frames import HEARTBEAT, Cursor, frame, parse_cursor

@@ -9,8 +9,8 @@ import httpx
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from broadcast.app import create_app
-from broadcast.settings import DatabaseSettings, KafkaSettings, ServerSettings, Settings
+from broadcast.core.settings import DatabaseSettings, KafkaSettings, ServerSettings, Settings
+from broadcast.runtime.app import create_app
 
 NORMAL = {"outbox-relay", "delivery-selected"}
 PRIORITY = {"outbox-relay-priority", "delivery-group", "delivery-selected-priority"}

@@ -9,8 +9,8 @@ import logging
 import pytest
 
 from broadcast.errors import UnavailableError
-from broadcast.loops import Supervisor
-from broadcast.observe import LoopsHealth
+from broadcast.observability.loops import Supervisor
+from broadcast.runtime.observe import LoopsHealth
 
 
 class Fatal(BaseException):

@@ -21,17 +21,17 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 from sqlalchemy import text
 
-from broadcast import logs
-from broadcast.adapters.kafka_health import ProducerWatch, under_min_insync
-from broadcast.adapters.memory_log import MemoryEventLog
-from broadcast.adapters.memory_stores import MemoryOutboxStore
-from broadcast.adapters.sql_engine import create_engine, pool_connections
-from broadcast.app import create_app
+from broadcast.adapters.kafka.health import ProducerWatch, under_min_insync
+from broadcast.adapters.memory.log import MemoryEventLog
+from broadcast.adapters.memory.stores import MemoryOutboxStore
+from broadcast.adapters.sql.engine import create_engine, pool_connections
+from broadcast.core.ports import EventRecord, TopicPartition
+from broadcast.core.settings import DatabaseSettings, ObservabilitySettings, Settings
 from broadcast.errors import UnavailableError
-from broadcast.metrics import FastHistogram, Metrics
-from broadcast.observe import ConsumersHealth, LoopsHealth, Sampler, readiness
-from broadcast.ports import EventRecord, TopicPartition
-from broadcast.settings import DatabaseSettings, ObservabilitySettings, Settings
+from broadcast.observability import logs
+from broadcast.observability.metrics import FastHistogram, Metrics
+from broadcast.runtime.app import create_app
+from broadcast.runtime.observe import ConsumersHealth, LoopsHealth, Sampler, readiness
 from consumers.container import ListenerContainer
 from consumers.delivery import _due_at
 from consumers.errors import BackOff, DefaultErrorHandler, log_and_skip

@@ -13,10 +13,11 @@ from pydantic import SecretStr
 from schemathesis.core.result import Err
 from starlette.routing import BaseRoute, Mount, Route
 
-from broadcast import openapi, web
-from broadcast.app import create_app
-from broadcast.schemas import CreateBroadcastRequest, UserBody
-from broadcast.settings import DatabaseSettings, LimitsSettings, Settings
+from broadcast import web
+from broadcast.core.schemas import CreateBroadcastRequest, UserBody
+from broadcast.core.settings import DatabaseSettings, LimitsSettings, Settings
+from broadcast.runtime import openapi
+from broadcast.runtime.app import create_app
 
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 _CONVERTER = re.compile(r"{(\w+):\w+}")  # Starlette's "{id:int}" is OpenAPI's "{id}"
@@ -50,7 +51,7 @@ def test_every_route_of_the_app_is_described_and_nothing_else() -> None:
     routes = {(p, m) for p, m in app_operations(create_app(Settings()).routes) if p not in web.PAGE_PATHS}
     described = {(path, method) for path, method, _ in documented(default_document())}
     assert len(routes) >= 26
-    assert sorted(routes - described) == [], "routes without a description in broadcast/openapi.py"
+    assert sorted(routes - described) == [], "routes without a description in broadcast/runtime/openapi.py"
     assert sorted(described - routes) == [], "descriptions of routes the app does not have"
 
 

@@ -12,11 +12,11 @@ import pytest
 from pydantic import SecretStr
 from starlette.applications import Starlette
 
-from broadcast import openapi
-from broadcast.app import create_app
-from broadcast.domain import EventType, OutboxEvent
-from broadcast.ports import OutboxStore
-from broadcast.settings import DatabaseSettings, Settings
+from broadcast.core.domain import EventType, OutboxEvent
+from broadcast.core.ports import OutboxStore
+from broadcast.core.settings import DatabaseSettings, Settings
+from broadcast.runtime import openapi
+from broadcast.runtime.app import create_app
 from tests.auth import bearer
 
 ADMIN = bearer("ops-admin", "admin")

@@ -1,13 +1,13 @@
-"""Group tallies (broadcast/reach.py) and the delivered marker's group path, on fakes."""
+"""Group tallies (broadcast/core/reach.py) and the delivered marker's group path, on fakes."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import cast
 
+from broadcast.core.ports import InboxStore
+from broadcast.core.reach import Reach, ReachRow, union
 from broadcast.errors import UnavailableError
-from broadcast.ports import InboxStore
-from broadcast.reach import Reach, ReachRow, union
 from sse.fanout import DeliveredMarker
 
 

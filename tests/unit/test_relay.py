@@ -9,14 +9,15 @@ from typing import Any, NoReturn
 
 import pytest
 
-from broadcast import constants, relay
-from broadcast.adapters.memory_stores import MemoryOutboxStore
-from broadcast.domain import PRIORITY_HEADER, EventType, OutboxEvent
+from broadcast.adapters.memory.stores import MemoryOutboxStore
+from broadcast.core import constants
+from broadcast.core.domain import PRIORITY_HEADER, EventType, OutboxEvent
+from broadcast.core.ports import OutgoingRecord, RecordPosition
+from broadcast.core.settings import RelaySettings, Settings
 from broadcast.errors import PublishError, UnavailableError
-from broadcast.loops import Wakeups
-from broadcast.ports import OutgoingRecord, RecordPosition
-from broadcast.relay import OutboxRelay
-from broadcast.settings import RelaySettings, Settings
+from broadcast.observability.loops import Wakeups
+from broadcast.outbox import relay
+from broadcast.outbox.relay import OutboxRelay
 from tests.waiting import wait_until
 
 

@@ -8,7 +8,7 @@ from typing import TypeVar
 import orjson
 import pytest
 
-from broadcast.domain import (
+from broadcast.core.domain import (
     Broadcast,
     BroadcastStats,
     BroadcastStatus,
@@ -19,9 +19,7 @@ from broadcast.domain import (
     TargetType,
     User,
 )
-from broadcast.http_body import validated
-from broadcast.http_problems import HttpProblem
-from broadcast.schemas import (
+from broadcast.core.schemas import (
     BroadcastOut,
     CreateBroadcastRequest,
     CsvBroadcastForm,
@@ -31,6 +29,8 @@ from broadcast.schemas import (
     UserImport,
     UserOut,
 )
+from broadcast.http.body import validated
+from broadcast.http.problems import HttpProblem
 from dlt.api import ArmDrillRequest
 
 M = TypeVar("M")

@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 import pytest
 from pydantic import ValidationError
 
-from broadcast import envelope
-from broadcast.domain import Broadcast, BroadcastStatus, Priority, TargetType
-from broadcast.settings import Settings
+from broadcast.core import envelope
+from broadcast.core.domain import Broadcast, BroadcastStatus, Priority, TargetType
+from broadcast.core.settings import Settings
 
 
 @pytest.fixture(autouse=True)

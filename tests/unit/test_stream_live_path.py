@@ -17,10 +17,10 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from broadcast.adapters.memory_bus import MemoryBus, MemorySubscriptionQueue
-from broadcast.app import create_app
-from broadcast.components import Components
-from broadcast.settings import DatabaseSettings, Settings, SseSettings
+from broadcast.adapters.memory.bus import MemoryBus, MemorySubscriptionQueue
+from broadcast.core.settings import DatabaseSettings, Settings, SseSettings
+from broadcast.runtime.app import create_app
+from broadcast.runtime.components import Components
 from tests.auth import bearer, token
 
 SUBSCRIPTION_DELAY_S = 1.0

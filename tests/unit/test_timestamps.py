@@ -14,9 +14,9 @@ import orjson
 import pytest
 from starlette.applications import Starlette
 
-from broadcast import envelope
-from broadcast.components import Components
-from broadcast.domain import EventType, rfc3339
+from broadcast.core import envelope
+from broadcast.core.domain import EventType, rfc3339
+from broadcast.runtime.components import Components
 from sse.messages import from_event, item_frame
 from tests.apps import embedded_api
 from tests.auth import bearer

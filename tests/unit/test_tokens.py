@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import SecretStr
 from pydantic import ValidationError as SettingsError
 
-from broadcast.jwks import JwksKeys
-from broadcast.settings import DEV_JWT_SECRET, AuthSettings, Settings
-from broadcast.tokens import InvalidToken, TokenVerifier, mint
+from broadcast.auth.jwks import JwksKeys
+from broadcast.auth.tokens import InvalidToken, TokenVerifier, mint
+from broadcast.core.settings import DEV_JWT_SECRET, AuthSettings, Settings
 
 AUD, ISS = "broadcast-server", "broadcast-dev"
 HS = AuthSettings()

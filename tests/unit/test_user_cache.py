@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from broadcast.adapters.memory_stores import MemoryUserStore
-from broadcast.domain import User
-from broadcast.user_cache import CachedUsers
+from broadcast.adapters.memory.stores import MemoryUserStore
+from broadcast.core.domain import User
+from broadcast.lifecycle.user_cache import CachedUsers
 
 
 class Counting(MemoryUserStore):

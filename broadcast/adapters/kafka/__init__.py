@@ -1,0 +1,1 @@
+"""Kafka adapters (aiokafka): the log, producer, admin, lag, offsets and health."""

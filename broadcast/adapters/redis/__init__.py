@@ -1,0 +1,1 @@
+"""Redis adapters: the bus and the session slots."""

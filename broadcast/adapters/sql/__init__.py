@@ -1,0 +1,1 @@
+"""SQL adapters (SQLAlchemy async; PostgreSQL and SQLite): tables, stores, inbox, outbox, DLT."""

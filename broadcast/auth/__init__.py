@@ -1,0 +1,1 @@
+"""Bearer tokens: verification, signing keys (JWKS) and the verified-token cache."""

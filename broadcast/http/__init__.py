@@ -1,0 +1,1 @@
+"""The HTTP plumbing every route uses: bodies, problems, the acting principal, guards, security, timing."""

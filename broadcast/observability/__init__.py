@@ -1,0 +1,1 @@
+"""Logs, metrics, supervised tasks and the collector's tuning."""
