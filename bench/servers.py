@@ -1,6 +1,6 @@
 """Server processes for the benchmark scenarios: ours on the real stack, ours embedded, and the baseline.
 
-Ours on the stack reuses the test suite's isolation (``tests.servers``): a schema, topics, consumer group and
+Ours on the stack reuses the test suite's isolation (``devstack.servers``): a schema, topics, consumer group and
 Redis prefix of its own, migrated and provisioned before the process starts. Production loop timings are
 kept (the tests' 1 s reconciliation and 50 ms relay poll are put back to the defaults).
 """
@@ -20,7 +20,7 @@ import httpx
 
 from bench.suite import ROOT, Context
 from broadcast.core.settings import RelaySettings, SseSettings
-from tests.servers import Server, clean_env, free_port, isolated_env
+from devstack.servers import Server, clean_env, free_port, isolated_env
 
 DEFAULTS = {
     "BROADCAST_SSE__RECONCILE_SECONDS": str(SseSettings().reconcile_seconds),
@@ -38,7 +38,7 @@ def stack_env(ctx: Context, name: str, **overrides: str) -> dict[str, str]:
 
 
 class BenchServer(Server):
-    """A ``tests.servers.Server`` whose ``stop`` never raises: a server slower than the wait is killed, and
+    """A ``devstack.servers.Server`` whose ``stop`` never raises: a server slower than the wait is killed, and
     the scenario's other servers are still stopped (the first full run leaked one that way)."""
 
     def stop(self) -> int:

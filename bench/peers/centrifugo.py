@@ -35,7 +35,7 @@ import jwt
 
 from bench.servers import stop_process
 from devstack.paths import cache_dir
-from tests.servers import free_port
+from devstack.servers import free_port
 
 VERSION = "6.9.1"
 MODULE = f"github.com/centrifugal/centrifugo/v6@v{VERSION}"

@@ -57,7 +57,7 @@ from broadcast.core.settings import DatabaseSettings, KafkaSettings, LimitsSetti
 from broadcast.errors import UnavailableError
 from broadcast.lifecycle.service import Lifecycle
 from broadcast.outbox.relay import OutboxRelay
-from tests.servers import clean_env
+from devstack.servers import clean_env
 
 N_FULL = 100_000
 N_SMOKE = 2_000

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 
+from devstack.servers import Server, isolated_env
 from devstack.stack import StackInfo
 from devstack.tools import require
 from tests.auth import token
-from tests.servers import Server, fast_retries, isolated_env, server, server_factory
+from tests.servers import fast_retries, server, server_factory
 
 __all__ = ["server", "server_factory"]
 

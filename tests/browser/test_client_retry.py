@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Response
 
+from devstack.servers import Server, isolated_env
 from devstack.stack import StackInfo
 from tests.browser.conftest import Browsers
 from tests.browser.test_inbox import WAIT_MS, message, open_inbox, post
-from tests.servers import Server, isolated_env
 
 TICKET = "/api/user/sse/ticket"
 RATE = 0.1  # stream opens per second per user: after the first, the next is refused for ~10 s

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from playwright.async_api import Page
 
+from devstack.servers import Server
 from tests.browser.conftest import Browsers, screenshot
 from tests.browser.test_inbox import WAIT_MS, assert_clean, message, open_inbox, shown_ids
-from tests.servers import Server
 
 
 async def open_console(browsers: Browsers) -> Page:

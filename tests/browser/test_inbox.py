@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 from playwright.async_api import Page
 
+from devstack.servers import Server
 from tests.auth import bearer
 from tests.browser.conftest import Browsers, screenshot
-from tests.servers import Server
 
 ADMIN = bearer("admin", "admin")
 WAIT_MS = 15_000

@@ -25,10 +25,11 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from broadcast.core import constants
+from devstack.servers import Server, isolated_env
 from devstack.stack import StackInfo
 from devstack.tools import require
 from tests.auth import bearer
-from tests.servers import Server, fast_retries, isolated_env
+from tests.servers import fast_retries
 from tests.sse_client import SseClient
 from tests.topics import default_partition, read_to_end, read_topic
 

@@ -11,9 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
+from devstack.servers import Server, isolated_env
 from devstack.stack import StackInfo
 from tests.auth import bearer
-from tests.servers import Server, isolated_env
 from tests.sse_client import SseClient
 
 ADMIN = bearer("admin", "admin")

@@ -16,8 +16,8 @@ import orjson
 import pytest
 
 from broadcast.runtime.openapi import OPENAPI_PATH
+from devstack.servers import Server, clean_env
 from tests.auth import bearer
-from tests.servers import Server, clean_env
 
 ADMIN = bearer("admin", "admin")
 PROBLEM = "application/problem+json"

@@ -16,7 +16,7 @@ import jwt
 import pytest
 
 from broadcast.core.settings import DEV_JWT_SECRET
-from tests.servers import Server, clean_env
+from devstack.servers import Server, clean_env
 
 HEAD_TIMEOUT_S = 1.5
 MAX_HEADS = 20

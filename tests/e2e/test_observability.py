@@ -17,9 +17,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from devstack import postgres
+from devstack.servers import Server, isolated_env
 from devstack.stack import StackInfo
 from tests.auth import bearer
-from tests.servers import Server, fast_retries, isolated_env
+from tests.servers import fast_retries
 from tests.sse_client import SseClient
 from tests.waiting import wait_until
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from devstack.servers import Server, isolated_env
 from devstack.stack import StackInfo
 from tests.e2e.test_delivery import post
-from tests.servers import Server, isolated_env
 from tests.sse_client import SseClient
 from tests.waiting import wait_until
 

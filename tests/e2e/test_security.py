@@ -19,9 +19,10 @@ from typing import Any
 import httpx
 import pytest
 
+from devstack.servers import Server, clean_env, isolated_env
 from devstack.stack import StackInfo
 from tests.auth import bearer, token
-from tests.servers import Server, clean_env, isolated_env, scram_env
+from tests.servers import scram_env
 from tests.sse_client import SseClient
 
 ADMIN = bearer("admin", "admin")

@@ -9,9 +9,9 @@ import httpx
 
 from broadcast.adapters.sql import migrate as sql_migrate
 from broadcast.core import constants, envelope
+from devstack.servers import Server, clean_env, cli
 from devstack.stack import StackInfo
 from tests.auth import bearer
-from tests.servers import Server, clean_env, cli
 from tests.topics import read_topic
 
 

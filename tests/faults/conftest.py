@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from devstack.servers import isolated_env
 from devstack.stack import StackInfo, status, up
-from tests.servers import isolated_env, server_factory
+from tests.servers import server_factory
 
 __all__ = ["env", "fault_scale", "healthy_stack", "server_factory"]
 

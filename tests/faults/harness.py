@@ -33,8 +33,8 @@ import httpx
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
+from devstack.servers import Server
 from tests.auth import bearer, token
-from tests.servers import Server
 
 ADMIN = bearer("admin", "admin")
 Audience = frozenset[str] | None  # None: ALL

@@ -25,11 +25,12 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from broadcast.core import constants, envelope
+from devstack.servers import Server, isolated_env
 from devstack.stack import StackInfo, set_scram_user
 from tests.auth import bearer
 from tests.faults.harness import Fleet, Publisher, alternating, base_samples, close_all, report, settled, subscribe
 from tests.kafka_acls import ALL, DESCRIBE, READ, WRITE, allow_again, grant
-from tests.servers import Server, fast_retries, isolated_env, scram_env
+from tests.servers import fast_retries, scram_env
 from tests.sse_client import SseClient
 from tests.topics import read_to_end
 from tests.waiting import wait_until

@@ -23,6 +23,7 @@ from sqlalchemy import text
 
 from broadcast.adapters.sql.engine import create_engine
 from broadcast.core.settings import DatabaseSettings
+from devstack.servers import Server
 from devstack.stack import StackInfo
 from tests.auth import token
 from tests.faults.harness import (
@@ -41,7 +42,6 @@ from tests.faults.harness import (
     settled,
     subscribe,
 )
-from tests.servers import Server
 from tests.waiting import wait_until
 
 PARTITIONS = 10

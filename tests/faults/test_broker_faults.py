@@ -26,6 +26,7 @@ from sqlalchemy import text
 from broadcast.adapters.sql.engine import create_engine
 from broadcast.core import constants
 from broadcast.core.settings import DatabaseSettings
+from devstack.servers import Server
 from devstack.stack import StackInfo, kafka_node_pid, kill_kafka_node, start_kafka_node
 from tests.faults.harness import (
     ADMIN,
@@ -41,7 +42,6 @@ from tests.faults.harness import (
     settled,
     subscribe,
 )
-from tests.servers import Server
 from tests.topics import default_partition
 from tests.waiting import wait_until
 

@@ -23,10 +23,10 @@ from consumers.container import ListenerContainer
 from consumers.errors import BackOff, DefaultErrorHandler
 from consumers.listener import Listener
 from devstack import postgres
+from devstack.servers import Server
 from devstack.stack import StackInfo
 from dlt.recoverer import DeadLetterPublishingRecoverer
 from tests.auth import bearer
-from tests.servers import Server
 from tests.sse_client import SseClient
 from tests.topics import read_topic
 from tests.waiting import wait_until

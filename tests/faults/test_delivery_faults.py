@@ -23,9 +23,9 @@ import httpx
 import orjson
 import pytest
 
+from devstack.servers import Server
 from tests.auth import bearer, token
 from tests.faults.harness import base_samples, last_assignment
-from tests.servers import Server
 from tests.sse_client import SseClient
 from tests.topics import default_partition
 from tests.waiting import wait_until

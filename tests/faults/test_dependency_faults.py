@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 
 from broadcast.core import constants
 from devstack import postgres
+from devstack.servers import Server
 from devstack.stack import StackInfo, pause_redis, resume_redis, start_redis, stop_redis
 from tests.faults.harness import (
     ADMIN,
@@ -39,7 +40,6 @@ from tests.faults.harness import (
     settled,
     subscribe,
 )
-from tests.servers import Server
 
 USERS = ["alice", "bob", "carol", "dave", "erin", "frank"]
 PROBLEM = "application/problem+json"

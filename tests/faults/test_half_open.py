@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from devstack.servers import Server, clean_env
 from tests.auth import token
-from tests.servers import Server, clean_env
 from tests.sse_client import SseClient
 
 DEAD_PEER_S = 3.0

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from devstack import paths
+from devstack.servers import Server
 from devstack.stack import StackInfo
 from tests.faults.harness import (
     Fleet,
@@ -40,7 +41,6 @@ from tests.faults.harness import (
     subscribe,
 )
 from tests.faults.link import LinkProxy, Shape, namespace
-from tests.servers import Server
 
 USERS = ["alice", "bob", "carol", "dave", "erin", "frank"]
 HEARTBEAT_S = 2.0

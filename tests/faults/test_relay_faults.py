@@ -16,6 +16,7 @@ from pathlib import Path
 import orjson
 
 from broadcast.core import constants, envelope
+from devstack.servers import Server
 from devstack.stack import StackInfo
 from tests.faults.harness import (
     Fleet,
@@ -27,7 +28,6 @@ from tests.faults.harness import (
     settled,
     subscribe,
 )
-from tests.servers import Server
 from tests.topics import read_to_end
 
 EXIT_AFTER_ACKS = 30

@@ -28,10 +28,10 @@ import broadcast
 from broadcast.admin import api as admin_api
 from broadcast.core.settings import Settings
 from broadcast.runtime import openapi
+from devstack.servers import Server, isolated_env
 from devstack.stack import StackInfo
 from devstack.topics import delete_scratch_topics
 from tests.auth import bearer
-from tests.servers import Server, isolated_env
 
 pytestmark = pytest.mark.stack
 

@@ -13,9 +13,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from broadcast.adapters.kafka.admin import MISSING, ensure_topics, verify_topics
 from broadcast.core import constants
 from broadcast.core.settings import KafkaSettings
+from devstack.servers import Server, clean_env, free_port
 from devstack.stack import StackInfo
 from devstack.topics import delete_scratch_topics
-from tests.servers import Server, clean_env, free_port
 
 
 async def test_provisioning_creates_every_topic_and_is_idempotent(stack: StackInfo, unique_name: str) -> None:
