@@ -33,6 +33,7 @@ import httpx
 from bench.loadgen import DEV_AUTH, reset
 from bench.workers import WorkerPool
 from broadcast.auth.tokens import mint
+from devstack.sse_frames import Frame, FrameReader
 
 DEFAULT_RETRY_S = 3.0  # EventSource's reconnection time until the server sends ``retry:``
 ERROR_RETRY_S = 1.0  # after a socket error or a timeout while opening
@@ -63,7 +64,7 @@ class Client:
     port: int
     source: str
     prefix: bytes  # the request without Last-Event-ID and the final CRLF
-    last_id: bytes = b""
+    last_id: str = ""
     retry_s: float = DEFAULT_RETRY_S
     wanted: bool = True  # False once the client closed for good
     connecting: bool = False
@@ -86,10 +87,10 @@ class Client:
         return self.conn is not None and self.conn.ready and not self.conn.lost
 
     def request(self) -> bytes:
-        resume = b"Last-Event-ID: " + self.last_id + b"\r\n" if self.last_id else b""
+        resume = f"Last-Event-ID: {self.last_id}\r\n".encode() if self.last_id else b""
         return self.prefix + resume + b"\r\n"
 
-    def record(self, number: int, event_id: bytes | None, now: float) -> None:
+    def record(self, number: int, event_id: str | None, now: float) -> None:
         if number >= len(self.first):
             grow = number + 64 - len(self.first)
             self.first.extend([0.0] * grow)
@@ -120,7 +121,7 @@ class Conn(asyncio.Protocol):
         self.raw = b""  # undecoded chunk framing
         self.left = 0  # bytes left in the current chunk
         self.skip = 0  # CRLF bytes left after a chunk
-        self.text = b""  # decoded bytes not yet ending an event
+        self.frames = FrameReader()  # dechunked bytes not yet ending an event wait in here
         self.ready = False
         self.lost = False
         self.deliberate = False
@@ -190,38 +191,26 @@ class Conn(asyncio.Protocol):
         return b"".join(out)
 
     def _events(self, body: bytes) -> None:
-        text = self.text + body
-        if b"\r" in text:
-            text = text.replace(b"\r\n", b"\n")  # sse-starlette separates with CRLF; a lone CR waits
-        *blocks, self.text = text.split(b"\n\n")
-        for block in blocks:
-            self._event(block)
+        for frame in self.frames.feed(body):
+            self._event(frame)
 
-    def _event(self, block: bytes) -> None:
-        name = event_id = data = None
-        client = self.client
-        for line in block.split(b"\n"):
-            if line.startswith(b"event:"):
-                name = line[6:].strip()
-            elif line.startswith(b"id:"):
-                event_id = line[3:].strip()
-            elif line.startswith(b"data:"):
-                data = line[5:]
-            elif line.startswith(b"retry:") and line[6:].strip().isdigit():
-                client.retry_s = int(line[6:].strip()) / 1000
+    def _event(self, frame: Frame) -> None:
+        name, event_id, client = frame.event, frame.id, self.client
+        if frame.retry_ms is not None:
+            client.retry_s = frame.retry_ms / 1000
         if event_id:
             client.last_id = event_id  # EventSource: every event with an id moves Last-Event-ID
-        if name == b"MESSAGE" and data is not None:
-            number = self.worker.number(data)
+        if name == "MESSAGE" and frame.data is not None:
+            number = self.worker.number(frame.data.encode())
             if number is not None:
                 client.record(number, event_id, time.time())
-        elif name == b"CONNECTED":
+        elif name == "CONNECTED":
             self.ready = True
             self.worker.connected(client)
             self._settle(None)
-        elif name == b"RESYNC":
+        elif name == "RESYNC":
             client.resyncs += 1
-        elif name == b"CONNECTION_LIMIT_REACHED":
+        elif name == "CONNECTION_LIMIT_REACHED":
             client.limit_events += 1
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import orjson
 
+from devstack.sse_frames import FrameReader
 from tests.auth import bearer
 
 
@@ -69,22 +70,13 @@ class SseClient:
             client.stream("GET", self.base + "/api/user/sse/connect", headers=headers, params=params) as response,
         ):
             self.status = response.status_code
-            event: str = "message"
-            event_id: str | None = None
-            data: list[str] = []
-            async for line in response.aiter_lines():
-                if line == "":
-                    if data:
-                        self._add(SseEvent(event, orjson.loads("\n".join(data)), event_id))
-                    event, event_id, data = "message", None, []
-                elif line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:"):
-                    data.append(line[5:].strip())
-                elif line.startswith("id:"):
-                    event_id = line[3:].strip()
-                elif line.startswith(":"):
-                    self.comments.append(time.monotonic())  # a heartbeat
+            frames = FrameReader()
+            async for piece in response.aiter_bytes():
+                for frame in frames.feed(piece):
+                    if frame.comment:
+                        self.comments.append(time.monotonic())  # a heartbeat
+                    if frame.data is not None:
+                        self._add(SseEvent(frame.event or "message", orjson.loads(frame.data), frame.id))
         self.ended = True
         self._changed.set()
 

@@ -34,6 +34,7 @@ import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from devstack.servers import Server
+from devstack.sse_frames import parse_frame
 from tests.auth import bearer, token
 
 ADMIN = bearer("admin", "admin")
@@ -309,26 +310,18 @@ class Subscriber:
             self._refused_at = time.monotonic()
 
     def _handle(self, block: bytes, base: str) -> None:
-        fields: dict[str, str] = {}
-        comment = False
-        for line in block.decode().split("\n"):  # chunk-size lines ("d\r") between frames are ignored
-            key, sep, value = line.partition(":")
-            if sep and key:
-                fields[key] = value.removeprefix(" ")
-            comment = comment or (bool(sep) and not key)
-        name = fields.get("event")
+        frame = parse_frame(block)  # chunk-size lines ("d\r") between frames are unknown fields, ignored
+        name = frame.event
         if name is None:
-            if comment:
+            if frame.comment:
                 self.beats.append(time.monotonic())
             return  # a heartbeat comment or the retry hint
         self.events[name] = self.events.get(name, 0) + 1
         if name == "CONNECTED":
             self.connected.set()
         elif name == "MESSAGE":
-            event_id = fields["id"]
-            self.seen.append(
-                Seen(event_id, str(orjson.loads(fields["data"])["broadcastId"]), self.connections, time.monotonic())
-            )
+            event_id, data = frame.id or "", frame.data or "{}"
+            self.seen.append(Seen(event_id, str(orjson.loads(data)["broadcastId"]), self.connections, time.monotonic()))
             self.last_event_id = event_id
         elif name == "RESYNC":
             task = asyncio.get_running_loop().create_task(self._refetch(base))

@@ -24,6 +24,7 @@ import orjson
 import pytest
 
 from devstack.servers import Server
+from devstack.sse_frames import FrameReader
 from tests.auth import bearer, token
 from tests.faults.harness import base_samples, last_assignment
 from tests.sse_client import SseClient
@@ -187,13 +188,11 @@ class FrozenClient:
     def message_ids(self) -> list[tuple[str, str]]:
         """(SSE id, broadcast id) of every complete MESSAGE event received."""
         body = self.out.read_bytes().split(b"\r\n\r\n", 1)[1]
-        *complete, _partial = body.split(b"\n\n")
-        found = []
-        for event in complete:
-            fields = dict(line.split(": ", 1) for line in event.decode().splitlines() if ": " in line)
-            if fields.get("event") == "MESSAGE":
-                found.append((fields["id"], str(orjson.loads(fields["data"])["broadcastId"])))
-        return found
+        return [
+            (frame.id, str(orjson.loads(frame.data)["broadcastId"]))
+            for frame in FrameReader().feed(body)  # complete frames only: a partial last one stays unread
+            if frame.event == "MESSAGE" and frame.id is not None and frame.data is not None
+        ]
 
 
 FROZEN = 8
