@@ -40,7 +40,7 @@ from broadcast.adapters.sql.stores import SqlOutboxStore, SqlUserStore
 from broadcast.core import constants
 from broadcast.core.dead_letters import DeadLetterFilter
 from broadcast.core.domain import NewBroadcast, TargetType
-from broadcast.core.ports import EventRecord, OutgoingRecord
+from broadcast.core.ports.log import EventRecord, OutgoingRecord
 from broadcast.core.settings import DatabaseSettings, KafkaSettings, LimitsSettings, RelaySettings
 from broadcast.lifecycle.service import Lifecycle
 from broadcast.outbox.relay import OutboxRelay

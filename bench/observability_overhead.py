@@ -36,7 +36,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Message
 
-from broadcast.core.ports import EventRecord
+from broadcast.core.ports.log import EventRecord
 from broadcast.http.observe import Correlation, RequestTimer
 from broadcast.observability import logs
 from broadcast.observability.metrics import Metrics, StreamStats

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from broadcast.core import constants
-from broadcast.core.ports import EventLog, EventRecord, EventSubscription, TopicPartition
+from broadcast.core.ports.log import EventLog, EventRecord, EventSubscription, TopicPartition
 from broadcast.errors import UnavailableError
 from broadcast.observability import logs
 from broadcast.observability.loops import pause

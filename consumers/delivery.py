@@ -29,7 +29,9 @@ import orjson
 from broadcast.core import constants, envelope
 from broadcast.core.domain import EventType, TargetType
 from broadcast.core.envelope import MessageDeliveryEvent
-from broadcast.core.ports import Bus, EventRecord, InboxStore, Presence
+from broadcast.core.ports.bus import Bus, Presence
+from broadcast.core.ports.log import EventRecord
+from broadcast.core.ports.stores import InboxStore
 from broadcast.errors import RejectedByDatabaseError, ValidationError
 from broadcast.observability import logs
 from consumers.errors import BatchListenerFailedError

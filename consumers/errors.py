@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
-from broadcast.core.ports import EventRecord
+from broadcast.core.ports.log import EventRecord
 from broadcast.errors import UnavailableError, ValidationError, fqcn
 
 log = logging.getLogger(__name__)

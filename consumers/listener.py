@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-from broadcast.core.ports import EventRecord
+from broadcast.core.ports.log import EventRecord
 from broadcast.errors import ConfigurationError
 
 

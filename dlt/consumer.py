@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 from broadcast.core import constants, envelope
 from broadcast.core.dead_letters import DeadLetter, DeadLetterStore
-from broadcast.core.ports import EventRecord
+from broadcast.core.ports.log import EventRecord
 from broadcast.errors import ValidationError
 from broadcast.observability.metrics import NO_METRICS, Metrics
 from dlt.recoverer import header_int

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 
 from broadcast.core import constants
 from broadcast.core.dead_letters import DrillStore
-from broadcast.core.ports import EventRecord
+from broadcast.core.ports.log import EventRecord
 
 CACHE_LIMIT = 10_000
 

@@ -15,7 +15,7 @@ import traceback
 from collections.abc import Callable
 
 from broadcast.core import constants
-from broadcast.core.ports import EventPublisher, EventRecord
+from broadcast.core.ports.log import EventPublisher, EventRecord
 from broadcast.errors import PublishError, fqcn
 from broadcast.observability.metrics import NO_METRICS, Metrics
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from broadcast.core import constants, envelope
 from broadcast.core.dead_letters import DeadLetter, DeadLetterFilter, DeadLetterStatus, DeadLetterStore
 from broadcast.core.domain import OutboxEvent
-from broadcast.core.ports import EventPublisher, OutgoingRecord
+from broadcast.core.ports.log import EventPublisher, OutgoingRecord
 from broadcast.core.settings import KafkaSettings
 from broadcast.errors import NotFoundError, PublishError, UnavailableError, ValidationError
 from broadcast.observability.metrics import NO_METRICS, Metrics

@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from broadcast.core.ports import ConnectionSlots
+from broadcast.core.ports.bus import ConnectionSlots
 from broadcast.core.settings import LimitsSettings
 from broadcast.errors import UnavailableError
 from broadcast.http.problems import HttpProblem

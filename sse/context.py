@@ -12,7 +12,8 @@ from typing import Protocol
 
 from starlette.requests import Request
 
-from broadcast.core.ports import InboxStore, OutboxStore, Presence, TicketStore, UserStore
+from broadcast.core.ports.bus import Presence, TicketStore
+from broadcast.core.ports.stores import InboxStore, OutboxStore, UserStore
 from broadcast.core.settings import Settings
 from broadcast.lifecycle.service import Lifecycle
 from broadcast.observability.loops import Wakeups

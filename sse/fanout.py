@@ -28,7 +28,8 @@ from datetime import UTC, datetime
 import orjson
 
 from broadcast.core import constants
-from broadcast.core.ports import Bus, BusMessage, InboxStore, Presence
+from broadcast.core.ports.bus import Bus, BusMessage, Presence
+from broadcast.core.ports.stores import InboxStore
 from broadcast.core.reach import Reach
 from broadcast.errors import BroadcastError
 from broadcast.observability.loops import pause

@@ -26,7 +26,7 @@ from starlette.types import Receive, Scope, Send
 
 from broadcast.core import constants
 from broadcast.core.domain import InboxItem, TargetType
-from broadcast.core.ports import InboxStore
+from broadcast.core.ports.stores import InboxStore
 from sse.frames import RETRY, Cursor, EventName, frame, from_micros, parse_cursor
 from sse.hub import Connection, Outgoing
 from sse.messages import item_frame

@@ -8,7 +8,7 @@ import time
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import murmur2
 
-from broadcast.core.ports import EventRecord
+from broadcast.core.ports.log import EventRecord
 
 
 async def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 60.0) -> list[EventRecord]:

@@ -6,7 +6,7 @@ from typing import Protocol
 
 from starlette.requests import Request
 
-from broadcast.core.ports import OutboxStore, UserStore
+from broadcast.core.ports.stores import OutboxStore, UserStore
 from broadcast.core.settings import Settings
 from broadcast.lifecycle.service import Lifecycle
 from broadcast.observability.metrics import Metrics

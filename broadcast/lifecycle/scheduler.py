@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 from datetime import datetime
 
-from broadcast.core.ports import BroadcastStore
+from broadcast.core.ports.stores import BroadcastStore
 from broadcast.errors import BroadcastError, ConflictError, NotFoundError
 from broadcast.lifecycle.service import Lifecycle, utc_now
 from broadcast.observability.loops import pause

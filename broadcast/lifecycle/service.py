@@ -30,7 +30,7 @@ from broadcast.core.domain import (
     is_user_id,
 )
 from broadcast.core.event_shapes import EventShapes
-from broadcast.core.ports import BroadcastStore, UserStore
+from broadcast.core.ports.stores import BroadcastStore, UserStore
 from broadcast.core.settings import KafkaSettings, LimitsSettings
 from broadcast.errors import NotFoundError, ValidationError
 

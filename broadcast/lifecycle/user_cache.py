@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 from broadcast.core.coalesce import Batched
 from broadcast.core.domain import User
-from broadcast.core.ports import UserStore
+from broadcast.core.ports.stores import UserStore
 
 TTL_S = 15.0
 MAX_CACHED = 100_000

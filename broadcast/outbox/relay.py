@@ -33,7 +33,8 @@ from datetime import timedelta
 from typing import NoReturn
 
 from broadcast.core.domain import ClaimedOutboxEvent
-from broadcast.core.ports import EventPublisher, OutboxStore, OutgoingRecord, RecordPosition
+from broadcast.core.ports.log import EventPublisher, OutgoingRecord, RecordPosition
+from broadcast.core.ports.stores import OutboxStore
 from broadcast.core.settings import RelaySettings
 from broadcast.errors import BroadcastError, PublishError
 from broadcast.observability.loops import pause

@@ -28,18 +28,9 @@ from broadcast.adapters.sql.stores import SqlOutboxStore, SqlUserStore
 from broadcast.admin.context import AdminContext
 from broadcast.core import constants
 from broadcast.core.dead_letters import DeadLetterStore, DrillStore
-from broadcast.core.ports import (
-    BroadcastStore,
-    Bus,
-    ConnectionSlots,
-    EventLog,
-    Health,
-    InboxStore,
-    OutboxStore,
-    Presence,
-    TicketStore,
-    UserStore,
-)
+from broadcast.core.ports.bus import Bus, ConnectionSlots, Health, Presence, TicketStore
+from broadcast.core.ports.log import EventLog
+from broadcast.core.ports.stores import BroadcastStore, InboxStore, OutboxStore, UserStore
 from broadcast.core.reach import Reach
 from broadcast.core.settings import Settings
 from broadcast.http.observe import Observed

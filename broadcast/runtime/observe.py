@@ -20,7 +20,9 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
 from broadcast.core.dead_letters import DeadLetterStore
-from broadcast.core.ports import EventLog, Health, InboxStore, OutboxStore
+from broadcast.core.ports.bus import Health
+from broadcast.core.ports.log import EventLog
+from broadcast.core.ports.stores import InboxStore, OutboxStore
 from broadcast.errors import BroadcastError, UnavailableError
 from broadcast.observability.loops import pause
 from broadcast.observability.metrics import Metrics

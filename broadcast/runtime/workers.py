@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from typing import Protocol
 
 from broadcast.core import constants
-from broadcast.core.ports import EventPublisher, EventRecord
+from broadcast.core.ports.log import EventPublisher, EventRecord
 from broadcast.core.settings import RetrySettings, Settings
 from broadcast.errors import ValidationError
 from broadcast.lifecycle.scheduler import Scheduler

@@ -19,7 +19,8 @@ from broadcast.adapters.redis.bus import RedisBus, RedisPresence, create_client
 from broadcast.adapters.redis.sessions import RedisSlots, RedisTickets
 from broadcast.adapters.sql import migrate as sql_migrate
 from broadcast.adapters.sql.stores import SqlOutboxStore, SqlUserStore
-from broadcast.core.ports import Bus, ConnectionSlots, OutboxStore, Presence, TicketStore, UserStore
+from broadcast.core.ports.bus import Bus, ConnectionSlots, Presence, TicketStore
+from broadcast.core.ports.stores import OutboxStore, UserStore
 from broadcast.core.settings import KafkaSettings, RedisSettings
 from devstack.stack import StackInfo
 from tests.contract.support import PARTITIONS, PRESENCE_TTL_S, LogUnderTest

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from broadcast.core.ports import EventLog
+from broadcast.core.ports.log import EventLog
 
 PARTITIONS = 3
 PRESENCE_TTL_S = 1.0

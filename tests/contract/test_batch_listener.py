@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from broadcast.core.ports import EventRecord
+from broadcast.core.ports.log import EventRecord
 from consumers.container import ListenerContainer
 from consumers.errors import BackOff, BatchListenerFailedError, DefaultErrorHandler
 from consumers.listener import AckMode, BatchHandler, Listener

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from broadcast.core.ports import Bus, BusMessage, Presence
+from broadcast.core.ports.bus import Bus, BusMessage, Presence
 from tests.contract.support import PRESENCE_TTL_S
 
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from broadcast.core.ports import EventRecord, EventSubscription, OutgoingRecord, TopicPartition
+from broadcast.core.ports.log import EventRecord, EventSubscription, OutgoingRecord, TopicPartition
 from broadcast.errors import CommitFailedError, PublishError
 from tests.contract.support import PARTITIONS, LogUnderTest
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from broadcast.core.domain import Principal
-from broadcast.core.ports import ConnectionSlots, TicketStore
+from broadcast.core.ports.bus import ConnectionSlots, TicketStore
 from tests.contract.support import PRESENCE_TTL_S
 
 ALICE = Principal("alice", frozenset({"ops", "admin"}), 1_900_000_000.5)

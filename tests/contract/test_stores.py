@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 from broadcast.core import constants
 from broadcast.core.domain import PRIORITY_HEADER, EventType, OutboxEvent, User
-from broadcast.core.ports import OutboxStore, UserStore
+from broadcast.core.ports.stores import OutboxStore, UserStore
 
 LEASE = timedelta(seconds=30)
 

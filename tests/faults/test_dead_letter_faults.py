@@ -16,7 +16,7 @@ import httpx
 
 from broadcast.adapters.kafka.admin import ensure_topics
 from broadcast.adapters.kafka.log import KafkaEventLog
-from broadcast.core.ports import EventRecord, TopicPartition
+from broadcast.core.ports.log import EventRecord, TopicPartition
 from broadcast.core.settings import KafkaSettings
 from broadcast.errors import ValidationError
 from consumers.container import ListenerContainer

@@ -14,7 +14,7 @@ import pytest
 
 from broadcast.adapters.kafka.admin import ensure_topics
 from broadcast.adapters.kafka.log import KafkaEventLog
-from broadcast.core.ports import EventRecord, TopicPartition
+from broadcast.core.ports.log import EventRecord, TopicPartition
 from broadcast.core.settings import KafkaSettings
 from broadcast.errors import PublishError
 from consumers.container import ListenerContainer

@@ -21,7 +21,7 @@ from broadcast.adapters.sql.tables import broadcast_messages, outbox_events, use
 from broadcast.core import constants, envelope
 from broadcast.core.domain import Broadcast, BroadcastStatus, EventType, NewBroadcast, OutboxEvent, Priority, TargetType
 from broadcast.core.event_shapes import EventShapes
-from broadcast.core.ports import OutgoingRecord, RecordPosition
+from broadcast.core.ports.log import OutgoingRecord, RecordPosition
 from broadcast.core.settings import KafkaSettings
 from broadcast.errors import ConflictError, NotFoundError, ValidationError
 from broadcast.lifecycle.scheduler import Scheduler

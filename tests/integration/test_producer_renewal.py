@@ -16,7 +16,7 @@ from aiokafka.structs import TopicPartition
 
 from broadcast.adapters.kafka.admin import ensure_topics
 from broadcast.adapters.kafka.log import KafkaEventLog
-from broadcast.core.ports import OutgoingRecord, RecordPosition
+from broadcast.core.ports.log import OutgoingRecord, RecordPosition
 from broadcast.core.settings import KafkaSettings
 from broadcast.errors import PublishError
 from devstack.stack import StackInfo

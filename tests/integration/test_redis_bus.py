@@ -8,7 +8,7 @@ import pytest
 from pydantic import SecretStr
 
 from broadcast.adapters.redis.bus import RedisBus, RedisPresence, create_client
-from broadcast.core.ports import BusMessage
+from broadcast.core.ports.bus import BusMessage
 from broadcast.core.settings import RedisSettings
 from broadcast.errors import UnavailableError
 from devstack.stack import StackInfo

@@ -16,7 +16,7 @@ from aiokafka.structs import TopicPartition as KafkaTopicPartition
 
 from broadcast.adapters.kafka.admin import ensure_topics
 from broadcast.adapters.kafka.log import KafkaEventLog, KafkaSubscription
-from broadcast.core.ports import EventRecord
+from broadcast.core.ports.log import EventRecord
 from broadcast.core.settings import KafkaSettings
 from broadcast.errors import PublishError
 from devstack.stack import StackInfo

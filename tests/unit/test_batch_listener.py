@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import pytest
 
 from broadcast.adapters.memory.log import MemoryEventLog
-from broadcast.core.ports import EventRecord, TopicPartition
+from broadcast.core.ports.log import EventRecord, TopicPartition
 from broadcast.errors import ConfigurationError, ValidationError
 from broadcast.runtime.workers import slowed
 from consumers.container import ListenerContainer

@@ -10,7 +10,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 import pytest
 
 from broadcast.adapters.memory.log import MemoryEventLog
-from broadcast.core.ports import EventRecord, EventSubscription, RebalanceCallback, TopicPartition
+from broadcast.core.ports.log import EventRecord, EventSubscription, RebalanceCallback, TopicPartition
 from broadcast.errors import CommitFailedError, ConfigurationError, ValidationError
 from consumers.container import ListenerContainer
 from consumers.errors import RECOVERED, BackOff, Decision, DefaultErrorHandler, Retry

@@ -21,7 +21,8 @@ from broadcast.adapters.sql.stores import SqlUserStore
 from broadcast.core import constants
 from broadcast.core.domain import Broadcast, EventType, NewBroadcast, OutboxEvent, TargetType
 from broadcast.core.event_shapes import EventShapes
-from broadcast.core.ports import BusMessage, EventRecord
+from broadcast.core.ports.bus import BusMessage
+from broadcast.core.ports.log import EventRecord
 from broadcast.core.settings import KafkaSettings, LimitsSettings
 from broadcast.errors import RejectedByDatabaseError, UnavailableError, ValidationError
 from broadcast.lifecycle.service import Lifecycle

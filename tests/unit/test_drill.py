@@ -12,7 +12,7 @@ from pydantic import SecretStr
 from starlette.applications import Starlette
 
 from broadcast.core import constants
-from broadcast.core.ports import EventRecord
+from broadcast.core.ports.log import EventRecord
 from broadcast.core.settings import DatabaseSettings, Settings
 from broadcast.runtime.app import create_app
 from broadcast.runtime.components import Components

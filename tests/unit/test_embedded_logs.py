@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from broadcast.core.ports import TopicPartition
+from broadcast.core.ports.log import TopicPartition
 from broadcast.core.settings import DatabaseSettings, Settings
 from broadcast.runtime.app import create_app
 from consumers.container import _spans

@@ -12,7 +12,7 @@ import pytest
 from broadcast.adapters.memory.log import MemoryEventLog
 from broadcast.core import constants, envelope
 from broadcast.core.domain import EventType
-from broadcast.core.ports import EventRecord, TopicPartition
+from broadcast.core.ports.log import EventRecord, TopicPartition
 from broadcast.errors import PublishError, RejectedByDatabaseError, UnavailableError, ValidationError
 from consumers.container import ListenerContainer
 from consumers.errors import RECOVERED, BackOff, DefaultErrorHandler, Retry

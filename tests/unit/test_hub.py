@@ -16,7 +16,7 @@ from broadcast.adapters.memory.bus import MemoryBus, MemoryPresence, MemorySubsc
 from broadcast.adapters.memory.sessions import MemorySlots
 from broadcast.core import constants
 from broadcast.core.domain import Broadcast, BroadcastStatus, InboxItem, Priority, TargetType
-from broadcast.core.ports import GroupPage, InboxStore
+from broadcast.core.ports.stores import GroupPage, InboxStore
 from broadcast.core.settings import LimitsSettings
 from broadcast.errors import ConflictError, UnavailableError
 from sse.admission import Admission

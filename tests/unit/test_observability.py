@@ -25,7 +25,7 @@ from broadcast.adapters.kafka.health import ProducerWatch, under_min_insync
 from broadcast.adapters.memory.log import MemoryEventLog
 from broadcast.adapters.memory.stores import MemoryOutboxStore
 from broadcast.adapters.sql.engine import create_engine, pool_connections
-from broadcast.core.ports import EventRecord, TopicPartition
+from broadcast.core.ports.log import EventRecord, TopicPartition
 from broadcast.core.settings import DatabaseSettings, ObservabilitySettings, Settings
 from broadcast.errors import UnavailableError
 from broadcast.observability import logs

@@ -13,7 +13,7 @@ from pydantic import SecretStr
 from starlette.applications import Starlette
 
 from broadcast.core.domain import EventType, OutboxEvent
-from broadcast.core.ports import OutboxStore
+from broadcast.core.ports.stores import OutboxStore
 from broadcast.core.settings import DatabaseSettings, Settings
 from broadcast.runtime import openapi
 from broadcast.runtime.app import create_app

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import cast
 
-from broadcast.core.ports import InboxStore
+from broadcast.core.ports.stores import InboxStore
 from broadcast.core.reach import Reach, ReachRow, union
 from broadcast.errors import UnavailableError
 from sse.fanout import DeliveredMarker

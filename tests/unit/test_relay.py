@@ -12,7 +12,7 @@ import pytest
 from broadcast.adapters.memory.stores import MemoryOutboxStore
 from broadcast.core import constants
 from broadcast.core.domain import PRIORITY_HEADER, EventType, OutboxEvent
-from broadcast.core.ports import OutgoingRecord, RecordPosition
+from broadcast.core.ports.log import OutgoingRecord, RecordPosition
 from broadcast.core.settings import RelaySettings, Settings
 from broadcast.errors import PublishError, UnavailableError
 from broadcast.observability.loops import Wakeups

@@ -16,7 +16,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition as KafkaTopicPartition
 
 from broadcast.adapters.kafka.options import client_options
-from broadcast.core.ports import TopicPartition
+from broadcast.core.ports.log import TopicPartition
 from broadcast.core.settings import KafkaSettings
 from broadcast.errors import UnavailableError
 

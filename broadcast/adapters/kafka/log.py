@@ -31,7 +31,7 @@ from broadcast.adapters.kafka.lag import KafkaLag
 from broadcast.adapters.kafka.offsets import refresh_metadata_on_stale_leader
 from broadcast.adapters.kafka.options import client_options
 from broadcast.adapters.kafka.producer import ProducerSlot, breaks_session
-from broadcast.core.ports import EventRecord, OutgoingRecord, RebalanceCallback, RecordPosition, TopicPartition
+from broadcast.core.ports.log import EventRecord, OutgoingRecord, RebalanceCallback, RecordPosition, TopicPartition
 from broadcast.core.settings import KafkaSettings
 from broadcast.errors import CommitFailedError, PublishError, UnavailableError
 from broadcast.observability.loops import hand_back

@@ -7,7 +7,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
-from broadcast.core.ports import BusMessage
+from broadcast.core.ports.bus import BusMessage
 
 SUBSCRIPTION_QUEUE_LIMIT = 10_000
 

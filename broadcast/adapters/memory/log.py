@@ -20,7 +20,7 @@ import zlib
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 
-from broadcast.core.ports import EventRecord, OutgoingRecord, RebalanceCallback, RecordPosition, TopicPartition
+from broadcast.core.ports.log import EventRecord, OutgoingRecord, RebalanceCallback, RecordPosition, TopicPartition
 from broadcast.errors import CommitFailedError, PublishError
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 
 from broadcast.core import constants
 from broadcast.core.coalesce import Batched
-from broadcast.core.ports import BusMessage
+from broadcast.core.ports.bus import BusMessage
 from broadcast.core.settings import RedisSettings
 from broadcast.errors import UnavailableError
 

@@ -22,7 +22,7 @@ from broadcast.adapters.sql.stores import dialect_insert, utc
 from broadcast.adapters.sql.tables import broadcast_messages, group_reach, user_broadcast_messages, user_numbers
 from broadcast.core.coalesce import Batched, FreshRead
 from broadcast.core.domain import Broadcast, BroadcastStatus, DeliveryStatus, InboxItem, ReadStatus, TargetType
-from broadcast.core.ports import GroupPage
+from broadcast.core.ports.stores import GroupPage
 from broadcast.core.reach import ReachRow
 
 GROUP_TYPES = (TargetType.ALL.value, TargetType.ROLE.value)

@@ -1,12 +1,8 @@
-"""Ports: the small protocols the core needs from the outside world, in the project's own vocabulary.
-
-Each port has an in-memory adapter (embedded default, unit tests) and a real one (Kafka, SQL, Redis);
-``tests/contract`` runs one behavioural suite against both. No vendor type crosses these signatures.
-"""
+"""The database's ports (SQL, or memory): users, the outbox, broadcasts and the inbox."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -22,131 +18,11 @@ from broadcast.core.domain import (
     InboxItem,
     OutboxEvent,
     Page,
-    Principal,
     User,
 )
 from broadcast.core.reach import ReachRow
-from broadcast.errors import PublishError
 
 
-# --------------------------------------------------------------------------- event log (Kafka)
-@dataclass(frozen=True, slots=True, order=True)
-class TopicPartition:
-    topic: str
-    partition: int
-
-
-@dataclass(frozen=True, slots=True)
-class RecordPosition:
-    """Where an acknowledged record landed."""
-
-    topic: str
-    partition: int
-    offset: int
-
-
-@dataclass(frozen=True, slots=True)
-class OutgoingRecord:
-    topic: str
-    key: bytes | None
-    value: bytes | None
-    headers: tuple[tuple[str, bytes], ...] = ()
-    partition: int | None = None  # None: the default partitioner picks it from the key
-
-
-@dataclass(frozen=True, slots=True)
-class EventRecord:
-    """A record as a consumer sees it: original key/value bytes and headers, untouched."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: tuple[tuple[str, bytes], ...]
-    timestamp_ms: int
-    log_append_time: bool = False  # the timestamp is the broker's append time, not the producer's
-
-
-class EventPublisher(Protocol):
-    """Publishes records durably; ``publish`` returns only once the log acknowledged the record."""
-
-    async def publish(
-        self,
-        topic: str,
-        key: bytes | None,
-        value: bytes | None,
-        headers: Sequence[tuple[str, bytes]] = (),
-        partition: int | None = None,
-    ) -> RecordPosition: ...
-
-    async def publish_many(self, records: Sequence[OutgoingRecord]) -> list[RecordPosition | PublishError]:
-        """Publish in order, pipelined; one result per record, failures as ``PublishError`` values."""
-        ...
-
-    async def partitions_for(self, topic: str) -> int: ...
-
-
-class EventSubscription(Protocol):
-    """One member of a consumer group; offsets are committed explicitly, never automatically."""
-
-    async def fetch(self, max_records: int = 500, timeout_s: float = 1.0) -> list[EventRecord]: ...
-
-    async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
-        """Commit, per partition, the offset of the *next* record to read.
-
-        Raises ``CommitFailedError`` when the commit did not happen (the group rebalanced, or a partition
-        is not assigned to this member): the records are then delivered again, to this member or another.
-        """
-        ...
-
-    async def committed(self, partition: TopicPartition) -> int | None: ...
-
-    def assignment(self) -> frozenset[TopicPartition]: ...
-
-    def seek(self, partition: TopicPartition, offset: int) -> None: ...
-
-    def pause(self, partitions: Iterable[TopicPartition]) -> None:
-        """Stop fetching ``partitions`` (the member stays in the group); a rebalance resumes them."""
-        ...
-
-    def resume(self, partitions: Iterable[TopicPartition]) -> None: ...
-
-
-RebalanceCallback = Callable[[frozenset[TopicPartition]], Awaitable[None]]
-"""Told the partitions a member gives up (``on_revoked``) or receives (``on_assigned``) in a rebalance."""
-
-
-class EventLog(Protocol):
-    """A partitioned, replicated log with consumer groups (Kafka, or the in-process version)."""
-
-    def publisher(self) -> EventPublisher: ...
-
-    def subscribe(
-        self,
-        topics: Iterable[str],
-        group_id: str,
-        *,
-        on_revoked: RebalanceCallback | None = None,
-        on_assigned: RebalanceCallback | None = None,
-    ) -> AbstractAsyncContextManager[EventSubscription]:
-        """Join ``group_id``; the member leaves the group when the block exits.
-
-        Rebalances are eager, as with Kafka's default assignors: ``on_revoked`` is awaited with the
-        member's whole previous assignment (empty on the first join) *before* partitions move, while its
-        commits still count — the place to commit processed offsets — and ``on_assigned`` with the new
-        assignment afterwards. Positions of assigned partitions restart at the committed offsets.
-        Callbacks run in whatever task drives the rebalance; their exceptions are logged, not raised.
-        """
-        ...
-
-    async def lag(self, group_id: str, topics: Sequence[str]) -> dict[TopicPartition, int]:
-        """Per partition of ``topics``: end offset minus ``group_id``'s committed offset (minus the log
-        start where the group has committed nothing). Raises ``UnavailableError`` when it cannot tell."""
-        ...
-
-
-# --------------------------------------------------------------------------- database stores
 class UserStore(Protocol):
     """Users and their roles, so that ALL and ROLE audiences can be counted."""
 
@@ -338,81 +214,3 @@ class InboxStore(Protocol):
     async def pending_count(self) -> int:
         """SELECTED rows still PENDING, across all users."""
         ...
-
-
-# --------------------------------------------------------------------------- bus and presence (Redis)
-@dataclass(frozen=True, slots=True)
-class BusMessage:
-    channel: str
-    payload: bytes
-
-
-class BusSubscription(Protocol):
-    async def get(self, timeout_s: float = 1.0) -> BusMessage | None:
-        """The next message, or None after ``timeout_s`` (0: only one that has already arrived)."""
-        ...
-
-
-class Bus(Protocol):
-    """At-most-once fan-out between instances (Redis pub/sub, or in-process)."""
-
-    async def publish(self, channel: str, payload: bytes) -> int:
-        """Send ``payload`` to current subscribers of ``channel``; returns how many received it."""
-        ...
-
-    async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> list[int]:
-        """``publish`` for many (channel, payload) messages in one round trip, sent in order; the receiver
-        counts in the same order. On ``UnavailableError`` some of them may have gone out."""
-        ...
-
-    def subscribe(self, channels: Sequence[str]) -> AbstractAsyncContextManager[BusSubscription]: ...
-
-
-class Presence(Protocol):
-    """Which instances hold live connections of a user; entries expire unless heartbeated."""
-
-    async def heartbeat(self, user_id: str, instance_id: str) -> None: ...
-
-    async def heartbeat_many(self, user_ids: Sequence[str], instance_id: str) -> None:
-        """``heartbeat`` for many users in one round trip (an instance refreshing all its users)."""
-        ...
-
-    async def leave(self, user_id: str, instance_id: str) -> None: ...
-
-    async def instances(self, user_id: str) -> frozenset[str]: ...
-
-    async def instances_many(self, user_ids: Sequence[str]) -> dict[str, frozenset[str]]:
-        """``instances`` of many users in one round trip: every user asked about is a key (empty: offline)."""
-        ...
-
-
-class TicketStore(Protocol):
-    """Single-use SSE tickets: ``issue`` binds one to a principal for ``ttl_s``; ``redeem`` consumes it."""
-
-    async def issue(self, principal: Principal, ttl_s: int) -> str: ...
-
-    async def redeem(self, ticket: str) -> Principal | None:
-        """The ticket's principal, once; None when unknown, used or expired. Raises ``UnavailableError``."""
-        ...
-
-
-class ConnectionSlots(Protocol):
-    """Open streams per user across all instances; a slot expires unless refreshed (a crashed instance's
-    slots free themselves)."""
-
-    async def acquire(self, user_id: str, slot: str, limit: int) -> bool:
-        """Take ``slot`` for ``user_id`` unless the user already holds ``limit`` live slots."""
-        ...
-
-    async def release(self, user_id: str, slot: str) -> None: ...
-
-    async def refresh(self, slots: Sequence[tuple[str, str]]) -> None:
-        """Keep ``(user_id, slot)`` pairs alive, re-adding any that expired (called periodically by the
-        instance holding them: after an outage the count is true again)."""
-        ...
-
-
-class Health(Protocol):
-    """Anything readiness asks: raises ``UnavailableError`` (with a reason) when it cannot serve."""
-
-    async def check(self) -> None: ...
