@@ -1,9 +1,9 @@
 """Admin HTTP API for broadcasts: create (JSON or CSV upload), list, get, cancel, stats, deliveries.
 
 Every route first asks ``identity.acting_admin`` who is acting, then reads its input through the bounded
-readers of ``http_body`` and calls only the ``Lifecycle`` service. Errors are raised (``broadcast.errors`` or
-``HttpProblem``) and rendered as problem+json by ``http_problems``; nothing is written unless the whole
-request is valid. User management lives in ``admin_users_api`` and is mounted with these routes.
+readers of ``broadcast.http.body`` and calls only the ``Lifecycle`` service. Errors are raised (``broadcast.errors`` or
+``HttpProblem``) and rendered as problem+json by ``broadcast.http.problems``; nothing is written unless the whole
+request is valid. User management lives in ``users_api`` and is mounted with these routes.
 """
 
 from __future__ import annotations
