@@ -284,7 +284,7 @@ def test_broker_defaults_agree_with_constants(services: dict[str, Service]) -> N
     for name in BROKERS:
         env = broker_env(services, name)
         actual = {key: env.get(key, "<unset>").lower() for key in expected}
-        assert actual == expected, f"{name} broker defaults disagree with broadcast.constants"
+        assert actual == expected, f"{name} broker defaults disagree with broadcast.core.constants"
 
 
 def test_brokers_keep_their_logs_on_named_volumes_and_have_healthchecks(

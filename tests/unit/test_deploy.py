@@ -171,7 +171,7 @@ def test_alerts_use_only_exposed_metrics() -> None:
         for name in metric_names(str(rule.get("expr", "")))
         if name not in exposed
     }
-    assert not unknown, f"alerts.yml uses series broadcast.metrics does not expose: {sorted(unknown)}"
+    assert not unknown, f"alerts.yml uses series broadcast.observability.metrics does not expose: {sorted(unknown)}"
 
 
 def test_dashboard_uses_only_exposed_metrics_and_charts_them_all() -> None:
