@@ -17,8 +17,9 @@ practically never: a stream's objects live long enough to be promoted, and those
 cycles when it closes (~40 per stream; which cycles is not yet identified) waited in the older
 generations. Under churn that was the process growing without bound, ~5 KB per replaced
 stream (a full collection at the end of a probe phase found 37,631 unreachable objects after 900 streams,
-and with it the growth per phase fell to the caches' share). A full collection scans every unfrozen
-tracked object (a few ms per thousand open streams), so it runs on a clock, not per allocation.
+and with it the growth per phase fell by about two thirds; the rest is the allocators keeping pages, see
+docs/design/issue-21-sse-edge.md part 4). A full collection scans every unfrozen tracked object (a few ms
+per thousand open streams), so it runs on a clock, not per allocation.
 """
 
 from __future__ import annotations
