@@ -201,7 +201,7 @@ class Conn(asyncio.Protocol):
         if event_id:
             client.last_id = event_id  # EventSource: every event with an id moves Last-Event-ID
         if name == "MESSAGE" and frame.data is not None:
-            number = self.worker.number(frame.data.encode())
+            number = self.worker.number(frame.data)
             if number is not None:
                 client.record(number, event_id, time.time())
         elif name == "CONNECTED":
@@ -234,7 +234,7 @@ class Worker:
 
     def __init__(self, setup: Setup) -> None:
         self.setup = setup
-        self.mark = f"{setup.tag}#".encode()
+        self.mark = f"{setup.tag}#"
         self.clients: deque[Client] = deque()
         self.drop_at = 0.0
         self.tasks: set[asyncio.Task[None]] = set()
@@ -243,7 +243,7 @@ class Worker:
         self.all_open = asyncio.Event()
         self.samples: dict[str, str] = {}  # status -> the start of the first refusal's body
 
-    def number(self, data: bytes) -> int | None:
+    def number(self, data: str) -> int | None:
         at = data.find(self.mark)
         if at < 0:
             return None
