@@ -320,8 +320,12 @@ class Subscriber:
         if name == "CONNECTED":
             self.connected.set()
         elif name == "MESSAGE":
-            event_id, data = frame.id or "", frame.data or "{}"
-            self.seen.append(Seen(event_id, str(orjson.loads(data)["broadcastId"]), self.connections, time.monotonic()))
+            if frame.id is None or frame.data is None:
+                raise AssertionError(f"a MESSAGE without an id or data: {block!r}")
+            event_id = frame.id
+            self.seen.append(
+                Seen(event_id, str(orjson.loads(frame.data)["broadcastId"]), self.connections, time.monotonic())
+            )
             self.last_event_id = event_id
         elif name == "RESYNC":
             task = asyncio.get_running_loop().create_task(self._refetch(base))
