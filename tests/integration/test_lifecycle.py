@@ -213,13 +213,7 @@ async def test_a_targeted_message_is_written_in_one_statement_with_its_rows_even
     def seen(_conn: object, _cursor: object, statement: str, *_: object) -> None:  # through SQLAlchemy
         statements.append(statement.split(None, 1)[0].upper())
 
-    driver_fetchval = sql_engine.DriverStatement.fetchval
-
-    async def on_the_driver(self: sql_engine.DriverStatement, conn: Any, params: Any) -> Any:
-        statements.append(self.sql.split(None, 1)[0].upper())
-        return await driver_fetchval(self, conn, params)
-
-    monkeypatch.setattr(sql_engine.DriverStatement, "fetchval", on_the_driver)
+    on_the_driver(monkeypatch, statements)
     event.listen(pipeline.engine.sync_engine, "before_cursor_execute", seen)
     try:
         request = NewBroadcast("quick", TargetType.SELECTED, ("alice", "bob"), category="ops")
@@ -239,6 +233,58 @@ async def test_a_targeted_message_is_written_in_one_statement_with_its_rows_even
     replay, again = await pipeline.lifecycle.create(request, sender_id="admin", idempotency_key="k-one")
     assert replay.id == b.id and not again
     assert await count(pipeline, user_broadcast_messages) == 2 and await pipeline.outbox.backlog() == 2
+
+
+def on_the_driver(monkeypatch: pytest.MonkeyPatch, statements: list[str]) -> None:
+    """Record the first word of every statement run on the driver (``DriverStatement``) into ``statements``."""
+    driver_run = sql_engine.DriverStatement._run
+
+    async def recorded(self: sql_engine.DriverStatement, conn: Any, params: Any, all_rows: bool) -> Any:
+        statements.append(self.sql.split(None, 1)[0].upper())
+        return await driver_run(self, conn, params, all_rows)
+
+    monkeypatch.setattr(sql_engine.DriverStatement, "_run", recorded)
+
+
+async def test_concurrent_targeted_messages_share_statements_and_each_is_written_whole(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    statements: list[str] = []
+    on_the_driver(monkeypatch, statements)
+    requests = [NewBroadcast(f"m{i}", TargetType.SELECTED, (f"u{i}", f"v{i}")) for i in range(40)]
+    results = await asyncio.gather(*(pipeline.lifecycle.create(r, sender_id="admin") for r in requests))
+    monkeypatch.undo()
+    assert all(created for _, created in results)
+    assert 1 <= len(statements) < len(requests), f"{len(statements)} statements for {len(requests)} messages"
+    for (b, _), request in zip(results, requests, strict=True):
+        assert await pipeline.lifecycle.get(b.id) == b and b.content == request.content
+        deliveries = await pipeline.lifecycle.deliveries(b.id, None, 10)
+        assert sorted(d.user_id for d in deliveries.items) == sorted(request.target_ids)
+        assert (await pipeline.lifecycle.stats(b.id)).targeted == 2
+    claimed = await pipeline.outbox.claim("probe", 1_000, timedelta(seconds=30), 100)
+    rows = [row for lane_rows in claimed.values() for row in lane_rows]
+    assert sorted((r.event.broadcast_id, r.event.key) for r in rows) == sorted(
+        (b.id, u) for (b, _), request in zip(results, requests, strict=True) for u in request.target_ids
+    )
+
+
+async def test_a_targeted_message_the_database_refuses_fails_alone_in_its_batch(pipeline: Pipeline) -> None:
+    """A value only the database refuses (a NUL byte in text: the API refuses it first, the store must not rely
+    on that) fails its own create, not the creates sharing its statement."""
+    shapes = pipeline.lifecycle.events
+    bad_at = 3
+    made = []
+    for i in range(8):
+        content = "bad\x00one" if i == bad_at else f"fine {i}"
+        b = replace(SAMPLE, id=str(uuid.uuid4()), content=content, targeted_count=1)
+        made.append((b, shapes.created_for_users(b, ["alice"])))
+    outcomes = await asyncio.gather(
+        *(pipeline.broadcasts.create(b, ["alice"], events, None, "h") for b, events in made), return_exceptions=True
+    )
+    assert isinstance(outcomes[bad_at], ValidationError), outcomes[bad_at]
+    assert all(o == (b, True) for i, (o, (b, _)) in enumerate(zip(outcomes, made, strict=True)) if i != bad_at)
+    assert await count(pipeline, broadcast_messages) == 7
+    assert await pipeline.outbox.backlog() == 7
 
 
 class LoopTurns:

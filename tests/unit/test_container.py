@@ -246,11 +246,16 @@ async def test_a_member_joining_mid_stream_takes_over_partitions_without_losing_
     assert await committed(log) == ends(log)
 
 
-class FailingCommits:
-    """An event log whose subscriptions refuse the first ``failures`` commits (as after a rebalance)."""
+CommitFn = Callable[[Mapping[TopicPartition, int]], Awaitable[None]]
 
-    def __init__(self, inner: MemoryEventLog, failures: int) -> None:
-        self.inner, self.failures = inner, failures
+
+class WrappedCommits:
+    """An event log whose subscriptions' commits go through ``around(commit, offsets)``."""
+
+    def __init__(
+        self, inner: MemoryEventLog, around: Callable[[CommitFn, Mapping[TopicPartition, int]], Awaitable[None]]
+    ):
+        self.inner, self.around = inner, around
 
     def publisher(self) -> MemoryEventLog:
         return self.inner
@@ -270,10 +275,7 @@ class FailingCommits:
             original = sub.commit
 
             async def commit(offsets: Mapping[TopicPartition, int]) -> None:
-                if self.failures > 0:
-                    self.failures -= 1
-                    raise CommitFailedError("the group rebalanced")
-                await original(offsets)
+                await self.around(original, offsets)
 
             sub.commit = commit  # type: ignore[method-assign]
             yield sub
@@ -289,9 +291,50 @@ class FailingCommits:
         return self._subscribe(topics, group_id, on_revoked, on_assigned)
 
 
+def failing_commits(inner: MemoryEventLog, failures: int) -> WrappedCommits:
+    """Subscriptions that refuse the first ``failures`` commits (as after a rebalance)."""
+    left = [failures]
+
+    async def around(commit: CommitFn, offsets: Mapping[TopicPartition, int]) -> None:
+        if left[0] > 0:
+            left[0] -= 1
+            raise CommitFailedError("the group rebalanced")
+        await commit(offsets)
+
+    return WrappedCommits(inner, around)
+
+
+async def test_records_go_on_being_handled_while_a_commit_is_slow_and_all_is_committed_in_the_end() -> None:
+    """Commits go behind the fetches: a commit that takes long (a coordinator under load) does not hold
+    the next records back, and what was handled meanwhile is committed by a later commit."""
+    log = MemoryEventLog(partitions=1)
+    gate, commits = asyncio.Event(), [0]
+
+    async def around(commit: CommitFn, offsets: Mapping[TopicPartition, int]) -> None:
+        commits[0] += 1
+        if commits[0] == 1:
+            await gate.wait()  # the first commit hangs until the test lets it go
+        await commit(offsets)
+
+    handled: list[int] = []
+
+    async def handle(record: EventRecord) -> None:
+        handled.append(record.offset)
+
+    async with ListenerContainer(WrappedCommits(log, around), record_listener(handle), FAST_RETRIES):
+        await publish(log, 3, keys=1)
+        await until(lambda: commits[0] == 1)
+        await publish(log, 3, keys=1)
+        await until(lambda: len(handled) == 6)  # with the commit still hanging
+        assert commits[0] == 1, "one commit in flight at a time"
+        gate.set()
+        await until(lambda: commits[0] >= 2)
+    assert await committed(log, 1) == {0: 6}
+
+
 async def test_a_failed_commit_is_logged_and_the_container_carries_on() -> None:
     log = MemoryEventLog(partitions=1)
-    flaky = FailingCommits(log, failures=1)
+    flaky = failing_commits(log, failures=1)
     handled: list[int] = []
 
     async def handle(record: EventRecord) -> None:

@@ -21,7 +21,8 @@ from sqlalchemy import Row, and_, case, delete, func, insert, or_, select, text,
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from broadcast.adapters.sql.engine import DriverStatement, read_all, translate
+from broadcast.adapters.sql.engine import read_all, translate, translated
+from broadcast.adapters.sql.group_create import GroupCreate
 from broadcast.adapters.sql.rows import (
     broadcast_from_row,
     broadcast_row,
@@ -59,34 +60,6 @@ _INSERT_BROADCAST = insert(broadcast_messages)
 _INSERT_STATISTICS = insert(broadcast_statistics)
 
 
-_CREATE_AT_ONCE = text("""
-WITH b AS (
-    INSERT INTO broadcast_messages (id, sender_id, content, target_type, target_roles, priority, category, status,
-        fire_and_forget, targeted_count, idempotency_key, request_hash, correlation_id, scheduled_at, expires_at,
-        created_at, updated_at)
-    VALUES (:id, :sender_id, :content, :target_type, CAST(:target_roles AS json), :priority, :category, :status,
-        :fire_and_forget, :targeted_count, :idempotency_key, :request_hash, :correlation_id, :scheduled_at,
-        :expires_at, :created_at, :updated_at)
-    ON CONFLICT (idempotency_key) DO NOTHING
-    RETURNING id
-), s AS (
-    INSERT INTO broadcast_statistics (broadcast_id, targeted, updated_at)
-    SELECT b.id, :targeted_count, :created_at FROM b
-), r AS (
-    INSERT INTO user_broadcast_messages (broadcast_id, user_id, delivery_status, read_status, created_at, updated_at)
-    SELECT b.id, t.u, :pending, :unread, :created_at, :created_at
-    FROM b, unnest(CAST(:users AS varchar[])) AS t(u)
-), o AS (
-    INSERT INTO outbox_events (lane, topic, partition_key, event_type, payload, headers, broadcast_id, not_before,
-        created_at)
-    SELECT t.lane, t.topic, t.k, t.et, t.p, CAST(t.h AS json), b.id, t.nb, :created_at
-    FROM b, unnest(CAST(:lanes AS smallint[]), CAST(:topics AS varchar[]), CAST(:keys AS varchar[]),
-        CAST(:types AS varchar[]), CAST(:payloads AS bytea[]), CAST(:headers AS text[]),
-        CAST(:not_before AS timestamptz[])) AS t(lane, topic, k, et, p, h, nb)
-)
-SELECT id FROM b
-""")
-_CREATE_AT_ONCE_DRIVER = DriverStatement.of(_CREATE_AT_ONCE)
 COPY_FROM = 64  # rows: below, an INSERT costs less than COPY's set-up (a targeted message's 1 row and 1 event)
 # Recipients from which a committed broadcast refreshes the planner's statistics of the tables it filled
 # (``_refresh_statistics``). PostgreSQL's advice after a bulk load ("Populating a Database": run ANALYZE
@@ -119,6 +92,7 @@ def _copying(conn: AsyncConnection, records: Sequence[object]) -> bool:
 class SqlBroadcastStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+        self._group = GroupCreate(engine)
         self._local_leaders: dict[str, asyncio.Lock] = {}
 
     # ------------------------------------------------------------------ writes
@@ -181,34 +155,14 @@ class SqlBroadcastStore:
         request_hash: str,
     ) -> tuple[Broadcast, bool]:
         """PostgreSQL, a few rows: the broadcast, its statistics, its recipients' rows and its outbox rows in one
-        statement (data-modifying CTEs, atomic on its own): one round trip and no BEGIN/COMMIT, where the
-        transaction of ``create`` costs six. An idempotency key already taken inserts nothing: the replay (or
-        the conflict) is then read as in ``create``."""
-        row = broadcast_row(broadcast, idempotency_key, request_hash)
-        outbox = list(outbox_records(events, broadcast.created_at))
-        column = {name: [r[i] for r in outbox] for i, name in enumerate(OUTBOX_COLUMNS)}
-        params = {
-            **row,
-            "target_roles": orjson.dumps(row["target_roles"]).decode(),
-            "users": list(recipients),
-            "pending": DeliveryStatus.PENDING.value,
-            "unread": ReadStatus.UNREAD.value,
-            "lanes": column["lane"],
-            "topics": column["topic"],
-            "keys": column["partition_key"],
-            "types": column["event_type"],
-            "payloads": column["payload"],
-            "headers": [orjson.dumps(h).decode() for h in column["headers"]],
-            "not_before": column["not_before"],
-        }
-        try:
-            async with self._engine.connect() as conn:
-                if await _CREATE_AT_ONCE_DRIVER.fetchval(conn, params) is not None:
-                    return broadcast, True
-                once = await conn.execution_options(isolation_level="AUTOCOMMIT")
-                existing = await self._by_key(once, idempotency_key or "", request_hash)
-        except (SQLAlchemyError, OSError) as exc:
-            raise translate(exc) from exc
+        statement shared with the creates beside it (``GroupCreate``), where the transaction of ``create`` costs
+        six round trips. An idempotency key already taken inserts nothing: the replay (or the conflict) is then
+        read as in ``create``."""
+        if await self._group.create(broadcast, recipients, events, idempotency_key, request_hash):
+            return broadcast, True
+        async with translated(), self._engine.connect() as conn:
+            once = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            existing = await self._by_key(once, idempotency_key or "", request_hash)
         if existing is None:
             raise ConflictError("broadcast clashes with an existing one")
         return existing, False
