@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import event, func, select
 
 from broadcast.adapters.sql import engine as sql_engine
+from broadcast.adapters.sql import group_create
 from broadcast.adapters.sql import migrate as sql_migrate
 from broadcast.adapters.sql.broadcasts import COPY_FROM, SqlBroadcastStore
 from broadcast.adapters.sql.tables import broadcast_messages, outbox_events, user_broadcast_messages
@@ -285,6 +286,46 @@ async def test_a_targeted_message_the_database_refuses_fails_alone_in_its_batch(
     assert all(o == (b, True) for i, (o, (b, _)) in enumerate(zip(outcomes, made, strict=True)) if i != bad_at)
     assert await count(pipeline, broadcast_messages) == 7
     assert await pipeline.outbox.backlog() == 7
+
+
+async def test_an_urgent_message_does_not_wait_behind_normal_ones_whose_statements_are_stuck(
+    pipeline: Pipeline,
+) -> None:
+    """NORMAL creates whose statements wait on a lock (another transaction holds their idempotency key)
+    take every slot of their group; an URGENT message still goes through, in a group of its own."""
+    request = NewBroadcast("held", TargetType.SELECTED, ("alice",))
+    async with pipeline.engine.connect() as holder:
+        transaction = await holder.begin()
+        await holder.execute(
+            broadcast_messages.insert().values(
+                id=str(uuid.uuid4()),
+                sender_id="admin",
+                content="holder",
+                target_type="SELECTED",
+                target_roles=[],
+                priority="NORMAL",
+                status="ACTIVE",
+                idempotency_key="held",
+                request_hash="x",
+                created_at=NOW,
+                updated_at=NOW,
+            )
+        )
+        stuck = []
+        for _ in range(group_create.IN_FLIGHT + 2):  # one at a time: each in a statement (and slot) of its own
+            stuck.append(
+                asyncio.create_task(pipeline.lifecycle.create(request, sender_id="admin", idempotency_key="held"))
+            )
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
+        assert not any(t.done() for t in stuck), "the NORMAL creates wait on the held key"
+        urgent = NewBroadcast("now", TargetType.SELECTED, ("bob",), priority=Priority.URGENT)
+        async with asyncio.timeout(10):
+            b, created = await pipeline.lifecycle.create(urgent, sender_id="admin")
+        assert created and (await pipeline.lifecycle.get(b.id)).priority is Priority.URGENT
+        await transaction.rollback()
+    results = await asyncio.gather(*stuck)
+    assert len({b.id for b, _ in results}) == 1 and sum(c for _, c in results) == 1, "one written, the rest replay it"
 
 
 class LoopTurns:

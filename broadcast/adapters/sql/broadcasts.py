@@ -42,6 +42,7 @@ from broadcast.adapters.sql.tables import (
 )
 from broadcast.core import reach
 from broadcast.core.domain import (
+    PRIORITY_HEADER,
     Broadcast,
     BroadcastStats,
     BroadcastStatus,
@@ -155,10 +156,11 @@ class SqlBroadcastStore:
         request_hash: str,
     ) -> tuple[Broadcast, bool]:
         """PostgreSQL, a few rows: the broadcast, its statistics, its recipients' rows and its outbox rows in one
-        statement shared with the creates beside it (``GroupCreate``), where the transaction of ``create`` costs
+        statement, shared with the NORMAL creates beside it (``GroupCreate``), where the transaction of ``create`` costs
         six round trips. An idempotency key already taken inserts nothing: the replay (or the conflict) is then
         read as in ``create``."""
-        if await self._group.create(broadcast, recipients, events, idempotency_key, request_hash):
+        priority = any(PRIORITY_HEADER in e.headers for e in events[:1])  # HIGH and URGENT: never queued
+        if await self._group.create(broadcast, recipients, events, idempotency_key, request_hash, alone=priority):
             return broadcast, True
         async with translated(), self._engine.connect() as conn:
             once = await conn.execution_options(isolation_level="AUTOCOMMIT")
