@@ -25,6 +25,7 @@ A create whose caller is gone (cancelled) before its batch is sent is dropped.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -57,7 +58,7 @@ WITH b AS (
     FROM unnest(CAST(:ids AS varchar[]), CAST(:senders AS varchar[]), CAST(:contents AS text[]),
         CAST(:target_types AS varchar[]), CAST(:roles AS text[]), CAST(:priorities AS varchar[]),
         CAST(:categories AS varchar[]), CAST(:statuses AS varchar[]), CAST(:fire_and_forget AS boolean[]),
-        CAST(:targeted AS bigint[]), CAST(:keys AS varchar[]), CAST(:hashes AS varchar[]),
+        CAST(:targeted AS bigint[]), CAST(:idempotency_keys AS varchar[]), CAST(:hashes AS varchar[]),
         CAST(:correlation_ids AS varchar[]), CAST(:scheduled_at AS timestamptz[]),
         CAST(:expires_at AS timestamptz[]), CAST(:created_at AS timestamptz[]), CAST(:updated_at AS timestamptz[]))
         WITH ORDINALITY AS t(id, sender, content, tt, roles, priority, category, status, ff, n, ik, rh, cid, sa, ea,
@@ -79,7 +80,7 @@ WITH b AS (
         created_at)
     SELECT t.lane, t.topic, t.k, t.et, t.p, CAST(t.h AS json), b.id, t.nb, b.created_at
     FROM unnest(CAST(:event_broadcasts AS varchar[]), CAST(:lanes AS smallint[]), CAST(:topics AS varchar[]),
-        CAST(:event_keys AS varchar[]), CAST(:types AS varchar[]), CAST(:payloads AS bytea[]),
+        CAST(:keys AS varchar[]), CAST(:types AS varchar[]), CAST(:payloads AS bytea[]),
         CAST(:headers AS text[]), CAST(:not_before AS timestamptz[]))
         WITH ORDINALITY AS t(bid, lane, topic, k, et, p, h, nb, ord)
     JOIN b ON b.id = t.bid
@@ -129,7 +130,7 @@ _BROADCAST_PARAMS = {  # statement parameter: broadcast_row key
     "statuses": "status",
     "fire_and_forget": "fire_and_forget",
     "targeted": "targeted_count",
-    "keys": "idempotency_key",
+    "idempotency_keys": "idempotency_key",
     "hashes": "request_hash",
     "correlation_ids": "correlation_id",
     "scheduled_at": "scheduled_at",
@@ -137,18 +138,14 @@ _BROADCAST_PARAMS = {  # statement parameter: broadcast_row key
     "created_at": "created_at",
     "updated_at": "updated_at",
 }
-_EVENT_PARAMS = {  # statement parameter: OUTBOX_COLUMNS name
-    "event_broadcasts": "broadcast_id",
+_EVENT_PARAMS = {  # statement parameter (in both statements): OUTBOX_COLUMNS name
     "lanes": "lane",
     "topics": "topic",
-    "event_keys": "partition_key",
+    "keys": "partition_key",
     "types": "event_type",
     "payloads": "payload",
     "not_before": "not_before",
 }
-
-_ONE_EVENT_PARAMS = {"lanes": "lane", "topics": "topic", "keys": "partition_key", "types": "event_type"}
-_ONE_EVENT_PARAMS |= {"payloads": "payload", "not_before": "not_before"}
 
 
 @dataclass(slots=True)
@@ -182,18 +179,18 @@ class GroupCreate:
     ) -> bool:
         """Write the broadcast with its rows and events; False when ``idempotency_key`` was already taken.
         ``alone``: in a statement of its own, now, on the caller's task (nothing queued, no hand-over)."""
-        item = _Create(
-            broadcast_row(broadcast, idempotency_key, request_hash),
-            recipients,
-            list(outbox_records(events, broadcast.created_at)),
-        )
+        row = broadcast_row(broadcast, idempotency_key, request_hash)
+        records = list(outbox_records(events, broadcast.created_at))
         if alone:
+            params = {**row, "target_roles": orjson.dumps(row["target_roles"]).decode(), "users": list(recipients)}
             async with translated(), self._engine.connect() as conn:
-                return await _ONE_CREATE.fetchval(conn, _one_params(item)) is not None
+                return await _ONE_CREATE.fetchval(conn, params | _event_params(records)) is not None
+        item = _Create(row, recipients, records)
         self._queue.append(item)
         if self._running < self._in_flight:
             self._running += 1
-            task = asyncio.create_task(self._flush())
+            # a context of its own: the flusher serves many requests, so it must not log as the first one
+            task = asyncio.create_task(self._flush(), context=contextvars.Context())
             self._flushers.add(task)
             task.add_done_callback(self._flushers.discard)
         return await item.done
@@ -254,18 +251,15 @@ def _settle(item: _Create, outcome: bool | BaseException) -> None:
         item.done.set_result(outcome)
 
 
-def _one_params(item: _Create) -> dict[str, Any]:
-    params = {
-        **item.row,
-        "target_roles": orjson.dumps(item.row["target_roles"]).decode(),
-        "users": list(item.recipients),
-    }
-    params["pending"], params["unread"] = DeliveryStatus.PENDING.value, ReadStatus.UNREAD.value
-    for name, column in _ONE_EVENT_PARAMS.items():
+def _event_params(events: Sequence[tuple[Any, ...]]) -> dict[str, Any]:
+    """The outbox records' columns as arrays (``_EVENT_PARAMS``, headers as JSON text) and the rows' statuses."""
+    params: dict[str, Any] = {}
+    for name, column in _EVENT_PARAMS.items():
         at = OUTBOX_COLUMNS.index(column)
-        params[name] = [e[at] for e in item.events]
+        params[name] = [e[at] for e in events]
     at = OUTBOX_COLUMNS.index("headers")
-    params["headers"] = [orjson.dumps(e[at]).decode() for e in item.events]
+    params["headers"] = [orjson.dumps(e[at]).decode() for e in events]
+    params["pending"], params["unread"] = DeliveryStatus.PENDING.value, ReadStatus.UNREAD.value
     return params
 
 
@@ -275,11 +269,6 @@ def _params(batch: list[_Create]) -> dict[str, Any]:
     params["user_broadcasts"] = [c.row["id"] for c in batch for _ in c.recipients]
     params["users"] = [u for c in batch for u in c.recipients]
     events = [e for c in batch for e in c.events]
-    for name, column in _EVENT_PARAMS.items():
-        at = OUTBOX_COLUMNS.index(column)
-        params[name] = [e[at] for e in events]
-    at = OUTBOX_COLUMNS.index("headers")
-    params["headers"] = [orjson.dumps(e[at]).decode() for e in events]
-    params["pending"] = DeliveryStatus.PENDING.value
-    params["unread"] = ReadStatus.UNREAD.value
-    return params
+    at = OUTBOX_COLUMNS.index("broadcast_id")
+    params["event_broadcasts"] = [e[at] for e in events]
+    return params | _event_params(events)
